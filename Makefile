@@ -1,0 +1,46 @@
+# One-command set-up on a fresh machine: every target creates/updates the virtual environment itself.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+JOBS ?= 2
+
+.PHONY: venv build test test-fast demo bench bench-quick bench-check info clean
+
+$(BIN)/.deps-stamp: requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	touch $@
+
+venv: $(BIN)/.deps-stamp
+
+# Builds minitron._C in place (CPU kernels; CUDA kernels too when torch has CUDA or FORCE_CUDA=1).
+build: venv
+	MAX_JOBS=$(JOBS) $(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
+
+info: build
+	$(BIN)/python -m minitron.info
+
+test: build
+	$(BIN)/python -m minitron.info
+	$(BIN)/python -m pytest tests -q -ra
+
+test-fast: build
+	$(BIN)/python -m pytest tests -q -x -m "not slow"
+
+demo: build
+	$(BIN)/minitron demo
+
+bench: build
+	$(BIN)/python -m benchmarks
+
+bench-quick: build
+	$(BIN)/python -m benchmarks --quick
+
+bench-check: build
+	$(BIN)/python -m benchmarks --quick --compare benchmarks/baselines/cpu.jsonl
+
+clean:
+	rm -rf build *.egg-info minitron/_C*.so

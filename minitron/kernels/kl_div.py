@@ -1,0 +1,288 @@
+"""Triton kernels for the fused KL-divergence op family (forward KL, reverse KL, generalised JSD).
+
+One program handles one row (token) of the ``[N, V]`` student/teacher logits. The vocabulary is
+streamed in ``BLOCK_V`` chunks with masks, so ``V`` may be large and not a multiple of the block:
+
+* pass 1 -- online softmax statistics of both distributions (running max and rescaled sum) and,
+  for forward/reverse KL, the rescaled cross term, which gives the per-row divergence ``D``;
+* JSD only: pass 2 -- with both log-normalisers known, ``D`` and ``sum_k Q_k g_k`` (see below);
+* last pass -- the gradient w.r.t. the student logits, written once in the input dtype.
+
+Everything is accumulated in fp32; no ``[N, V]`` fp32 temporary exists. Rows with weight 0 are
+skipped (loss 0, gradient row 0). Notation: ``a = student * inv_T``, ``b = teacher * inv_T``,
+``Q = softmax(a)``, ``P = softmax(b)``. ``-inf`` logits are legal: terms with zero mass on the
+"outer" distribution contribute 0, and a term with mass on the outer side but none on the inner
+one makes ``D = +inf`` (never NaN from ``0 * inf``). A row with NaN anywhere, or whose student or
+teacher is entirely ``-inf``, gets a NaN loss.
+
+The public op (validation, reductions, autograd, dispatch) lives in :mod:`minitron.ops.kl_div`;
+this module only implements the backend contract :func:`kl_div_fwd`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+log = logging.getLogger(__name__)
+
+__all__ = ["kl_div_fwd", "MODE_FORWARD", "MODE_REVERSE", "MODE_JSD"]
+
+MODE_FORWARD = 0  # KL(P || Q)
+MODE_REVERSE = 1  # KL(Q || P)
+MODE_JSD = 2  # beta * KL(P || M) + (1 - beta) * KL(Q || M),  M = (1 - beta) P + beta Q
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MAX_BLOCK_V = 4096
+_MIN_BLOCK_V = 16
+
+
+@triton.jit
+def _online_update(x, m, s_vec):
+    """One online-softmax step for a chunk ``x`` [BLOCK_V] fp32 (masked lanes are -inf).
+
+    ``m`` is the running max (fp32 scalar, -inf before any finite value), ``s_vec`` the per-lane
+    sums [BLOCK_V] of ``exp(x - m)``. Returns ``(m_new, m_safe, alpha, e, s_vec_new)`` where
+    ``m_safe`` replaces a still-``-inf`` max by 0 so that ``exp(-inf - m_safe)`` is 0 rather than
+    NaN, ``alpha = exp(m - m_safe)`` rescales previous sums and ``e = exp(x - m_safe)``.
+    """
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_safe)
+    e = tl.exp(x - m_safe)
+    return m_new, m_safe, alpha, e, s_vec * alpha + e
+
+
+@triton.jit
+def _log_add_exp(x, y):
+    """Stable ``log(exp(x) + exp(y))`` elementwise; -inf when both are -inf (fp32)."""
+    mx = tl.maximum(x, y)
+    mn = tl.minimum(x, y)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    out = mx + tl.log(1.0 + tl.exp(mn - mx_safe))
+    return tl.where(mx == float("-inf"), float("-inf"), out)
+
+
+@triton.jit
+def _jsd_terms(a, b, lse_a, lse_b, beta, log_beta, log_1m_beta):
+    """Per-element JSD pieces for one chunk (all [BLOCK_V] fp32).
+
+    Returns ``(d_term, g, log_q)``: ``d_term`` = this element's contribution to
+    ``D = beta * KL(P||M) + (1 - beta) * KL(Q||M)``; ``g`` = ``dD/dQ_k`` without the constant terms
+    (they cancel in the softmax Jacobian), only meaningful where ``log_q > -inf``.
+    """
+    log_p = b - lse_b
+    log_q = a - lse_a
+    log_m = _log_add_exp(log_1m_beta + log_p, log_beta + log_q)
+    p = tl.exp(log_p)
+    q = tl.exp(log_q)
+    # P_k (log P_k - log M_k): 0 where P_k = 0, +inf where P_k > 0 = M_k (only possible at beta = 1).
+    t_p = tl.where(log_p == float("-inf"), 0.0,
+                   tl.where(log_m == float("-inf"), float("inf"), p * (log_p - log_m)))
+    t_q = tl.where(log_q == float("-inf"), 0.0,
+                   tl.where(log_m == float("-inf"), float("inf"), q * (log_q - log_m)))
+    d_term = beta * t_p + (1.0 - beta) * t_q
+    # dD/dQ_k = -beta * (beta P_k + (1 - beta) Q_k) / M_k + (1 - beta) (log Q_k - log M_k) + const.
+    ratio = beta * tl.exp(log_p - log_m) + (1.0 - beta) * tl.exp(log_q - log_m)
+    g = tl.where(beta > 0.0, -beta * ratio, 0.0) + (1.0 - beta) * (log_q - log_m)
+    return d_term, g, log_q
+
+
+@triton.jit
+def _kl_div_fwd_kernel(
+    s_ptr, t_ptr, w_ptr, loss_ptr, grad_ptr,
+    V, stride_s, stride_t,
+    inv_t, beta, log_beta, log_1m_beta, scale,
+    MODE: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """One program per row. Loads [BLOCK_V] chunks of student/teacher row ``pid`` (any float dtype),
+    writes ``loss[pid]`` (fp32) and ``grad[pid, :]`` (grad dtype, contiguous rows of length V)."""
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * stride_s
+    t_row = t_ptr + row * stride_t
+    g_row = grad_ptr + row * V
+    offs = tl.arange(0, BLOCK_V)
+    w = tl.load(w_ptr + row)
+
+    if w == 0.0:
+        zeros = tl.zeros([BLOCK_V], dtype=tl.float32)
+        for start in range(0, V, BLOCK_V):
+            idx = start + offs
+            tl.store(g_row + idx, zeros.to(grad_ptr.dtype.element_ty), mask=idx < V)
+        loss = w * 0.0
+    else:
+        ninf = float("-inf")
+        m_a = tl.full((), ninf, tl.float32)
+        m_b = tl.full((), ninf, tl.float32)
+        s_a = tl.zeros([BLOCK_V], dtype=tl.float32)
+        s_b = tl.zeros([BLOCK_V], dtype=tl.float32)
+        cross = tl.zeros([BLOCK_V], dtype=tl.float32)
+        inf_hit = tl.zeros([BLOCK_V], dtype=tl.int32)
+        # ---- pass 1: online softmax statistics (+ cross term for forward / reverse KL) ----
+        for start in range(0, V, BLOCK_V):
+            idx = start + offs
+            msk = idx < V
+            a = tl.load(s_row + idx, mask=msk, other=ninf).to(tl.float32) * inv_t
+            b = tl.load(t_row + idx, mask=msk, other=ninf).to(tl.float32) * inv_t
+            m_a, m_a_safe, alpha_a, e_a, s_a = _online_update(a, m_a, s_a)
+            m_b, m_b_safe, alpha_b, e_b, s_b = _online_update(b, m_b, s_b)
+            if MODE == 0:
+                # sum_k exp(b_k - m_b) (b_k - a_k) over P_k > 0; P_k > 0 = Q_k -> D = +inf.
+                both = (b != ninf) & (a != ninf)
+                cross = cross * alpha_b + tl.where(both, e_b * (b - a), 0.0)
+                inf_hit = tl.maximum(inf_hit, ((b != ninf) & (a == ninf)).to(tl.int32))
+            elif MODE == 1:
+                both = (b != ninf) & (a != ninf)
+                cross = cross * alpha_a + tl.where(both, e_a * (a - b), 0.0)
+                inf_hit = tl.maximum(inf_hit, ((a != ninf) & (b == ninf)).to(tl.int32))
+        z_a = tl.sum(s_a, axis=0)
+        z_b = tl.sum(s_b, axis=0)
+        lse_a = m_a + tl.log(z_a)
+        lse_b = m_b + tl.log(z_b)
+        degenerate = (z_a == 0.0) | (z_b == 0.0)  # a distribution with no finite logit
+        coef = w * scale * inv_t
+
+        if MODE == 0:
+            d = tl.sum(cross, axis=0) / z_b + (lse_a - lse_b)
+            d = tl.where(tl.max(inf_hit, axis=0) > 0, d + float("inf"), d)  # NaN stays NaN
+            d = tl.where(degenerate, float("nan"), d)
+            # ---- pass 2: grad = coef * (Q - P) ----
+            for start in range(0, V, BLOCK_V):
+                idx = start + offs
+                msk = idx < V
+                a = tl.load(s_row + idx, mask=msk, other=ninf).to(tl.float32) * inv_t
+                b = tl.load(t_row + idx, mask=msk, other=ninf).to(tl.float32) * inv_t
+                g = coef * (tl.exp(a - lse_a) - tl.exp(b - lse_b))
+                tl.store(g_row + idx, g.to(grad_ptr.dtype.element_ty), mask=msk)
+        elif MODE == 1:
+            d = tl.sum(cross, axis=0) / z_a + (lse_b - lse_a)
+            d = tl.where(tl.max(inf_hit, axis=0) > 0, d + float("inf"), d)
+            d = tl.where(degenerate, float("nan"), d)
+            # ---- pass 2: grad = coef * Q * ((log Q - log P) - D), 0 where Q = 0 ----
+            for start in range(0, V, BLOCK_V):
+                idx = start + offs
+                msk = idx < V
+                a = tl.load(s_row + idx, mask=msk, other=ninf).to(tl.float32) * inv_t
+                b = tl.load(t_row + idx, mask=msk, other=ninf).to(tl.float32) * inv_t
+                log_q = a - lse_a
+                g = tl.exp(log_q) * ((log_q - (b - lse_b)) - d)
+                g = tl.where(a == ninf, 0.0, coef * g)
+                tl.store(g_row + idx, g.to(grad_ptr.dtype.element_ty), mask=msk)
+        else:
+            # ---- pass 2: D and G = sum_k Q_k g_k ----
+            d_vec = tl.zeros([BLOCK_V], dtype=tl.float32)
+            qg_vec = tl.zeros([BLOCK_V], dtype=tl.float32)
+            for start in range(0, V, BLOCK_V):
+                idx = start + offs
+                msk = idx < V
+                a = tl.load(s_row + idx, mask=msk, other=ninf).to(tl.float32) * inv_t
+                b = tl.load(t_row + idx, mask=msk, other=ninf).to(tl.float32) * inv_t
+                d_term, g, log_q = _jsd_terms(a, b, lse_a, lse_b, beta, log_beta, log_1m_beta)
+                d_vec += d_term
+                qg_vec += tl.where(log_q == ninf, 0.0, tl.exp(log_q) * g)
+            d = tl.sum(d_vec, axis=0)
+            d = tl.where(degenerate, float("nan"), d)
+            qg = tl.sum(qg_vec, axis=0)
+            # ---- pass 3: grad = coef * Q * (g - G), 0 where Q = 0 ----
+            for start in range(0, V, BLOCK_V):
+                idx = start + offs
+                msk = idx < V
+                a = tl.load(s_row + idx, mask=msk, other=ninf).to(tl.float32) * inv_t
+                b = tl.load(t_row + idx, mask=msk, other=ninf).to(tl.float32) * inv_t
+                d_term, g, log_q = _jsd_terms(a, b, lse_a, lse_b, beta, log_beta, log_1m_beta)
+                gr = tl.where(log_q == ninf, 0.0, coef * tl.exp(log_q) * (g - qg))
+                tl.store(g_row + idx, gr.to(grad_ptr.dtype.element_ty), mask=msk)
+        loss = w * scale * d
+    tl.store(loss_ptr + row, loss)
+
+
+def _block_v(V: int, block_v: int | None) -> int:
+    if block_v is not None:
+        if block_v < 1 or block_v & (block_v - 1):
+            raise ValueError(f"block_v must be a positive power of two, got {block_v}")
+        return block_v
+    return max(_MIN_BLOCK_V, min(triton.next_power_of_2(V), _MAX_BLOCK_V))
+
+
+def kl_div_fwd(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    weight: torch.Tensor,
+    mode: int,
+    inv_temperature: float,
+    beta: float,
+    scale: float,
+    *,
+    block_v: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row divergence and its gradient w.r.t. the student logits, in one launch.
+
+    Args:
+        student: [N, V] logits, float32/bfloat16/float16, ``stride(1) == 1``, ``stride(0) >= V``.
+        teacher: [N, V] logits, same dtype and device as ``student``, unit inner stride.
+        weight: [N] float32 contiguous per-row weights; rows with weight 0 are skipped.
+        mode: 0 = KL(P||Q), 1 = KL(Q||P), 2 = generalised JSD with weight ``beta``, where
+            ``P = softmax(teacher * inv_temperature)`` and ``Q = softmax(student * inv_temperature)``.
+        inv_temperature: 1 / temperature (> 0).
+        beta: JSD weight in [0, 1] (ignored by modes 0 and 1).
+        scale: multiplies loss and gradient.
+        block_v: vocabulary chunk size (power of two); default picks one from V (tests use it to
+            force multi-chunk rows).
+
+    Returns:
+        ``(loss, grad)``: loss [N] float32 with ``loss_i = weight_i * scale * D_i``; grad [N, V]
+        contiguous in the input dtype, ``grad_i = weight_i * scale * dD_i / d student_i``.
+    """
+    if student.dim() != 2 or teacher.shape != student.shape:
+        raise ValueError(f"student and teacher must be 2-D of the same shape, got "
+                         f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+    if student.dtype not in _DTYPES or teacher.dtype != student.dtype:
+        raise TypeError(f"student/teacher dtype must match and be one of {_DTYPES}, got "
+                        f"{student.dtype} and {teacher.dtype}")
+    if teacher.device != student.device or weight.device != student.device:
+        raise ValueError("student, teacher and weight must be on the same device")
+    n, v = student.shape
+    if weight.shape != (n,) or weight.dtype != torch.float32 or not weight.is_contiguous():
+        raise ValueError(f"weight must be a contiguous float32 [N={n}] tensor, got "
+                         f"{weight.dtype} {tuple(weight.shape)}")
+    if mode not in (MODE_FORWARD, MODE_REVERSE, MODE_JSD):
+        raise ValueError(f"mode must be 0 (forward), 1 (reverse) or 2 (jsd), got {mode}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    loss = torch.empty(n, dtype=torch.float32, device=student.device)
+    grad = torch.empty((n, v), dtype=student.dtype, device=student.device)
+    if n == 0 or v == 0:
+        return loss, grad.zero_()
+    for name, x in (("student", student), ("teacher", teacher)):
+        if x.stride(1) != 1 or x.stride(0) < v:
+            raise ValueError(f"{name} must have stride(1) == 1 and stride(0) >= V, got stride "
+                             f"{tuple(x.stride())} for shape {tuple(x.shape)}")
+    if student.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("Triton kl_div on CPU tensors needs TRITON_INTERPRET=1 set before "
+                           "triton is imported")
+
+    block = _block_v(v, block_v)
+    num_warps = 4 if block <= 1024 else 8
+    log_beta = math.log(beta) if beta > 0.0 else -math.inf
+    log_1m_beta = math.log1p(-beta) if beta < 1.0 else -math.inf
+    log.debug("kl_div triton: N=%d V=%d mode=%d block=%d dtype=%s", n, v, mode, block,
+              student.dtype)
+
+    def launch() -> None:
+        _kl_div_fwd_kernel[(n,)](
+            student, teacher, weight, loss, grad,
+            v, student.stride(0), teacher.stride(0),
+            float(inv_temperature), float(beta), log_beta, log_1m_beta, float(scale),
+            MODE=mode, BLOCK_V=block, num_warps=num_warps,
+        )
+
+    if student.device.type == "cuda":
+        with torch.cuda.device(student.device):
+            launch()
+    else:
+        launch()
+    return loss, grad

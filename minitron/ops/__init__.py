@@ -1,0 +1,53 @@
+"""Public op API of minitron.
+
+KL divergence family (``minitron.ops.kl``):
+    kl_div, fused_linear_kl_div, KLDivLoss, FusedLinearKLDivLoss, kl_div_reference,
+    fused_linear_kl_div_reference
+Importance reduction (``minitron.ops.importance``):
+    ImportanceAccumulator, BlockInfluence, importance_reference, block_influence_reference
+Structured slicing (``minitron.ops.slicing``):
+    gather_slices, compact_, gather_slices_reference
+
+Names resolve lazily so importing this package stays cheap and one op family's import problem never
+hides the others.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from minitron.ops._dispatch import BackendUnavailableError
+
+_EXPORTS = {
+    "kl_div": "kl",
+    "fused_linear_kl_div": "kl",
+    "KLDivLoss": "kl",
+    "FusedLinearKLDivLoss": "kl",
+    "kl_div_reference": "kl",
+    "fused_linear_kl_div_reference": "kl",
+    "ImportanceAccumulator": "importance",
+    "BlockInfluence": "importance",
+    "importance_reference": "importance",
+    "block_influence_reference": "importance",
+    "gather_slices": "slicing",
+    "compact_": "slicing",
+    "gather_slices_reference": "slicing",
+}
+
+__all__ = sorted(_EXPORTS) + ["BackendUnavailableError", "load_all"]
+
+# Every op module, imported by load_all() so all torch.ops.minitron.* schemas are registered.
+OP_MODULES = ("kl", "importance", "slicing")
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'minitron.ops' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"minitron.ops.{module}"), name)
+
+
+def load_all() -> None:
+    """Import every op module (registers all ``torch.ops.minitron`` schemas)."""
+    for module in OP_MODULES:
+        importlib.import_module(f"minitron.ops.{module}")

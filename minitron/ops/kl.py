@@ -1,0 +1,609 @@
+"""Fused KL-divergence losses over large vocabularies.
+
+Definitions (per token, over the vocabulary axis; ``T`` = ``temperature``)::
+
+    P = softmax(teacher_logits / T)        # teacher distribution
+    Q = softmax(student_logits / T)        # student distribution
+    mode="forward":  KL(P || Q) = sum_k P_k (log P_k - log Q_k)      # the Minitron distillation loss
+    mode="reverse":  KL(Q || P) = sum_k Q_k (log Q_k - log P_k)
+    mode="jsd":      M = (1 - beta) * P + beta * Q
+                     JSD_beta = beta * KL(P || M) + (1 - beta) * KL(Q || M)
+
+``beta`` weights the teacher-side term. ``beta=1`` makes ``M = Q`` and the loss exactly the forward
+KL(P || Q); ``beta=0`` makes ``M = P`` and the loss exactly the reverse KL(Q || P); ``beta=0.5`` is the
+usual symmetric Jensen-Shannon divergence.
+
+With ``scale_by_t2=True`` (default) the loss is multiplied by ``T**2`` so that gradient magnitudes
+do not shrink with the temperature (Hinton et al., 2015); pass ``False`` for the raw divergence.
+
+Terms with zero probability contribute zero (``-inf`` logits are legal in either input); the loss
+is ``+inf`` where the math is (e.g. forward mode where the student assigns ``-inf`` to a token the
+teacher can emit). A NaN anywhere in a counted token gives NaN for that token.
+
+Implementation: every backend computes, in one launch, the per-token loss and its gradient with
+respect to the student logits (online softmax over the vocabulary, second pass over the cache-hot
+row writes the gradient). Backward only rescales that gradient by the incoming gradient, in place,
+so the extra memory beyond the gradient is O(tokens). A second backward through the same graph is
+therefore refused (the saved gradient has been consumed).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from minitron.ops._dispatch import native_unavailable, op_backends, triton_unavailable
+
+__all__ = [
+    "MODES",
+    "REDUCTIONS",
+    "kl_div",
+    "kl_div_reference",
+    "fused_linear_kl_div",
+    "fused_linear_kl_div_reference",
+    "KLDivLoss",
+    "FusedLinearKLDivLoss",
+]
+
+MODES = {"forward": 0, "reverse": 1, "jsd": 2}
+REDUCTIONS = ("mean", "sum", "none")
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# ----------------------------------------------------------------------------------------------
+# torch reference (test oracle; differentiable, any float dtype incl. float64 for gradcheck)
+# ----------------------------------------------------------------------------------------------
+
+
+def _divergence_reference(student: Tensor, teacher: Tensor, mode: str, temperature: float, beta: float) -> Tensor:
+    """Per-row divergence ``[..., V] -> [...]`` in plain torch (computed in >= fp32)."""
+    dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    lq = torch.log_softmax(student.to(dtype) / temperature, dim=-1)
+    lp = torch.log_softmax(teacher.to(dtype) / temperature, dim=-1)
+
+    def kl(la: Tensor, lb: Tensor) -> Tensor:  # KL(A || B) with 0 * log 0 = 0
+        pos = la > float("-inf")
+        la_s = torch.where(pos, la, torch.zeros_like(la))
+        lb_s = torch.where(pos, lb, torch.zeros_like(lb))
+        return torch.where(pos, la_s.exp() * (la_s - lb_s), torch.zeros_like(la)).sum(-1)
+
+    if mode == "forward":
+        return kl(lp, lq)
+    if mode == "reverse":
+        return kl(lq, lp)
+    if beta == 1.0:
+        return kl(lp, lq)
+    if beta == 0.0:
+        return kl(lq, lp)
+    lm = torch.logaddexp(lp + math.log(1.0 - beta), lq + math.log(beta))
+    return beta * kl(lp, lm) + (1.0 - beta) * kl(lq, lm)
+
+
+def kl_div_reference(student_logits: Tensor, teacher_logits: Tensor, *, mode: str = "forward",
+                     temperature: float = 1.0, beta: float = 0.5, reduction: str = "mean",
+                     mask: Optional[Tensor] = None, scale_by_t2: bool = True) -> Tensor:
+    """Plain-torch :func:`kl_div` (same arguments and result); the oracle of the tests.
+
+    Differentiable w.r.t. ``student_logits`` through autograd. Materialises ``[..., V]`` temporaries.
+    """
+    _validate_kl_args(student_logits, teacher_logits, mode, temperature, beta, reduction, mask,
+                      allowed_dtypes=_KERNEL_DTYPES + (torch.float64,))
+    per_token = _divergence_reference(student_logits, teacher_logits.detach(), mode, temperature, beta)
+    if scale_by_t2:
+        per_token = per_token * (temperature * temperature)
+    if mask is not None:
+        per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
+    if reduction == "none":
+        return per_token
+    if reduction == "sum":
+        return per_token.sum()
+    count = per_token.numel() if mask is None else mask.sum()
+    return per_token.sum() / torch.clamp(torch.as_tensor(count, device=per_token.device), min=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_float_tensor(name: str, t: object, allowed: tuple[torch.dtype, ...]) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"{name} must have a floating dtype in ({names}), got {t.dtype}")
+
+
+def _validate_common(mode: str, temperature: float, beta: float, reduction: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+        raise TypeError(f"beta must be a float, got {type(beta).__name__}")
+    if not (0.0 <= beta <= 1.0):
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+
+
+def _validate_mask(mask: Optional[Tensor], lead_shape: torch.Size, device: torch.device, what: str) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must have dtype torch.bool, got {mask.dtype}")
+    if mask.shape != lead_shape:
+        raise ValueError(f"mask must have shape {tuple(lead_shape)} ({what}), got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"mask is on {mask.device} but the logits are on {device}")
+
+
+def _validate_kl_args(student: Tensor, teacher: Tensor, mode: str, temperature: float, beta: float,
+                      reduction: str, mask: Optional[Tensor],
+                      allowed_dtypes: tuple[torch.dtype, ...] = _KERNEL_DTYPES) -> None:
+    _check_float_tensor("student_logits", student, allowed_dtypes)
+    _check_float_tensor("teacher_logits", teacher, allowed_dtypes)
+    if student.dtype != teacher.dtype:
+        raise TypeError(f"student_logits and teacher_logits must have the same dtype, got {student.dtype} "
+                        f"and {teacher.dtype}")
+    if student.device != teacher.device:
+        raise ValueError(f"student_logits is on {student.device} but teacher_logits is on {teacher.device}")
+    if student.dim() < 1:
+        raise ValueError("student_logits must have at least one dimension (the vocabulary)")
+    if student.shape[-1] != teacher.shape[-1]:
+        raise ValueError(f"vocabulary size mismatch: student_logits has {student.shape[-1]}, teacher_logits has "
+                         f"{teacher.shape[-1]}")
+    if student.shape != teacher.shape:
+        raise ValueError(f"student_logits shape {tuple(student.shape)} != teacher_logits shape {tuple(teacher.shape)}")
+    if student.shape[-1] == 0:
+        raise ValueError("student_logits has an empty vocabulary dimension (V = 0)")
+    _validate_common(mode, temperature, beta, reduction)
+    _validate_mask(mask, student.shape[:-1], student.device, "the logits' shape without the vocabulary axis")
+
+
+def _token_weights(mask: Optional[Tensor], lead_shape: torch.Size, device: torch.device, reduction: str) -> Tensor:
+    """fp32 ``[N]`` per-token weights: 0 for masked tokens, 1/count for 'mean', else 1."""
+    n = int(math.prod(lead_shape))
+    if mask is None:
+        w = torch.ones(n, dtype=torch.float32, device=device)
+        if reduction == "mean" and n > 0:
+            w.mul_(1.0 / n)
+        return w
+    w = mask.reshape(n).to(torch.float32)
+    if reduction == "mean":
+        w = w / torch.clamp(w.sum(), min=1.0)
+    return w.contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# backends of the fused forward (+gradient) kernel
+# ----------------------------------------------------------------------------------------------
+
+_kl_backends = op_backends("kl_div")
+
+
+@_kl_backends.register("cpp", ("cpu",), unavailable=lambda d: native_unavailable("_kl_div_fwd_native", d))
+def _kl_fwd_cpp(s: Tensor, t: Tensor, w: Tensor, mode: int, inv_t: float, beta: float, scale: float):
+    return torch.ops.minitron._kl_div_fwd_native(s, t, w, mode, inv_t, beta, scale)
+
+
+@_kl_backends.register("cuda", ("cuda",), unavailable=lambda d: native_unavailable("_kl_div_fwd_native", d))
+def _kl_fwd_cuda(s: Tensor, t: Tensor, w: Tensor, mode: int, inv_t: float, beta: float, scale: float):
+    return torch.ops.minitron._kl_div_fwd_native(s, t, w, mode, inv_t, beta, scale)
+
+
+@_kl_backends.register("triton", ("cuda", "cpu"), unavailable=triton_unavailable)
+def _kl_fwd_triton(s: Tensor, t: Tensor, w: Tensor, mode: int, inv_t: float, beta: float, scale: float):
+    from minitron.kernels.kl_div import kl_div_fwd
+
+    return kl_div_fwd(s, t, w, mode, inv_t, beta, scale)
+
+
+@_kl_backends.register("reference", ("cpu", "cuda"), dtypes=_KERNEL_DTYPES + (torch.float64,))
+def _kl_fwd_reference(s: Tensor, t: Tensor, w: Tensor, mode: int, inv_t: float, beta: float, scale: float):
+    """Torch version of the fused kernel: closed-form gradients (no autograd inside a custom op)."""
+    dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
+    lq = torch.log_softmax(s.to(dtype) * inv_t, dim=-1)
+    lp = torch.log_softmax(t.to(dtype) * inv_t, dim=-1)
+    q, p = lq.exp(), lp.exp()
+    mode_name = {v: k for k, v in MODES.items()}[mode]
+    d = _divergence_reference(s.to(dtype), t.to(dtype), mode_name, 1.0 / inv_t, beta)
+    zero = torch.zeros((), dtype=dtype, device=s.device)
+    if mode == 0 or (mode == 2 and beta == 1.0):
+        g = q - p
+    elif mode == 1 or (mode == 2 and beta == 0.0):
+        g = torch.where(q > 0, q * (lq - lp - d.unsqueeze(-1)), zero)
+    else:
+        lm = torch.logaddexp(lp + math.log(1.0 - beta), lq + math.log(beta))
+        m = lm.exp()
+        dq = torch.where(m > 0, -beta * (p + q) / m + (1.0 - beta) * (lq - lm), zero)  # dD/dQ minus constants
+        g = q * (dq - (q * dq).sum(-1, keepdim=True))
+    coef = (w.to(dtype) * scale).unsqueeze(-1)
+    counted = (w != 0).unsqueeze(-1)
+    grad = torch.where(counted, g * coef * inv_t, zero)
+    loss = torch.where(counted.squeeze(-1), d * coef.squeeze(-1), zero)
+    return loss.to(torch.float32), grad.to(s.dtype).contiguous()
+
+
+def _as_rows(x: Tensor) -> Tensor:
+    """``[..., V] -> [N, V]`` with unit stride along V (row stride may be anything)."""
+    v = x.shape[-1]
+    x2 = x.reshape(-1, v)
+    if x2.stride(-1) != 1 and x2.numel() > 0:
+        x2 = x2.contiguous()
+    return x2
+
+
+# ----------------------------------------------------------------------------------------------
+# custom op: loss per token and its gradient, in one launch
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("minitron::kl_div_fwd", mutates_args=())
+def kl_div_fwd(student: Tensor, teacher: Tensor, weight: Tensor, mode: int, temperature: float, beta: float,
+               scale: float, backend: str) -> tuple[Tensor, Tensor]:
+    """Weighted per-token divergence and its gradient w.r.t. ``student``.
+
+    Args:
+        student, teacher: ``[N, V]`` logits (fp32/bf16/fp16, unit stride along V).
+        weight: ``[N]`` fp32; tokens with weight 0 are skipped (loss 0, gradient 0).
+        mode: 0 forward KL, 1 reverse KL, 2 JSD(beta). temperature: > 0. scale: loss multiplier.
+    Returns:
+        ``loss [N]`` fp32 = weight * scale * D and ``grad [N, V]`` (student dtype) = d loss / d student.
+    """
+    impl = _kl_backends.select(backend, student.device, student.dtype, vocab=student.shape[-1])
+    if student.shape[0] == 0:
+        return (torch.zeros(0, dtype=torch.float32, device=student.device),
+                torch.empty(student.shape, dtype=student.dtype, device=student.device))
+    return impl.fn(student, teacher, weight, mode, 1.0 / temperature, beta, scale)
+
+
+@kl_div_fwd.register_fake
+def _(student, teacher, weight, mode, temperature, beta, scale, backend):
+    return (student.new_empty((student.shape[0],), dtype=torch.float32),
+            torch.empty(student.shape, dtype=student.dtype, device=student.device))
+
+
+@torch.library.custom_op("minitron::_scale_rows_", mutates_args=("grad",))
+def _scale_rows_(grad: Tensor, row_scale: Tensor) -> None:
+    """In place ``grad[i, ...] *= row_scale[i]`` (``row_scale`` fp32 ``[N]`` or ``[1]``)."""
+    if row_scale.numel() == 1:
+        grad.mul_(row_scale.reshape(()).to(grad.dtype))
+    else:
+        grad.mul_(row_scale.reshape((-1,) + (1,) * (grad.dim() - 1)).to(grad.dtype))
+
+
+@_scale_rows_.register_fake
+def _(grad, row_scale):
+    return None
+
+
+def _is_one(g: Tensor) -> bool:
+    """Whether every element of ``g`` is exactly 1 (host check; skipped while compiling)."""
+    if torch.compiler.is_compiling():
+        return False
+    return bool((g == 1).all())
+
+
+def _kl_setup_context(ctx, inputs, output):
+    _, grad = output
+    ctx.save_for_backward(grad)
+    ctx.mark_non_differentiable(grad)
+
+
+def _kl_backward(ctx, grad_loss: Tensor, _unused: Optional[Tensor]):
+    (grad,) = ctx.saved_tensors
+    if grad_loss is not None and grad.numel() > 0 and not _is_one(grad_loss):
+        # In place: the gradient buffer belongs to this graph node and is handed out once.
+        if torch.compiler.is_compiling():
+            grad = grad * grad_loss.to(grad.dtype).unsqueeze(-1)
+        else:
+            _scale_rows_(grad, grad_loss.to(torch.float32))
+    return grad, None, None, None, None, None, None, None
+
+
+kl_div_fwd.register_autograd(_kl_backward, setup_context=_kl_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# functional API
+# ----------------------------------------------------------------------------------------------
+
+
+def kl_div(student_logits: Tensor, teacher_logits: Tensor, *, mode: str = "forward", temperature: float = 1.0,
+           beta: float = 0.5, reduction: str = "mean", mask: Optional[Tensor] = None, scale_by_t2: bool = True,
+           backend: str = "auto") -> Tensor:
+    """Fused KL/JSD distillation loss between student and teacher logits.
+
+    Args:
+        student_logits: ``[..., V]`` fp32/bf16/fp16 (any leading shape; non-contiguous allowed).
+            The only differentiable input.
+        teacher_logits: ``[..., V]``, same shape/dtype/device; treated as a constant.
+        mode: ``"forward"`` KL(P_teacher || Q_student), ``"reverse"`` KL(Q || P) or ``"jsd"`` (see the
+            module docstring for the formula and the role of ``beta``).
+        temperature: divides both logits; finite and > 0.
+        beta: JSD weight in [0, 1] (only used by ``mode="jsd"``).
+        reduction: ``"mean"`` over counted tokens, ``"sum"``, or ``"none"`` (per-token ``[...]``, zero where
+            masked). With every token masked the loss is 0 with zero gradient.
+        mask: bool ``[...]``, True for tokens that count.
+        scale_by_t2: multiply the loss by ``temperature**2``.
+        backend: ``"auto"`` (CPU -> C++, CUDA -> CUDA C++ or Triton), or ``"cpp"``, ``"cuda"``,
+            ``"triton"``, ``"reference"``.
+
+    Returns:
+        fp32 scalar (``mean``/``sum``) or fp32 ``[...]`` (``none``). The gradient has the input dtype.
+    """
+    _validate_kl_args(student_logits, teacher_logits, mode, temperature, beta, reduction, mask)
+    lead = student_logits.shape[:-1]
+    s2 = _as_rows(student_logits)
+    t2 = _as_rows(teacher_logits.detach())
+    weight = _token_weights(mask, lead, student_logits.device, reduction)
+    scale = float(temperature) ** 2 if scale_by_t2 else 1.0
+    loss_tok, _ = torch.ops.minitron.kl_div_fwd(s2, t2, weight, MODES[mode], float(temperature), float(beta),
+                                                scale, backend)
+    if reduction == "none":
+        return loss_tok.reshape(lead)
+    return loss_tok.sum()
+
+
+class KLDivLoss(nn.Module):
+    """``nn.Module`` form of :func:`kl_div`; ``forward(student_logits, teacher_logits, mask=None)``."""
+
+    def __init__(self, *, mode: str = "forward", temperature: float = 1.0, beta: float = 0.5,
+                 reduction: str = "mean", scale_by_t2: bool = True, backend: str = "auto") -> None:
+        super().__init__()
+        _validate_common(mode, temperature, beta, reduction)
+        self.mode, self.temperature, self.beta = mode, float(temperature), float(beta)
+        self.reduction, self.scale_by_t2, self.backend = reduction, scale_by_t2, backend
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        return kl_div(student_logits, teacher_logits, mode=self.mode, temperature=self.temperature, beta=self.beta,
+                      reduction=self.reduction, mask=mask, scale_by_t2=self.scale_by_t2, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"mode={self.mode!r}, temperature={self.temperature}, beta={self.beta}, "
+                f"reduction={self.reduction!r}, backend={self.backend!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# fused linear + KL: logits are produced chunk by chunk and never exist in full
+# ----------------------------------------------------------------------------------------------
+
+
+def _default_chunk_size(n: int, vocab: int, hidden: int) -> int:
+    """Tokens per chunk: keeps a chunk's logits about the size of the hidden states (power of two)."""
+    if n <= 0:
+        return 1
+    inc = max(1, -(-vocab // max(hidden, 1)))
+    target = max(1, -(-n // inc))
+    return min(max(16, 1 << (target - 1).bit_length()), max(n, 1))
+
+
+def _fused_linear_impl(sh: Tensor, sw: Tensor, th: Tensor, tw: Tensor, sb: Optional[Tensor], tb: Optional[Tensor],
+                       weight: Tensor, mode: int, temperature: float, beta: float, scale: float, chunk_size: int,
+                       backend: str, need_grads: bool = True):
+    n, hs = sh.shape
+    v = sw.shape[0]
+    device = sh.device
+    loss = torch.zeros(n, dtype=torch.float32, device=device)
+    grad_h = torch.zeros_like(sh) if need_grads else None
+    acc_dtype = torch.float32
+    grad_w = torch.zeros(sw.shape, dtype=acc_dtype, device=device) if need_grads else None
+    grad_b = torch.zeros(v, dtype=acc_dtype, device=device) if (need_grads and sb is not None) else None
+    counted = torch.nonzero(weight != 0).flatten() if n else weight.new_zeros(0, dtype=torch.long)
+    chunk = max(1, int(chunk_size))
+    for start in range(0, counted.numel(), chunk):
+        rows = counted[start:start + chunk]
+        contiguous_rows = rows.numel() > 0 and int(rows[-1]) - int(rows[0]) + 1 == rows.numel()
+        if contiguous_rows:
+            lo, hi = int(rows[0]), int(rows[-1]) + 1
+            h_s, h_t, w_c = sh[lo:hi], th[lo:hi], weight[lo:hi]
+        else:
+            h_s, h_t, w_c = sh.index_select(0, rows), th.index_select(0, rows), weight.index_select(0, rows)
+        s_logits = h_s @ sw.t()
+        if sb is not None:
+            s_logits += sb
+        with torch.no_grad():
+            t_logits = h_t @ tw.t()
+            if tb is not None:
+                t_logits += tb
+        loss_c, g = torch.ops.minitron.kl_div_fwd(s_logits.detach(), t_logits, w_c.contiguous(), mode, temperature,
+                                                  beta, scale, backend)
+        del s_logits, t_logits
+        if contiguous_rows:
+            loss[lo:hi] = loss_c
+        else:
+            loss.index_copy_(0, rows, loss_c)
+        if need_grads:
+            gh = g @ sw
+            if contiguous_rows:
+                grad_h[lo:hi] = gh
+            else:
+                grad_h.index_copy_(0, rows, gh)
+            if sw.dtype == acc_dtype:
+                grad_w.addmm_(g.t(), h_s)
+            else:
+                grad_w.add_((g.t() @ h_s).to(acc_dtype))
+            if grad_b is not None:
+                grad_b.add_(g.sum(0, dtype=acc_dtype))
+        del g
+    return loss, grad_h, grad_w, grad_b
+
+
+@torch.library.custom_op("minitron::fused_linear_kl_div_fwd", mutates_args=())
+def fused_linear_kl_div_fwd(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
+                            teacher_weight: Tensor, student_bias: Optional[Tensor], teacher_bias: Optional[Tensor],
+                            weight: Tensor, mode: int, temperature: float, beta: float, scale: float,
+                            chunk_size: int, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-token weighted loss and the gradients w.r.t. student hidden ``[N, Hs]``, weight ``[V, Hs]`` and bias
+    ``[V]`` (an empty tensor when there is no bias), computed chunk by chunk over tokens."""
+    loss, gh, gw, gb = _fused_linear_impl(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                          student_bias, teacher_bias, weight, mode, temperature, beta, scale,
+                                          chunk_size, backend)
+    gw = gw.to(student_weight.dtype)
+    gb = gb.to(student_bias.dtype) if gb is not None else student_hidden.new_zeros(0)
+    return loss, gh, gw, gb
+
+
+@fused_linear_kl_div_fwd.register_fake
+def _(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias, weight, mode,
+      temperature, beta, scale, chunk_size, backend):
+    n = student_hidden.shape[0]
+    gb = (torch.empty_like(student_bias) if student_bias is not None else student_hidden.new_empty(0))
+    return (student_hidden.new_empty((n,), dtype=torch.float32), torch.empty_like(student_hidden),
+            torch.empty_like(student_weight), gb)
+
+
+def _fl_setup_context(ctx, inputs, output):
+    _, gh, gw, gb = output
+    ctx.has_bias = inputs[4] is not None
+    ctx.save_for_backward(gh, gw, gb)
+    ctx.mark_non_differentiable(gh, gw, gb)
+
+
+def _fl_backward(ctx, grad_loss: Tensor, *_unused):
+    gh, gw, gb = ctx.saved_tensors
+    # The per-token loss is always reduced with a sum by the wrapper (weights carry the mean), so the
+    # incoming gradient is uniform; reduction="none" with a non-uniform upstream gradient is rejected
+    # by the wrapper's hook below.
+    if grad_loss is not None and grad_loss.numel() > 0 and not _is_one(grad_loss):
+        c = grad_loss.reshape(-1)[0]
+        gh, gw, gb = gh * c.to(gh.dtype), gw * c.to(gw.dtype), gb * c.to(gb.dtype)
+    return gh, gw, None, None, (gb if ctx.has_bias else None), None, None, None, None, None, None, None, None
+
+
+fused_linear_kl_div_fwd.register_autograd(_fl_backward, setup_context=_fl_setup_context)
+
+
+def _validate_fused_args(sh, sw, th, tw, sb, tb, mode, temperature, beta, reduction, mask, chunk_size) -> None:
+    for name, t in (("student_hidden", sh), ("student_weight", sw), ("teacher_hidden", th), ("teacher_weight", tw)):
+        _check_float_tensor(name, t, _KERNEL_DTYPES)
+    for name, t in (("student_bias", sb), ("teacher_bias", tb)):
+        if t is not None:
+            _check_float_tensor(name, t, _KERNEL_DTYPES)
+    if sw.dim() != 2:
+        raise ValueError(f"student_weight must be 2-D [V, H_student], got shape {tuple(sw.shape)}")
+    if tw.dim() != 2:
+        raise ValueError(f"teacher_weight must be 2-D [V, H_teacher], got shape {tuple(tw.shape)}")
+    if sh.dim() < 1 or sh.shape[-1] != sw.shape[1]:
+        raise ValueError(f"student_hidden's last dimension ({sh.shape[-1] if sh.dim() else None}) must equal "
+                         f"student_weight.shape[1] ({sw.shape[1]})")
+    if th.dim() < 1 or th.shape[-1] != tw.shape[1]:
+        raise ValueError(f"teacher_hidden's last dimension ({th.shape[-1] if th.dim() else None}) must equal "
+                         f"teacher_weight.shape[1] ({tw.shape[1]})")
+    if sw.shape[0] != tw.shape[0]:
+        raise ValueError(f"vocabulary size mismatch: student_weight has {sw.shape[0]} rows, teacher_weight has "
+                         f"{tw.shape[0]}")
+    if sh.shape[:-1] != th.shape[:-1]:
+        raise ValueError(f"student_hidden tokens {tuple(sh.shape[:-1])} != teacher_hidden tokens "
+                         f"{tuple(th.shape[:-1])}")
+    if sb is not None and tuple(sb.shape) != (sw.shape[0],):
+        raise ValueError(f"student_bias must have shape ({sw.shape[0]},), got {tuple(sb.shape)}")
+    if tb is not None and tuple(tb.shape) != (tw.shape[0],):
+        raise ValueError(f"teacher_bias must have shape ({tw.shape[0]},), got {tuple(tb.shape)}")
+    if sh.dtype != sw.dtype or (sb is not None and sb.dtype != sh.dtype):
+        raise TypeError(f"student_hidden ({sh.dtype}), student_weight ({sw.dtype}) and student_bias must share a dtype")
+    if th.dtype != tw.dtype or (tb is not None and tb.dtype != th.dtype):
+        raise TypeError(f"teacher_hidden ({th.dtype}), teacher_weight ({tw.dtype}) and teacher_bias must share a dtype")
+    if sh.dtype != th.dtype:
+        raise TypeError(f"student and teacher tensors must share a dtype, got {sh.dtype} and {th.dtype}")
+    devices = {t.device for t in (sh, sw, th, tw, sb, tb) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    if sw.shape[0] == 0:
+        raise ValueError("student_weight has an empty vocabulary dimension (V = 0)")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    _validate_common(mode, temperature, beta, reduction)
+    _validate_mask(mask, sh.shape[:-1], sh.device, "student_hidden's shape without the hidden axis")
+
+
+def fused_linear_kl_div(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
+                        teacher_weight: Tensor, *, student_bias: Optional[Tensor] = None,
+                        teacher_bias: Optional[Tensor] = None, mode: str = "forward", temperature: float = 1.0,
+                        beta: float = 0.5, reduction: str = "mean", mask: Optional[Tensor] = None,
+                        chunk_size: Optional[int] = None, scale_by_t2: bool = True, backend: str = "auto") -> Tensor:
+    """:func:`kl_div` of ``hidden @ weight.T (+ bias)`` logits without materialising them.
+
+    Args:
+        student_hidden: ``[..., Hs]``; student_weight: ``[V, Hs]``; student_bias: ``[V]`` or None.
+        teacher_hidden: ``[..., Ht]`` (``Ht`` may differ from ``Hs``: a pruned student);
+            teacher_weight: ``[V, Ht]``; teacher_bias: ``[V]`` or None. Teacher inputs are constants.
+        chunk_size: tokens per chunk (default: about ``N / ceil(V / Hs)``, a power of two), so only
+            ``chunk_size x V`` logits of each model exist at once. Masked tokens are skipped entirely.
+        Other arguments as :func:`kl_div`.
+
+    Returns:
+        fp32 scalar, or fp32 ``[...]`` for ``reduction="none"``. Gradients flow to the student hidden
+        states, weight and bias; they are computed during the forward pass and only scaled in backward.
+        With ``reduction="none"`` the upstream gradient must be uniform across tokens (e.g. ``.sum()`` or
+        ``.mean()`` of the result); a non-uniform one raises in backward.
+    """
+    _validate_fused_args(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
+                         mode, temperature, beta, reduction, mask, chunk_size)
+    lead = student_hidden.shape[:-1]
+    sh = student_hidden.reshape(-1, student_hidden.shape[-1])
+    th = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+    weight = _token_weights(mask, lead, sh.device, reduction)
+    if chunk_size is None:
+        chunk_size = _default_chunk_size(sh.shape[0], student_weight.shape[0], sh.shape[1])
+    scale = float(temperature) ** 2 if scale_by_t2 else 1.0
+    tb = teacher_bias.detach() if teacher_bias is not None else None
+    loss_tok, _, _, _ = torch.ops.minitron.fused_linear_kl_div_fwd(
+        sh, student_weight, th, teacher_weight.detach(), student_bias, tb, weight, MODES[mode], float(temperature),
+        float(beta), scale, int(chunk_size), backend)
+    if reduction == "none":
+        out = loss_tok.reshape(lead)
+        if out.requires_grad and not torch.compiler.is_compiling():
+            out.register_hook(_require_uniform_grad)
+        return out
+    return loss_tok.sum()
+
+
+def _require_uniform_grad(grad: Tensor) -> Tensor:
+    if grad.numel() > 1 and not bool((grad == grad.reshape(-1)[0]).all()):
+        raise RuntimeError("fused_linear_kl_div(reduction='none'): the gradient of the per-token loss must be "
+                           "uniform across tokens (reduce it with .sum()/.mean(), or use per-token weights via mask)")
+    return grad
+
+
+def fused_linear_kl_div_reference(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
+                                  teacher_weight: Tensor, *, student_bias: Optional[Tensor] = None,
+                                  teacher_bias: Optional[Tensor] = None, mode: str = "forward",
+                                  temperature: float = 1.0, beta: float = 0.5, reduction: str = "mean",
+                                  mask: Optional[Tensor] = None, scale_by_t2: bool = True) -> Tensor:
+    """Unfused plain-torch version of :func:`fused_linear_kl_div` (materialises both logits)."""
+    s_logits = torch.nn.functional.linear(student_hidden, student_weight, student_bias)
+    with torch.no_grad():
+        t_logits = torch.nn.functional.linear(teacher_hidden, teacher_weight, teacher_bias)
+    return kl_div_reference(s_logits, t_logits, mode=mode, temperature=temperature, beta=beta, reduction=reduction,
+                            mask=mask, scale_by_t2=scale_by_t2)
+
+
+class FusedLinearKLDivLoss(nn.Module):
+    """``nn.Module`` form of :func:`fused_linear_kl_div`.
+
+    ``forward(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=None,
+    teacher_bias=None, mask=None)``.
+    """
+
+    def __init__(self, *, mode: str = "forward", temperature: float = 1.0, beta: float = 0.5,
+                 reduction: str = "mean", chunk_size: Optional[int] = None, scale_by_t2: bool = True,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        _validate_common(mode, temperature, beta, reduction)
+        self.mode, self.temperature, self.beta, self.reduction = mode, float(temperature), float(beta), reduction
+        self.chunk_size, self.scale_by_t2, self.backend = chunk_size, scale_by_t2, backend
+
+    def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor,
+                student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None,
+                mask: Optional[Tensor] = None) -> Tensor:
+        return fused_linear_kl_div(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                   student_bias=student_bias, teacher_bias=teacher_bias, mode=self.mode,
+                                   temperature=self.temperature, beta=self.beta, reduction=self.reduction, mask=mask,
+                                   chunk_size=self.chunk_size, scale_by_t2=self.scale_by_t2, backend=self.backend)
