@@ -76,8 +76,18 @@ def _divergence_reference(student: Tensor, teacher: Tensor, mode: str, temperatu
         return kl(lp, lq)
     if beta == 0.0:
         return kl(lq, lp)
-    lm = torch.logaddexp(lp + math.log(1.0 - beta), lq + math.log(beta))
+    lm = _log_mixture(lp, lq, beta)
     return beta * kl(lp, lm) + (1.0 - beta) * kl(lq, lm)
+
+
+def _log_mixture(lp: Tensor, lq: Tensor, beta: float) -> Tensor:
+    """log((1 - beta) P + beta Q) from log-probabilities, -inf (with finite gradients) where both are 0."""
+    a = lp + math.log(1.0 - beta)
+    b = lq + math.log(beta)
+    empty = (a == float("-inf")) & (b == float("-inf"))
+    zero = torch.zeros_like(a)
+    lm = torch.logaddexp(torch.where(empty, zero, a), torch.where(empty, zero, b))
+    return torch.where(empty, torch.full_like(lm, float("-inf")), lm)
 
 
 def kl_div_reference(student_logits: Tensor, teacher_logits: Tensor, *, mode: str = "forward",
@@ -219,9 +229,10 @@ def _kl_fwd_reference(s: Tensor, t: Tensor, w: Tensor, mode: int, inv_t: float, 
     elif mode == 1 or (mode == 2 and beta == 0.0):
         g = torch.where(q > 0, q * (lq - lp - d.unsqueeze(-1)), zero)
     else:
-        lm = torch.logaddexp(lp + math.log(1.0 - beta), lq + math.log(beta))
-        m = lm.exp()
-        dq = torch.where(m > 0, -beta * (p + q) / m + (1.0 - beta) * (lq - lm), zero)  # dD/dQ minus constants
+        lm = _log_mixture(lp, lq, beta)
+        # dD/dQ_k minus constants; (P+Q)/M as exp(logP - logM) + exp(logQ - logM) stays finite when M underflows
+        ratio = torch.exp(lp - lm) + torch.exp(lq - lm)
+        dq = torch.where(q > 0, -beta * ratio + (1.0 - beta) * (lq - lm), zero)
         g = q * (dq - (q * dq).sum(-1, keepdim=True))
     coef = (w.to(dtype) * scale).unsqueeze(-1)
     counted = (w != 0).unsqueeze(-1)
@@ -285,9 +296,17 @@ def _(grad, row_scale):
 
 def _is_one(g: Tensor) -> bool:
     """Whether every element of ``g`` is exactly 1 (host check; skipped while compiling)."""
-    if torch.compiler.is_compiling():
+    if not _eager(g):
         return False
     return bool((g == 1).all())
+
+
+def _eager(t: Tensor) -> bool:
+    """True when ``t`` is a plain tensor in eager mode (not traced by dynamo/AOT/make_fx)."""
+    if torch.compiler.is_compiling() or type(t) is not torch.Tensor:
+        return False
+    modes = torch._C._TorchDispatchModeKey
+    return all(torch._C._get_dispatch_mode(k) is None for k in (modes.PROXY, modes.FAKE, modes.FUNCTIONAL))
 
 
 def _kl_setup_context(ctx, inputs, output):
@@ -300,7 +319,7 @@ def _kl_backward(ctx, grad_loss: Tensor, _unused: Optional[Tensor]):
     (grad,) = ctx.saved_tensors
     if grad_loss is not None and grad.numel() > 0 and not _is_one(grad_loss):
         # In place: the gradient buffer belongs to this graph node and is handed out once.
-        if torch.compiler.is_compiling():
+        if not _eager(grad):
             grad = grad * grad_loss.to(grad.dtype).unsqueeze(-1)
         else:
             _scale_rows_(grad, grad_loss.to(torch.float32))
