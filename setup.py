@@ -40,7 +40,7 @@ def _ext_modules():
 
     cpu_sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc")]
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-DMINITRON_VERSION=\"%s\"" % VERSION]
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-DMINITRON_VERSION=\"%s\"" % VERSION]
     link_flags = ["-fopenmp"]
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -49,7 +49,7 @@ def _ext_modules():
             "minitron._C",
             cpu_sources + cuda_sources,
             include_dirs=include_dirs,
-            define_macros=[("MINITRON_WITH_CUDA", "1"), ("Py_LIMITED_API", "0x03090000")],
+            define_macros=[("MINITRON_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
             extra_link_args=link_flags,
             py_limited_api=True,
@@ -59,7 +59,6 @@ def _ext_modules():
             "minitron._C",
             cpu_sources,
             include_dirs=include_dirs,
-            define_macros=[("Py_LIMITED_API", "0x03090000")],
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=link_flags,
             py_limited_api=True,
