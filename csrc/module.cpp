@@ -7,6 +7,10 @@
 
 #include "common/cpu_features.h"
 
+#ifndef MINITRON_VERSION
+#define MINITRON_VERSION "dev"
+#endif
+
 namespace minitron {
 
 std::string build_info() {

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         name=lib_name,
         sources=sources,
         extra_include_paths=[os.path.join(ROOT, "csrc")],
-        extra_cflags=["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", '-DMINITRON_VERSION="dev"'],
+        extra_cflags=["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno"],
         extra_ldflags=["-fopenmp"],
         build_directory=build_dir,
         is_python_module=False,
