@@ -1,0 +1,603 @@
+"""Activation-based importance of heads, MLP neurons, embedding channels and layers (Minitron).
+
+:func:`estimate_importance` runs a model over calibration batches with forward hooks that stream the
+activations into :class:`minitron.ops.ImportanceAccumulator` / :class:`minitron.ops.BlockInfluence`
+(fused, masked, fp32 accumulation), and optionally measures the LM-loss increase when each layer is
+skipped. Where each score comes from:
+
+* **heads** ``[num_layers, num_attention_heads]``: the input of ``o_proj`` (the concatenated per-head
+  attention outputs, head-major), one unit per head of ``head_dim`` activations (``group_size=head_dim``).
+* **kv_groups** ``[num_layers, num_key_value_heads]``: the *sum* of the head scores of the query heads
+  that share that key/value head (query head ``h`` uses KV head ``h // (heads / kv_heads)``).
+* **neurons** ``[num_layers, intermediate_size]``: the input of ``down_proj`` (``act(gate) * up``).
+* **channels** ``[hidden_size]``: the outputs of every residual-stream norm (``input_layernorm`` and
+  ``post_attention_layernorm`` of each layer, and the final norm), each aggregated on its own, then
+  summed over the norms.
+* **block_influence** ``[num_layers]``: ``1 - cos(h_in, h_out)`` of each decoder layer (ShortGPT).
+* **lm_loss_drop** ``[num_layers]``: LM loss (mean token NLL, fp32) on the calibration batches with the
+  layer replaced by the identity, minus the loss of the full model.
+
+Padding (``attention_mask == 0``) is masked out of every score, and out of the LM loss.
+
+Scores are saved as ``importance.safetensors`` + ``importance.json`` and carry a config fingerprint so
+that scores of another model are refused (:meth:`ImportanceScores.check_compatible`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from minitron.models import get_adapter
+from minitron.models.base import ModelAdapter
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ImportanceScores", "estimate_importance", "LAYER_METRICS", "SCORES_FILE", "META_FILE"]
+
+SCORES_FILE = "importance.safetensors"
+META_FILE = "importance.json"
+LAYER_METRICS = ("block_influence", "lm_loss")
+_TENSOR_FIELDS = ("heads", "kv_groups", "neurons", "channels", "block_influence", "lm_loss_drop")
+_FORMAT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------- scores
+@dataclass
+class ImportanceScores:
+    """Importance of every prunable unit of one model (all tensors fp32, on CPU).
+
+    Attributes:
+        heads: [num_layers, num_attention_heads] per query head (input of o_proj, per head).
+        kv_groups: [num_layers, num_key_value_heads] sum of the head scores of each KV group's query heads.
+        neurons: [num_layers, intermediate_size] per MLP neuron (input of down_proj).
+        channels: [hidden_size] per embedding channel (norm outputs, summed over all norms).
+        block_influence: [num_layers] 1 - cos(layer input, layer output), token-averaged (NaN when
+            not measured).
+        lm_loss_drop: [num_layers] LM-loss increase when that single layer is skipped, or None when
+            not measured.
+        meta: model_type, ``config_fingerprint`` (dict of the config sizes), seq_agg, batch_agg,
+            num_samples, num_tokens, num_batches, base_lm_loss, layer_metrics.
+    """
+
+    heads: torch.Tensor
+    kv_groups: torch.Tensor
+    neurons: torch.Tensor
+    channels: torch.Tensor
+    block_influence: torch.Tensor
+    lm_loss_drop: Optional[torch.Tensor] = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in _TENSOR_FIELDS:
+            value = getattr(self, name)
+            if value is None and name == "lm_loss_drop":
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"ImportanceScores.{name} must be a torch.Tensor, got {type(value).__name__}")
+        if not isinstance(self.meta, dict):
+            raise TypeError(f"ImportanceScores.meta must be a dict, got {type(self.meta).__name__}")
+        num_layers = self.heads.shape[0] if self.heads.dim() == 2 else -1
+        expect = {"heads": 2, "kv_groups": 2, "neurons": 2, "channels": 1, "block_influence": 1, "lm_loss_drop": 1}
+        for name, ndim in expect.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if value.dim() != ndim:
+                raise ValueError(f"ImportanceScores.{name} must be {ndim}-D, got shape {tuple(value.shape)}")
+            if name != "channels" and value.shape[0] != num_layers:
+                raise ValueError(
+                    f"ImportanceScores.{name} has {value.shape[0]} layers, heads has {num_layers}"
+                )
+
+    # -------------------------------------------------------------- properties
+    @property
+    def num_layers(self) -> int:
+        """Number of decoder layers the scores describe."""
+        return int(self.heads.shape[0])
+
+    @property
+    def fingerprint(self) -> dict:
+        """The config fingerprint of the model the scores were computed on."""
+        return dict(self.meta.get("config_fingerprint", {}))
+
+    def layer_scores(self, metric: str) -> torch.Tensor:
+        """[num_layers] fp32 scores of ``metric`` ("lm_loss" or "block_influence"); higher = more important."""
+        if metric == "block_influence":
+            return self.block_influence
+        if metric == "lm_loss":
+            if self.lm_loss_drop is None:
+                raise ValueError(
+                    "these importance scores have no lm_loss_drop (estimated without the 'lm_loss' layer "
+                    "metric); use metric='block_influence' or re-estimate with layer_metrics including 'lm_loss'"
+                )
+            return self.lm_loss_drop
+        raise ValueError(f"metric must be 'lm_loss' or 'block_influence', got {metric!r}")
+
+    # -------------------------------------------------------------- compatibility
+    def check_compatible(self, config: Any, *, fields: Optional[Sequence[str]] = None) -> None:
+        """Raise ``ValueError`` if these scores were computed on a model with another config.
+
+        Args:
+            config: a transformers config (or a model; its ``.config`` is used).
+            fields: fingerprint fields to compare (default: all). Depth pruning after width pruning
+                compares only ``("model_type", "num_hidden_layers")``.
+        """
+        config = getattr(config, "config", config)
+        adapter = get_adapter(config)
+        mine = self.fingerprint
+        if not mine:
+            raise ValueError("these importance scores carry no config fingerprint (meta['config_fingerprint'])")
+        theirs = adapter.fingerprint(config)
+        names = tuple(fields) if fields is not None else tuple(sorted(set(mine) | set(theirs)))
+        diffs = [f"{k}: scores {mine.get(k)!r} vs model {theirs.get(k)!r}" for k in names if mine.get(k) != theirs.get(k)]
+        if diffs:
+            raise ValueError(
+                "importance scores were computed on a different model (" + "; ".join(diffs) + ")"
+            )
+
+    def select_layers(self, kept: Sequence[int]) -> "ImportanceScores":
+        """Scores restricted to the kept layers (after depth pruning), with the fingerprint updated.
+
+        Args:
+            kept: original indices of the kept layers, increasing.
+        """
+        idx = _check_layer_list(kept, self.num_layers, "kept")
+        t = torch.tensor(idx, dtype=torch.long)
+        meta = json.loads(json.dumps(self.meta))
+        fp = meta.setdefault("config_fingerprint", {})
+        fp["num_hidden_layers"] = len(idx)
+        return ImportanceScores(
+            heads=self.heads[t].clone(),
+            kv_groups=self.kv_groups[t].clone(),
+            neurons=self.neurons[t].clone(),
+            channels=self.channels.clone(),
+            block_influence=self.block_influence[t].clone(),
+            lm_loss_drop=None if self.lm_loss_drop is None else self.lm_loss_drop[t].clone(),
+            meta=meta,
+        )
+
+    # -------------------------------------------------------------- persistence
+    def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> None:
+        """Write ``importance.safetensors`` and ``importance.json`` into ``directory`` (created if needed).
+
+        Each file is written to a temporary name and renamed into place, the JSON last; the safetensors
+        metadata repeats the JSON so a mismatched pair is detected on load. Refuses to replace existing
+        score files unless ``overwrite``.
+        """
+        from safetensors.torch import save_file
+
+        if not isinstance(directory, (str, os.PathLike)):
+            raise TypeError(f"directory must be a path, got {type(directory).__name__}")
+        d = Path(directory)
+        if d.exists() and not d.is_dir():
+            raise ValueError(f"directory {str(d)!r} exists and is not a directory")
+        if not overwrite:
+            existing = [n for n in (SCORES_FILE, META_FILE) if (d / n).exists()]
+            if existing:
+                raise FileExistsError(
+                    f"{d} already holds importance scores ({', '.join(existing)}); pass overwrite=True to replace them"
+                )
+        d.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            name: getattr(self, name).detach().to("cpu", torch.float32).contiguous()
+            for name in _TENSOR_FIELDS
+            if getattr(self, name) is not None
+        }
+        meta_json = json.dumps({"format_version": _FORMAT_VERSION, **self.meta}, indent=2, sort_keys=True, default=str)
+        _atomic_write(d / SCORES_FILE, lambda p: save_file(tensors, str(p), metadata={"meta": meta_json}))
+        _atomic_write(d / META_FILE, lambda p: Path(p).write_text(meta_json + "\n"))
+        log.info("saved importance scores to %s", d)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "ImportanceScores":
+        """Read scores written by :meth:`save`."""
+        from safetensors import safe_open
+
+        d = Path(directory)
+        missing = [n for n in (SCORES_FILE, META_FILE) if not (d / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{d} holds no importance scores (missing {', '.join(missing)})")
+        meta = json.loads((d / META_FILE).read_text())
+        with safe_open(str(d / SCORES_FILE), framework="pt") as f:
+            inner = json.loads((f.metadata() or {}).get("meta", "null"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if inner is not None and inner != meta:
+            raise ValueError(f"{d}: {SCORES_FILE} and {META_FILE} come from different runs")
+        missing_t = [n for n in _TENSOR_FIELDS if n != "lm_loss_drop" and n not in tensors]
+        if missing_t:
+            raise ValueError(f"{d / SCORES_FILE} lacks tensors {', '.join(missing_t)}")
+        meta.pop("format_version", None)
+        return cls(**{n: tensors.get(n) for n in _TENSOR_FIELDS}, meta=meta)
+
+    # -------------------------------------------------------------- plotting
+    def plot(self, path: str | os.PathLike) -> None:
+        """Write a PNG: heat maps of head and neuron scores per layer, channel scores, layer scores."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        n_rows = 4
+        fig, axes = plt.subplots(n_rows, 1, figsize=(10, 3.2 * n_rows))
+        try:
+            for ax, name in zip(axes[:2], ("heads", "neurons")):
+                data = getattr(self, name).float().numpy()
+                im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap="viridis")
+                ax.set_title(f"{name} importance")
+                ax.set_ylabel("layer")
+                ax.set_xlabel("head" if name == "heads" else "neuron")
+                fig.colorbar(im, ax=ax)
+            ax = axes[2]
+            ax.plot(self.channels.float().numpy(), lw=0.8)
+            ax.set_title("embedding channel importance (sum over norms)")
+            ax.set_xlabel("channel")
+            ax = axes[3]
+            layers = range(self.num_layers)
+            ax.bar([i - 0.2 for i in layers], self.block_influence.float().numpy(), width=0.4, label="block influence")
+            if self.lm_loss_drop is not None:
+                ax2 = ax.twinx()
+                ax2.bar([i + 0.2 for i in layers], self.lm_loss_drop.float().numpy(), width=0.4,
+                        color="tab:orange", label="LM-loss drop")
+                ax2.set_ylabel("LM-loss increase")
+                ax2.legend(loc="upper right")
+            ax.set_ylabel("block influence")
+            ax.set_xlabel("layer")
+            ax.legend(loc="upper left")
+            ax.set_title("layer importance")
+            fig.tight_layout()
+            out = Path(path)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(out, lambda p: fig.savefig(p, format="png", dpi=100))
+        finally:
+            plt.close(fig)
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _check_layer_list(layers: Any, num_layers: int, name: str) -> list[int]:
+    if isinstance(layers, torch.Tensor):
+        layers = layers.tolist()
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        raise TypeError(f"{name} must be a sequence of layer indices, got {type(layers).__name__}")
+    out = list(layers)
+    for i in out:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"{name} must hold ints, got {i!r}")
+        if not 0 <= i < num_layers:
+            raise ValueError(f"{name}: layer index {i} out of range [0, {num_layers})")
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name} has duplicate layer indices: {out}")
+    return sorted(out)
+
+
+# ---------------------------------------------------------------------------------------------- estimation
+def _first_tensor(args: tuple, kwargs: Mapping[str, Any], name: str) -> torch.Tensor:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    value = kwargs.get(name)
+    if isinstance(value, torch.Tensor):
+        return value
+    raise RuntimeError(f"could not find the {name} tensor among the layer's inputs")
+
+
+def _output_tensor(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class _Skip(nn.Module):
+    """Stands in for a decoder layer: returns its hidden-states input unchanged (tensor or 1-tuple)."""
+
+    def __init__(self, as_tuple: bool) -> None:
+        super().__init__()
+        self.as_tuple = as_tuple
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        h = _first_tensor(args, kwargs, "hidden_states")
+        return (h,) if self.as_tuple else h
+
+
+def _validate_batch(batch: Any, index: int, vocab_size: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"batch {index}: expected a dict with 'input_ids', got {type(batch).__name__}")
+    ids = batch.get("input_ids")
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"batch {index}: 'input_ids' must be a torch.Tensor, got {type(ids).__name__}")
+    if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            f"batch {index}: 'input_ids' must be a [batch, seq] int64 tensor, got shape {tuple(ids.shape)} {ids.dtype}"
+        )
+    if ids.numel() == 0:
+        raise ValueError(f"batch {index}: 'input_ids' is empty (shape {tuple(ids.shape)})")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"batch {index}: token ids must lie in [0, {vocab_size}), got range [{lo}, {hi}]")
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"batch {index}: 'attention_mask' must be a torch.Tensor, got {type(mask).__name__}")
+        if tuple(mask.shape) != tuple(ids.shape):
+            raise ValueError(
+                f"batch {index}: 'attention_mask' shape {tuple(mask.shape)} != input_ids shape {tuple(ids.shape)}"
+            )
+        if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError(f"batch {index}: 'attention_mask' must hold only 0 and 1")
+    return ids.long(), (None if mask is None else mask.bool())
+
+
+def _activation_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _lm_loss_sums(logits: torch.Tensor, ids: torch.Tensor, mask: Optional[torch.Tensor]) -> tuple[float, int]:
+    """Summed next-token NLL (fp32) and token count; a target counts when it and its context token are real."""
+    logits = logits[:, :-1].float()
+    target = ids[:, 1:]
+    if mask is not None:
+        valid = mask[:, 1:] & mask[:, :-1]
+        target = target.masked_fill(~valid, -100)
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    return float(nll), int((target != -100).sum())
+
+
+class _Collector:
+    """Owns the accumulators and the hooks of one estimation run."""
+
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, *, seq_agg: str, batch_agg: str,
+                 block_influence: bool, backend: str, device: torch.device, dtype: torch.dtype) -> None:
+        from minitron.ops import BlockInfluence, ImportanceAccumulator
+
+        self.model, self.adapter = model, adapter
+        self.dims = adapter.dims(model.config)
+        d = self.dims
+        self.layers = list(adapter.layers(model))[: d.num_hidden_layers]
+        kw: dict[str, Any] = {"seq_agg": seq_agg, "batch_agg": batch_agg, "device": device, "backend": backend}
+        # constructing every accumulator validates seq_agg / batch_agg / backend before any forward pass,
+        # and one tiny update proves the backend can run on this device and dtype
+        probe = ImportanceAccumulator(1, **kw)
+        probe.update(torch.zeros(1, 1, 1, device=device, dtype=dtype))
+        self.heads = [ImportanceAccumulator(d.num_attention_heads, group_size=d.head_dim, **kw) for _ in self.layers]
+        self.neurons = [ImportanceAccumulator(d.intermediate_size, **kw) for _ in self.layers]
+        self.norm_modules = [n for layer in self.layers for n in adapter.layer_norms(layer)] + [adapter.final_norm(model)]
+        self.channels = [ImportanceAccumulator(d.hidden_size, **kw) for _ in self.norm_modules]
+        self.bi = None
+        if block_influence:
+            self.bi = BlockInfluence(len(self.layers), device=device, backend=backend)
+            z = torch.zeros(1, 1, 1, device=device, dtype=dtype)
+            BlockInfluence(1, device=device, backend=backend).update(0, z, z)
+        self.mask: Optional[torch.Tensor] = None
+        self.layer_returns_tuple: Optional[bool] = None
+        self.handles: list[Any] = []
+
+    def attach(self) -> None:
+        for i, layer in enumerate(self.layers):
+            self.handles.append(self.adapter.o_proj(layer).register_forward_pre_hook(self._pre(self.heads[i])))
+            self.handles.append(self.adapter.down_proj(layer).register_forward_pre_hook(self._pre(self.neurons[i])))
+            self.handles.append(layer.register_forward_hook(self._layer_hook(i), with_kwargs=True))
+        for module, acc in zip(self.norm_modules, self.channels):
+            self.handles.append(module.register_forward_hook(self._post(acc)))
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def _pre(self, acc: Any) -> Any:
+        def hook(module: nn.Module, args: tuple) -> None:
+            acc.update(args[0], self.mask)
+
+        return hook
+
+    def _post(self, acc: Any) -> Any:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            acc.update(_output_tensor(output), self.mask)
+
+        return hook
+
+    def _layer_hook(self, index: int) -> Any:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if self.layer_returns_tuple is None:
+                self.layer_returns_tuple = isinstance(output, (tuple, list))
+            if self.bi is not None:
+                h_in = _first_tensor(args, kwargs, "hidden_states")
+                self.bi.update(index, h_in, _output_tensor(output), self.mask)
+
+        return hook
+
+
+def estimate_importance(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    *,
+    seq_agg: str = "mean",
+    batch_agg: str = "l2",
+    layer_metrics: Sequence[str] = ("block_influence", "lm_loss"),
+    max_batches: Optional[int] = None,
+    progress: bool = True,
+    backend: str = "auto",
+) -> ImportanceScores:
+    """Estimate the importance of every prunable unit of ``model`` on calibration batches.
+
+    Args:
+        model: a supported transformers ``*ForCausalLM`` model (any dtype/device). It is run in eval
+            mode under ``torch.no_grad`` and left as it was (training flag restored, hooks removed).
+        batches: iterable of dicts with ``"input_ids"`` [B, S] int64 and optional ``"attention_mask"``
+            [B, S] (1 = real token, 0 = padding; padding is masked out of every score). Batches may
+            differ in shape. Read once (kept on CPU when the ``lm_loss`` metric needs more passes).
+        seq_agg: aggregation over the tokens of one sample (default ``"mean"``, the papers' best).
+        batch_agg: aggregation over samples (default ``"l2"``, the papers' best).
+        layer_metrics: any of ``"block_influence"`` and ``"lm_loss"``. ``"lm_loss"`` costs one extra
+            pass over the batches per layer (the layer is swapped for an identity module).
+        max_batches: use at most this many batches.
+        progress: show a tqdm progress bar (stderr).
+        backend: kernel backend for the accumulators (``"auto"``, ``"cpp"``, ``"cuda"``, ``"triton"``,
+            ``"reference"``).
+    Returns:
+        :class:`ImportanceScores` (fp32 CPU tensors).
+    Raises:
+        ValueError / TypeError: bad arguments (before any forward pass) or a malformed batch (before
+            that batch is run).
+    """
+    adapter = get_adapter(model)
+    adapter.check_model(model)
+    for name, value in (("seq_agg", seq_agg), ("batch_agg", batch_agg), ("backend", backend)):
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must be a string, got {type(value).__name__}")
+    if isinstance(layer_metrics, str) or not isinstance(layer_metrics, (list, tuple, set, frozenset)):
+        raise TypeError(f"layer_metrics must be a tuple of metric names, got {layer_metrics!r}")
+    bad = [m for m in layer_metrics if m not in LAYER_METRICS]
+    if bad:
+        raise ValueError(f"layer_metrics: unknown metric(s) {bad}; choose from {LAYER_METRICS}")
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1):
+        raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
+    if batches is None or isinstance(batches, (str, bytes, Mapping)) or not isinstance(batches, Iterable):
+        raise TypeError(
+            f"batches must be an iterable of dicts with 'input_ids', got {type(batches).__name__}"
+        )
+    want_bi = "block_influence" in layer_metrics
+    want_loss = "lm_loss" in layer_metrics
+
+    device = _model_device(model)
+    dims = adapter.dims(model.config)
+    collector = _Collector(model, adapter, seq_agg=seq_agg, batch_agg=batch_agg, block_influence=want_bi,
+                           backend=backend, device=device, dtype=_activation_dtype(model))
+
+    from tqdm.auto import tqdm
+
+    total = None
+    if hasattr(batches, "__len__"):
+        total = len(batches)  # type: ignore[arg-type]
+        if max_batches is not None:
+            total = min(total, max_batches)
+    was_training = model.training
+    kept: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = []
+    num_samples = num_tokens = num_batches = 0
+    loss_sum, loss_count = 0.0, 0
+    lm_loss_drop: Optional[torch.Tensor] = None
+    base_loss: Optional[float] = None
+    runner = model if want_loss else adapter.base_model(model)  # no LM head needed without the loss
+    model.eval()
+    try:
+        collector.attach()
+        bar = tqdm(total=total, desc="importance", unit="batch", disable=not progress)
+        try:
+            with torch.no_grad():
+                for i, batch in enumerate(batches):
+                    if max_batches is not None and i >= max_batches:
+                        break
+                    ids, mask = _validate_batch(batch, i, dims.vocab_size)
+                    if want_loss:
+                        kept.append((ids, mask))
+                    ids_d = ids.to(device)
+                    mask_d = None if mask is None else mask.to(device)
+                    collector.mask = mask_d
+                    out = runner(input_ids=ids_d, attention_mask=None if mask_d is None else mask_d.long(),
+                                 use_cache=False)
+                    if want_loss:
+                        s, c = _lm_loss_sums(out.logits, ids_d, mask_d)
+                        loss_sum, loss_count = loss_sum + s, loss_count + c
+                    num_batches += 1
+                    num_samples += ids.shape[0]
+                    num_tokens += int(mask.sum()) if mask is not None else ids.numel()
+                    bar.update(1)
+        finally:
+            bar.close()
+            collector.detach()
+            collector.mask = None
+        if num_samples == 0:
+            raise ValueError("batches is empty: importance needs at least one calibration batch")
+        if want_loss:
+            if loss_count == 0:
+                raise ValueError("the calibration batches hold no next-token targets (sequences of length >= 2 needed)")
+            base_loss = loss_sum / loss_count
+            lm_loss_drop = _layer_loss_drops(model, adapter, kept, base_loss, collector.layer_returns_tuple,
+                                             device, progress)
+    finally:
+        model.train(was_training)
+
+    heads = torch.stack([a.value().float().cpu() for a in collector.heads])
+    kv = heads.view(dims.num_hidden_layers, dims.num_key_value_heads, dims.heads_per_group).sum(-1)
+    neurons = torch.stack([a.value().float().cpu() for a in collector.neurons])
+    channels = torch.stack([a.value().float().cpu() for a in collector.channels]).sum(0)
+    if collector.bi is not None:
+        bi = collector.bi.value().float().cpu()
+    else:
+        bi = torch.full((dims.num_hidden_layers,), float("nan"))
+    meta = {
+        "model_type": adapter.model_type,
+        "config_fingerprint": adapter.fingerprint(model.config),
+        "seq_agg": seq_agg,
+        "batch_agg": batch_agg,
+        "layer_metrics": list(layer_metrics),
+        "num_samples": num_samples,
+        "num_tokens": num_tokens,
+        "num_batches": num_batches,
+        "base_lm_loss": base_loss,
+        "kv_group_aggregation": "sum of the group's query-head scores",
+        "channel_sources": "outputs of input_layernorm, post_attention_layernorm (every layer) and the final norm, "
+                           "aggregated per norm then summed",
+    }
+    log.info("importance estimated on %d samples (%d tokens)", num_samples, num_tokens)
+    return ImportanceScores(heads=heads, kv_groups=kv, neurons=neurons, channels=channels, block_influence=bi,
+                            lm_loss_drop=lm_loss_drop, meta=meta)
+
+
+def _layer_loss_drops(model: nn.Module, adapter: ModelAdapter, batches: list, base_loss: float,
+                      as_tuple: Optional[bool], device: torch.device, progress: bool) -> torch.Tensor:
+    """[num_layers] fp32: LM loss with each layer replaced by the identity, minus ``base_loss``."""
+    from tqdm.auto import tqdm
+
+    layers = adapter.layers(model)
+    n = adapter.dims(model.config).num_hidden_layers
+    drops = torch.empty(n, dtype=torch.float32)
+    bar = tqdm(total=n * len(batches), desc="layer skip loss", unit="batch", disable=not progress)
+    with torch.no_grad():
+        for l in range(n):
+            original = layers[l]
+            layers[l] = _Skip(bool(as_tuple))
+            try:
+                s_sum, s_cnt = 0.0, 0
+                for ids, mask in batches:
+                    ids_d = ids.to(device)
+                    mask_d = None if mask is None else mask.to(device)
+                    out = model(input_ids=ids_d, attention_mask=None if mask_d is None else mask_d.long(),
+                                use_cache=False)
+                    s, c = _lm_loss_sums(out.logits, ids_d, mask_d)
+                    s_sum, s_cnt = s_sum + s, s_cnt + c
+                    bar.update(1)
+            finally:
+                layers[l] = original
+            drops[l] = s_sum / s_cnt - base_loss
+    bar.close()
+    return drops

@@ -1,0 +1,282 @@
+"""The model-adapter base class: where the prunable axes of a Hugging Face decoder-only model live.
+
+An adapter knows nothing about importance or pruning algorithms. It only answers *where* things are:
+
+* the decoder-layer list, the token embedding, the final norm and the LM head;
+* per layer: the attention projections, how query heads / key-value heads map to their rows
+  (``q``/``k``/``v``) and columns (``o``), the MLP projections and how MLP neurons map to their rows
+  (``gate``/``up``) and columns (``down``), the two residual-stream norms;
+* the config fields that describe those axes, and family rules a pruned config must satisfy.
+
+The base class describes the Llama layout (separate ``q_proj``/``k_proj``/``v_proj``/``o_proj`` and
+``gate_proj``/``up_proj``/``down_proj``, ``input_layernorm``/``post_attention_layernorm``), which Llama,
+Mistral, Qwen2 and Qwen3 share. A family with another layout (Phi-3's fused ``qkv_proj`` and
+``gate_up_proj``) overrides the few methods that differ. Adding a family is one small file that
+subclasses :class:`ModelAdapter` and is listed in :mod:`minitron.models`.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The sizes of every prunable axis of a model, read from its config.
+
+    Attributes:
+        hidden_size: embedding channels (the residual stream width).
+        intermediate_size: MLP neurons per layer.
+        num_attention_heads: query heads per layer.
+        num_key_value_heads: key/value heads (GQA groups) per layer.
+        head_dim: size of one head (kept by pruning).
+        num_hidden_layers: decoder layers.
+        vocab_size: vocabulary size (never pruned).
+    """
+
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    num_hidden_layers: int
+    vocab_size: int
+
+    @property
+    def heads_per_group(self) -> int:
+        """Query heads that share one key/value head."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+
+@dataclass(frozen=True)
+class RowSpan:
+    """Where one axis lives among the output rows of a linear layer.
+
+    ``linear.weight[start : start + units * unit_size]`` (and the same rows of ``linear.bias`` when it
+    has one) hold the axis, unit ``u`` owning rows ``start + u * unit_size ... + unit_size - 1``.
+    Fused projections (Phi-3 ``qkv_proj``) hold several spans in one linear.
+    """
+
+    linear: nn.Linear
+    start: int
+    units: int
+    unit_size: int
+
+
+class ModelAdapter:
+    """Describes where the prunable axes of one Hugging Face decoder-only family live.
+
+    Subclasses set :attr:`model_type` and override what differs from the Llama layout. Instances are
+    stateless; every method takes the model, a decoder layer or a config.
+    """
+
+    #: ``config.model_type`` of the family.
+    model_type: ClassVar[str] = ""
+    #: Whether the config class declares a ``head_dim`` field. When it does not (Qwen2, Phi-3), an
+    #: explicit ``head_dim`` is still written to the config as an extra attribute, which the modeling
+    #: code reads.
+    config_has_head_dim: ClassVar[bool] = True
+    #: Config fields holding one entry per decoder layer, cut to the kept layers by depth pruning.
+    per_layer_config_fields: ClassVar[tuple[str, ...]] = ("layer_types",)
+    #: Per-head norms inside attention (Qwen3 ``q_norm``/``k_norm``), unchanged by head pruning.
+    head_norm_names: ClassVar[tuple[str, ...]] = ()
+
+    # ------------------------------------------------------------------ config
+    def dims(self, config: Any) -> Dims:
+        """Read every prunable size from ``config``."""
+        heads = int(config.num_attention_heads)
+        kv = getattr(config, "num_key_value_heads", None)
+        kv = heads if kv is None else int(kv)
+        return Dims(
+            hidden_size=int(config.hidden_size),
+            intermediate_size=int(config.intermediate_size),
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
+            head_dim=self.head_dim(config),
+            num_hidden_layers=int(config.num_hidden_layers),
+            vocab_size=int(config.vocab_size),
+        )
+
+    def head_dim(self, config: Any) -> int:
+        """Size of one attention head: ``config.head_dim`` when set, else hidden_size // heads."""
+        hd = getattr(config, "head_dim", None)
+        return int(hd) if hd else int(config.hidden_size) // int(config.num_attention_heads)
+
+    def fingerprint(self, config: Any) -> dict[str, Any]:
+        """The config facts importance scores depend on (used to refuse scores of another model)."""
+        d = self.dims(config)
+        return {
+            "model_type": self.model_type,
+            "hidden_size": d.hidden_size,
+            "intermediate_size": d.intermediate_size,
+            "num_attention_heads": d.num_attention_heads,
+            "num_key_value_heads": d.num_key_value_heads,
+            "head_dim": d.head_dim,
+            "num_hidden_layers": d.num_hidden_layers,
+            "vocab_size": d.vocab_size,
+            "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
+        }
+
+    def pruned_config(self, config: Any, **sizes: int) -> Any:
+        """A deep copy of ``config`` with the given width sizes set (``head_dim`` written explicitly).
+
+        Args:
+            config: the model's config (not modified).
+            **sizes: any of hidden_size, intermediate_size, num_attention_heads, num_key_value_heads.
+        Returns:
+            A new config object of the same class.
+        """
+        head_dim = self.head_dim(config)
+        new = copy.deepcopy(config)
+        for name, value in sizes.items():
+            setattr(new, name, int(value))
+        new.head_dim = head_dim
+        return new
+
+    def check_config(self, config: Any) -> None:
+        """Family rules a (pruned) config must satisfy to be saved and loaded again.
+
+        The base class runs the config's own validators (``config.validate()`` in transformers 5).
+        Subclasses add rules with clearer messages first. Raises ``ValueError``.
+        """
+        validate = getattr(config, "validate", None)
+        if callable(validate):
+            try:
+                validate()
+            except Exception as exc:  # transformers raises its own validation error types
+                raise ValueError(
+                    f"the pruned {self.model_type} config would be rejected by transformers: {exc}"
+                ) from exc
+
+    # ------------------------------------------------------------------ model-level modules
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ``TypeError`` unless ``model`` is a causal-LM of this family with the expected layout."""
+        if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+            raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+        missing = [n for n in ("lm_head",) if not hasattr(model, n)]
+        base = getattr(model, "model", None)
+        if base is None:
+            missing.append("model")
+        else:
+            missing += [f"model.{n}" for n in ("embed_tokens", "layers", "norm") if not hasattr(base, n)]
+        if missing:
+            raise TypeError(
+                f"model must be a {self.model_type} *ForCausalLM model (AutoModelForCausalLM); "
+                f"{type(model).__name__} has no {', '.join(missing)}"
+            )
+
+    def base_model(self, model: nn.Module) -> nn.Module:
+        """The decoder stack without the LM head (``model.model``)."""
+        return model.model
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        """The decoder layers."""
+        return self.base_model(model).layers
+
+    def set_layers(self, model: nn.Module, layers: nn.ModuleList) -> None:
+        """Replace the decoder-layer list."""
+        self.base_model(model).layers = layers
+
+    def embedding(self, model: nn.Module) -> nn.Embedding:
+        """The token embedding, weight [vocab_size, hidden_size]."""
+        return self.base_model(model).embed_tokens
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        """The norm after the last decoder layer, weight [hidden_size]."""
+        return self.base_model(model).norm
+
+    def lm_head(self, model: nn.Module) -> nn.Linear:
+        """The output projection, weight [vocab_size, hidden_size] (may be tied to the embedding)."""
+        return model.lm_head
+
+    # ------------------------------------------------------------------ per-layer modules
+    def attention(self, layer: nn.Module) -> nn.Module:
+        """The self-attention module of a decoder layer."""
+        return layer.self_attn
+
+    def mlp(self, layer: nn.Module) -> nn.Module:
+        """The MLP module of a decoder layer."""
+        return layer.mlp
+
+    def layer_norms(self, layer: nn.Module) -> list[nn.Module]:
+        """The residual-stream norms of a layer (weights [hidden_size]), in forward order."""
+        return [layer.input_layernorm, layer.post_attention_layernorm]
+
+    def head_norms(self, layer: nn.Module) -> list[nn.Module]:
+        """Per-head norms acting on head_dim (Qwen3 q_norm/k_norm); unchanged by pruning."""
+        attn = self.attention(layer)
+        return [getattr(attn, n) for n in self.head_norm_names]
+
+    def o_proj(self, layer: nn.Module) -> nn.Linear:
+        """Attention output projection: input columns are [heads x head_dim], head-major."""
+        return self.attention(layer).o_proj
+
+    def down_proj(self, layer: nn.Module) -> nn.Linear:
+        """MLP output projection: input columns are the MLP neurons."""
+        return self.mlp(layer).down_proj
+
+    def query_rows(self, layer: nn.Module, dims: Dims) -> RowSpan:
+        """Rows producing the query heads (unit = one head, head_dim rows)."""
+        return RowSpan(self.attention(layer).q_proj, 0, dims.num_attention_heads, dims.head_dim)
+
+    def key_rows(self, layer: nn.Module, dims: Dims) -> RowSpan:
+        """Rows producing the key heads (unit = one KV head, head_dim rows)."""
+        return RowSpan(self.attention(layer).k_proj, 0, dims.num_key_value_heads, dims.head_dim)
+
+    def value_rows(self, layer: nn.Module, dims: Dims) -> RowSpan:
+        """Rows producing the value heads (unit = one KV head, head_dim rows)."""
+        return RowSpan(self.attention(layer).v_proj, 0, dims.num_key_value_heads, dims.head_dim)
+
+    def gate_rows(self, layer: nn.Module, dims: Dims) -> RowSpan:
+        """Rows producing the MLP gate activations (unit = one neuron)."""
+        return RowSpan(self.mlp(layer).gate_proj, 0, dims.intermediate_size, 1)
+
+    def up_rows(self, layer: nn.Module, dims: Dims) -> RowSpan:
+        """Rows producing the MLP up activations (unit = one neuron)."""
+        return RowSpan(self.mlp(layer).up_proj, 0, dims.intermediate_size, 1)
+
+    def attention_inputs(self, layer: nn.Module) -> list[nn.Linear]:
+        """Linears reading the normed residual stream in attention (columns = hidden channels)."""
+        attn = self.attention(layer)
+        return [attn.q_proj, attn.k_proj, attn.v_proj]
+
+    def mlp_inputs(self, layer: nn.Module) -> list[nn.Linear]:
+        """Linears reading the normed residual stream in the MLP (columns = hidden channels)."""
+        mlp = self.mlp(layer)
+        return [mlp.gate_proj, mlp.up_proj]
+
+    def residual_writers(self, layer: nn.Module) -> list[nn.Linear]:
+        """Linears writing the residual stream (rows = hidden channels)."""
+        return [self.o_proj(layer), self.down_proj(layer)]
+
+    # ------------------------------------------------------------------ depth
+    def cut_per_layer_config(self, config: Any, kept: list[int]) -> None:
+        """Cut per-layer config lists to the kept layer indices (in place on ``config``).
+
+        Cuts every field of :attr:`per_layer_config_fields` that holds one entry per layer, and keeps
+        ``max_window_layers`` (layers below it use full attention) consistent: it becomes the number of
+        kept layers whose original index was below it.
+        """
+        num_layers = int(config.num_hidden_layers)
+        for name in self.per_layer_config_fields:
+            value = getattr(config, name, None)
+            if isinstance(value, (list, tuple)) and len(value) == num_layers:
+                setattr(config, name, type(value)(value[i] for i in kept))
+        mwl: Optional[int] = getattr(config, "max_window_layers", None)
+        if isinstance(mwl, int):
+            config.max_window_layers = sum(1 for i in kept if i < mwl)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(model_type={self.model_type!r})"
+
+
+def weight_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (fp32 if it has none)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32

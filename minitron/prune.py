@@ -1,0 +1,484 @@
+"""Structured width and depth pruning of Hugging Face decoder-only models (Minitron).
+
+Width (:func:`prune_width`): keep the most important embedding channels, MLP neurons, query heads and
+key/value groups (scores from :func:`minitron.importance.estimate_importance`), cutting every weight
+consistently with :func:`minitron.ops.gather_slices`. Depth (:func:`prune_depth`): drop decoder layers
+by LM-loss drop or block influence, singly or as one contiguous block.
+
+Both prune **in place** and return the same model object (so peak memory stays near one copy of the
+model plus one layer's cut weights). Every argument is validated before any weight is touched; a
+refused target leaves the model unmodified. The result is a plain transformers model: its config holds
+the new sizes (``head_dim`` written explicitly), ``save_pretrained`` output reloads with
+``AutoModelForCausalLM.from_pretrained`` without minitron.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from minitron.importance import ImportanceScores, _check_layer_list
+from minitron.models import get_adapter
+from minitron.models.base import Dims, ModelAdapter, RowSpan
+
+log = logging.getLogger(__name__)
+
+__all__ = ["validate_width_targets", "prune_width", "prune_depth", "plan_width", "plan_depth", "WidthPlan",
+           "DEPTH_METRICS"]
+
+DEPTH_METRICS = ("lm_loss", "block_influence")
+_WIDTH_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+
+
+# ---------------------------------------------------------------------------------------------- width targets
+def _resolve_targets(config: Any, targets: dict[str, Any]) -> tuple[ModelAdapter, Dims, dict[str, int]]:
+    """Validate width targets against ``config``; return the adapter, current dims and the new sizes."""
+    config = getattr(config, "config", config)
+    adapter = get_adapter(config)
+    d = adapter.dims(config)
+    current = {
+        "hidden_size": d.hidden_size,
+        "intermediate_size": d.intermediate_size,
+        "num_attention_heads": d.num_attention_heads,
+        "num_key_value_heads": d.num_key_value_heads,
+    }
+    for name, value in targets.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int or None, got {type(value).__name__} {value!r}")
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+        if value > current[name]:
+            raise ValueError(
+                f"{name}={value} is larger than the model's {name}={current[name]}: pruning can only shrink"
+            )
+    new = {k: (current[k] if targets.get(k) is None else int(targets[k])) for k in _WIDTH_FIELDS}
+    if targets.get("num_key_value_heads") is None and d.num_key_value_heads == d.num_attention_heads:
+        # multi-head attention (one query head per KV head): heads and KV heads are pruned together
+        new["num_key_value_heads"] = new["num_attention_heads"]
+    nh, nkv = new["num_attention_heads"], new["num_key_value_heads"]
+    if nh % nkv != 0:
+        raise ValueError(
+            f"num_attention_heads={nh} is not a multiple of num_key_value_heads={nkv}: every KV group must "
+            f"keep the same number of query heads"
+        )
+    if nh // nkv > d.heads_per_group:
+        raise ValueError(
+            f"num_attention_heads={nh} with num_key_value_heads={nkv} needs {nh // nkv} query heads per KV "
+            f"group, but the model's groups have only {d.heads_per_group} "
+            f"({d.num_attention_heads} heads / {d.num_key_value_heads} KV heads); with {nkv} kept groups "
+            f"num_attention_heads must be a multiple of {nkv} and at most {nkv * d.heads_per_group}"
+        )
+    changed = {k: v for k, v in new.items() if v != current[k]}
+    if changed:
+        adapter.check_config(adapter.pruned_config(config, **new))
+    return adapter, d, new
+
+
+def validate_width_targets(
+    config: Any,
+    *,
+    hidden_size: Optional[int] = None,
+    intermediate_size: Optional[int] = None,
+    num_attention_heads: Optional[int] = None,
+    num_key_value_heads: Optional[int] = None,
+) -> None:
+    """Raise ``ValueError``/``TypeError`` if the width targets cannot be reached from ``config``.
+
+    Checks: each target an int in [1, current]; num_attention_heads a multiple of num_key_value_heads
+    and at most (kept groups x the model's heads per group); the family's config rules (Llama
+    hidden_size % num_attention_heads == 0, Phi-3 longrope rotary size, transformers' own config
+    validation). For a multi-head-attention model (KV heads == heads) an omitted
+    num_key_value_heads follows num_attention_heads.
+    """
+    _resolve_targets(config, {
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_attention_heads": num_attention_heads,
+        "num_key_value_heads": num_key_value_heads,
+    })
+
+
+# ---------------------------------------------------------------------------------------------- width plan
+@dataclass
+class WidthPlan:
+    """What width pruning keeps (int64 CPU index tensors, increasing unless noted; ``None`` = keep all).
+
+    Attributes:
+        hidden: [new_hidden_size] kept embedding channels.
+        heads: per layer, [new_num_attention_heads] kept query heads, grouped by kept KV group (in the
+            order of ``kv``), increasing within a group.
+        kv: per layer, [new_num_key_value_heads] kept KV groups.
+        neurons: per layer, [new_intermediate_size] kept MLP neurons.
+        sizes: the new hidden_size, intermediate_size, num_attention_heads, num_key_value_heads.
+    """
+
+    hidden: Optional[torch.Tensor]
+    heads: list[Optional[torch.Tensor]]
+    kv: list[Optional[torch.Tensor]]
+    neurons: list[Optional[torch.Tensor]]
+    sizes: dict[str, int]
+
+
+def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores, increasing (ties: lower index first)."""
+    order = torch.argsort(scores.float(), descending=True, stable=True)[:k]
+    return order.sort().values
+
+
+def _check_finite(t: torch.Tensor, name: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"importance scores '{name}' contain NaN/inf; re-estimate them")
+
+
+def plan_width(config: Any, scores: Optional[ImportanceScores], **targets: Optional[int]) -> WidthPlan:
+    """Choose the units width pruning keeps (no model needed; validates first).
+
+    Args:
+        config: the model's config.
+        scores: importance of ``config``'s model (required unless nothing changes).
+        **targets: hidden_size, intermediate_size, num_attention_heads, num_key_value_heads.
+    """
+    unknown = set(targets) - set(_WIDTH_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown width target(s) {sorted(unknown)}; expected {_WIDTH_FIELDS}")
+    config = getattr(config, "config", config)
+    adapter, d, new = _resolve_targets(config, targets)
+    L = d.num_hidden_layers
+    plan = WidthPlan(hidden=None, heads=[None] * L, kv=[None] * L, neurons=[None] * L, sizes=new)
+    heads_change = new["num_attention_heads"] != d.num_attention_heads or new["num_key_value_heads"] != d.num_key_value_heads
+    neurons_change = new["intermediate_size"] != d.intermediate_size
+    hidden_change = new["hidden_size"] != d.hidden_size
+    if not (heads_change or neurons_change or hidden_change):
+        return plan
+    if not isinstance(scores, ImportanceScores):
+        raise TypeError(f"scores must be ImportanceScores (from estimate_importance), got {type(scores).__name__}")
+    scores.check_compatible(config)
+    if hidden_change:
+        _check_finite(scores.channels, "channels")
+        plan.hidden = _top(scores.channels, new["hidden_size"])
+    if neurons_change:
+        _check_finite(scores.neurons, "neurons")
+        plan.neurons = [_top(scores.neurons[l], new["intermediate_size"]) for l in range(L)]
+    if heads_change:
+        _check_finite(scores.heads, "heads")
+        nkv, per_group, g = new["num_key_value_heads"], new["num_attention_heads"] // new["num_key_value_heads"], d.heads_per_group
+        for l in range(L):
+            if nkv != d.num_key_value_heads:
+                _check_finite(scores.kv_groups, "kv_groups")
+                groups = _top(scores.kv_groups[l], nkv)
+            else:
+                groups = torch.arange(nkv)
+            kept = [g * int(grp) + _top(scores.heads[l, g * int(grp): g * (int(grp) + 1)], per_group) for grp in groups]
+            plan.kv[l] = groups
+            plan.heads[l] = torch.cat(kept)
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------- weight surgery
+def _check_slicing_backend(backend: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Fail before any weight is cut if ``gather_slices`` cannot run with ``backend`` here."""
+    from minitron.ops import gather_slices
+
+    gather_slices([torch.zeros(2, 2, device=device, dtype=dtype)], [torch.zeros(1, dtype=torch.long, device=device)],
+                  [0], block=1, backend=backend)
+
+
+class _Cuts:
+    """Collects (module, parameter name, kept units, dim, block) cuts, applied in one gather_slices call."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[nn.Module, str, torch.Tensor, int, int]] = []
+
+    def add(self, module: nn.Module, name: str, index: torch.Tensor, dim: int, block: int = 1) -> None:
+        if getattr(module, name, None) is None:
+            return
+        self.items.append((module, name, index, dim, block))
+
+    def apply(self, backend: str) -> None:
+        """Replace every listed parameter by its cut copy (one multi-tensor gather)."""
+        from minitron.ops import gather_slices
+
+        if not self.items:
+            return
+        tensors = [getattr(m, n).data for m, n, _, _, _ in self.items]
+        indices = [i.to(t.device) for (_, _, i, _, _), t in zip(self.items, tensors)]
+        new = gather_slices(tensors, indices, [it[3] for it in self.items], block=[it[4] for it in self.items],
+                            backend=backend)
+        for (module, name, _, _, _), tensor in zip(self.items, new):
+            old = getattr(module, name)
+            setattr(module, name, nn.Parameter(tensor, requires_grad=old.requires_grad))
+        self.items.clear()
+
+
+def _row_blocks(spans: list[RowSpan], kept: list[torch.Tensor], block: int) -> dict[nn.Linear, torch.Tensor]:
+    """Per linear, the kept row blocks (units of ``block`` rows), spans concatenated in row order."""
+    per: dict[int, list[tuple[int, torch.Tensor]]] = {}
+    owners: dict[int, nn.Linear] = {}
+    for span, keep in zip(spans, kept):
+        if span.start % block or span.unit_size % block:
+            raise RuntimeError(f"row span at {span.start} (unit {span.unit_size}) is not aligned to blocks of {block}")
+        step = span.unit_size // block
+        rows = (span.start // block + keep[:, None] * step + torch.arange(step)[None, :]).reshape(-1)
+        per.setdefault(id(span.linear), []).append((span.start, rows))
+        owners[id(span.linear)] = span.linear
+    out = {}
+    for key, parts in per.items():
+        parts.sort(key=lambda p: p[0])
+        out_features = owners[key].weight.shape[0]
+        covered = sum(s.units * s.unit_size for s in spans if s.linear is owners[key])
+        if covered != out_features:
+            raise RuntimeError(f"adapter spans cover {covered} of {out_features} rows of a linear layer")
+        out[owners[key]] = torch.cat([r for _, r in parts])
+    return out
+
+
+def _cut_layer(adapter: ModelAdapter, layer: nn.Module, d: Dims, plan: WidthPlan, l: int, backend: str) -> None:
+    """Cut one layer: heads/KV groups (rows of q/k/v, columns of o), MLP neurons (rows of gate/up, columns
+    of down), in one gather; then the embedding channels (input columns, output rows, norm weights)."""
+    cuts = _Cuts()
+    if plan.heads[l] is not None:
+        heads, kv, hd = plan.heads[l], plan.kv[l], d.head_dim
+        spans = [adapter.query_rows(layer, d), adapter.key_rows(layer, d), adapter.value_rows(layer, d)]
+        for linear, rows in _row_blocks(spans, [heads, kv, kv], hd).items():
+            cuts.add(linear, "weight", rows, 0, hd)
+            cuts.add(linear, "bias", rows, 0, hd)
+        cuts.add(adapter.o_proj(layer), "weight", heads, 1, hd)
+    if plan.neurons[l] is not None:
+        keep = plan.neurons[l]
+        spans = [adapter.gate_rows(layer, d), adapter.up_rows(layer, d)]
+        for linear, rows in _row_blocks(spans, [keep, keep], 1).items():
+            cuts.add(linear, "weight", rows, 0)
+            cuts.add(linear, "bias", rows, 0)
+        cuts.add(adapter.down_proj(layer), "weight", keep, 1)
+    cuts.apply(backend)
+    hidden = plan.hidden
+    if hidden is None:
+        return
+    for linear in adapter.attention_inputs(layer) + adapter.mlp_inputs(layer):
+        cuts.add(linear, "weight", hidden, 1)
+    for linear in adapter.residual_writers(layer):
+        cuts.add(linear, "weight", hidden, 0)
+        cuts.add(linear, "bias", hidden, 0)
+    for norm in adapter.layer_norms(layer):
+        cuts.add(norm, "weight", hidden, 0)
+        cuts.add(norm, "bias", hidden, 0)
+    cuts.apply(backend)
+
+
+_SIZE_ATTRS = {
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_heads": "num_attention_heads",
+    "num_attention_heads": "num_attention_heads",
+    "num_key_value_heads": "num_key_value_heads",
+}
+
+
+def _sync_module_attributes(model: nn.Module, adapter: ModelAdapter, sizes: dict[str, int]) -> None:
+    """Make module bookkeeping (Linear in/out features, sizes, GQA group counts) match the new weights."""
+    base = adapter.base_model(model)
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            module.out_features, module.in_features = module.weight.shape
+        elif isinstance(module, nn.Embedding):
+            module.embedding_dim = module.weight.shape[1]
+        if module is model or module is base:
+            continue  # their vocab_size etc. are untouched
+        for attr, key in _SIZE_ATTRS.items():
+            if isinstance(getattr(module, attr, None), int) and not isinstance(getattr(module, attr), bool):
+                setattr(module, attr, sizes[key])
+        if isinstance(getattr(module, "num_key_value_groups", None), int):
+            module.num_key_value_groups = sizes["num_attention_heads"] // sizes["num_key_value_heads"]
+
+
+def _apply_width_plan(model: nn.Module, adapter: ModelAdapter, plan: WidthPlan, backend: str) -> None:
+    d = adapter.dims(model.config)
+    config = model.config
+    layers = list(adapter.layers(model))[: d.num_hidden_layers]
+    emb, lm_head = adapter.embedding(model), adapter.lm_head(model)
+    tied = lm_head.weight is emb.weight
+    for l, layer in enumerate(layers):
+        _cut_layer(adapter, layer, d, plan, l, backend)
+    if plan.hidden is not None:
+        cuts = _Cuts()
+        cuts.add(emb, "weight", plan.hidden, 1)
+        norm = adapter.final_norm(model)
+        cuts.add(norm, "weight", plan.hidden, 0)
+        cuts.add(norm, "bias", plan.hidden, 0)
+        if not tied:
+            cuts.add(lm_head, "weight", plan.hidden, 1)
+        cuts.apply(backend)
+        if tied:
+            lm_head.weight = emb.weight
+    head_dim = d.head_dim
+    for name, value in plan.sizes.items():
+        setattr(config, name, int(value))
+    config.head_dim = head_dim
+    _sync_module_attributes(model, adapter, plan.sizes)
+
+
+def prune_width(
+    model: nn.Module,
+    scores: Optional[ImportanceScores],
+    *,
+    hidden_size: Optional[int] = None,
+    intermediate_size: Optional[int] = None,
+    num_attention_heads: Optional[int] = None,
+    num_key_value_heads: Optional[int] = None,
+    backend: str = "auto",
+) -> nn.Module:
+    """Width-prune ``model`` in place to the given sizes (any subset) and return it.
+
+    Keeps, per layer, the MLP neurons with the highest ``scores.neurons``; the KV groups with the highest
+    ``scores.kv_groups`` (when num_key_value_heads shrinks) and in each kept group the same number of
+    query heads with the highest ``scores.heads``; and globally the embedding channels with the highest
+    ``scores.channels``, cut from the embedding, every norm, every projection, the final norm and the LM
+    head (tied weights stay tied). ``head_dim`` is kept and written to the config explicitly.
+
+    Args:
+        model: a supported ``*ForCausalLM`` model (any dtype/device); modified in place.
+        scores: importance of this very model (its config fingerprint must match); may be None when no
+            size changes.
+        hidden_size, intermediate_size, num_attention_heads, num_key_value_heads: target sizes
+            (None = keep). See :func:`validate_width_targets` for the rules.
+        backend: backend of :func:`minitron.ops.gather_slices`.
+    Returns:
+        ``model`` itself.
+    Raises:
+        ValueError / TypeError: before any weight is modified.
+    """
+    adapter = get_adapter(model)
+    adapter.check_model(model)
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    plan = plan_width(model.config, scores, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                      num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads)
+    if plan.hidden is None and all(h is None for h in plan.heads) and all(n is None for n in plan.neurons):
+        log.info("prune_width: every target equals the model's size; nothing to do")
+        return model
+    before = adapter.dims(model.config)
+    w = adapter.embedding(model).weight
+    _check_slicing_backend(backend, w.device, w.dtype)
+    with torch.no_grad():
+        _apply_width_plan(model, adapter, plan, backend)
+    log.info("prune_width: %s -> %s", {k: getattr(before, k) for k in _WIDTH_FIELDS}, plan.sizes)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- depth
+def plan_depth(
+    config: Any,
+    *,
+    num_hidden_layers: int,
+    scores: Optional[ImportanceScores] = None,
+    metric: str = "lm_loss",
+    contiguous: bool = True,
+    layers_to_drop: Optional[Sequence[int]] = None,
+) -> list[int]:
+    """The (increasing) indices of the layers :func:`prune_depth` drops; validates everything first.
+
+    With ``layers_to_drop`` those layers are dropped (their count must equal the reduction). Otherwise
+    ``scores.layer_scores(metric)`` (higher = more important) decide: ``contiguous=True`` drops the
+    window of consecutive layers with the least total score, ``contiguous=False`` the individual layers
+    with the lowest scores (ties: lower index first).
+    """
+    config = getattr(config, "config", config)
+    adapter = get_adapter(config)
+    L = adapter.dims(config).num_hidden_layers
+    if isinstance(num_hidden_layers, bool) or not isinstance(num_hidden_layers, int):
+        raise TypeError(f"num_hidden_layers must be an int, got {type(num_hidden_layers).__name__}")
+    if not 1 <= num_hidden_layers <= L:
+        raise ValueError(f"num_hidden_layers must be in [1, {L}] (the model has {L} layers), got {num_hidden_layers}")
+    if metric not in DEPTH_METRICS:
+        raise ValueError(f"metric must be one of {DEPTH_METRICS}, got {metric!r}")
+    if not isinstance(contiguous, bool):
+        raise TypeError(f"contiguous must be a bool, got {type(contiguous).__name__}")
+    k = L - num_hidden_layers
+    if layers_to_drop is not None:
+        drop = _check_layer_list(layers_to_drop, L, "layers_to_drop")
+        if len(drop) != k:
+            raise ValueError(
+                f"layers_to_drop has {len(drop)} layers but going from {L} to {num_hidden_layers} layers drops {k}"
+            )
+        return drop
+    if k == 0:
+        return []
+    if not isinstance(scores, ImportanceScores):
+        raise TypeError(
+            f"scores must be ImportanceScores (or pass layers_to_drop), got {type(scores).__name__}"
+        )
+    # depth pruning only needs the layer scores; width pruning may already have changed the other sizes
+    scores.check_compatible(config, fields=("model_type", "num_hidden_layers"))
+    s = scores.layer_scores(metric).float()
+    _check_finite(s, metric)
+    if contiguous:
+        sums = torch.stack([s[i: i + k].sum() for i in range(L - k + 1)])
+        start = int(torch.argmin(sums))
+        return list(range(start, start + k))
+    return _top(-s, k).tolist()
+
+
+def prune_depth(
+    model: nn.Module,
+    *,
+    num_hidden_layers: int,
+    scores: Optional[ImportanceScores] = None,
+    metric: str = "lm_loss",
+    contiguous: bool = True,
+    layers_to_drop: Optional[Sequence[int]] = None,
+) -> nn.Module:
+    """Depth-prune ``model`` in place to ``num_hidden_layers`` layers and return it.
+
+    Which layers go: see :func:`plan_depth`. The kept layers are renumbered (``layer_idx`` of every
+    submodule, so the KV cache is indexed correctly), and per-layer config fields (``layer_types``,
+    ``max_window_layers``) are cut to the kept layers.
+
+    Args:
+        model: a supported ``*ForCausalLM`` model; modified in place.
+        num_hidden_layers: layers to keep.
+        scores: importance scores of this model (only the layer scores and layer count are used).
+        metric: "lm_loss" (LM-loss increase when the layer is skipped) or "block_influence".
+        contiguous: drop one contiguous block (the papers' finding) instead of single layers.
+        layers_to_drop: explicit layer indices to drop instead of scores.
+    Returns:
+        ``model`` itself.
+    """
+    adapter = get_adapter(model)
+    adapter.check_model(model)
+    config = model.config
+    drop = plan_depth(config, num_hidden_layers=num_hidden_layers, scores=scores, metric=metric,
+                      contiguous=contiguous, layers_to_drop=layers_to_drop)
+    L = adapter.dims(config).num_hidden_layers
+    layers = adapter.layers(model)
+    if len(layers) < L:
+        raise ValueError(f"model has {len(layers)} layer modules but config.num_hidden_layers={L}")
+    if not drop:
+        log.info("prune_depth: keeping all %d layers; nothing to do", L)
+        return model
+    kept = [i for i in range(L) if i not in set(drop)]
+    # validate the new config on a copy before touching the model
+    candidate = copy.deepcopy(config)
+    adapter.cut_per_layer_config(candidate, kept)
+    candidate.num_hidden_layers = len(kept)
+    adapter.check_config(candidate)
+
+    new_layers = nn.ModuleList([layers[i] for i in kept])
+    new_layers.train(layers.training)
+    for new_idx, layer in enumerate(new_layers):
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new_idx
+    adapter.set_layers(model, new_layers)
+    adapter.cut_per_layer_config(config, kept)
+    config.num_hidden_layers = len(kept)
+    base = adapter.base_model(model)
+    if hasattr(base, "has_sliding_layers") and isinstance(getattr(config, "layer_types", None), (list, tuple)):
+        base.has_sliding_layers = "sliding_attention" in config.layer_types
+    log.info("prune_depth: dropped layers %s (%d -> %d layers)", drop, L, len(kept))
+    return model
