@@ -1,0 +1,332 @@
+// CUDA kernels of the fused importance reduction and of the block-influence metric.
+// Launch sequence and data layout: csrc/cuda/importance.cuh. Per-unit math: importance_math.h
+// (the same functions the CPU kernels run, so the CPU tests exercise this arithmetic).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common/importance_math.h"
+#include "cuda/importance.cuh"
+
+namespace minitron {
+namespace cuda {
+namespace {
+
+namespace imp = ::minitron::importance;
+
+constexpr int kWarps = kImpThreads / 32;
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. per-sample mask statistics: stats[b] = counted tokens, stats[B + b] = first counted token (S if none)
+// ---------------------------------------------------------------------------------------------
+__global__ void __launch_bounds__(kImpThreads) mask_stats_kernel(const uint8_t* __restrict__ mask, int64_t B,
+                                                                  int64_t S, int64_t smb, int64_t sms,
+                                                                  int64_t* __restrict__ stats) {
+  const int64_t b = blockIdx.x;
+  long long cnt = 0;
+  long long first = S;
+  for (int64_t s = threadIdx.x; s < S; s += blockDim.x) {
+    if (mask == nullptr || mask[b * smb + s * sms]) {
+      ++cnt;
+      first = first < s ? first : s;
+    }
+  }
+  __shared__ long long sh_cnt[kImpThreads];
+  __shared__ long long sh_first[kImpThreads];
+  sh_cnt[threadIdx.x] = cnt;
+  sh_first[threadIdx.x] = first;
+  __syncthreads();
+  for (int off = kImpThreads / 2; off > 0; off >>= 1) {
+    if (threadIdx.x < off) {
+      sh_cnt[threadIdx.x] += sh_cnt[threadIdx.x + off];
+      const long long o = sh_first[threadIdx.x + off];
+      if (o < sh_first[threadIdx.x]) sh_first[threadIdx.x] = o;
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    stats[b] = sh_cnt[0];
+    stats[B + b] = sh_first[0];
+  }
+}
+
+struct SeqArgs {
+  const void* x;
+  int64_t B, S, U, G, sxb, sxs;
+  const uint8_t* mask;
+  int64_t smb, sms;
+  const int64_t* stats;
+  float* partial;
+  int64_t nch, chunk;
+};
+
+// ---------------------------------------------------------------------------------------------
+// 2a. sequence stage, group_size == 1: lane = unit (coalesced along channels), warp = token phase
+// ---------------------------------------------------------------------------------------------
+template <typename T, int AGG>
+__global__ void __launch_bounds__(kImpThreads) seq_g1_kernel(SeqArgs p) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int64_t u = static_cast<int64_t>(blockIdx.x) * kImpUnitsG1 + lane;
+  const int64_t c = blockIdx.y;
+  const int64_t b = blockIdx.z;
+  if (p.stats[b] == 0) return;  // uniform over the block
+  const bool u_ok = u < p.U;
+  const T* xb = static_cast<const T*>(p.x) + b * p.sxb;
+  float K = 0.0f, a1 = 0.0f, a2 = 0.0f;
+  if (AGG == imp::kVar && u_ok) K = fabsf(to_float(xb[p.stats[p.B + b] * p.sxs + u]));
+  const int64_t s_begin = c * p.chunk;
+  const int64_t s_end = s_begin + p.chunk < p.S ? s_begin + p.chunk : p.S;
+  if (u_ok) {
+    for (int64_t s = s_begin + warp; s < s_end; s += kWarps) {
+      if (p.mask != nullptr && !p.mask[b * p.smb + s * p.sms]) continue;
+      const float m = fabsf(to_float(xb[s * p.sxs + u]));
+      imp::seq_accumulate<AGG>(m, K, a1, a2);
+    }
+  }
+  __shared__ float sh1[kWarps][32];
+  __shared__ float sh2[kWarps][32];
+  sh1[warp][lane] = a1;
+  sh2[warp][lane] = a2;
+  __syncthreads();
+  if (warp == 0 && u_ok) {
+    for (int w = 1; w < kWarps; ++w) imp::seq_combine<AGG>(a1, a2, sh1[w][lane], sh2[w][lane]);
+    float* out = p.partial + ((b * p.nch + c) * 2) * p.U + u;
+    out[0] = a1;
+    out[p.U] = a2;
+  }
+}
+
+// Magnitude of unit row `g` (G channels) computed by one warp; every lane gets the result.
+template <typename T>
+__device__ __forceinline__ float warp_group_magnitude(const T* __restrict__ g, int64_t G, int lane) {
+  float ss = 0.0f;
+  for (int64_t k = lane; k < G; k += 32) ss = imp::sumsq_step(ss, to_float(g[k]));
+  return imp::magnitude_from_sumsq(warp_sum(ss));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2b. sequence stage, group_size > 1: one unit per block, warp = token phase, lanes = channels
+// ---------------------------------------------------------------------------------------------
+template <typename T, int AGG>
+__global__ void __launch_bounds__(kImpThreads) seq_grouped_kernel(SeqArgs p) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int64_t u = blockIdx.x;
+  const int64_t c = blockIdx.y;
+  const int64_t b = blockIdx.z;
+  if (p.stats[b] == 0) return;  // uniform over the block
+  const T* xu = static_cast<const T*>(p.x) + b * p.sxb + u * p.G;
+  float K = 0.0f, a1 = 0.0f, a2 = 0.0f;
+  if (AGG == imp::kVar) K = warp_group_magnitude(xu + p.stats[p.B + b] * p.sxs, p.G, lane);
+  const int64_t s_begin = c * p.chunk;
+  const int64_t s_end = s_begin + p.chunk < p.S ? s_begin + p.chunk : p.S;
+  for (int64_t s = s_begin + warp; s < s_end; s += kWarps) {
+    if (p.mask != nullptr && !p.mask[b * p.smb + s * p.sms]) continue;  // uniform over the warp
+    const float m = warp_group_magnitude(xu + s * p.sxs, p.G, lane);
+    imp::seq_accumulate<AGG>(m, K, a1, a2);
+  }
+  __shared__ float sh1[kWarps];
+  __shared__ float sh2[kWarps];
+  if (lane == 0) {
+    sh1[warp] = a1;
+    sh2[warp] = a2;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < kWarps; ++w) imp::seq_combine<AGG>(a1, a2, sh1[w], sh2[w]);
+    float* out = p.partial + ((b * p.nch + c) * 2) * p.U + u;
+    out[0] = a1;
+    out[p.U] = a2;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. batch stage: one thread per unit, samples in order
+// ---------------------------------------------------------------------------------------------
+__global__ void __launch_bounds__(kImpThreads) batch_kernel(const float* __restrict__ partial,
+                                                             const int64_t* __restrict__ stats, float* state,
+                                                             const int64_t* __restrict__ count, int64_t B,
+                                                             int64_t U, int64_t nch, int seq_agg, int batch_agg) {
+  const int64_t u = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (u >= U) return;
+  float A = state[u], Bs = state[U + u];
+  int64_t n = count[0];
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t nb = stats[b];
+    if (nb == 0) continue;
+    const float* pb = partial + (b * nch * 2) * U + u;
+    float a1 = pb[0], a2 = pb[U];
+    for (int64_t c = 1; c < nch; ++c) {
+      if (seq_agg == imp::kMax)
+        imp::seq_combine<imp::kMax>(a1, a2, pb[c * 2 * U], pb[c * 2 * U + U]);
+      else
+        imp::seq_combine<imp::kSum>(a1, a2, pb[c * 2 * U], pb[c * 2 * U + U]);
+    }
+    const float v = imp::seq_finalize(seq_agg, a1, a2, static_cast<float>(nb));
+    imp::batch_update(batch_agg, v, static_cast<float>(n), A, Bs);
+    ++n;
+  }
+  state[u] = A;
+  state[U + u] = Bs;
+}
+
+// 4. count += samples with a counted token (after the batch stage has read the old count)
+__global__ void count_kernel(const int64_t* __restrict__ stats, int64_t B, int64_t* count) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    int64_t added = 0;
+    for (int64_t b = 0; b < B; ++b) added += stats[b] > 0 ? 1 : 0;
+    count[0] += added;
+  }
+}
+
+template <typename T, int AGG>
+void launch_seq(const SeqArgs& s, cudaStream_t stream) {
+  const dim3 block(kImpThreads);
+  if (s.G == 1) {
+    const dim3 grid(static_cast<unsigned>((s.U + kImpUnitsG1 - 1) / kImpUnitsG1), static_cast<unsigned>(s.nch),
+                    static_cast<unsigned>(s.B));
+    seq_g1_kernel<T, AGG><<<grid, block, 0, stream>>>(s);
+  } else {
+    const dim3 grid(static_cast<unsigned>(s.U), static_cast<unsigned>(s.nch), static_cast<unsigned>(s.B));
+    seq_grouped_kernel<T, AGG><<<grid, block, 0, stream>>>(s);
+  }
+}
+
+template <typename T>
+void launch_seq_agg(const SeqArgs& s, int agg, cudaStream_t stream) {
+  switch (agg) {
+    case imp::kMean:
+      launch_seq<T, imp::kMean>(s, stream);
+      break;
+    case imp::kL2:
+      launch_seq<T, imp::kL2>(s, stream);
+      break;
+    case imp::kSum:
+      launch_seq<T, imp::kSum>(s, stream);
+      break;
+    case imp::kMax:
+      launch_seq<T, imp::kMax>(s, stream);
+      break;
+    default:
+      launch_seq<T, imp::kVar>(s, stream);
+      break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// block influence: a warp per token (grid-stride over tokens), per-block partials via atomics
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+__global__ void __launch_bounds__(kImpThreads) block_influence_kernel(BlockInfluenceLaunch p) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int64_t T_ = p.B * p.S;
+  const T* A = static_cast<const T*>(p.a);
+  const T* Bp = static_cast<const T*>(p.b);
+  float acc = 0.0f;
+  long long n = 0;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * kWarps + warp; t < T_;
+       t += static_cast<int64_t>(gridDim.x) * kWarps) {
+    const int64_t bi = t / p.S, si = t % p.S;
+    if (p.mask != nullptr && !p.mask[bi * p.smb + si * p.sms]) continue;  // uniform over the warp
+    const T* ra = A + bi * p.sab + si * p.sas;
+    const T* rb = Bp + bi * p.sbb + si * p.sbs;
+    float dot = 0.0f, na = 0.0f, nb = 0.0f;
+    for (int64_t k = lane; k < p.H; k += 32) {
+      const float va = to_float(ra[k]), vb = to_float(rb[k]);
+      dot += va * vb;
+      na += va * va;
+      nb += vb * vb;
+    }
+    dot = warp_sum(dot);
+    na = warp_sum(na);
+    nb = warp_sum(nb);
+    acc += imp::one_minus_cos(dot, na, nb);
+    ++n;
+  }
+  __shared__ float sh_acc[kWarps];
+  __shared__ long long sh_n[kWarps];
+  if (lane == 0) {
+    sh_acc[warp] = acc;
+    sh_n[warp] = n;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double total = 0.0;
+    unsigned long long cnt = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      total += static_cast<double>(sh_acc[w]);
+      cnt += static_cast<unsigned long long>(sh_n[w]);
+    }
+    if (cnt > 0) {
+      atomicAdd(p.state + p.layer, total);
+      atomicAdd(reinterpret_cast<unsigned long long*>(p.count + p.layer), cnt);
+    }
+  }
+}
+
+}  // namespace
+
+cudaError_t importance_update(const ImportanceLaunch& a, cudaStream_t stream) {
+  if (a.B == 0 || a.S == 0 || a.U == 0) return cudaSuccess;
+  if (a.B > kMaxGridYZ || a.nch > kMaxGridYZ || a.nch < 1 || a.G < 1) return cudaErrorInvalidValue;
+  mask_stats_kernel<<<static_cast<unsigned>(a.B), kImpThreads, 0, stream>>>(a.mask, a.B, a.S, a.smb, a.sms,
+                                                                             a.stats);
+  SeqArgs s{a.x, a.B, a.S, a.U, a.G, a.sxb, a.sxs, a.mask, a.smb, a.sms, a.stats, a.partial, a.nch, a.chunk};
+  switch (a.dtype) {
+    case kElemBF16:
+      launch_seq_agg<__nv_bfloat16>(s, a.seq_agg, stream);
+      break;
+    case kElemF16:
+      launch_seq_agg<__half>(s, a.seq_agg, stream);
+      break;
+    case kElemF32:
+      launch_seq_agg<float>(s, a.seq_agg, stream);
+      break;
+    default:
+      return cudaErrorInvalidValue;
+  }
+  const unsigned ublocks = static_cast<unsigned>((a.U + kImpThreads - 1) / kImpThreads);
+  batch_kernel<<<ublocks, kImpThreads, 0, stream>>>(a.partial, a.stats, a.state, a.count, a.B, a.U, a.nch,
+                                                    a.seq_agg, a.batch_agg);
+  count_kernel<<<1, 32, 0, stream>>>(a.stats, a.B, a.count);
+  return cudaGetLastError();
+}
+
+cudaError_t block_influence_update(const BlockInfluenceLaunch& a, cudaStream_t stream) {
+  const int64_t T = a.B * a.S;
+  if (T == 0) return cudaSuccess;
+  int64_t blocks = (T + kWarps - 1) / kWarps;
+  const int64_t most = 8 * static_cast<int64_t>(a.num_sms > 0 ? a.num_sms : 1);
+  blocks = blocks < most ? blocks : most;
+  switch (a.dtype) {
+    case kElemBF16:
+      block_influence_kernel<__nv_bfloat16><<<static_cast<unsigned>(blocks), kImpThreads, 0, stream>>>(a);
+      break;
+    case kElemF16:
+      block_influence_kernel<__half><<<static_cast<unsigned>(blocks), kImpThreads, 0, stream>>>(a);
+      break;
+    case kElemF32:
+      block_influence_kernel<float><<<static_cast<unsigned>(blocks), kImpThreads, 0, stream>>>(a);
+      break;
+    default:
+      return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace minitron

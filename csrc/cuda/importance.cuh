@@ -1,0 +1,86 @@
+// Raw-pointer launchers of the CUDA importance-reduction and block-influence kernels
+// (csrc/cuda/importance.cu). This header needs only the CUDA runtime: the torch glue that calls it
+// (csrc/cuda/importance_torch.cpp) is built against a CUDA torch, the kernels are not.
+//
+// Importance (see csrc/common/importance_math.h for the math), four launches on `stream`:
+//   1. per sample: counted tokens and first counted token            -> stats [2, B]
+//   2. grid (unit blocks, sequence chunks, samples): stream the tokens, per-unit sequence
+//      accumulators of each chunk                                     -> partial [B, nch, 2, U]
+//   3. per unit, samples in order: combine chunks, finalise, fold into state [2, U]
+//   4. count += samples with at least one counted token
+// Block influence, one launch: warps per token, per-block partial sums added with atomics (float64
+// sum and uint64 count; the summation order, hence the last bits, may vary between runs).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace minitron {
+namespace cuda {
+
+enum ElemType : int { kElemF32 = 0, kElemBF16 = 1, kElemF16 = 2 };
+
+constexpr int kImpThreads = 256;   // threads per block (8 warps)
+constexpr int kImpUnitsG1 = 32;    // units per block when group_size == 1 (one per lane)
+constexpr int64_t kImpMinChunk = 64;
+constexpr int64_t kMaxGridYZ = 65535;
+
+struct ImportanceLaunch {
+  const void* x = nullptr;  // [B, S, U * G], channel stride 1
+  int dtype = kElemF32;     // ElemType
+  int64_t B = 0, S = 0, U = 0, G = 1;
+  int64_t sxb = 0, sxs = 0;       // element strides of x along batch and sequence
+  const uint8_t* mask = nullptr;  // bool [B, S] (nullptr: every token counts)
+  int64_t smb = 0, sms = 0;       // element strides of mask
+  float* state = nullptr;         // [2, U], contiguous
+  int64_t* count = nullptr;       // [1]
+  int seq_agg = 0, batch_agg = 1;  // importance::Agg codes
+  // device workspace: sizes from importance_workspace_floats / importance_workspace_int64s
+  float* partial = nullptr;
+  int64_t* stats = nullptr;
+  int64_t nch = 1, chunk = 0;  // from importance_plan
+};
+
+// Sequence chunking for a device with `num_sms` multiprocessors (host-only arithmetic): enough blocks
+// to fill the device, chunks of at least kImpMinChunk tokens, nch <= kMaxGridYZ.
+inline void importance_plan(int64_t B, int64_t S, int64_t U, int64_t G, int num_sms, int64_t* nch,
+                            int64_t* chunk) {
+  const int64_t unit_blocks = G == 1 ? (U + kImpUnitsG1 - 1) / kImpUnitsG1 : U;
+  const int64_t blocks = B * unit_blocks;
+  const int64_t target = 4 * static_cast<int64_t>(num_sms > 0 ? num_sms : 1);
+  int64_t n = 1;
+  if (blocks > 0 && blocks < target) {
+    n = (target + blocks - 1) / blocks;
+    const int64_t most = S / kImpMinChunk > 1 ? S / kImpMinChunk : 1;
+    n = n < most ? n : most;
+  }
+  n = n < kMaxGridYZ ? n : kMaxGridYZ;
+  const int64_t c = S > 0 ? (S + n - 1) / n : 1;
+  *chunk = c;
+  *nch = S > 0 ? (S + c - 1) / c : 1;
+}
+
+inline int64_t importance_workspace_floats(int64_t B, int64_t nch, int64_t U) { return B * nch * 2 * U; }
+inline int64_t importance_workspace_int64s(int64_t B) { return 2 * B; }
+
+cudaError_t importance_update(const ImportanceLaunch& a, cudaStream_t stream);
+
+struct BlockInfluenceLaunch {
+  const void* a = nullptr;  // h_in  [B, S, H], channel stride 1
+  const void* b = nullptr;  // h_out [B, S, H], channel stride 1
+  int dtype = kElemF32;
+  int64_t B = 0, S = 0, H = 0;
+  int64_t sab = 0, sas = 0, sbb = 0, sbs = 0;  // element strides along batch and sequence
+  const uint8_t* mask = nullptr;
+  int64_t smb = 0, sms = 0;
+  double* state = nullptr;   // [L]
+  int64_t* count = nullptr;  // [L]
+  int64_t layer = 0;
+  int num_sms = 1;
+};
+
+cudaError_t block_influence_update(const BlockInfluenceLaunch& a, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace minitron
