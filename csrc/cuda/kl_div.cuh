@@ -1,0 +1,49 @@
+// Launcher of the fused KL-divergence CUDA kernel (csrc/cuda/kl_div.cu). Plain CUDA runtime types only,
+// so the kernel builds with nvcc without torch; the torch glue is csrc/cuda/kl_div_torch.cpp.
+//
+// Contract (same as the CPU op _kl_div_fwd_native, see csrc/common/kl_math.h for the math):
+//   student, teacher  [n, v] rows with unit element stride, row strides in elements (>= v when n > 1),
+//                     dtype float32 / bfloat16 / float16 (both the same)
+//   weight            [n] float32; rows with weight 0 get loss 0 and an all-zero gradient row
+//   loss              [n] float32 out: weight * scale * D
+//   grad              [n, v] contiguous out, input dtype: weight * scale * dD/d student
+//   mode              0 forward KL(P||Q), 1 reverse KL(Q||P), 2 JSD(beta) (beta 0 / 1 are run as 1 / 0)
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace minitron {
+namespace cuda {
+
+enum class KlDtype : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+struct KlDivArgs {
+  const void* student;
+  const void* teacher;
+  int64_t student_stride;  // elements between rows
+  int64_t teacher_stride;
+  const float* weight;
+  float* loss;
+  void* grad;
+  int64_t n;
+  int64_t v;
+  int mode;
+  float inv_temperature;  // > 0
+  float beta;             // JSD weight in [0, 1]
+  float scale;
+  KlDtype dtype;
+};
+
+// Device workspace the launch needs (0 when every row fits one block); sm_count = multiprocessors.
+size_t kl_div_workspace_bytes(int64_t n, int64_t v, int sm_count);
+
+// Enqueue the kernel(s) on `stream`. `workspace` must hold kl_div_workspace_bytes(n, v, sm_count)
+// bytes (it may be null when that is 0). Returns the launch error, if any (cudaGetLastError).
+cudaError_t kl_div_forward(const KlDivArgs& args, void* workspace, size_t workspace_bytes, int sm_count,
+                           cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace minitron
