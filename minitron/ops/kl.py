@@ -313,6 +313,8 @@ def _kl_setup_context(ctx, inputs, output):
     _, grad = output
     ctx.save_for_backward(grad)
     ctx.mark_non_differentiable(grad)
+    # The gradient output is never differentiated: don't let autograd fill an [N, V] zero tensor for it.
+    ctx.set_materialize_grads(False)
 
 
 def _kl_backward(ctx, grad_loss: Tensor, _unused: Optional[Tensor]):
@@ -483,6 +485,7 @@ def _fl_setup_context(ctx, inputs, output):
     ctx.has_bias = inputs[4] is not None
     ctx.save_for_backward(gh, gw, gb)
     ctx.mark_non_differentiable(gh, gw, gb)
+    ctx.set_materialize_grads(False)  # no zero-filled [V, H] gradients for the non-differentiable outputs
 
 
 def _fl_backward(ctx, grad_loss: Tensor, *_unused):
