@@ -319,7 +319,9 @@ def _kl_setup_context(ctx, inputs, output):
 
 def _kl_backward(ctx, grad_loss: Tensor, _unused: Optional[Tensor]):
     (grad,) = ctx.saved_tensors
-    if grad_loss is not None and grad.numel() > 0 and not _is_one(grad_loss):
+    if grad_loss is None:  # the loss was not used: no gradient
+        return None, None, None, None, None, None, None, None
+    if grad.numel() > 0 and not _is_one(grad_loss):
         # In place: the gradient buffer belongs to this graph node and is handed out once.
         if not _eager(grad):
             grad = grad * grad_loss.to(grad.dtype).unsqueeze(-1)
@@ -490,6 +492,8 @@ def _fl_setup_context(ctx, inputs, output):
 
 def _fl_backward(ctx, grad_loss: Tensor, *_unused):
     gh, gw, gb = ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * 13
     # The per-token loss is always reduced with a sum by the wrapper (weights carry the mean), so the
     # incoming gradient is uniform; reduction="none" with a non-uniform upstream gradient is rejected
     # by the wrapper's hook below.
