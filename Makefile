@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 JOBS ?= 2
 
-.PHONY: venv build test test-fast demo bench bench-quick bench-check info clean
+.PHONY: venv build test check test-fast demo bench bench-quick bench-check info clean
 
 $(BIN)/.deps-stamp: requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ info: build
 test: build
 	$(BIN)/python -m minitron.info
 	$(BIN)/python -m pytest tests -q -ra
+
+# What CI runs: the tests, then the quick benchmarks compared with the committed CPU baseline.
+check: test bench-check
 
 test-fast: build
 	$(BIN)/python -m pytest tests -q -x -m "not slow"

@@ -1,0 +1,310 @@
+"""The ``minitron`` command line (also ``python -m minitron``).
+
+Subcommands: ``info``, ``importance``, ``prune``, ``correct-teacher``, ``distill``, ``evaluate``,
+``pipeline --config FILE.yaml``, ``demo``. Run ``minitron COMMAND --help`` for the options. Bad input
+(an existing output directory without ``--overwrite``, an output equal to an input, a missing text
+column, a sequence length beyond the model's positions, ...) exits with status 2 and a one-line error
+before any work is done.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+log = logging.getLogger("minitron.cli")
+
+EXIT_BAD_INPUT = 2
+
+
+def _int_list(s: str) -> List[int]:
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}")
+
+
+def _bf16(s: str) -> Any:
+    m = {"auto": "auto", "on": True, "true": True, "off": False, "false": False}
+    if s.lower() not in m:
+        raise argparse.ArgumentTypeError("expected auto, on or off")
+    return m[s.lower()]
+
+
+def _add_data(p: argparse.ArgumentParser, *, eval_data: bool = False, required: bool = True) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=required,
+                   help="text data: a .txt/.json/.jsonl/.parquet/.csv file, a directory of them, a saved dataset, "
+                        "or a hub dataset name")
+    g.add_argument("--text-column", default="text", help="column holding the text (default: text)")
+    g.add_argument("--split", default=None, help="dataset split (default: train); slicing like train[:10%%] works")
+    g.add_argument("--dataset-config", default=None, help="hub dataset configuration name")
+    g.add_argument("--seq-len", type=int, default=None,
+                   help="packed sequence length (default: min(512, the model's max_position_embeddings))")
+    g.add_argument("--max-tokens", type=int, default=None, help="use at most this many tokens of --data")
+    g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    if eval_data:
+        g.add_argument("--eval-data", default=None, help="evaluation data (perplexity during training)")
+        g.add_argument("--eval-split", default=None)
+        g.add_argument("--eval-max-tokens", type=int, default=None)
+
+
+def _add_train(p: argparse.ArgumentParser, *, steps: int, lr: float) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
+    g.add_argument("--warmup-steps", type=int, default=10)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end only)")
+    g.add_argument("--eval-batches", type=int, default=None)
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end only)")
+    g.add_argument("--keep-checkpoints", type=int, default=2)
+    g.add_argument("--log-every", type=int, default=1)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--bf16", type=_bf16, default="auto", help="bf16 autocast: auto (CUDA with bf16), on, off")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run in --output")
+
+
+def _add_output(p: argparse.ArgumentParser, *, required: bool = True, help: str = "output directory") -> None:
+    p.add_argument("--output", "-o", required=required, help=help)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+
+def _train_kwargs(a: argparse.Namespace) -> Dict[str, Any]:
+    return dict(
+        steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr, min_lr_ratio=a.min_lr_ratio,
+        warmup_steps=a.warmup_steps, weight_decay=a.weight_decay, max_grad_norm=a.max_grad_norm,
+        eval_every=a.eval_every, eval_batches=a.eval_batches, save_every=a.save_every,
+        keep_checkpoints=a.keep_checkpoints, log_every=a.log_every, seed=a.seed, bf16=a.bf16, device=a.device,
+    )
+
+
+def _data_kwargs(a: argparse.Namespace, *, eval_data: bool = False) -> Dict[str, Any]:
+    d = dict(tokenizer=a.tokenizer, seq_len=a.seq_len, text_column=a.text_column, split=a.split,
+             dataset_config=a.dataset_config, max_tokens=a.max_tokens)
+    if eval_data:
+        d.update(eval_data=a.eval_data, eval_split=a.eval_split, eval_max_tokens=a.eval_max_tokens)
+    return d
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``minitron`` command."""
+    parser = argparse.ArgumentParser(
+        prog="minitron",
+        description="Minitron-style structured pruning and logit distillation of Hugging Face LLMs.",
+    )
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("info", help="build/backend information (same as python -m minitron.info)",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+
+    p = sub.add_parser("importance", help="estimate head/neuron/channel/layer importance on calibration data")
+    p.add_argument("--model", required=True, help="checkpoint directory (or hub name)")
+    _add_data(p)
+    _add_output(p, help="directory for importance.safetensors/.json/.png")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-batches", type=int, default=32)
+    p.add_argument("--seq-agg", default="mean")
+    p.add_argument("--batch-agg", default="l2")
+    p.add_argument("--layer-metrics", default="block_influence,lm_loss",
+                   help="comma-separated: block_influence, lm_loss")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--backend", default="auto", help="kernel backend: auto, cpp, cuda, triton, reference")
+
+    p = sub.add_parser("prune", help="width- and/or depth-prune a model using importance scores")
+    p.add_argument("--model", required=True)
+    p.add_argument("--importance", default=None, help="directory written by `minitron importance`")
+    _add_output(p, help="directory for the pruned checkpoint")
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--hidden-size", type=int)
+    p.add_argument("--intermediate-size", type=int)
+    p.add_argument("--num-attention-heads", type=int)
+    p.add_argument("--num-key-value-heads", type=int)
+    p.add_argument("--num-layers", "--num-hidden-layers", dest="num_hidden_layers", type=int)
+    p.add_argument("--depth-metric", default="lm_loss", choices=["lm_loss", "block_influence"])
+    p.add_argument("--non-contiguous", action="store_true", help="drop individual layers, not one block")
+    p.add_argument("--layers-to-drop", type=_int_list, default=None, help="explicit layers, e.g. 3,4")
+    p.add_argument("--backend", default="auto")
+
+    p = sub.add_parser("correct-teacher", help="fine-tune the teacher with the LM loss on the distillation data")
+    p.add_argument("--model", required=True)
+    _add_data(p, eval_data=True)
+    _add_output(p, help="run directory (final model in OUTPUT/model)")
+    _add_train(p, steps=100, lr=1e-4)
+
+    p = sub.add_parser("distill", help="distil a (corrected) teacher into a pruned student")
+    p.add_argument("--student", required=True)
+    p.add_argument("--teacher", required=True)
+    _add_data(p, eval_data=True)
+    _add_output(p, help="run directory (final student in OUTPUT/model)")
+    _add_train(p, steps=100, lr=1e-4)
+    g = p.add_argument_group("distillation loss")
+    g.add_argument("--kl-mode", default="forward", choices=["forward", "reverse", "jsd"])
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--beta", type=float, default=0.5, help="JSD mixing weight")
+    g.add_argument("--kl-weight", type=float, default=1.0)
+    g.add_argument("--lm-loss-weight", type=float, default=0.0, help="mix in the student's LM loss")
+    g.add_argument("--chunk-size", type=int, default=None)
+    g.add_argument("--backend", default="auto", help="KL kernel backend")
+
+    p = sub.add_parser("evaluate", help="token-weighted perplexity on a dataset split")
+    p.add_argument("--model", required=True, help="checkpoint or training output directory")
+    _add_data(p)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-batches", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--bf16", type=_bf16, default=False)
+    _add_output(p, required=False, help="also write the result to this JSON file")
+
+    p = sub.add_parser("pipeline", help="run the whole recipe from a YAML config")
+    p.add_argument("--config", required=True, help="pipeline YAML (see examples/pipeline.yaml)")
+    _add_output(p, required=False, help="output directory (overrides output_dir of the config)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted pipeline")
+
+    p = sub.add_parser("demo", help="offline end-to-end demo on Tiny Shakespeare and WikiText-2")
+    p.add_argument("--quick", action="store_true", help="tiny preset (under 2 minutes)")
+    _add_output(p, required=False, help="output directory (default runs/demo, or runs/demo-quick)")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--data-dir", default=None, help="directory with tinyshakespeare/ and wikitext-2/ (default: data/)")
+    p.add_argument("--shakespeare", default=None, help="Tiny Shakespeare text file")
+    p.add_argument("--wikitext-valid", default=None, help="WikiText-2 valid text file")
+    p.add_argument("--wikitext-test", default=None, help="WikiText-2 test text file")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _run(a: argparse.Namespace) -> int:
+    from minitron import api
+
+    if a.command == "info":
+        from minitron.info import main as info_main
+
+        return int(info_main(list(a.rest)) or 0)
+    if a.command == "importance":
+        metrics = tuple(m.strip() for m in a.layer_metrics.split(",") if m.strip())
+        scores = api.estimate_importance(
+            a.model, a.data, output_dir=a.output, overwrite=a.overwrite, batch_size=a.batch_size,
+            max_batches=a.max_batches, seq_agg=a.seq_agg, batch_agg=a.batch_agg, layer_metrics=metrics,
+            device=a.device, backend=a.backend, progress=True, **_data_kwargs(a),
+        )
+        print(f"importance of {scores.num_layers} layers saved to {a.output}")
+        return 0
+    if a.command == "prune":
+        model = api.prune(
+            a.model, importance=a.importance, output_dir=a.output, overwrite=a.overwrite, tokenizer=a.tokenizer,
+            hidden_size=a.hidden_size, intermediate_size=a.intermediate_size,
+            num_attention_heads=a.num_attention_heads, num_key_value_heads=a.num_key_value_heads,
+            num_hidden_layers=a.num_hidden_layers, depth_metric=a.depth_metric, contiguous=not a.non_contiguous,
+            layers_to_drop=a.layers_to_drop, backend=a.backend,
+        )
+        print(f"pruned model ({api.count_parameters(model):,} parameters) saved to {a.output}")
+        return 0
+    if a.command == "correct-teacher":
+        res = api.correct_teacher(a.model, a.data, output_dir=a.output, overwrite=a.overwrite, resume=a.resume,
+                                  **_data_kwargs(a, eval_data=True), **_train_kwargs(a))
+        print(_train_summary(res))
+        return 0
+    if a.command == "distill":
+        res = api.distill(
+            a.student, a.teacher, a.data, output_dir=a.output, overwrite=a.overwrite, resume=a.resume,
+            mode=a.kl_mode, temperature=a.temperature, beta=a.beta, kl_weight=a.kl_weight,
+            lm_loss_weight=a.lm_loss_weight, chunk_size=a.chunk_size, kl_backend=a.backend,
+            **_data_kwargs(a, eval_data=True), **_train_kwargs(a),
+        )
+        print(_train_summary(res))
+        return 0
+    if a.command == "evaluate":
+        res = api.evaluate_perplexity(
+            a.model, a.data, batch_size=a.batch_size, max_batches=a.max_batches, device=a.device, bf16=a.bf16,
+            output=a.output, overwrite=a.overwrite, **_data_kwargs(a),
+        )
+        print(json.dumps({k: res[k] for k in ("ppl", "loss", "tokens", "sequences", "seq_len")}))
+        return 0
+    if a.command == "pipeline":
+        from minitron.pipeline import run_pipeline
+
+        res = run_pipeline(a.config, output_dir=a.output, overwrite=a.overwrite, resume=a.resume)
+        print(res["table"], end="")
+        print(f"results in {res['output_dir']}/results.md")
+        return 0
+    if a.command == "demo":
+        from minitron.demo import run_demo
+
+        out = a.output or ("runs/demo-quick" if a.quick else "runs/demo")
+        res = run_demo(out, quick=a.quick, data_dir=a.data_dir, shakespeare=a.shakespeare,
+                       wikitext_valid=a.wikitext_valid, wikitext_test=a.wikitext_test, overwrite=a.overwrite,
+                       resume=a.resume, device=a.device, backend=a.backend, threads=a.threads, seed=a.seed)
+        print(res["table"], end="")
+        rec = res["loss_gap_recovered_by_distillation"]
+        print("distillation recovered " + ", ".join(
+            f"{k}: {v * 100:.0f}%" if v is not None else f"{k}: n/a" for k, v in rec.items()
+        ) + " of the pruning loss gap")
+        print(f"total {res['timings']['total']:.0f}s; results in {res['output_dir']}/results.md")
+        return 0
+    raise AssertionError(a.command)  # pragma: no cover
+
+
+def _train_summary(res: Any) -> str:
+    ev = res.final_eval or {}
+    parts = [f"{res.steps} steps in {res.elapsed_s:.0f}s", f"final train loss {res.final_loss:.4f}"]
+    if "eval_ppl" in ev:
+        parts.append(f"eval ppl {ev['eval_ppl']:.2f}")
+    return "; ".join(parts) + f"; model saved to {res.extra.get('model_dir')}"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``minitron`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "info":  # everything after `info` belongs to minitron.info
+        from minitron.info import main as info_main
+
+        return int(info_main(argv[1:]) or 0)
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, a.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    _quiet_libraries()
+    try:
+        return _run(a)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
+        if a.log_level == "DEBUG":
+            raise
+        print(f"minitron {a.command}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"minitron {a.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _quiet_libraries() -> None:
+    """Silence the progress bars of datasets / transformers (our own logging reports progress)."""
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    except Exception:  # pragma: no cover
+        pass
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except Exception:  # pragma: no cover
+        pass
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

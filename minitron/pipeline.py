@@ -1,0 +1,429 @@
+"""The whole Minitron recipe from one YAML file (``minitron pipeline --config FILE.yaml``).
+
+Stages: evaluate the teacher -> teacher correction (LM fine-tuning on the distillation data) ->
+importance estimation on the corrected teacher -> for each student: prune (width and/or depth) ->
+evaluate -> distil from the corrected teacher -> evaluate. Results go to ``results.json`` and
+``results.md`` (a perplexity table) in the output directory.
+
+Configuration (relative paths are relative to the current directory; see ``examples/pipeline.yaml``)::
+
+    output_dir: runs/pipeline          # required unless given on the command line
+    teacher: path/to/teacher           # checkpoint directory (or training output dir, or hub name)
+    tokenizer: null                    # default: the teacher's
+    seed: 0
+    device: auto                       # auto | cpu | cuda[:N]
+    backend: auto                      # kernel backend of every op (auto | cpp | cuda | triton | reference)
+    data:
+      train: data/wikitext-2/valid.txt # correction, calibration and distillation data
+      eval: data/wikitext-2/test.txt   # perplexity evaluation data
+      text_column: text
+      split: null                      # and eval_split, dataset_config for hub datasets
+      seq_len: 128
+      max_tokens: null                 # cap on the training tokens
+      eval_max_tokens: null            # cap on the evaluation tokens
+      eval_name: null                  # label of the evaluation data in the results table
+    correct_teacher: {steps: 100, lr: 1.0e-3, ...}     # TrainConfig fields; null or steps: 0 to skip
+    importance: {batch_size: 8, max_batches: 16, seq_agg: mean, batch_agg: l2,
+                 layer_metrics: [block_influence, lm_loss]}
+    students:                          # name -> targets (width and/or depth)
+      width: {hidden_size: 128, intermediate_size: 384, num_attention_heads: 4, num_key_value_heads: 2}
+      depth: {num_hidden_layers: 3, depth_metric: lm_loss, contiguous: true}
+    distill: {steps: 200, lr: 1.0e-3, temperature: 1.0, mode: forward, lm_loss_weight: 0.0, ...}
+    evaluate: {batch_size: 8, max_batches: null}
+
+A student entry may carry ``distill: {...}`` overriding the shared distillation settings. Training
+stages evaluate on ``eval_batches`` batches of the evaluation data every ``eval_every`` steps when
+``eval_every > 0`` (monitoring only: nothing is selected on it).
+With ``resume`` an interrupted pipeline continues: finished stages are reused, training stages resume
+from their last checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+
+from minitron.data import check_seq_len, load_packed
+from minitron.distill import DistillConfig
+from minitron.train import TrainConfig, atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+TOP_KEYS = {"output_dir", "teacher", "tokenizer", "seed", "device", "backend", "data", "correct_teacher",
+            "importance", "students", "distill", "evaluate"}
+DATA_KEYS = {"train", "eval", "eval_name", "text_column", "split", "eval_split", "dataset_config", "seq_len",
+             "max_tokens", "eval_max_tokens"}
+IMPORTANCE_KEYS = {"batch_size", "max_batches", "seq_agg", "batch_agg", "layer_metrics"}
+WIDTH_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+DEPTH_KEYS = ("num_hidden_layers", "depth_metric", "contiguous", "layers_to_drop")
+STUDENT_KEYS = set(WIDTH_KEYS) | set(DEPTH_KEYS) | {"distill"}
+EVAL_KEYS = {"batch_size", "max_batches"}
+DISTILL_LOSS_KEYS = {f.name for f in dataclasses.fields(DistillConfig)} - {"backend"}
+TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def _check_keys(section: str, d: Any, allowed: set) -> Dict[str, Any]:
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise ValueError(f"pipeline config: {section} must be a mapping, got {type(d).__name__}")
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        raise ValueError(f"pipeline config: unknown key(s) {unknown} in {section}; valid: {sorted(allowed)}")
+    return dict(d)
+
+
+@dataclasses.dataclass
+class StudentSpec:
+    name: str
+    width: Dict[str, Optional[int]]
+    depth: Dict[str, Any]
+    train: TrainConfig
+    loss: DistillConfig
+
+
+@dataclasses.dataclass
+class PipelineSpec:
+    """A validated pipeline configuration."""
+
+    output_dir: Path
+    teacher: str
+    tokenizer: Optional[str]
+    seed: int
+    device: str
+    backend: str
+    data: Dict[str, Any]
+    correct: Optional[TrainConfig]
+    importance: Dict[str, Any]
+    students: List[StudentSpec]
+    evaluate: Dict[str, Any]
+    raw: Dict[str, Any]
+
+
+def load_pipeline_config(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """Read a YAML pipeline configuration (must be a mapping)."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"pipeline config {str(p)!r} does not exist")
+    try:
+        cfg = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ValueError(f"pipeline config {str(p)!r} is not valid YAML: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"pipeline config {str(p)!r} must be a YAML mapping")
+    return cfg
+
+
+def parse_pipeline_config(cfg: Dict[str, Any], *, output_dir: Optional[Union[str, os.PathLike]] = None) -> PipelineSpec:
+    """Validate a configuration mapping (no file is read except the teacher's config).
+
+    Raises:
+        ValueError/TypeError: unknown keys, missing required values, invalid training/pruning settings,
+            a sequence length longer than the teacher's positions, width/depth targets the teacher
+            cannot reach.
+    """
+    from minitron.api import _check_data_arg, _read_config
+    from minitron.prune import validate_width_targets
+
+    cfg = _check_keys("the top level", cfg, TOP_KEYS)
+    out = output_dir if output_dir is not None else cfg.get("output_dir")
+    if out is None:
+        raise ValueError("pipeline config: output_dir is required (in the YAML or with --output)")
+    teacher = cfg.get("teacher")
+    if not isinstance(teacher, str) or not teacher:
+        raise ValueError("pipeline config: teacher (a checkpoint path or model name) is required")
+    seed = cfg.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"pipeline config: seed must be a non-negative int, got {seed!r}")
+    device = cfg.get("device", "auto")
+    backend = cfg.get("backend", "auto")
+    if not isinstance(backend, str):
+        raise TypeError(f"pipeline config: backend must be a string, got {backend!r}")
+
+    data = _check_keys("data", cfg.get("data"), DATA_KEYS)
+    if not data.get("train"):
+        raise ValueError("pipeline config: data.train (the distillation data) is required")
+    if not data.get("eval"):
+        raise ValueError("pipeline config: data.eval (the evaluation data) is required")
+    data.setdefault("text_column", "text")
+    data.setdefault("seq_len", 256)
+    _check_data_arg("data.train", data["train"])
+    _check_data_arg("data.eval", data["eval"])
+
+    def train_cfg(section: str, d: Dict[str, Any]) -> TrainConfig:
+        d = dict(d)
+        d.setdefault("seed", seed)
+        d.setdefault("device", device)
+        try:
+            return TrainConfig.from_dict(d)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"pipeline config: {section}: {e}") from e
+
+    correct_raw = cfg.get("correct_teacher")
+    correct = None
+    if correct_raw is not None:
+        c = _check_keys("correct_teacher", correct_raw, TRAIN_KEYS)
+        if c.get("steps", 1) != 0:
+            correct = train_cfg("correct_teacher", c)
+
+    imp = _check_keys("importance", cfg.get("importance"), IMPORTANCE_KEYS)
+    imp.setdefault("batch_size", 8)
+    imp.setdefault("max_batches", 16)
+    for k in ("batch_size", "max_batches"):
+        if not isinstance(imp[k], int) or imp[k] < 1:
+            raise ValueError(f"pipeline config: importance.{k} must be a positive int, got {imp[k]!r}")
+    imp.setdefault("seq_agg", "mean")
+    imp.setdefault("batch_agg", "l2")
+    imp.setdefault("layer_metrics", ["block_influence", "lm_loss"])
+
+    teacher_config = _read_config(teacher)
+    check_seq_len(data["seq_len"], teacher_config)
+
+    distill_shared = _check_keys("distill", cfg.get("distill"), TRAIN_KEYS | DISTILL_LOSS_KEYS)
+    students_raw = cfg.get("students")
+    if not isinstance(students_raw, dict) or not students_raw:
+        raise ValueError("pipeline config: students must map at least one student name to its pruning targets")
+    students: List[StudentSpec] = []
+    for name, targets in students_raw.items():
+        if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+            raise ValueError(f"pipeline config: bad student name {name!r}")
+        t = _check_keys(f"students.{name}", targets, STUDENT_KEYS)
+        width = {k: t.get(k) for k in WIDTH_KEYS}
+        depth = {k: t[k] for k in DEPTH_KEYS if k in t}
+        if all(v is None for v in width.values()) and depth.get("num_hidden_layers") is None:
+            raise ValueError(f"pipeline config: students.{name} has no width or depth target")
+        try:
+            validate_width_targets(teacher_config, **width)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"pipeline config: students.{name}: {e}") from e
+        if depth:
+            n = depth.get("num_hidden_layers")
+            L = int(teacher_config.num_hidden_layers)
+            if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= L:
+                raise ValueError(f"pipeline config: students.{name}.num_hidden_layers must be an int in [1, {L}], got {n!r}")
+        merged = dict(distill_shared)
+        merged.update(_check_keys(f"students.{name}.distill", t.get("distill"), TRAIN_KEYS | DISTILL_LOSS_KEYS))
+        loss_kw = {k: merged.pop(k) for k in list(merged) if k in DISTILL_LOSS_KEYS}
+        try:
+            loss = DistillConfig(backend=backend, **loss_kw)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"pipeline config: students.{name} distill: {e}") from e
+        students.append(StudentSpec(name, width, depth, train_cfg(f"students.{name} distill", merged), loss))
+
+    ev = _check_keys("evaluate", cfg.get("evaluate"), EVAL_KEYS)
+    ev.setdefault("batch_size", 8)
+    ev.setdefault("max_batches", None)
+    return PipelineSpec(Path(out), teacher, cfg.get("tokenizer"), seed, device, backend, data, correct, imp,
+                        students, ev, cfg)
+
+
+def _markdown_table(rows: List[Dict[str, Any]], eval_name: str) -> str:
+    lines = [
+        f"| model | parameters | % of teacher | {eval_name} ppl | loss |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['label']} | {r['parameters']:,} | {r['param_fraction'] * 100:.1f}% | {r['ppl']:.2f} | {r['loss']:.4f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_pipeline(
+    config: Union[Dict[str, Any], str, os.PathLike],
+    *,
+    output_dir: Optional[Union[str, os.PathLike]] = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    extra_rows: Optional[List[Dict[str, Any]]] = None,
+) -> Dict[str, Any]:
+    """Run the recipe; return ``{"rows": [...], "table": markdown, "timings": {...}, ...}``.
+
+    Args:
+        config: a mapping or the path of a YAML file (see the module docstring).
+        output_dir: overrides ``output_dir`` of the config.
+        overwrite: replace an existing output directory.
+        resume: continue an interrupted run in the output directory.
+        extra_rows: rows prepended to the results table (the demo's random-init baseline).
+    """
+    from minitron.api import _prepare_output, check_backends, check_output_dir, count_parameters, resolve_model_path
+    from minitron.checkpoint import load_model, save_model
+    from minitron.distill import correct_model, distill_model
+    from minitron.evaluate import perplexity
+    from minitron.importance import ImportanceScores, estimate_importance
+    from minitron.prune import prune_depth, prune_width
+    from minitron.train import resolve_device
+
+    if isinstance(config, (str, os.PathLike)):
+        config = load_pipeline_config(config)
+    spec = parse_pipeline_config(config, output_dir=output_dir)
+    out = check_output_dir(spec.output_dir, overwrite=overwrite, resume=resume, inputs=[spec.teacher])
+    device = resolve_device(spec.device)
+    check_backends(device, spec.backend)
+
+    t_start = time.time()
+    timings: Dict[str, float] = {}
+    teacher_path = resolve_model_path(spec.teacher)
+    teacher, tok = load_model(teacher_path)
+    if spec.tokenizer is not None:
+        from minitron.api import _load_tokenizer
+
+        tok = _load_tokenizer(spec.tokenizer)
+    if tok is None:
+        raise ValueError(f"the teacher {spec.teacher!r} has no tokenizer files; set `tokenizer:` in the config")
+    d = spec.data
+    train_data = load_packed(d["train"], tok, seq_len=d["seq_len"], text_column=d["text_column"], split=d.get("split"),
+                             dataset_config=d.get("dataset_config"), max_tokens=d.get("max_tokens"),
+                             model_configs=[teacher.config])
+    eval_data = load_packed(d["eval"], tok, seq_len=d["seq_len"], text_column=d["text_column"],
+                            split=d.get("eval_split"), dataset_config=d.get("dataset_config"),
+                            max_tokens=d.get("eval_max_tokens"), drop_remainder=False, model_configs=[teacher.config])
+    needs = [(f"students.{st.name}.distill", st.train.batch_size) for st in spec.students]
+    if spec.correct is not None:
+        needs.append(("correct_teacher", spec.correct.batch_size))
+    for section, bs in needs:
+        if len(train_data) < bs:
+            raise ValueError(f"{section}: batch_size={bs} exceeds the {len(train_data)} training sequences")
+    _prepare_output(out, overwrite=overwrite)
+    import yaml
+
+    atomic_write_text(out / "pipeline.yaml", yaml.safe_dump(
+        dict(spec.raw, output_dir=str(spec.output_dir)), sort_keys=False))
+    teacher.to(device)
+    teacher_params = count_parameters(teacher)
+    eval_cache_path = out / "evaluations.json"
+    eval_cache: Dict[str, Any] = {}
+    if resume and eval_cache_path.is_file():
+        import json
+
+        eval_cache = json.loads(eval_cache_path.read_text())
+    rows: List[Dict[str, Any]] = []
+    for r in extra_rows or []:
+        r = dict(r)
+        r.setdefault("param_fraction", r["parameters"] / teacher_params)
+        rows.append(r)
+
+    def evaluate(label: str, model: torch.nn.Module, kind: str) -> Dict[str, Any]:
+        if label in eval_cache:
+            res = eval_cache[label]
+        else:
+            t0 = time.time()
+            model.to(device)
+            res = perplexity(model, eval_data, batch_size=spec.evaluate["batch_size"],
+                             max_batches=spec.evaluate["max_batches"])
+            res["elapsed_s"] = round(time.time() - t0, 2)
+            n = count_parameters(model)
+            res.update(label=label, kind=kind, parameters=n, param_fraction=n / teacher_params)
+            eval_cache[label] = res
+            atomic_write_json(eval_cache_path, eval_cache)
+        log.info("%-24s ppl %9.2f  (%d parameters)", label, res["ppl"], res["parameters"])
+        rows.append(res)
+        return res
+
+    # 1. the teacher as given
+    evaluate("teacher", teacher, "teacher")
+
+    # 2. teacher correction
+    histories: Dict[str, List[Dict[str, Any]]] = {}
+    if spec.correct is not None:
+        cdir = out / "teacher_corrected"
+        t0 = time.time()
+        if (cdir / "model" / "config.json").is_file() and (cdir / "run.json").is_file():
+            teacher, _ = load_model(cdir / "model")
+            teacher.to(device)
+            log.info("teacher correction: reusing %s", cdir / "model")
+        else:
+            res = correct_model(teacher, train_data, spec.correct, cdir, resume=resume,
+                                eval_data=eval_data if spec.correct.eval_every else None,
+                                run_info={"model": teacher_path, "data": train_data.description})
+            save_model(teacher, cdir / "model", tokenizer=tok, overwrite=(cdir / "model").exists())
+            atomic_write_json(cdir / "run.json", {"final_train_loss": res.final_loss, "final_eval": res.final_eval,
+                                                  "elapsed_s": res.elapsed_s, "train": spec.correct.to_dict()})
+            histories["teacher correction"] = res.history
+        timings["correct_teacher"] = round(time.time() - t0, 2)
+        evaluate("teacher (corrected)", teacher, "teacher")
+    teacher.eval()
+
+    # 3. importance on the (corrected) teacher
+    idir = out / "importance"
+    t0 = time.time()
+    if (idir / "importance.json").is_file():
+        scores = ImportanceScores.load(idir)
+        log.info("importance: reusing %s", idir)
+    else:
+        imp = spec.importance
+        batches = train_data.batches(imp["batch_size"], shuffle=True, seed=spec.seed, max_batches=imp["max_batches"])
+        scores = estimate_importance(teacher, batches, seq_agg=imp["seq_agg"], batch_agg=imp["batch_agg"],
+                                     layer_metrics=tuple(imp["layer_metrics"]), progress=False, backend=spec.backend)
+        scores.save(idir, overwrite=True)
+        try:
+            scores.plot(idir / "importance.png")
+        except Exception as e:
+            log.warning("could not plot importance: %s", e)
+    timings["importance"] = round(time.time() - t0, 2)
+
+    # 4. students
+    student_results: Dict[str, Any] = {}
+    for st in spec.students:
+        sdir = out / "students" / st.name
+        pdir, ddir = sdir / "pruned", sdir / "distill"
+        t0 = time.time()
+        if (pdir / "config.json").is_file():
+            student, _ = load_model(pdir)
+        else:
+            student = copy.deepcopy(teacher)
+            if any(v is not None for v in st.width.values()):
+                prune_width(student, scores, backend=spec.backend, **st.width)
+            if st.depth.get("num_hidden_layers") is not None:
+                prune_depth(student, num_hidden_layers=st.depth["num_hidden_layers"], scores=scores,
+                            metric=st.depth.get("depth_metric", "lm_loss"),
+                            contiguous=st.depth.get("contiguous", True),
+                            layers_to_drop=st.depth.get("layers_to_drop"))
+            save_model(student, pdir, tokenizer=tok)
+        timings[f"{st.name}/prune"] = round(time.time() - t0, 2)
+        pruned_eval = evaluate(f"{st.name} pruned", student, "pruned")
+        t0 = time.time()
+        if (ddir / "model" / "config.json").is_file() and (ddir / "run.json").is_file():
+            student, _ = load_model(ddir / "model")
+            log.info("%s: reusing distilled student %s", st.name, ddir / "model")
+        else:
+            student.to(device)
+            res = distill_model(student, teacher, train_data, st.train, st.loss, ddir, resume=resume,
+                                eval_data=eval_data if st.train.eval_every else None,
+                                run_info={"student": st.name, "data": train_data.description})
+            save_model(student, ddir / "model", tokenizer=tok, overwrite=(ddir / "model").exists())
+            atomic_write_json(ddir / "run.json", {"final_train_loss": res.final_loss, "final_eval": res.final_eval,
+                                                  "elapsed_s": res.elapsed_s, "train": st.train.to_dict(),
+                                                  "distill": st.loss.to_dict()})
+            histories[f"{st.name} distillation"] = res.history
+        timings[f"{st.name}/distill"] = round(time.time() - t0, 2)
+        distilled_eval = evaluate(f"{st.name} distilled", student, "distilled")
+        student_results[st.name] = {"pruned": pruned_eval, "distilled": distilled_eval,
+                                    "config": {k: getattr(student.config, k) for k in WIDTH_KEYS + ("num_hidden_layers",)}}
+        del student
+
+    timings["pipeline_total"] = round(time.time() - t_start, 2)
+    eval_name = d.get("eval_name") or (Path(str(d["eval"])).name if isinstance(d["eval"], (str, os.PathLike)) else "eval")
+    table = _markdown_table(rows, eval_name)
+    result = {"rows": rows, "table": table, "timings": timings, "students": student_results,
+              "teacher": spec.teacher, "eval_data": eval_data.description, "eval_tokens": rows[-1]["tokens"],
+              "output_dir": str(out)}
+    atomic_write_json(out / "results.json", result)
+    atomic_write_text(out / "results.md", f"# Minitron pipeline results\n\nEvaluation data: {eval_data.description} "
+                      f"({result['eval_tokens']} predicted tokens)\n\n" + table)
+    if histories:
+        try:
+            from minitron.plotting import plot_loss_curves
+
+            plot_loss_curves([], out / "losses.png", title="training losses", extra=histories)
+        except Exception as e:  # a plot never fails the pipeline
+            log.warning("could not plot the losses: %s", e)
+    return result

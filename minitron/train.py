@@ -1,0 +1,626 @@
+"""The training loop shared by LM fine-tuning (teacher correction, LM-only baselines) and distillation.
+
+:func:`train` runs AdamW with linear warmup + cosine decay, gradient accumulation, gradient clipping,
+optional bf16 autocast (on by default only on CUDA devices that support bf16), periodic evaluation,
+and checkpoints every ``save_every`` steps. A checkpoint directory holds the model, optimizer,
+scheduler, RNG states and data-stream position and is written atomically (temporary directory, then
+rename), so a run killed at any moment resumes from its last complete checkpoint and reproduces the
+loss curve of an uninterrupted run. The loss log is JSON lines (``log.jsonl``) with a PNG plot
+(``loss.png``) next to it.
+
+Output directory layout::
+
+    log.jsonl          one record per logged step: {"type": "train"|"eval", "step": ..., ...}
+    loss.png           training (and evaluation) loss curves
+    checkpoints/       step-00000100/ {model.pt, optimizer.pt, scheduler.pt, rng.pt, state.json}
+                       latest          (text: name of the newest complete checkpoint)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from minitron.data import Batch, BatchStream, PackedDataset
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[torch.nn.Module, Batch], Tuple[torch.Tensor, Dict[str, float]]]
+Callback = Callable[[int, Dict[str, Any]], None]
+PathLike = Union[str, os.PathLike]
+
+LOG_NAME = "log.jsonl"
+PLOT_NAME = "loss.png"
+CKPT_DIR = "checkpoints"
+
+# TrainConfig fields that may change when a run is resumed (everything else must match).
+RESUMABLE_CHANGES = {"eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every", "device"}
+
+
+# --------------------------------------------------------------------------------------------------
+# atomic file helpers
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temporary file in the same directory, then rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (Path,)):
+        return str(o)
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, tuple):
+        return list(o)
+    return repr(o)
+
+
+# --------------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings.
+
+    Attributes:
+        steps: optimizer steps.
+        batch_size: sequences per micro-batch.
+        grad_accum: micro-batches per optimizer step.
+        lr: peak learning rate; linear warmup over ``warmup_steps`` then cosine decay to
+            ``lr * min_lr_ratio`` at ``steps``.
+        weight_decay: AdamW decoupled weight decay (matrices only; norms and biases get none).
+        betas: AdamW betas.
+        max_grad_norm: gradient-norm clipping (None: no clipping).
+        eval_every: evaluate every N steps (0: only at the end; needs evaluation data).
+        eval_batches: cap on evaluation batches (None: the whole evaluation set).
+        save_every: checkpoint every N steps (0: only at the end).
+        keep_checkpoints: how many of the newest checkpoints to keep.
+        log_every: log a training record every N steps.
+        seed: seeds the RNGs and the data order.
+        bf16: "auto" (on for CUDA with bf16 support, off on CPU), True or False.
+        device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
+    """
+
+    steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.01
+    betas: Tuple[float, float] = (0.9, 0.95)
+    max_grad_norm: Optional[float] = 1.0
+    eval_every: int = 0
+    eval_batches: Optional[int] = None
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    seed: int = 0
+    bf16: Union[str, bool] = "auto"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise TypeError/ValueError naming the first bad field."""
+        ints = {
+            "steps": 1, "batch_size": 1, "grad_accum": 1, "warmup_steps": 0, "eval_every": 0,
+            "save_every": 0, "keep_checkpoints": 1, "log_every": 1, "seed": 0,
+        }
+        for name, lo in ints.items():
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise TypeError(f"TrainConfig.{name} must be an int, got {v!r}")
+            if v < lo:
+                raise ValueError(f"TrainConfig.{name} must be >= {lo}, got {v}")
+        if self.eval_batches is not None and (not isinstance(self.eval_batches, int) or self.eval_batches < 1):
+            raise ValueError(f"TrainConfig.eval_batches must be a positive int or None, got {self.eval_batches!r}")
+        for name in ("lr", "min_lr_ratio", "weight_decay"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {v!r}")
+        if self.lr <= 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if self.min_lr_ratio > 1:
+            raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.max_grad_norm is not None and (not isinstance(self.max_grad_norm, (int, float)) or self.max_grad_norm <= 0):
+            raise ValueError(f"TrainConfig.max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
+        betas = tuple(self.betas)
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+            raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
+        self.betas = (float(betas[0]), float(betas[1]))
+        if self.bf16 not in ("auto", True, False):
+            raise ValueError(f"TrainConfig.bf16 must be 'auto', True or False, got {self.bf16!r}")
+        if not isinstance(self.device, str):
+            raise TypeError(f"TrainConfig.device must be a string, got {self.device!r}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError as e:
+                raise ValueError(f"TrainConfig.device: invalid device {self.device!r}") from e
+
+    @classmethod
+    def from_dict(cls, d: Optional[Dict[str, Any]]) -> "TrainConfig":
+        """Build from a mapping; unknown keys raise a ValueError naming the valid ones."""
+        d = dict(d or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown training option(s) {unknown}; valid: {sorted(names)}")
+        if "betas" in d and d["betas"] is not None:
+            d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+def resolve_device(device: Union[str, torch.device]) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def resolve_bf16(bf16: Union[str, bool], device: torch.device) -> bool:
+    """Whether to autocast to bf16: ``"auto"`` means CUDA with bf16 support only."""
+    if bf16 == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return bool(bf16)
+
+
+def autocast_context(device: torch.device, enabled: bool):
+    """``torch.autocast`` to bf16 on ``device`` when enabled (a no-op context otherwise)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+# --------------------------------------------------------------------------------------------------
+# losses
+
+
+def lm_loss(model: torch.nn.Module, batch: Batch) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """Next-token cross-entropy, averaged over the predicted tokens whose target is not padding.
+
+    Args:
+        batch: ``input_ids`` LongTensor [B, S], ``attention_mask`` [B, S] (1 real, 0 pad).
+
+    Returns:
+        (scalar fp32 loss, metrics dict).
+    """
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    valid = (mask[:, 1:] != 0) & (mask[:, :-1] != 0)
+    targets = ids[:, 1:].masked_fill(~valid, -100)
+    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+    return loss, {}
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _lr_lambda_factory(config: TrainConfig) -> Callable[[int], float]:
+    warm, total, floor = config.warmup_steps, config.steps, config.min_lr_ratio
+
+    def factor(step: int) -> float:  # step = number of scheduler.step() calls so far
+        if warm > 0 and step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (dim >= 2) only."""
+    decay, no_decay = [], []
+    seen = set()
+    for _, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters")
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=config.betas)
+
+
+def _rng_state() -> Dict[str, Any]:
+    state: Dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:  # pragma: no cover
+        pass
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA) RNGs."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % (2**32))
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def latest_checkpoint(output_dir: PathLike) -> Optional[Path]:
+    """The newest complete checkpoint directory under ``output_dir/checkpoints`` (None if none)."""
+    root = Path(output_dir) / CKPT_DIR
+    if not root.is_dir():
+        return None
+    pointer = root / "latest"
+    if pointer.is_file():
+        cand = root / pointer.read_text().strip()
+        if (cand / "state.json").is_file():
+            return cand
+    done = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def _save_checkpoint(
+    output_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    stream: BatchStream,
+    state: Dict[str, Any],
+    keep: int,
+) -> Path:
+    root = output_dir / CKPT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:08d}"
+    final = root / name
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{name}-"))
+    try:
+        torch.save(model.state_dict(), tmp / "model.pt")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
+        full_state = dict(state, step=step, data=stream.state_dict())
+        (tmp / "state.json").write_text(json.dumps(full_state, indent=2, default=_json_default))
+        for f in tmp.iterdir():  # make the files durable before the rename publishes them
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(root / "latest", name + "\n")
+    old = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for p in old[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+    log.info("checkpoint saved: %s", final)
+    return final
+
+
+def read_log(path: PathLike) -> List[Dict[str, Any]]:
+    """Records of a JSON-lines log (an unparsable last line, left by a kill, is skipped)."""
+    records: List[Dict[str, Any]] = []
+    p = Path(path)
+    if not p.is_file():
+        return records
+    for line in p.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("skipping a truncated line in %s", p)
+    return records
+
+
+# --------------------------------------------------------------------------------------------------
+# the loop
+
+
+@dataclass
+class TrainResult:
+    """What a :func:`train` call did.
+
+    Attributes:
+        steps: optimizer steps completed (in total, across resumptions).
+        history: all log records (train and eval).
+        final_loss: mean training loss over the last 10 logged steps.
+        final_eval: the last evaluation record (None without evaluation).
+        elapsed_s: wall time of the whole run (across resumptions), seconds.
+        resumed_from: the step this invocation resumed from (None for a fresh run).
+        output_dir, log_path, plot_path: where things were written.
+    """
+
+    steps: int
+    history: List[Dict[str, Any]]
+    final_loss: Optional[float]
+    final_eval: Optional[Dict[str, Any]]
+    elapsed_s: float
+    resumed_from: Optional[int]
+    output_dir: Path
+    log_path: Path
+    plot_path: Optional[Path] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def train_losses(self) -> List[Tuple[int, float]]:
+        return [(r["step"], r["loss"]) for r in self.history if r.get("type") == "train"]
+
+
+def _move_batch(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def default_eval_fn(eval_data: PackedDataset, config: TrainConfig) -> Callable[[torch.nn.Module], Dict[str, float]]:
+    """Evaluation callback: token-weighted LM loss / perplexity on ``eval_data``."""
+    from minitron.evaluate import perplexity
+
+    def run(model: torch.nn.Module) -> Dict[str, float]:
+        res = perplexity(model, eval_data, batch_size=config.batch_size, max_batches=config.eval_batches,
+                         bf16=config.bf16)
+        return {"eval_loss": res["loss"], "eval_ppl": res["ppl"], "eval_tokens": res["tokens"]}
+
+    return run
+
+
+def train(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    data: PackedDataset,
+    config: TrainConfig,
+    output_dir: PathLike,
+    *,
+    eval_data: Optional[PackedDataset] = None,
+    eval_fn: Optional[Callable[[torch.nn.Module], Dict[str, float]]] = None,
+    resume: bool = False,
+    callbacks: Sequence[Callback] = (),
+    run_info: Optional[Dict[str, Any]] = None,
+    plot_title: str = "training loss",
+) -> TrainResult:
+    """Train ``model`` in place by minimising ``loss_fn`` over batches of ``data``.
+
+    Args:
+        model: trained in place (moved to the configured device).
+        loss_fn: ``loss_fn(model, batch) -> (scalar loss, {name: float})``; batches hold
+            ``input_ids``/``attention_mask`` LongTensors [B, S] on the training device.
+        data: training sequences (shuffled per epoch with ``config.seed``).
+        config: optimisation settings.
+        output_dir: receives ``log.jsonl``, ``loss.png`` and ``checkpoints/``. A fresh run refuses a
+            directory that already holds a log or checkpoints.
+        eval_data / eval_fn: evaluation every ``config.eval_every`` steps and at the end
+            (``eval_fn(model) -> {name: float}``; by default LM perplexity on ``eval_data``).
+        resume: continue from the newest checkpoint in ``output_dir`` (a fresh start when there is
+            none). The configuration must match the checkpoint's except for logging/eval/save cadence.
+        callbacks: called as ``cb(step, record)`` after every optimizer step (an exception stops the
+            run, as an interruption would).
+        run_info: JSON-able description stored in checkpoints and checked on resume (e.g. data
+            source, model shapes).
+
+    Returns:
+        TrainResult.
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    config.validate()
+    if not isinstance(data, PackedDataset):
+        raise TypeError(f"data must be a PackedDataset, got {type(data).__name__}")
+    if eval_data is not None and not isinstance(eval_data, PackedDataset):
+        raise TypeError(f"eval_data must be a PackedDataset, got {type(eval_data).__name__}")
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output directory {str(out)!r} is a file")
+    log_path = out / LOG_NAME
+    ckpt = latest_checkpoint(out)
+    if not resume and (ckpt is not None or log_path.exists()):
+        raise ValueError(
+            f"{str(out)!r} already holds a training run (log or checkpoints); resume it or use a new directory"
+        )
+    stream = data.stream(config.batch_size, seed=config.seed)  # validates batch size vs data
+    device = resolve_device(config.device)
+    use_bf16 = resolve_bf16(config.bf16, device)
+    if eval_fn is None and eval_data is not None:
+        eval_fn = default_eval_fn(eval_data, config)
+    run_info = json.loads(json.dumps(run_info or {}, default=_json_default))
+    run_info.setdefault("num_sequences", len(data))
+    run_info.setdefault("seq_len", data.seq_len)
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(device)
+    model.train()
+    seed_everything(config.seed)
+    optimizer = make_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda_factory(config))
+
+    start_step = 0
+    elapsed_before = 0.0
+    resumed_from: Optional[int] = None
+    history: List[Dict[str, Any]] = []
+    if resume and ckpt is not None:
+        state = json.loads((ckpt / "state.json").read_text())
+        _check_resumable(state, config, run_info, ckpt)
+        model.load_state_dict(torch.load(ckpt / "model.pt", map_location=device, weights_only=True))
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
+        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+        _set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
+        stream.load_state_dict(state["data"])
+        start_step = int(state["step"])
+        elapsed_before = float(state.get("elapsed_s", 0.0))
+        resumed_from = start_step
+        history = [r for r in read_log(log_path) if int(r.get("step", 0)) <= start_step]
+        atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in history))
+        log.info("resumed from %s (step %d of %d)", ckpt, start_step, config.steps)
+    elif resume:
+        if log_path.exists():
+            log.warning("no checkpoint in %s: restarting from step 0", out)
+            log_path.unlink()
+    t0 = time.time()
+    last_train = next((r for r in reversed(history) if r.get("type") == "train"), None)
+    tokens_seen = int(last_train.get("tokens", 0)) if last_train else 0
+    for stale in (out / CKPT_DIR).glob(".tmp-*"):  # left by a kill during a checkpoint save
+        shutil.rmtree(stale, ignore_errors=True)
+
+    def elapsed() -> float:
+        return elapsed_before + time.time() - t0
+
+    last_eval = next((r for r in reversed(history) if r.get("type") == "eval"), None)
+    plot_path: Optional[Path] = out / PLOT_NAME if (out / PLOT_NAME).is_file() else None
+    plotted = len(history) if plot_path is not None else -1
+    with open(log_path, "a", encoding="utf-8") as logf:
+
+        def emit(record: Dict[str, Any]) -> None:
+            history.append(record)
+            logf.write(json.dumps(record) + "\n")
+            logf.flush()
+
+        for step in range(start_step + 1, config.steps + 1):
+            losses: List[float] = []
+            metric_sums: Dict[str, float] = {}
+            for _ in range(config.grad_accum):
+                batch = _move_batch(next(stream), device)
+                tokens_seen += int(batch["attention_mask"].sum())
+                with autocast_context(device, use_bf16):
+                    loss, metrics = loss_fn(model, batch)
+                if not torch.isfinite(loss):
+                    raise RuntimeError(f"non-finite loss {loss.item()} at step {step}")
+                (loss.float() / config.grad_accum).backward()
+                losses.append(float(loss.detach()))
+                for k, v in metrics.items():
+                    metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
+            grad_norm = None
+            if config.max_grad_norm is not None:
+                params = [p for g in optimizer.param_groups for p in g["params"]]
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            record: Dict[str, Any] = {
+                "type": "train",
+                "step": step,
+                "loss": sum(losses) / len(losses),
+                "lr": lr,
+                "tokens": tokens_seen,
+                "epoch": round(stream.epoch, 4),
+                "elapsed_s": round(elapsed(), 3),
+            }
+            if grad_norm is not None:
+                record["grad_norm"] = grad_norm
+            record.update({k: v / config.grad_accum for k, v in metric_sums.items()})
+            if step % config.log_every == 0 or step == config.steps:
+                emit(record)
+                if step == start_step + 1 or step % max(1, config.steps // 20) == 0 or step == config.steps:
+                    log.info("step %d/%d loss %.4f lr %.2e (%.1fs)", step, config.steps, record["loss"], lr, elapsed())
+            if eval_fn is not None and ((config.eval_every and step % config.eval_every == 0) or step == config.steps):
+                ev = dict(eval_fn(model))
+                model.train()
+                last_eval = {"type": "eval", "step": step, **ev, "elapsed_s": round(elapsed(), 3)}
+                emit(last_eval)
+                log.info("step %d eval %s", step, {k: round(v, 4) for k, v in ev.items() if isinstance(v, float)})
+            if (config.save_every and step % config.save_every == 0) or step == config.steps:
+                _save_checkpoint(
+                    out, step, model, optimizer, scheduler, stream,
+                    {"config": config.to_dict(), "run_info": run_info, "elapsed_s": elapsed()},
+                    config.keep_checkpoints,
+                )
+                plot_path = _plot(history, out, plot_title)
+                plotted = len(history)
+            for cb in callbacks:
+                cb(step, record)
+
+    if plotted != len(history):
+        plot_path = _plot(history, out, plot_title)
+    train_recs = [r for r in history if r.get("type") == "train"]
+    final_loss = sum(r["loss"] for r in train_recs[-10:]) / len(train_recs[-10:]) if train_recs else None
+    return TrainResult(
+        steps=config.steps,
+        history=history,
+        final_loss=final_loss,
+        final_eval=last_eval,
+        elapsed_s=elapsed(),
+        resumed_from=resumed_from,
+        output_dir=out,
+        log_path=log_path,
+        plot_path=plot_path,
+    )
+
+
+def _check_resumable(state: Dict[str, Any], config: TrainConfig, run_info: Dict[str, Any], ckpt: Path) -> None:
+    old = state.get("config", {})
+    new = config.to_dict()
+    diffs = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k]]
+    if diffs:
+        raise ValueError(f"cannot resume {ckpt}: training configuration changed ({'; '.join(diffs)})")
+    old_info = state.get("run_info", {})
+    idiffs = [f"{k}: {old_info.get(k)!r} -> {run_info[k]!r}" for k in run_info if k in old_info and old_info[k] != run_info[k]]
+    if idiffs:
+        raise ValueError(f"cannot resume {ckpt}: run changed ({'; '.join(idiffs)})")
+
+
+def _plot(history: List[Dict[str, Any]], out: Path, title: str) -> Optional[Path]:
+    try:
+        from minitron.plotting import plot_loss_curves
+    except ImportError:  # pragma: no cover - matplotlib is a dependency
+        return None
+    try:
+        return plot_loss_curves(history, out / PLOT_NAME, title=title)
+    except Exception as e:  # a plot must never kill a training run
+        log.warning("could not plot the loss curve: %s", e)
+        return None
