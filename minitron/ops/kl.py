@@ -398,13 +398,21 @@ class KLDivLoss(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
+# Budget for one chunk's student logits, teacher logits and logit gradient (fp32-sized). Small chunks
+# turn the logit matmuls into skinny GEMMs that re-read the whole [V, H] weight per chunk, which is slow
+# on CPUs; this keeps chunks large while their temporaries stay a small fraction of the full logits.
+_CHUNK_BYTES = 384 << 20
+
+
 def _default_chunk_size(n: int, vocab: int, hidden: int) -> int:
-    """Tokens per chunk: keeps a chunk's logits about the size of the hidden states (power of two)."""
+    """Tokens per chunk: the larger of ``ceil(N / ceil(V / H))`` (logits about the size of the hidden
+    states) and what fits ``_CHUNK_BYTES`` of chunk temporaries, at most N."""
     if n <= 0:
         return 1
     inc = max(1, -(-vocab // max(hidden, 1)))
-    target = max(1, -(-n // inc))
-    return min(max(16, 1 << (target - 1).bit_length()), max(n, 1))
+    by_hidden = max(1, -(-n // inc))
+    by_budget = max(16, _CHUNK_BYTES // (3 * 4 * max(vocab, 1)))
+    return max(1, min(max(by_hidden, by_budget), n))
 
 
 def _fused_linear_impl(sh: Tensor, sw: Tensor, th: Tensor, tw: Tensor, sb: Optional[Tensor], tb: Optional[Tensor],
