@@ -32,6 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from minitron.checkpoint import same_or_inside
 from minitron.data import PackedDataset, check_seq_len, load_packed, max_positions
 from minitron.train import TrainConfig, TrainResult, atomic_write_json, resolve_device
 
@@ -92,14 +93,6 @@ def _is_path(x: Any) -> bool:
     return isinstance(x, (str, os.PathLike))
 
 
-def _same_or_inside(a: Path, b: Path) -> bool:
-    try:
-        a.resolve().relative_to(b.resolve())
-        return True
-    except ValueError:
-        return False
-
-
 def check_output_dir(
     output_dir: Any,
     *,
@@ -128,11 +121,11 @@ def check_output_dir(
         ip = Path(inp)
         if not ip.exists():
             continue
-        if _same_or_inside(out, ip):
+        if same_or_inside(out, ip):
             raise ValueError(
                 f"{what} {str(out)!r} is the input {str(ip)!r} or lies inside it; choose another output directory"
             )
-        if _same_or_inside(ip, out) and (overwrite or out.exists()):
+        if same_or_inside(ip, out) and (overwrite or out.exists()):
             raise ValueError(f"{what} {str(out)!r} contains the input {str(ip)!r}; choose another output directory")
     if out.exists() or out.is_symlink():
         if not out.is_dir():

@@ -40,7 +40,7 @@ def has_tokenizer_files(directory: Union[str, os.PathLike]) -> bool:
     return any((d / name).is_file() for name in TOKENIZER_FILES)
 
 
-def _same_or_inside(a: Path, b: Path) -> bool:
+def same_or_inside(a: Path, b: Path) -> bool:
     """Whether path ``a`` is ``b`` or lies inside ``b`` (resolved, symlinks followed)."""
     try:
         a.resolve().relative_to(b.resolve())
@@ -82,11 +82,11 @@ def save_model(
     out = Path(out_dir)
     if input_path is not None:
         inp = Path(input_path)
-        if _same_or_inside(out, inp):
+        if same_or_inside(out, inp):
             raise ValueError(
                 f"out_dir {str(out)!r} is the input checkpoint {str(inp)!r} or lies inside it; choose another output directory"
             )
-        if overwrite and inp.exists() and _same_or_inside(inp, out):
+        if overwrite and inp.exists() and same_or_inside(inp, out):
             raise ValueError(
                 f"overwriting out_dir {str(out)!r} would delete the input checkpoint {str(inp)!r} inside it"
             )
