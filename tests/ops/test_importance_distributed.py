@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -65,11 +64,11 @@ def _single_process(backend: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _worker(rank: int, port: int, backend: str, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def _worker(rank: int, store_file: str, backend: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # A file store, not a TCP port picked in advance: a port can be taken by another process between the
+    # pick and the bind, which aborts the worker inside c10d.
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=WORLD)
     try:
         xs, ms = _data()
         mine = _shard(rank)
@@ -94,16 +93,10 @@ def _worker(rank: int, port: int, backend: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_all_reduce_two_processes_equals_one(tmp_path: Path):
     backend = _backend()
-    mp.spawn(_worker, args=(_free_port(), backend, str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp_path / "store"), backend, str(tmp_path)), nprocs=WORLD, join=True)
     expect = _single_process(backend)
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"rank{rank}.pt")
