@@ -1057,20 +1057,10 @@ def render_markdown(results: Dict[str, Any]) -> str:
 
 
 def _save_png(fig: Any, path: PathLike) -> Path:
-    """Write ``fig`` as a PNG atomically (temporary file in the same directory, then rename)."""
-    import tempfile
+    """Write ``fig`` as a PNG atomically (the driver's plotting helper)."""
+    from minitron.plotting import _save_figure
 
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return _save_figure(fig, path)
 
 
 def plot_curves(results: Dict[str, Any], path: PathLike) -> Path:

@@ -24,6 +24,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from minitron.ops.slicing import _col_major, _layout
+
 log = logging.getLogger(__name__)
 
 __all__ = ["gather_slices_triton", "compact_triton"]
@@ -85,23 +87,6 @@ def _gather_slices_kernel(desc_ptr, prog_ptr, NF: tl.constexpr, UNIT_BYTES: tl.c
     tl.store(dst + doff, v, mask=m)
 
 
-def _col_major(t: Tensor) -> bool:
-    return t.dim() == 2 and t.shape[0] > 1 and t.shape[1] > 1 and t.stride(0) < t.stride(1)
-
-
-def _layout(shape: Sequence[int], strides: Sequence[int], col_major: bool) -> tuple[int, int, int, int, int, int]:
-    """``(outer, inner, so, si, outer_dim, inner_dim)``, as slicing_math.h ``make_layout``."""
-    if len(shape) == 1:
-        outer, inner, so, si, od, idim = 1, shape[0], 0, strides[0], -1, 0
-    else:
-        od = 1 if col_major else 0
-        idim = 1 - od
-        outer, inner, so, si = shape[od], shape[idim], strides[od], strides[idim]
-    if inner <= 1:
-        si = 1
-    if outer <= 1:
-        so = inner * si
-    return outer, inner, so, si, od, idim
 
 
 def _describe(src: Tensor, idx: Tensor, dim: int, block: int, dst: Tensor, dso: int, dsi: int, unit: int,
