@@ -21,8 +21,10 @@ timeout $TEST_S $PY -m pytest -q -n ${XDIST:-6} -p no:cacheprovider tests/gpu te
   --junitxml="$OUT/junit.xml" >"$OUT/tests.log" 2>&1
 echo "== tests rc=$? in $(( $(date +%s) - t0 )) s"
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | head -60
+# BENCH_FILTERS: ';'-separated case-id substrings (default: every case of the chosen benchmarks)
+filters=(); IFS=';' read -ra fs <<<"${BENCH_FILTERS:-}"; for f in "${fs[@]}"; do [ -n "$f" ] && filters+=(--filter "$f"); done
 t0=$(date +%s)
 timeout $BENCH_S $PY -m benchmarks --device cuda --only ${BENCH_ONLY:-kl,fused_linear_kl,importance,slicing} \
-  --inprocess --no-plots --repeats 20 --max-time 4 --results-dir "$OUT/bench" ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1
+  --inprocess --no-plots --repeats ${REPEATS:-20} --max-time ${MAX_TIME:-4} --results-dir "$OUT/bench" "${filters[@]}" ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1
 echo "== bench rc=$? in $(( $(date +%s) - t0 )) s"
 tail -5 "$OUT/bench.log"

@@ -179,7 +179,7 @@ def importance_reference(xs: Sequence[Tensor] | Tensor, masks: Optional[Sequence
         group_size, seq_agg, batch_agg: as in :class:`ImportanceAccumulator`.
 
     Returns:
-        fp32 ``[units]``; 0 for every unit when no sample counts.
+        fp32 ``[units]`` on the device of ``xs[0]``; 0 for every unit when no sample counts.
     """
     if isinstance(xs, Tensor):
         xs = [xs]
@@ -205,9 +205,9 @@ def importance_reference(xs: Sequence[Tensor] | Tensor, masks: Optional[Sequence
         mk = _check_mask(mk, x.shape[0], x.shape[1], x.device)
         v, counts = _seq_aggregate(_magnitude(x, group_size, torch.float64), mk, seq_agg)
         vals.append(v[counts > 0])
-    v = torch.cat(vals).cpu() if vals else torch.zeros(0, units, dtype=torch.float64)
+    v = torch.cat(vals)
     if v.shape[0] == 0:
-        return torch.zeros(units, dtype=torch.float32)
+        return torch.zeros(units, dtype=torch.float32, device=xs[0].device)
     if batch_agg == "mean":
         out = v.mean(0)
     elif batch_agg == "sum":
@@ -242,7 +242,8 @@ def block_influence_reference(h_ins: Sequence[Tensor] | Tensor, h_outs: Sequence
         masks: ``None`` or a list of ``None`` / bool ``[batch_i, seq_i]`` masks.
 
     Returns:
-        fp32 scalar: mean over the counted tokens of ``1 - cos(h_in, h_out)``; NaN when no token counts.
+        fp32 scalar on the inputs' device: mean over the counted tokens of ``1 - cos(h_in, h_out)``; NaN when
+        no token counts.
     """
     if isinstance(h_ins, Tensor):
         h_ins, h_outs = [h_ins], [h_outs]  # type: ignore[list-item]
@@ -252,7 +253,8 @@ def block_influence_reference(h_ins: Sequence[Tensor] | Tensor, h_outs: Sequence
         raise ValueError("h_ins and h_outs must have the same length")
     if masks is None:
         masks = [None] * len(h_ins)
-    total = torch.zeros((), dtype=torch.float64)
+    device = h_ins[0].device if len(h_ins) else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     for a, b, mk in zip(h_ins, h_outs, masks):
         if a.shape != b.shape or a.dim() != 3:
@@ -262,10 +264,10 @@ def block_influence_reference(h_ins: Sequence[Tensor] | Tensor, h_outs: Sequence
         d = _one_minus_cos(a.to(torch.float64), b.to(torch.float64))
         if mk is not None:
             d = d[mk]
-        total += d.sum().cpu()
+        total += d.sum()
         count += d.numel()
     if count == 0:
-        return torch.tensor(float("nan"), dtype=torch.float32)
+        return torch.tensor(float("nan"), dtype=torch.float32, device=device)
     return (total / count).to(torch.float32)
 
 

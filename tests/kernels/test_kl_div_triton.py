@@ -1,11 +1,9 @@
 """Triton fused KL-divergence kernels (minitron.kernels.kl_div) vs a float64 torch reference.
 
-Runs on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1, set before triton is imported).
+Runs on CUDA tensors with compiled Triton on a GPU, and on CPU tensors under the Triton interpreter otherwise
+(TRITON_INTERPRET=1, set by tests/conftest.py before triton is imported, only when there is no GPU).
 """
 import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import math  # noqa: E402
 
 import pytest  # noqa: E402

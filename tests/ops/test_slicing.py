@@ -1,15 +1,12 @@
 """Tests of minitron.ops.slicing: gather_slices, compact_ and their backends.
 
 Backends tested here: ``cpp`` (needs the extension: set MINITRON_EXT or build it), ``triton`` under
-the interpreter (TRITON_INTERPRET=1 is set below before triton can be imported; small shapes) and
+the interpreter (TRITON_INTERPRET=1 is set by tests/conftest.py when there is no GPU; small shapes) and
 ``reference``. The oracle is ``torch.index_select`` with the sorted, block-expanded index.
 """
 from __future__ import annotations
 
 import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import importlib.util  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
