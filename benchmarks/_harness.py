@@ -362,7 +362,49 @@ def environment(device: str) -> dict:
         "host": platform.node(),
     }
     env["device_slug"] = sanitize(env["device"])
+    env["machine_class"] = machine_class(env)
     return env
+
+
+def _cpu_cache_kib(level: int) -> Optional[int]:
+    """Size of CPU 0's unified cache of ``level`` (KiB) from sysfs; None where unknown."""
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    try:
+        for idx in sorted(base.glob("index*")):
+            if (idx / "level").read_text().strip() == str(level) and (idx / "type").read_text().strip() != "Instruction":
+                raw = (idx / "size").read_text().strip().upper()
+                mult = 1024 if raw.endswith("M") else 1
+                return int(raw.rstrip("KM")) * mult
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def machine_class(env: dict) -> str:
+    """What must match for CPU time ratios of two runs to be comparable with the normal tolerance.
+
+    Ratios to torch in the same run cancel machine speed and load only to first order: the ISA our
+    kernels and torch's run (AVX-512 vs AVX2), the caches and the thread count change them by up to
+    2.5x (measured: forcing AVX2 on the AVX-512 dev VM moved the bf16 kl_div ratio +125%; the CI runner
+    moved four quick cases by +48% to +154%). GPUs are compared by name (absolute times).
+    """
+    if env.get("device_type") == "cuda":
+        return str(env.get("device"))
+    isa = "n/a"
+    try:
+        from minitron import _ext
+
+        isa = _ext.build_info().get("cpu_isa", "n/a") if _ext.available() else "no-extension"
+    except Exception:  # noqa: BLE001 - the class is informative; never fail a run over it
+        pass
+    try:
+        import torch
+
+        cap = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # noqa: BLE001
+        cap = "n/a"
+    return (f"{env.get('device')}|ours={isa}|torch={cap}|threads={env.get('threads')}|"
+            f"L2={_cpu_cache_kib(2)}K|L3={_cpu_cache_kib(3)}K")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -593,6 +635,7 @@ def make_record(case: Case, result: dict, env: dict, run_id: str, limits: Option
         "device_slug": env.get("device_slug"),
         "device_type": env.get("device_type"),
         "threads": env.get("threads"),
+        "machine_class": env.get("machine_class"),
         "git_commit": env.get("git_commit"),
         "versions": env.get("versions"),
         "bench": case.bench,
@@ -696,6 +739,7 @@ class CompareReport:
     findings: list[Finding] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     tolerance: float = 0.25
+    note: str = ""
 
     @property
     def regressions(self) -> list[Finding]:
@@ -742,8 +786,12 @@ def _aggregate(records: Iterable[dict]) -> dict:
     return out
 
 
+CROSS_MACHINE_TOLERANCE = 2.0
+
+
 def compare(current: list[dict], baseline: list[dict], tolerance: float = 0.25,
-            memory_tolerance: Optional[float] = None) -> CompareReport:
+            memory_tolerance: Optional[float] = None,
+            cross_machine_tolerance: float = CROSS_MACHINE_TOLERANCE) -> CompareReport:
     """Compare our providers' records in ``current`` against ``baseline``.
 
     Time: on CPU (or when the GPU names differ) the ratio of our time to the reference provider's time in the
@@ -753,13 +801,30 @@ def compare(current: list[dict], baseline: list[dict], tolerance: float = 0.25,
     to ``tolerance``) plus 4 MiB. Baseline values are medians over all runs the baseline file holds for a
     case (see :func:`_aggregate`); several quick runs make a robust baseline. A case measured fine in the baseline that is now unavailable/failing is a
     regression. Baseline cases not run now are listed as skipped.
+
+    Machine classes (:func:`machine_class`): ratios measured on another kind of CPU are not comparable at
+    ``tolerance``. When the baseline holds records of the current run's class, only those are used; when it
+    holds none, all of its records are used and a time ratio fails only past ``cross_machine_tolerance``
+    (default +200%: catches a lost kernel or a fallback to a slow path, not a 25% slowdown). The report says
+    which applied.
     """
     mem_tol = tolerance if memory_tolerance is None else memory_tolerance
     add_ratios(current)
     add_ratios(baseline)
     cur = _latest(current)
-    base = _aggregate(baseline)
+    classes = {r.get("machine_class") for r in current if r.get("kind", "result") == "result"}
+    cur_class = next(iter(classes)) if len(classes) == 1 else None
+    # records without a class (older files) match each other, as before classes existed
+    same = [r for r in baseline if len(classes) == 1 and r.get("kind", "result") == "result"
+            and r.get("machine_class") == cur_class]
+    cross = not same
+    base = _aggregate(same if same else baseline)
     rep = CompareReport(tolerance=tolerance)
+    if cross:
+        known = sorted({str(r.get("machine_class")) for r in baseline if r.get("kind", "result") == "result"})
+        rep.note = (f"no baseline records of this machine class ({cur_class}); baseline classes: "
+                    f"{', '.join(known) or 'none'}. CPU time ratios are compared with the cross-machine tolerance "
+                    f"{cross_machine_tolerance:.0%} (ratios differ across CPUs).")
     for key, b in base.items():
         if not b.get("ours"):
             continue
@@ -787,6 +852,8 @@ def compare(current: list[dict], baseline: list[dict], tolerance: float = 0.25,
             bv = cv = None
             how = ""
         tol = max(tolerance, c.get("tolerance") or 0.0)
+        if cross and not same_gpu:
+            tol = max(tol, cross_machine_tolerance)
         if bv is not None and cv is not None:
             rep.findings.append(Finding(key[0], key[1], "time", bv, cv, how, cv > bv * (1.0 + tol),
                                         tolerance=tol))
@@ -824,6 +891,8 @@ def confirm_time_regressions(rep: CompareReport, remeasure: Callable[[str, str],
 def format_compare(rep: CompareReport) -> str:
     lines = [f"Regression check (tolerance {rep.tolerance:.0%}): {len(rep.findings)} checks, "
              f"{len(rep.regressions)} regressions, {len(rep.skipped)} skipped"]
+    if rep.note:
+        lines.append(f"  note: {rep.note}")
 
     def fmt(v: Optional[float], kind: str) -> str:
         if v is None:
@@ -1168,6 +1237,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tolerance", type=float, default=0.25, help="allowed relative slowdown (default 0.25)")
     ap.add_argument("--confirm", type=int, default=2,
                     help="re-measure a ratio-based time regression up to this many times before failing (default 2)")
+    ap.add_argument("--cross-machine-tolerance", type=float, default=CROSS_MACHINE_TOLERANCE,
+                    help="allowed relative growth of a CPU time ratio when the baseline has no records of this "
+                         "machine class (default 2.0 = +200%%)")
     ap.add_argument("--memory-tolerance", type=float, default=None,
                     help="allowed relative peak-memory growth (default: --tolerance)")
     ap.add_argument("--save-baseline", default=None, metavar="PATH",
@@ -1264,7 +1336,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f.write(json.dumps(r, sort_keys=True) + "\n")
         print(f"# baseline written to {path}")
     if args.compare:
-        rep = compare(records, load_jsonl(args.compare), args.tolerance, args.memory_tolerance)
+        rep = compare(records, load_jsonl(args.compare), args.tolerance, args.memory_tolerance,
+                      args.cross_machine_tolerance)
         by_id = {c.id: (m, c) for m, c in plan}
 
         def run(mod_name: str, case: Case) -> dict:

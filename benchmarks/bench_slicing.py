@@ -57,7 +57,7 @@ def _expand(idx, block: int):
 
     if block == 1:
         return idx
-    return (idx[:, None] * block + torch.arange(block)).reshape(-1)
+    return (idx[:, None] * block + torch.arange(block, device=idx.device)).reshape(-1)
 
 
 def _matrix(shape, dtype: str, device: str):

@@ -150,6 +150,35 @@ def test_compare_cpu_uses_ratio_to_reference():
     assert h.compare(_pair(150.0, 1000.0), base, 0.6).ok
 
 
+def _classed(ours_ms, ref_ms, cls, **kw):
+    recs = _pair(ours_ms, ref_ms, **kw)
+    for r in recs:
+        r["machine_class"] = cls
+    return recs
+
+
+def test_compare_uses_same_machine_class_else_cross_machine_tolerance():
+    base = _classed(100.0, 1000.0, "A", run="b1") + _classed(300.0, 1000.0, "B", run="b2")
+    # same class: only class A's records count (ratio 0.1), so 1.5x is a regression
+    rep = h.compare(_classed(150.0, 1000.0, "A"), base, 0.25)
+    assert not rep.ok and rep.regressions[0].baseline == pytest.approx(0.1) and not rep.note
+    # class B's baseline ratio is 0.3: 0.35 passes there
+    assert h.compare(_classed(350.0, 1000.0, "B"), base, 0.25).ok
+    # an unknown class: every record (median ratio 0.2) with the cross-machine tolerance (+200%)
+    rep = h.compare(_classed(500.0, 1000.0, "C"), base, 0.25)
+    assert rep.ok and "machine class" in rep.note and "machine class" in h.format_compare(rep)
+    rep = h.compare(_classed(700.0, 1000.0, "C"), base, 0.25)
+    assert not rep.ok and rep.regressions[0].tolerance == pytest.approx(2.0)
+    assert h.compare(_classed(700.0, 1000.0, "C"), base, 0.25, cross_machine_tolerance=3.0).ok
+
+
+def test_machine_class_names_isa_threads_and_caches():
+    env = h.environment("cpu")
+    cls = env["machine_class"]
+    assert cls.startswith(env["device"]) and f"threads={env['threads']}" in cls
+    assert "ours=" in cls and "torch=" in cls and "L3=" in cls
+
+
 def test_compare_gpu_absolute_same_name_and_ratio_across_gpus():
     base = _pair(1.0, 10.0, run="b", device="NVIDIA H100", device_type="cuda")
     # same GPU: absolute time counts even if the reference got slower too

@@ -121,13 +121,20 @@ def _describe(src: Tensor, idx: Tensor, dim: int, block: int, dst: Tensor, dso: 
     return row, n_prog
 
 
+def _to_device(host: Tensor, device: torch.device) -> Tensor:
+    """Host metadata -> ``device``; to a GPU through pinned memory, asynchronously (no sync per call)."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 def _launch(rows: list[list[int]], counts: list[int], unit: int, device: torch.device) -> None:
     total = sum(counts)
     if total == 0:
         return
-    desc = torch.tensor(rows, dtype=torch.int64).to(device)
-    prog = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32),
-                                   torch.tensor(counts, dtype=torch.int64)).to(device)
+    desc = _to_device(torch.tensor(rows, dtype=torch.int64), device)
+    prog = _to_device(torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32),
+                                              torch.tensor(counts, dtype=torch.int64)), device)
     _gather_slices_kernel[(total,)](desc, prog, NF=_NF, UNIT_BYTES=unit, BLOCK=_BLOCK)
 
 

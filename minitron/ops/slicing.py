@@ -169,8 +169,16 @@ def _check_one(t: object, index: object, dim: object, block: object, names: tupl
 def _prepare_index(index: Tensor, units: int, block: int, iname: str, device: torch.device) -> Tensor:
     """Checks the values of ``index`` and returns it sorted, int64, contiguous, on ``device``.
 
-    Never modifies ``index``.
+    Never modifies ``index``. An index already on an accelerator is checked there with one small
+    device-to-host read (the common sorted, in-range case then needs no copy of the index); anything
+    that fails that check takes the host path below, which sorts it or names the problem.
     """
+    if index.device.type != "cpu" and index.device == device and index.numel() > 0:
+        dev = index.detach().to(torch.int64)
+        ok = torch.stack([dev.min() >= 0, dev.max() < units,
+                          (dev[1:] > dev[:-1]).all() if dev.numel() > 1 else dev.new_ones((), dtype=torch.bool)])
+        if bool(ok.all()):
+            return dev.contiguous()
     host = index.detach().to(device="cpu", dtype=torch.int64)
     if host.numel() > 1 and not bool((host[1:] > host[:-1]).all()):
         host = torch.sort(host).values

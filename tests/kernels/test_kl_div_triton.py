@@ -79,8 +79,8 @@ def make(n, v, dtype=torch.float32, seed=0, spread=3.0, row_stride=None, zero_w=
     stride = v if row_stride is None else row_stride
     base_s = torch.randn(n, stride, generator=gen) * spread
     base_t = torch.randn(n, stride, generator=gen) * spread + 0.3 * base_s  # correlated
-    student = base_s.to(dtype)[:, :v].to(DEVICE)
-    teacher = base_t.to(dtype)[:, :v].to(DEVICE)
+    student = base_s.to(dtype).to(DEVICE)[:, :v]  # slice on the device: row stride kept
+    teacher = base_t.to(dtype).to(DEVICE)[:, :v]
     weight = torch.rand(n, generator=gen) + 0.5
     if zero_w and n >= 2:
         weight[1] = 0.0
@@ -183,7 +183,7 @@ def test_neg_inf_shared_mask(mode, beta):
     """-inf at the same positions in both (vocab padding); includes a fully -inf first chunk."""
     student, teacher, weight = make(3, 300, seed=7, zero_w=False)
     gen = torch.Generator().manual_seed(8)
-    mask = torch.rand(3, 300, generator=gen) < 0.3
+    mask = (torch.rand(3, 300, generator=gen) < 0.3).to(DEVICE)
     mask[:, :64] = True  # first chunk of 64 entirely -inf
     mask[0, 128:192] = True  # and a middle chunk
     student = student.masked_fill(mask, -INF)
@@ -201,7 +201,7 @@ def test_neg_inf_one_side_finite(mode, beta, which):
     """-inf only where the outer distribution has no mass: finite loss, matches the reference."""
     student, teacher, weight = make(3, 200, seed=9)
     gen = torch.Generator().manual_seed(10)
-    mask = torch.rand(3, 200, generator=gen) < 0.25
+    mask = (torch.rand(3, 200, generator=gen) < 0.25).to(DEVICE)
     mask[:, 64:128] = True
     if which == "teacher":
         teacher = teacher.masked_fill(mask, -INF)
