@@ -27,6 +27,7 @@
 
 #include "common/cpu_features.h"
 #include "common/importance_math.h"
+#include "importance_checks.h"
 
 #pragma GCC diagnostic ignored "-Wpsabi"
 
@@ -383,31 +384,13 @@ void mask_stats(const std::optional<at::Tensor>& mask, int64_t B, int64_t S, std
   }
 }
 
-void check_agg(int64_t agg, const char* name) {
-  TORCH_CHECK_VALUE(agg >= 0 && agg < imp::kNumAggs, name, " must be an aggregation code in [0, ",
-                    imp::kNumAggs, "), got ", agg);
-}
-
 void importance_update_cpu(const at::Tensor& state, const at::Tensor& count, const at::Tensor& x_in,
                            const std::optional<at::Tensor>& mask, int64_t group_size, int64_t seq_agg,
                            int64_t batch_agg) {
-  TORCH_CHECK_VALUE(x_in.dim() == 3, "x must be [batch, seq, units * group_size], got ", x_in.dim(), " dims");
-  TORCH_CHECK_VALUE(group_size >= 1, "group_size must be >= 1, got ", group_size);
-  check_agg(seq_agg, "seq_agg");
-  check_agg(batch_agg, "batch_agg");
-  TORCH_CHECK_TYPE(state.scalar_type() == at::kFloat, "state must be float32");
-  TORCH_CHECK_VALUE(state.dim() == 2 && state.size(0) == 2 && state.is_contiguous(),
-                    "state must be a contiguous [2, units] tensor");
-  TORCH_CHECK_TYPE(count.scalar_type() == at::kLong && count.numel() == 1, "count must be an int64 [1] tensor");
+  check_importance_update_args(state, count, x_in, mask, group_size, seq_agg, batch_agg);
   const int64_t U = state.size(1);
   const int64_t B = x_in.size(0), S = x_in.size(1);
-  TORCH_CHECK_VALUE(x_in.size(2) == U * group_size, "x has ", x_in.size(2), " channels, expected units * group_size = ",
-                    U, " * ", group_size);
   const int dt = dtype_code(x_in, "x");
-  if (mask.has_value()) {
-    TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, "mask must be bool");
-    TORCH_CHECK_VALUE(mask->dim() == 2 && mask->size(0) == B && mask->size(1) == S, "mask must be [batch, seq]");
-  }
   for (const at::Tensor* t : {&state, &count, &x_in}) TORCH_CHECK(t->device().is_cpu(), "expected CPU tensors");
   if (B == 0 || S == 0 || U == 0) return;
   const at::Tensor x = x_in.stride(2) == 1 ? x_in : x_in.contiguous();
@@ -582,21 +565,9 @@ BiFn pick_bi_isa(Isa isa) {
 
 void block_influence_update_cpu(const at::Tensor& state, const at::Tensor& count, const at::Tensor& h_in_,
                                 const at::Tensor& h_out_, const std::optional<at::Tensor>& mask, int64_t layer) {
-  TORCH_CHECK_TYPE(state.scalar_type() == at::kDouble && state.dim() == 1 && state.is_contiguous(),
-                   "state must be a contiguous float64 [num_layers] tensor");
-  TORCH_CHECK_TYPE(count.scalar_type() == at::kLong && count.dim() == 1 && count.is_contiguous() &&
-                       count.size(0) == state.size(0),
-                   "count must be a contiguous int64 [num_layers] tensor");
-  TORCH_CHECK_VALUE(layer >= 0 && layer < state.size(0), "layer_idx must be in [0, ", state.size(0), "), got ", layer);
-  TORCH_CHECK_VALUE(h_in_.dim() == 3, "h_in must be [batch, seq, hidden]");
-  TORCH_CHECK_VALUE(h_in_.sizes() == h_out_.sizes(), "h_in and h_out must have the same shape");
-  TORCH_CHECK_TYPE(h_in_.scalar_type() == h_out_.scalar_type(), "h_in and h_out must have the same dtype");
+  check_block_influence_args(state, count, h_in_, h_out_, mask, layer);
   const int dt = dtype_code(h_in_, "h_in");
   const int64_t B = h_in_.size(0), S = h_in_.size(1), H = h_in_.size(2);
-  if (mask.has_value()) {
-    TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, "mask must be bool");
-    TORCH_CHECK_VALUE(mask->dim() == 2 && mask->size(0) == B && mask->size(1) == S, "mask must be [batch, seq]");
-  }
   if (B == 0 || S == 0) return;
   const at::Tensor a = h_in_.stride(2) == 1 ? h_in_ : h_in_.contiguous();
   const at::Tensor b = h_out_.stride(2) == 1 ? h_out_ : h_out_.contiguous();

@@ -11,6 +11,7 @@
 
 #include "common/importance_math.h"
 #include "cuda/importance.cuh"
+#include "importance_checks.h"
 
 namespace minitron {
 namespace cuda {
@@ -41,27 +42,14 @@ const uint8_t* mask_ptr(const std::optional<at::Tensor>& mask) {
 void importance_update_cuda(const at::Tensor& state, const at::Tensor& count, const at::Tensor& x_in,
                             const std::optional<at::Tensor>& mask, int64_t group_size, int64_t seq_agg,
                             int64_t batch_agg) {
-  TORCH_CHECK_VALUE(x_in.dim() == 3, "x must be [batch, seq, units * group_size], got ", x_in.dim(), " dims");
-  TORCH_CHECK_VALUE(group_size >= 1, "group_size must be >= 1, got ", group_size);
-  TORCH_CHECK_VALUE(seq_agg >= 0 && seq_agg < importance::kNumAggs, "seq_agg code out of range: ", seq_agg);
-  TORCH_CHECK_VALUE(batch_agg >= 0 && batch_agg < importance::kNumAggs, "batch_agg code out of range: ", batch_agg);
-  TORCH_CHECK_TYPE(state.scalar_type() == at::kFloat, "state must be float32");
-  TORCH_CHECK_VALUE(state.dim() == 2 && state.size(0) == 2 && state.is_contiguous(),
-                    "state must be a contiguous [2, units] tensor");
-  TORCH_CHECK_TYPE(count.scalar_type() == at::kLong && count.numel() == 1, "count must be an int64 [1] tensor");
+  check_importance_update_args(state, count, x_in, mask, group_size, seq_agg, batch_agg);
   TORCH_CHECK(x_in.is_cuda(), "x must be a CUDA tensor");
   check_same_device(x_in, state, "state");
   check_same_device(x_in, count, "count");
+  if (mask.has_value()) check_same_device(x_in, *mask, "mask");
   const int64_t U = state.size(1);
   const int64_t B = x_in.size(0), S = x_in.size(1);
-  TORCH_CHECK_VALUE(x_in.size(2) == U * group_size, "x has ", x_in.size(2),
-                    " channels, expected units * group_size = ", U, " * ", group_size);
   const int dt = elem_type(x_in, "x");
-  if (mask.has_value()) {
-    TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, "mask must be bool");
-    TORCH_CHECK_VALUE(mask->dim() == 2 && mask->size(0) == B && mask->size(1) == S, "mask must be [batch, seq]");
-    check_same_device(x_in, *mask, "mask");
-  }
   TORCH_CHECK_VALUE(B <= kMaxGridYZ, "importance (cuda): batch must be <= ", kMaxGridYZ, ", got ", B,
                     " (split the batch)");
   if (B == 0 || S == 0 || U == 0) return;
@@ -96,27 +84,14 @@ void importance_update_cuda(const at::Tensor& state, const at::Tensor& count, co
 
 void block_influence_update_cuda(const at::Tensor& state, const at::Tensor& count, const at::Tensor& h_in_,
                                  const at::Tensor& h_out_, const std::optional<at::Tensor>& mask, int64_t layer) {
-  TORCH_CHECK_TYPE(state.scalar_type() == at::kDouble && state.dim() == 1 && state.is_contiguous(),
-                   "state must be a contiguous float64 [num_layers] tensor");
-  TORCH_CHECK_TYPE(count.scalar_type() == at::kLong && count.dim() == 1 && count.is_contiguous() &&
-                       count.size(0) == state.size(0),
-                   "count must be a contiguous int64 [num_layers] tensor");
-  TORCH_CHECK_VALUE(layer >= 0 && layer < state.size(0), "layer_idx must be in [0, ", state.size(0), "), got ",
-                    layer);
-  TORCH_CHECK_VALUE(h_in_.dim() == 3, "h_in must be [batch, seq, hidden]");
-  TORCH_CHECK_VALUE(h_in_.sizes() == h_out_.sizes(), "h_in and h_out must have the same shape");
-  TORCH_CHECK_TYPE(h_in_.scalar_type() == h_out_.scalar_type(), "h_in and h_out must have the same dtype");
+  check_block_influence_args(state, count, h_in_, h_out_, mask, layer);
   TORCH_CHECK(h_in_.is_cuda(), "h_in must be a CUDA tensor");
   check_same_device(h_in_, h_out_, "h_out");
   check_same_device(h_in_, state, "state");
   check_same_device(h_in_, count, "count");
+  if (mask.has_value()) check_same_device(h_in_, *mask, "mask");
   const int dt = elem_type(h_in_, "h_in");
   const int64_t B = h_in_.size(0), S = h_in_.size(1), H = h_in_.size(2);
-  if (mask.has_value()) {
-    TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, "mask must be bool");
-    TORCH_CHECK_VALUE(mask->dim() == 2 && mask->size(0) == B && mask->size(1) == S, "mask must be [batch, seq]");
-    check_same_device(h_in_, *mask, "mask");
-  }
   if (B == 0 || S == 0) return;
   c10::cuda::CUDAGuard guard(h_in_.device());
   const at::Tensor ha = h_in_.stride(2) == 1 ? h_in_ : h_in_.contiguous();
