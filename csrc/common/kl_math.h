@@ -287,17 +287,37 @@ MINITRON_KL_INLINE void jsd_element(const T& p, const T& q, const T& lp_lq, cons
   g = kl_select(q == zero, zero, log_qm * k.one_minus_beta - sig * k.beta_idiff);
 }
 
-// Per-row (or per-segment) sums of the JSD's second pass: D and sum_j Q_j g_j.
+// Per-row (or per-segment) sums of the JSD's second pass: D, sum_j Q_j g_j and sum_j Q_j. The last two are
+// accumulated in double from exact products (float x float fits a double): when Q is peaked at k, the
+// gradient Q_k (g_k - G) is a difference of two nearly equal numbers of the size of g (up to |log beta|),
+// and a float G would leave an error of one float ulp of g in it, far above the true value.
 struct JsdPartial {
   float loss;
-  float qg;
+  double qg;
+  double q;
 };
 
-// dD/da_k = Q_k (g_k - sum_j Q_j g_j), times coef; 0 where Q_k = 0.
+// G = sum_j Q_j g_j / sum_j Q_j (normalised, so rounding in the Q_j does not shift it) as a float pair
+// hi + lo: (g_k - hi) is exact when g_k is close to G (Sterbenz), so (g_k - hi) - lo keeps the small
+// difference accurate.
+struct JsdCentre {
+  float hi;
+  float lo;
+};
+
+MINITRON_KL_INLINE JsdCentre jsd_centre(double qg, double q) {
+  const double c = q > 0.0 ? qg / q : 0.0;
+  JsdCentre out;
+  out.hi = static_cast<float>(c);
+  out.lo = static_cast<float>(c - static_cast<double>(out.hi));
+  return out;
+}
+
+// dD/da_k = Q_k (g_k - G), times coef; 0 where Q_k = 0.
 template <class T>
-MINITRON_KL_INLINE T jsd_grad(const T& q, const T& g, float qg_sum, float coef) {
+MINITRON_KL_INLINE T jsd_grad(const T& q, const T& g, const JsdCentre& c, float coef) {
   const T zero = kl_splat<T>(0.f);
-  return kl_select(q == zero, zero, q * (g - qg_sum) * coef);
+  return kl_select(q == zero, zero, q * ((g - c.hi) - c.lo) * coef);
 }
 
 }  // namespace kl

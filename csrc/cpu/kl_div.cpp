@@ -1,8 +1,10 @@
 // Fused KL divergence (forward KL, reverse KL, generalised JSD) over large vocabularies: CPU kernel.
 //
 //   _kl_div_fwd_native(student [N, V], teacher [N, V], weight [N] f32, mode, inv_temperature, beta,
-//                      scale) -> (loss [N] f32, grad [N, V] in the input dtype)
+//                      scale, need_grad=True) -> (loss [N] f32, grad [N, V] in the input dtype)
 //   loss_i = weight_i * scale * D_i,  grad_i = weight_i * scale * dD_i/d student_i  (see kl_math.h).
+//   need_grad=False: loss only; grad is an empty [0, V] tensor and the gradient passes are skipped
+//   (forward / reverse KL: pass 1 alone; JSD: passes 1 and 2), so nothing [N, V] is written.
 //
 // Rows run in parallel (at::parallel_for); when N < threads each row is split into chunk-aligned
 // segments processed in parallel and their states merged. Per row / segment (vector paths):
@@ -86,7 +88,7 @@ struct RowCtx {
   bool stream;  // write the gradient with non-temporal stores (it is far larger than the caches)
 };
 
-typedef kl::JsdPartial JsdSums;  // {sum of the JSD terms, sum_j Q_j g_j}
+typedef kl::JsdPartial JsdSums;  // {sum of the JSD terms, sum_j Q_j g_j, sum_j Q_j} (the last two double)
 
 // ----------------------------------------------------------------------------------------------
 // Vector kernel (W lanes). Everything is always_inline; it is compiled inside the target functions
@@ -296,12 +298,13 @@ struct VecKernel {
     float* const ex_buf = r.ex;
     const float it = r.inv_t;
     const float d0 = row.lse_a - row.lse_b;
-    F lacc{}, gacc{};
+    F lacc{};
+    double qg_acc[W] = {}, q_acc[W] = {};  // per lane, in double (see kl_math.h JsdPartial)
     for (int64_t c = c0; c < c1; c += kChunk) {
       const int64_t ce = std::min(c + kChunk, c1);
       const F qf = norm(r.refa, c, row.lse_a);
       const F pf = norm(r.refb, c, row.lse_b);
-      F lc{}, gc{};
+      F lc{};
       for (int64_t i = c; i < ce; i += W) {
         const F q = Fl::load(ea_buf + i) * qf;
         const F p = Fl::load(ex_buf + i) * pf;
@@ -309,20 +312,27 @@ struct VecKernel {
         F loss, gk;
         kl::jsd_element<simd::VecMath>(p, q, lp_lq, k, loss, gk);
         lc += loss;
-        gc += q * gk;
+        for (int l = 0; l < W; ++l) {
+          qg_acc[l] += static_cast<double>(q[l]) * static_cast<double>(gk[l]);
+          q_acc[l] += static_cast<double>(q[l]);
+        }
         Fl::store(ex_buf + i, gk);
       }
       lacc += lc;
-      gacc += gc;
     }
     JsdSums out;
     out.loss = simd::hsum<W>(lacc);
-    out.qg = simd::hsum<W>(gacc);
+    out.qg = 0.0;
+    out.q = 0.0;
+    for (int l = 0; l < W; ++l) {
+      out.qg += qg_acc[l];
+      out.q += q_acc[l];
+    }
     return out;
   }
 
-  static MINITRON_SIMD_INLINE void jsd_pass3(const RowCtx& r, int64_t c0, int64_t c1, const KlRow& row, float qg,
-                                             float coef) {
+  static MINITRON_SIMD_INLINE void jsd_pass3(const RowCtx& r, int64_t c0, int64_t c1, const KlRow& row,
+                                             const kl::JsdCentre& centre, float coef) {
     E* g = static_cast<E*>(r.g);
     const bool stream = use_stream(r, g + c0);
     const float* const ea_buf = r.ea;
@@ -332,7 +342,7 @@ struct VecKernel {
       const F qf = norm(r.refa, c, row.lse_a);
       for (int64_t i = c; i < ce; i += W) {
         const F q = Fl::load(ea_buf + i) * qf;
-        store_grad(g + i, kl::jsd_grad(q, Fl::load(ex_buf + i), qg, coef), ce - i, stream);
+        store_grad(g + i, kl::jsd_grad(q, Fl::load(ex_buf + i), centre, coef), ce - i, stream);
       }
     }
     if (stream) simd::stream_fence();
@@ -396,10 +406,10 @@ struct ScalarKernel {
     const E* s = static_cast<const E*>(r.s);
     const E* t = static_cast<const E*>(r.t);
     const float d0 = row.lse_a - row.lse_b;
-    JsdSums out{0.f, 0.f};
+    JsdSums out{0.f, 0.0, 0.0};
     for (int64_t c = c0; c < c1; c += kScalarChunk) {
       const int64_t ce = std::min(c + kScalarChunk, c1);
-      JsdSums cs{0.f, 0.f};
+      JsdSums cs{0.f, 0.0, 0.0};
       for (int64_t i = c; i < ce; ++i) {
         const float a = load1(s + i) * r.inv_t;
         const float b = load1(t + i) * r.inv_t;
@@ -408,16 +418,18 @@ struct ScalarKernel {
         float loss, gk;
         kl::jsd_element<StdMath>(p, q, (b - a) + d0, k, loss, gk);
         cs.loss += loss;
-        cs.qg += q * gk;
+        cs.qg += static_cast<double>(q) * static_cast<double>(gk);
+        cs.q += static_cast<double>(q);
       }
       out.loss += cs.loss;
       out.qg += cs.qg;
+      out.q += cs.q;
     }
     return out;
   }
 
-  static void jsd_pass3(const RowCtx& r, int64_t c0, int64_t c1, const KlRow& row, float qg, float coef,
-                        const JsdConsts& k) {
+  static void jsd_pass3(const RowCtx& r, int64_t c0, int64_t c1, const KlRow& row, const kl::JsdCentre& centre,
+                        float coef, const JsdConsts& k) {
     const E* s = static_cast<const E*>(r.s);
     const E* t = static_cast<const E*>(r.t);
     E* g = static_cast<E*>(r.g);
@@ -429,7 +441,7 @@ struct ScalarKernel {
       const float p = kl::kl_prob<StdMath>(b, row.lse_b);
       float loss, gk;
       kl::jsd_element<StdMath>(p, q, (b - a) + d0, k, loss, gk);
-      store1(g + i, kl::jsd_grad(q, gk, qg, coef));
+      store1(g + i, kl::jsd_grad(q, gk, centre, coef));
     }
   }
 };
@@ -441,7 +453,7 @@ struct Kernels {
   KlState (*pass1)(const RowCtx&, int64_t, int64_t);
   void (*pass2)(const RowCtx&, int64_t, int64_t, const KlRow&, float);
   JsdSums (*jsd_pass2)(const RowCtx&, int64_t, int64_t, const KlRow&, const JsdConsts&);
-  void (*jsd_pass3)(const RowCtx&, int64_t, int64_t, const KlRow&, float, float, const JsdConsts&);
+  void (*jsd_pass3)(const RowCtx&, int64_t, int64_t, const KlRow&, const kl::JsdCentre&, float, const JsdConsts&);
   KlState (*merge)(const KlState&, const KlState&);
   KlRow (*finalize)(const KlState&);
   bool uses_scratch;
@@ -462,9 +474,9 @@ struct Kernels {
     return VecKernel<W, E, kJsd>::jsd_pass2(r, c0, c1, row, k);                                             \
   }                                                                                                         \
   template <class E>                                                                                        \
-  TARGET void jsd_pass3_##SUFFIX(const RowCtx& r, int64_t c0, int64_t c1, const KlRow& row, float qg,       \
-                                 float coef, const JsdConsts&) {                                            \
-    VecKernel<W, E, kJsd>::jsd_pass3(r, c0, c1, row, qg, coef);                                             \
+  TARGET void jsd_pass3_##SUFFIX(const RowCtx& r, int64_t c0, int64_t c1, const KlRow& row,                \
+                                 const kl::JsdCentre& centre, float coef, const JsdConsts&) {               \
+    VecKernel<W, E, kJsd>::jsd_pass3(r, c0, c1, row, centre, coef);                                         \
   }
 
 #if MINITRON_HAS_X86_DISPATCH
@@ -565,7 +577,7 @@ inline RowCtx row_ctx(const Problem& P, int64_t i, const Scratch& sc) {
   RowCtx r;
   r.s = P.s + i * P.s_stride;
   r.t = P.t + i * P.t_stride;
-  r.g = P.g + i * P.v * P.elem;
+  r.g = P.g != nullptr ? P.g + i * P.v * P.elem : nullptr;
   r.ea = sc.ea;
   r.ex = sc.ex;
   r.refa = sc.refa;
@@ -581,7 +593,7 @@ void process_row(const Problem& P, const Kernels& K, int64_t i, const Scratch& s
   const float w = P.w[i];
   if (w == 0.f) {
     P.loss[i] = 0.f;
-    std::memset(P.g + i * P.v * P.elem, 0, static_cast<size_t>(P.v * P.elem));
+    if (P.g != nullptr) std::memset(P.g + i * P.v * P.elem, 0, static_cast<size_t>(P.v * P.elem));
     return;
   }
   const RowCtx r = row_ctx(P, i, sc);
@@ -590,11 +602,11 @@ void process_row(const Problem& P, const Kernels& K, int64_t i, const Scratch& s
   KlRow row = K.finalize(K.pass1(r, 0, P.v));
   if (P.mode != kJsd) {
     P.loss[i] = ws * row.div;
-    K.pass2(r, 0, P.v, row, coef);
+    if (P.g != nullptr) K.pass2(r, 0, P.v, row, coef);
   } else {
     const JsdSums sums = K.jsd_pass2(r, 0, P.v, row, P.jsd);
     P.loss[i] = ws * sums.loss;
-    K.jsd_pass3(r, 0, P.v, row, sums.qg, coef, P.jsd);
+    if (P.g != nullptr) K.jsd_pass3(r, 0, P.v, row, kl::jsd_centre(sums.qg, sums.q), coef, P.jsd);
   }
 }
 
@@ -603,7 +615,7 @@ void process_row_split(const Problem& P, const Kernels& K, int64_t i, const Scra
   const float w = P.w[i];
   if (w == 0.f) {
     P.loss[i] = 0.f;
-    std::memset(P.g + i * P.v * P.elem, 0, static_cast<size_t>(P.v * P.elem));
+    if (P.g != nullptr) std::memset(P.g + i * P.v * P.elem, 0, static_cast<size_t>(P.v * P.elem));
     return;
   }
   const RowCtx r = row_ctx(P, i, sc);
@@ -620,6 +632,7 @@ void process_row_split(const Problem& P, const Kernels& K, int64_t i, const Scra
   const float coef = ws * P.inv_t;
   if (P.mode != kJsd) {
     P.loss[i] = ws * row.div;
+    if (P.g == nullptr) return;
     at::parallel_for(0, nseg, 1, [&](int64_t b, int64_t e) {
       for (int64_t sgi = b; sgi < e; ++sgi) K.pass2(r, seg_begin(sgi), seg_begin(sgi + 1), row, coef);
     });
@@ -628,15 +641,18 @@ void process_row_split(const Problem& P, const Kernels& K, int64_t i, const Scra
     at::parallel_for(0, nseg, 1, [&](int64_t b, int64_t e) {
       for (int64_t sgi = b; sgi < e; ++sgi) sums[sgi] = K.jsd_pass2(r, seg_begin(sgi), seg_begin(sgi + 1), row, P.jsd);
     });
-    JsdSums tot{0.f, 0.f};
+    JsdSums tot{0.f, 0.0, 0.0};
     for (int64_t sgi = 0; sgi < nseg; ++sgi) {
       tot.loss += sums[sgi].loss;
       tot.qg += sums[sgi].qg;
+      tot.q += sums[sgi].q;
     }
+    const kl::JsdCentre centre = kl::jsd_centre(tot.qg, tot.q);
     P.loss[i] = ws * tot.loss;
+    if (P.g == nullptr) return;
     at::parallel_for(0, nseg, 1, [&](int64_t b, int64_t e) {
       for (int64_t sgi = b; sgi < e; ++sgi)
-        K.jsd_pass3(r, seg_begin(sgi), seg_begin(sgi + 1), row, tot.qg, coef, P.jsd);
+        K.jsd_pass3(r, seg_begin(sgi), seg_begin(sgi + 1), row, centre, coef, P.jsd);
     });
   }
 }
@@ -675,7 +691,7 @@ void advise_huge_pages(void* ptr, size_t bytes) {
 
 std::tuple<at::Tensor, at::Tensor> kl_div_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher,
                                                   const at::Tensor& weight, int64_t mode, double inv_temperature,
-                                                  double beta, double scale) {
+                                                  double beta, double scale, bool need_grad) {
   minitron::check_kl_div_native_args(student, teacher, weight, mode, inv_temperature, beta);
   const auto dt = student.scalar_type();
   TORCH_CHECK(student.device().is_cpu() && teacher.device().is_cpu() && weight.device().is_cpu(),
@@ -683,19 +699,22 @@ std::tuple<at::Tensor, at::Tensor> kl_div_fwd_cpu(const at::Tensor& student, con
   const int64_t n = student.size(0), v = student.size(1);
 
   at::Tensor loss = at::empty({n}, student.options().dtype(at::kFloat));
-  at::Tensor grad = at::empty({n, v}, student.options());
+  at::Tensor grad = at::empty({need_grad ? n : 0, v}, student.options());  // [0, v]: loss only
   if (n == 0) return std::make_tuple(loss, grad);
-  advise_huge_pages(grad.data_ptr(), static_cast<size_t>(grad.nbytes()));
+  if (need_grad) advise_huge_pages(grad.data_ptr(), static_cast<size_t>(grad.nbytes()));
 
   int m = static_cast<int>(mode);
-  if (m == kJsd && beta == 1.0) m = kForward;  // JSD_1 = KL(P || Q)
-  if (m == kJsd && beta == 0.0) m = kReverse;  // JSD_0 = KL(Q || P)
+  // The kernel works with a float beta: one that rounds to 1 or 0 (e.g. 1e-50) is that KL exactly, where the
+  // JSD constants log(beta) / log(1 - beta) would be infinite.
+  const float beta_f = static_cast<float>(beta);
+  if (m == kJsd && beta_f == 1.f) m = kForward;  // JSD_1 = KL(P || Q)
+  if (m == kJsd && beta_f == 0.f) m = kReverse;  // JSD_0 = KL(Q || P)
 
   Problem P;
   P.elem = student.element_size();
   P.s = static_cast<const char*>(student.data_ptr());
   P.t = static_cast<const char*>(teacher.data_ptr());
-  P.g = static_cast<char*>(grad.data_ptr());
+  P.g = need_grad ? static_cast<char*>(grad.data_ptr()) : nullptr;
   P.w = weight.data_ptr<float>();
   P.loss = loss.data_ptr<float>();
   P.n = n;
@@ -706,7 +725,7 @@ std::tuple<at::Tensor, at::Tensor> kl_div_fwd_cpu(const at::Tensor& student, con
   P.inv_t = static_cast<float>(inv_temperature);
   P.scale = static_cast<float>(scale);
   P.stream = grad.nbytes() >= (size_t{32} << 20);
-  P.jsd = kl::jsd_consts(m == kJsd ? static_cast<float>(beta) : 0.5f);
+  P.jsd = kl::jsd_consts(m == kJsd ? beta_f : 0.5f);
 
   const Isa isa = detect_isa();
   Kernels K;
@@ -728,7 +747,7 @@ std::tuple<at::Tensor, at::Tensor> kl_div_fwd_cpu(const at::Tensor& student, con
 TORCH_LIBRARY_FRAGMENT(minitron, m) {
   m.def(
       "_kl_div_fwd_native(Tensor student, Tensor teacher, Tensor weight, int mode, float inv_temperature, float beta, "
-      "float scale) -> (Tensor, Tensor)");
+      "float scale, bool need_grad=True) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(minitron, CPU, m) { m.impl("_kl_div_fwd_native", &minitron::cpu::kl_impl::kl_div_fwd_cpu); }

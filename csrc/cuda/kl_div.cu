@@ -163,15 +163,17 @@ __device__ __forceinline__ JsdPartial block_sum(JsdPartial v, JsdPartial* smem) 
   for (int off = 16; off > 0; off >>= 1) {
     v.loss += __shfl_xor_sync(0xffffffffu, v.loss, off);
     v.qg += __shfl_xor_sync(0xffffffffu, v.qg, off);
+    v.q += __shfl_xor_sync(0xffffffffu, v.q, off);
   }
   if (lane == 0) smem[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    JsdPartial x = lane < kWarps ? smem[lane] : JsdPartial{0.f, 0.f};
+    JsdPartial x = lane < kWarps ? smem[lane] : JsdPartial{0.f, 0.0, 0.0};
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) {
       x.loss += __shfl_xor_sync(0xffffffffu, x.loss, off);
       x.qg += __shfl_xor_sync(0xffffffffu, x.qg, off);
+      x.q += __shfl_xor_sync(0xffffffffu, x.q, off);
     }
     if (lane == 0) smem[0] = x;
   }
@@ -207,28 +209,30 @@ template <class T>
 __device__ __forceinline__ JsdPartial segment_jsd_sums(const T* s, const T* t, int64_t c0, int64_t c1, float it,
                                                        bool vec, const KlRow& row, const JsdConsts& k) {
   const float d0 = row.lse_a - row.lse_b;
-  JsdPartial acc{0.f, 0.f};
+  JsdPartial acc{0.f, 0.0, 0.0};
   for_each(s, t, c0, c1, it, vec, [&](float a, float b) {
     const float q = kl::kl_prob<StdMath>(a, row.lse_a);
     const float p = kl::kl_prob<StdMath>(b, row.lse_b);
     float loss, gk;
     kl::jsd_element<StdMath>(p, q, (b - a) + d0, k, loss, gk);
     acc.loss += loss;
-    acc.qg += q * gk;
+    acc.qg += static_cast<double>(q) * static_cast<double>(gk);  // exact product, double sum (kl_math.h)
+    acc.q += static_cast<double>(q);
   });
   return acc;
 }
 
 template <class T>
 __device__ __forceinline__ void segment_jsd_grad(const T* s, const T* t, T* g, int64_t c0, int64_t c1, float it,
-                                                 bool vec, const KlRow& row, const JsdConsts& k, float qg, float coef) {
+                                                 bool vec, const KlRow& row, const JsdConsts& k,
+                                                 const kl::JsdCentre& centre, float coef) {
   const float d0 = row.lse_a - row.lse_b;
   map_row(s, t, g, c0, c1, it, vec, [&](float a, float b) {
     const float q = kl::kl_prob<StdMath>(a, row.lse_a);
     const float p = kl::kl_prob<StdMath>(b, row.lse_b);
     float loss, gk;
     kl::jsd_element<StdMath>(p, q, (b - a) + d0, k, loss, gk);
-    return kl::jsd_grad(q, gk, qg, coef);
+    return kl::jsd_grad(q, gk, centre, coef);
   });
 }
 
@@ -236,7 +240,13 @@ template <class T>
 __device__ __forceinline__ void row_ptrs(const KlDivArgs& a, int64_t row, const T*& s, const T*& t, T*& g) {
   s = static_cast<const T*>(a.student) + row * a.student_stride;
   t = static_cast<const T*>(a.teacher) + row * a.teacher_stride;
-  g = static_cast<T*>(a.grad) + row * a.v;
+  g = a.grad != nullptr ? static_cast<T*>(a.grad) + row * a.v : nullptr;  // null: loss only
+}
+
+// 16-byte alignment of the gradient row (a loss-only call has none to write)
+template <class T>
+__device__ __forceinline__ bool grad_aligned16(const T* g) {
+  return g == nullptr || aligned16(g);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -255,11 +265,11 @@ __global__ void __launch_bounds__(kBlock) kl_fused_kernel(const KlDivArgs a, con
   row_ptrs(a, row, s, t, g);
   const float w = a.weight[row];
   if (w == 0.f) {  // skipped row (uniform branch): loss 0, zero gradient, inputs not read
-    zero_fill(g, 0, a.v);
+    if (g != nullptr) zero_fill(g, 0, a.v);
     if (threadIdx.x == 0) a.loss[row] = 0.f;
     return;
   }
-  const bool vec = aligned16(s) && aligned16(t) && aligned16(g);
+  const bool vec = aligned16(s) && aligned16(t) && grad_aligned16(g);
   const float it = a.inv_temperature;
   const KlState st = block_merge<MODE>(segment_state<T, MODE>(s, t, 0, a.v, it, vec), sm_state);
   const KlRow row_stats = kl::kl_finalize<MODE, StdMath>(st);
@@ -267,11 +277,11 @@ __global__ void __launch_bounds__(kBlock) kl_fused_kernel(const KlDivArgs a, con
   const float coef = ws * it;
   if (MODE != kJsd) {
     if (threadIdx.x == 0) a.loss[row] = ws * row_stats.div;
-    segment_grad<T, MODE>(s, t, g, 0, a.v, it, vec, row_stats, coef);
+    if (g != nullptr) segment_grad<T, MODE>(s, t, g, 0, a.v, it, vec, row_stats, coef);
   } else {
     const JsdPartial tot = block_sum(segment_jsd_sums(s, t, 0, a.v, it, vec, row_stats, k), sm_sum);
     if (threadIdx.x == 0) a.loss[row] = ws * tot.loss;
-    segment_jsd_grad(s, t, g, 0, a.v, it, vec, row_stats, k, tot.qg, coef);
+    if (g != nullptr) segment_jsd_grad(s, t, g, 0, a.v, it, vec, row_stats, k, kl::jsd_centre(tot.qg, tot.q), coef);
   }
 }
 
@@ -316,17 +326,17 @@ __global__ void __launch_bounds__(kBlock) kl_split_grad_kernel(const KlDivArgs a
   row_ptrs(a, row, s, t, g);
   const float w = a.weight[row];
   if (w == 0.f) {
-    zero_fill(g, c0, c1);
+    if (g != nullptr) zero_fill(g, c0, c1);
     if (blockIdx.x == 0 && threadIdx.x == 0) a.loss[row] = 0.f;
     return;
   }
-  const bool vec = aligned16(s + c0) && aligned16(t + c0) && aligned16(g + c0);
+  const bool vec = aligned16(s + c0) && aligned16(t + c0) && (g == nullptr || aligned16(g + c0));
   const float it = a.inv_temperature;
   const KlRow row_stats = merged_row<MODE>(states, row, splits);
   const float ws = w * a.scale;
   if (MODE != kJsd) {
     if (blockIdx.x == 0 && threadIdx.x == 0) a.loss[row] = ws * row_stats.div;
-    segment_grad<T, MODE>(s, t, g, c0, c1, it, vec, row_stats, ws * it);
+    if (g != nullptr) segment_grad<T, MODE>(s, t, g, c0, c1, it, vec, row_stats, ws * it);
   } else {
     const JsdPartial part = block_sum(segment_jsd_sums(s, t, c0, c1, it, vec, row_stats, k), sm_sum);
     if (threadIdx.x == 0) sums[row * splits + blockIdx.x] = part;
@@ -347,16 +357,20 @@ __global__ void __launch_bounds__(kBlock) kl_split_jsd_grad_kernel(const KlDivAr
   const T* t;
   T* g;
   row_ptrs(a, row, s, t, g);
-  const bool vec = aligned16(s + c0) && aligned16(t + c0) && aligned16(g + c0);
+  const bool vec = aligned16(s + c0) && aligned16(t + c0) && (g == nullptr || aligned16(g + c0));
   const KlRow row_stats = merged_row<kJsd>(states, row, splits);
-  JsdPartial tot{0.f, 0.f};
+  JsdPartial tot{0.f, 0.0, 0.0};
   for (int j = 0; j < splits; ++j) {
     tot.loss += sums[row * splits + j].loss;
     tot.qg += sums[row * splits + j].qg;
+    tot.q += sums[row * splits + j].q;
   }
   const float ws = w * a.scale;
   if (blockIdx.x == 0 && threadIdx.x == 0) a.loss[row] = ws * tot.loss;
-  segment_jsd_grad(s, t, g, c0, c1, a.inv_temperature, vec, row_stats, k, tot.qg, ws * a.inv_temperature);
+  if (g != nullptr) {
+    segment_jsd_grad(s, t, g, c0, c1, a.inv_temperature, vec, row_stats, k, kl::jsd_centre(tot.qg, tot.q),
+                     ws * a.inv_temperature);
+  }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -384,9 +398,15 @@ Plan plan_for(int64_t n, int64_t v, int sm_count) {
   return p;
 }
 
+// Workspace layout: the segment states, then (at an offset aligned for the doubles in JsdPartial) the sums.
+size_t sums_offset(const Plan& p, int64_t n) {
+  const size_t states = static_cast<size_t>(n) * static_cast<size_t>(p.splits) * sizeof(KlState);
+  return (states + 15) / 16 * 16;
+}
+
 size_t workspace_for(const Plan& p, int64_t n) {
   if (p.splits <= 1) return 0;
-  return static_cast<size_t>(n) * static_cast<size_t>(p.splits) * (sizeof(KlState) + sizeof(JsdPartial));
+  return sums_offset(p, n) + static_cast<size_t>(n) * static_cast<size_t>(p.splits) * sizeof(JsdPartial);
 }
 
 template <class T, int MODE>
@@ -396,7 +416,7 @@ cudaError_t launch(const KlDivArgs& a, const JsdConsts& k, const Plan& p, void* 
     return cudaGetLastError();
   }
   KlState* states = static_cast<KlState*>(workspace);
-  JsdPartial* sums = reinterpret_cast<JsdPartial*>(states + a.n * p.splits);
+  JsdPartial* sums = reinterpret_cast<JsdPartial*>(static_cast<char*>(workspace) + sums_offset(p, a.n));
   const dim3 grid(static_cast<unsigned>(p.splits), static_cast<unsigned>(a.n));
   kl_split_stats_kernel<T, MODE><<<grid, kBlock, 0, stream>>>(a, p.splits, p.seg, states);
   kl_split_grad_kernel<T, MODE><<<grid, kBlock, 0, stream>>>(a, k, p.splits, p.seg, states, sums);

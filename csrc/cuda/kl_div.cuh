@@ -6,7 +6,7 @@
 //                     dtype float32 / bfloat16 / float16 (both the same)
 //   weight            [n] float32; rows with weight 0 get loss 0 and an all-zero gradient row
 //   loss              [n] float32 out: weight * scale * D
-//   grad              [n, v] contiguous out, input dtype: weight * scale * dD/d student
+//   grad              [n, v] contiguous out, input dtype: weight * scale * dD/d student; nullptr: loss only
 //   mode              0 forward KL(P||Q), 1 reverse KL(Q||P), 2 JSD(beta) (beta 0 / 1 are run as 1 / 0)
 #pragma once
 

@@ -20,7 +20,7 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> kl_div_fwd_cuda(const at::Tensor& student, const at::Tensor& teacher,
                                                    const at::Tensor& weight, int64_t mode, double inv_temperature,
-                                                   double beta, double scale) {
+                                                   double beta, double scale, bool need_grad) {
   minitron::check_kl_div_native_args(student, teacher, weight, mode, inv_temperature, beta);
   const auto dt = student.scalar_type();
   TORCH_CHECK(student.is_cuda() && teacher.is_cuda() && weight.is_cuda(),
@@ -31,7 +31,7 @@ std::tuple<at::Tensor, at::Tensor> kl_div_fwd_cuda(const at::Tensor& student, co
 
   const c10::cuda::CUDAGuard guard(student.device());
   at::Tensor loss = at::empty({n}, student.options().dtype(at::kFloat));
-  at::Tensor grad = at::empty({n, v}, student.options());
+  at::Tensor grad = at::empty({need_grad ? n : 0, v}, student.options());  // [0, v]: loss only
   if (n == 0) return std::make_tuple(loss, grad);
 
   KlDivArgs args;
@@ -41,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor> kl_div_fwd_cuda(const at::Tensor& student, co
   args.teacher_stride = n > 1 ? teacher.stride(0) : v;
   args.weight = weight.data_ptr<float>();
   args.loss = loss.data_ptr<float>();
-  args.grad = grad.data_ptr();
+  args.grad = need_grad ? grad.data_ptr() : nullptr;
   args.n = n;
   args.v = v;
   args.mode = static_cast<int>(mode);

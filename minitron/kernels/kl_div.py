@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import struct
 
 import torch
 import triton
@@ -97,10 +98,11 @@ def _kl_div_fwd_kernel(
     s_ptr, t_ptr, w_ptr, loss_ptr, grad_ptr,
     V, stride_s, stride_t,
     inv_t, beta, log_beta, log_1m_beta, scale,
-    MODE: tl.constexpr, BLOCK_V: tl.constexpr,
+    MODE: tl.constexpr, BLOCK_V: tl.constexpr, WRITE_GRAD: tl.constexpr,
 ):
     """One program per row. Loads [BLOCK_V] chunks of student/teacher row ``pid`` (any float dtype),
-    writes ``loss[pid]`` (fp32) and ``grad[pid, :]`` (grad dtype, contiguous rows of length V)."""
+    writes ``loss[pid]`` (fp32) and, when WRITE_GRAD, ``grad[pid, :]`` (grad dtype, contiguous rows of
+    length V); without WRITE_GRAD the gradient passes are compiled out (loss only)."""
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * stride_s
     t_row = t_ptr + row * stride_t
@@ -109,10 +111,11 @@ def _kl_div_fwd_kernel(
     w = tl.load(w_ptr + row)
 
     if w == 0.0:
-        zeros = tl.zeros([BLOCK_V], dtype=tl.float32)
-        for start in range(0, V, BLOCK_V):
-            idx = start + offs
-            tl.store(g_row + idx, zeros.to(grad_ptr.dtype.element_ty), mask=idx < V)
+        if WRITE_GRAD:
+            zeros = tl.zeros([BLOCK_V], dtype=tl.float32)
+            for start in range(0, V, BLOCK_V):
+                idx = start + offs
+                tl.store(g_row + idx, zeros.to(grad_ptr.dtype.element_ty), mask=idx < V)
         loss = w * 0.0
     else:
         ninf = float("-inf")
@@ -152,13 +155,14 @@ def _kl_div_fwd_kernel(
             d_extra = tl.where(degenerate, float("nan"), d_extra)
             d = tl.sum(cross, axis=0) / z_b + (lse_a - lse_b) + d_extra
             # ---- pass 2: grad = coef * (Q - P) ----
-            for start in range(0, V, BLOCK_V):
-                idx = start + offs
-                msk = idx < V
-                a = tl.load(s_row + idx, mask=msk, other=ninf).to(tl.float32) * inv_t
-                b = tl.load(t_row + idx, mask=msk, other=ninf).to(tl.float32) * inv_t
-                g = coef * (tl.exp(a - lse_a) - tl.exp(b - lse_b))
-                tl.store(g_row + idx, g.to(grad_ptr.dtype.element_ty), mask=msk)
+            if WRITE_GRAD:
+                for start in range(0, V, BLOCK_V):
+                    idx = start + offs
+                    msk = idx < V
+                    a = tl.load(s_row + idx, mask=msk, other=ninf).to(tl.float32) * inv_t
+                    b = tl.load(t_row + idx, mask=msk, other=ninf).to(tl.float32) * inv_t
+                    g = coef * (tl.exp(a - lse_a) - tl.exp(b - lse_b))
+                    tl.store(g_row + idx, g.to(grad_ptr.dtype.element_ty), mask=msk)
         elif MODE == 1:
             mean_ab = tl.sum(cross, axis=0) / z_a  # E_Q[a - b] over finite terms
             # d_extra: 0 normally, +inf when some Q_k > 0 = P_k, NaN for a degenerate row.
@@ -168,18 +172,21 @@ def _kl_div_fwd_kernel(
             # ---- pass 2: grad = coef * Q * ((log Q - log P) - D), 0 where Q = 0 ----
             # (log Q_k - log P_k) - D = (a_k - b_k) - E_Q[a - b] - d_extra: the log-normalisers
             # cancel exactly, so they add no rounding error to this difference.
-            for start in range(0, V, BLOCK_V):
-                idx = start + offs
-                msk = idx < V
-                a = tl.load(s_row + idx, mask=msk, other=ninf).to(tl.float32) * inv_t
-                b = tl.load(t_row + idx, mask=msk, other=ninf).to(tl.float32) * inv_t
-                g = tl.exp(a - lse_a) * (((a - b) - mean_ab) - d_extra)
-                g = tl.where(a == ninf, 0.0, coef * g)
-                tl.store(g_row + idx, g.to(grad_ptr.dtype.element_ty), mask=msk)
+            if WRITE_GRAD:
+                for start in range(0, V, BLOCK_V):
+                    idx = start + offs
+                    msk = idx < V
+                    a = tl.load(s_row + idx, mask=msk, other=ninf).to(tl.float32) * inv_t
+                    b = tl.load(t_row + idx, mask=msk, other=ninf).to(tl.float32) * inv_t
+                    g = tl.exp(a - lse_a) * (((a - b) - mean_ab) - d_extra)
+                    g = tl.where(a == ninf, 0.0, coef * g)
+                    tl.store(g_row + idx, g.to(grad_ptr.dtype.element_ty), mask=msk)
         else:
-            # ---- pass 2: D and G = sum_k Q_k g_k ----
+            # ---- pass 2: D and G = sum_k Q_k g_k / sum_k Q_k, the sums in float64 (see csrc/common/kl_math.h
+            # JsdPartial: for a peaked Q the gradient Q_k (g_k - G) cancels down to the rounding of G) ----
             d_vec = tl.zeros([BLOCK_V], dtype=tl.float32)
-            qg_vec = tl.zeros([BLOCK_V], dtype=tl.float32)
+            qg_vec = tl.zeros([BLOCK_V], dtype=tl.float64)
+            qs_vec = tl.zeros([BLOCK_V], dtype=tl.float64)
             for start in range(0, V, BLOCK_V):
                 idx = start + offs
                 msk = idx < V
@@ -187,19 +194,25 @@ def _kl_div_fwd_kernel(
                 b = tl.load(t_row + idx, mask=msk, other=ninf).to(tl.float32) * inv_t
                 d_term, g, log_q = _jsd_terms(a, b, lse_a, lse_b, beta, log_beta, log_1m_beta)
                 d_vec += d_term
-                qg_vec += tl.where(log_q == ninf, 0.0, tl.exp(log_q) * g)
+                q = tl.where(log_q == ninf, 0.0, tl.exp(log_q))
+                qg_vec += q.to(tl.float64) * tl.where(log_q == ninf, 0.0, g).to(tl.float64)
+                qs_vec += q.to(tl.float64)
             d = tl.sum(d_vec, axis=0)
             d = tl.where(degenerate, float("nan"), d)
-            qg = tl.sum(qg_vec, axis=0)
+            qs = tl.sum(qs_vec, axis=0)
+            centre = tl.sum(qg_vec, axis=0) / tl.where(qs > 0.0, qs, 1.0)
+            c_hi = centre.to(tl.float32)
+            c_lo = (centre - c_hi.to(tl.float64)).to(tl.float32)
             # ---- pass 3: grad = coef * Q * (g - G), 0 where Q = 0 ----
-            for start in range(0, V, BLOCK_V):
-                idx = start + offs
-                msk = idx < V
-                a = tl.load(s_row + idx, mask=msk, other=ninf).to(tl.float32) * inv_t
-                b = tl.load(t_row + idx, mask=msk, other=ninf).to(tl.float32) * inv_t
-                d_term, g, log_q = _jsd_terms(a, b, lse_a, lse_b, beta, log_beta, log_1m_beta)
-                gr = tl.where(log_q == ninf, 0.0, coef * tl.exp(log_q) * (g - qg))
-                tl.store(g_row + idx, gr.to(grad_ptr.dtype.element_ty), mask=msk)
+            if WRITE_GRAD:
+                for start in range(0, V, BLOCK_V):
+                    idx = start + offs
+                    msk = idx < V
+                    a = tl.load(s_row + idx, mask=msk, other=ninf).to(tl.float32) * inv_t
+                    b = tl.load(t_row + idx, mask=msk, other=ninf).to(tl.float32) * inv_t
+                    d_term, g, log_q = _jsd_terms(a, b, lse_a, lse_b, beta, log_beta, log_1m_beta)
+                    gr = tl.where(log_q == ninf, 0.0, coef * tl.exp(log_q) * ((g - c_hi) - c_lo))
+                    tl.store(g_row + idx, gr.to(grad_ptr.dtype.element_ty), mask=msk)
         loss = w * scale * d
     tl.store(loss_ptr + row, loss)
 
@@ -222,6 +235,7 @@ def kl_div_fwd(
     scale: float,
     *,
     block_v: int | None = None,
+    need_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row divergence and its gradient w.r.t. the student logits, in one launch.
 
@@ -236,6 +250,8 @@ def kl_div_fwd(
         scale: multiplies loss and gradient.
         block_v: vocabulary chunk size (power of two); default picks one from V (tests use it to
             force multi-chunk rows).
+        need_grad: False computes the loss only (``grad`` is then an empty ``[0, V]`` tensor and the
+            gradient passes are compiled out: nothing of size [N, V] is written).
 
     Returns:
         ``(loss, grad)``: loss [N] float32 with ``loss_i = weight_i * scale * D_i``; grad [N, V]
@@ -258,7 +274,7 @@ def kl_div_fwd(
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     loss = torch.empty(n, dtype=torch.float32, device=student.device)
-    grad = torch.empty((n, v), dtype=student.dtype, device=student.device)
+    grad = torch.empty((n if need_grad else 0, v), dtype=student.dtype, device=student.device)
     if n == 0 or v == 0:
         return loss, grad.zero_()
     for name, x in (("student", student), ("teacher", teacher)):
@@ -271,6 +287,9 @@ def kl_div_fwd(
 
     block = _block_v(v, block_v)
     num_warps = 4 if block <= 1024 else 8
+    # The kernel sees beta as float32: take the logs of that value (a beta that rounds to 0 or 1, e.g.
+    # 1e-50, is then exactly reverse / forward KL, as in the C++ kernels).
+    beta = struct.unpack("f", struct.pack("f", float(beta)))[0]
     log_beta = math.log(beta) if beta > 0.0 else -math.inf
     log_1m_beta = math.log1p(-beta) if beta < 1.0 else -math.inf
     log.debug("kl_div triton: N=%d V=%d mode=%d block=%d dtype=%s", n, v, mode, block,
@@ -278,10 +297,10 @@ def kl_div_fwd(
 
     def launch() -> None:
         _kl_div_fwd_kernel[(n,)](
-            student, teacher, weight, loss, grad,
+            student, teacher, weight, loss, grad if need_grad else student,  # unused without WRITE_GRAD
             v, student.stride(0), teacher.stride(0),
             float(inv_temperature), float(beta), log_beta, log_1m_beta, float(scale),
-            MODE=mode, BLOCK_V=block, num_warps=num_warps,
+            MODE=mode, BLOCK_V=block, WRITE_GRAD=bool(need_grad), num_warps=num_warps,
         )
 
     if student.device.type == "cuda":

@@ -198,24 +198,28 @@ _kl_backends = op_backends("kl_div")
 
 
 @_kl_backends.register("cpp", ("cpu",), unavailable=lambda d: native_unavailable("_kl_div_fwd_native", d))
-def _kl_fwd_cpp(s: Tensor, t: Tensor, w: Tensor, mode: int, inv_t: float, beta: float, scale: float):
-    return torch.ops.minitron._kl_div_fwd_native(s, t, w, mode, inv_t, beta, scale)
+def _kl_fwd_cpp(s: Tensor, t: Tensor, w: Tensor, mode: int, inv_t: float, beta: float, scale: float,
+                need_grad: bool = True):
+    return torch.ops.minitron._kl_div_fwd_native(s, t, w, mode, inv_t, beta, scale, need_grad)
 
 
 @_kl_backends.register("cuda", ("cuda",), unavailable=lambda d: native_unavailable("_kl_div_fwd_native", d))
-def _kl_fwd_cuda(s: Tensor, t: Tensor, w: Tensor, mode: int, inv_t: float, beta: float, scale: float):
-    return torch.ops.minitron._kl_div_fwd_native(s, t, w, mode, inv_t, beta, scale)
+def _kl_fwd_cuda(s: Tensor, t: Tensor, w: Tensor, mode: int, inv_t: float, beta: float, scale: float,
+                 need_grad: bool = True):
+    return torch.ops.minitron._kl_div_fwd_native(s, t, w, mode, inv_t, beta, scale, need_grad)
 
 
 @_kl_backends.register("triton", ("cuda", "cpu"), unavailable=triton_unavailable)
-def _kl_fwd_triton(s: Tensor, t: Tensor, w: Tensor, mode: int, inv_t: float, beta: float, scale: float):
+def _kl_fwd_triton(s: Tensor, t: Tensor, w: Tensor, mode: int, inv_t: float, beta: float, scale: float,
+                   need_grad: bool = True):
     from minitron.kernels.kl_div import kl_div_fwd
 
-    return kl_div_fwd(s, t, w, mode, inv_t, beta, scale)
+    return kl_div_fwd(s, t, w, mode, inv_t, beta, scale, need_grad=need_grad)
 
 
 @_kl_backends.register("reference", ("cpu", "cuda"), dtypes=_KERNEL_DTYPES + (torch.float64,))
-def _kl_fwd_reference(s: Tensor, t: Tensor, w: Tensor, mode: int, inv_t: float, beta: float, scale: float):
+def _kl_fwd_reference(s: Tensor, t: Tensor, w: Tensor, mode: int, inv_t: float, beta: float, scale: float,
+                      need_grad: bool = True):
     """Torch version of the fused kernel: closed-form gradients (no autograd inside a custom op)."""
     dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
     lq = torch.log_softmax(s.to(dtype) * inv_t, dim=-1)
@@ -238,6 +242,8 @@ def _kl_fwd_reference(s: Tensor, t: Tensor, w: Tensor, mode: int, inv_t: float, 
     counted = (w != 0).unsqueeze(-1)
     grad = torch.where(counted, g * coef * inv_t, zero)
     loss = torch.where(counted.squeeze(-1), d * coef.squeeze(-1), zero)
+    if not need_grad:
+        return loss.to(torch.float32), s.new_empty((0, s.shape[-1]))
     return loss.to(torch.float32), grad.to(s.dtype).contiguous()
 
 
@@ -257,27 +263,31 @@ def _as_rows(x: Tensor) -> Tensor:
 
 @torch.library.custom_op("minitron::kl_div_fwd", mutates_args=())
 def kl_div_fwd(student: Tensor, teacher: Tensor, weight: Tensor, mode: int, temperature: float, beta: float,
-               scale: float, backend: str) -> tuple[Tensor, Tensor]:
+               scale: float, backend: str, need_grad: bool = True) -> tuple[Tensor, Tensor]:
     """Weighted per-token divergence and its gradient w.r.t. ``student``.
 
     Args:
         student, teacher: ``[N, V]`` logits (fp32/bf16/fp16, unit stride along V).
         weight: ``[N]`` fp32; tokens with weight 0 are skipped (loss 0, gradient 0).
         mode: 0 forward KL, 1 reverse KL, 2 JSD(beta). temperature: > 0. scale: loss multiplier.
+        need_grad: False computes the loss only (no gradient pass, no [N, V] output).
     Returns:
-        ``loss [N]`` fp32 = weight * scale * D and ``grad [N, V]`` (student dtype) = d loss / d student.
+        ``loss [N]`` fp32 = weight * scale * D and ``grad [N, V]`` (student dtype) = d loss / d student
+        (an empty ``[0, V]`` tensor when ``need_grad`` is False).
     """
     impl = _kl_backends.select(backend, student.device, student.dtype, vocab=student.shape[-1])
+    grad_rows = student.shape[0] if need_grad else 0
     if student.shape[0] == 0:
         return (torch.zeros(0, dtype=torch.float32, device=student.device),
-                torch.empty(student.shape, dtype=student.dtype, device=student.device))
-    return impl.fn(student, teacher, weight, mode, 1.0 / temperature, beta, scale)
+                torch.empty((grad_rows, student.shape[1]), dtype=student.dtype, device=student.device))
+    return impl.fn(student, teacher, weight, mode, 1.0 / temperature, beta, scale, need_grad)
 
 
 @kl_div_fwd.register_fake
-def _(student, teacher, weight, mode, temperature, beta, scale, backend):
+def _(student, teacher, weight, mode, temperature, beta, scale, backend, need_grad=True):
+    grad_rows = student.shape[0] if need_grad else 0
     return (student.new_empty((student.shape[0],), dtype=torch.float32),
-            torch.empty(student.shape, dtype=student.dtype, device=student.device))
+            torch.empty((grad_rows, student.shape[1]), dtype=student.dtype, device=student.device))
 
 
 @torch.library.custom_op("minitron::_scale_rows_", mutates_args=("grad",))
@@ -367,8 +377,10 @@ def kl_div(student_logits: Tensor, teacher_logits: Tensor, *, mode: str = "forwa
     t2 = _as_rows(teacher_logits.detach())
     weight = _token_weights(mask, lead, student_logits.device, reduction)
     scale = float(temperature) ** 2 if scale_by_t2 else 1.0
+    # Loss only when no gradient can flow (evaluation, torch.no_grad): no gradient pass, no [N, V] output.
+    need_grad = bool(torch.is_grad_enabled() and student_logits.requires_grad)
     loss_tok, _ = torch.ops.minitron.kl_div_fwd(s2, t2, weight, MODES[mode], float(temperature), float(beta),
-                                                scale, backend)
+                                                scale, backend, need_grad)
     if reduction == "none":
         return loss_tok.reshape(lead)
     return loss_tok.sum()
@@ -470,7 +482,7 @@ def _fused_linear_impl(sh: Tensor, sw: Tensor, th: Tensor, tw: Tensor, sb: Optio
             if tb is not None:
                 t_logits += tb
         loss_c, g = torch.ops.minitron.kl_div_fwd(s_logits.detach(), t_logits, w_c.contiguous(), mode, temperature,
-                                                  beta, scale, backend)
+                                                  beta, scale, backend, need_grads)
         del s_logits, t_logits
         if contiguous_rows:
             loss[lo:hi] = loss_c
@@ -493,12 +505,17 @@ def _fused_linear_impl(sh: Tensor, sw: Tensor, th: Tensor, tw: Tensor, sb: Optio
 def fused_linear_kl_div_fwd(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
                             teacher_weight: Tensor, student_bias: Optional[Tensor], teacher_bias: Optional[Tensor],
                             weight: Tensor, mode: int, temperature: float, beta: float, scale: float,
-                            chunk_size: int, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                            chunk_size: int, backend: str, need_grad: bool = True
+                            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-token weighted loss and the gradients w.r.t. student hidden ``[N, Hs]``, weight ``[V, Hs]`` and bias
-    ``[V]`` (an empty tensor when there is no bias), computed chunk by chunk over tokens."""
+    ``[V]`` (an empty tensor when there is no bias), computed chunk by chunk over tokens. ``need_grad=False``:
+    loss only (the three gradients are empty ``[0, ...]`` tensors; no gradient pass, no [V, H] accumulator)."""
     loss, gh, gw, gb = _fused_linear_impl(student_hidden, student_weight, teacher_hidden, teacher_weight,
                                           student_bias, teacher_bias, weight, mode, temperature, beta, scale,
-                                          chunk_size, backend)
+                                          chunk_size, backend, need_grads=need_grad)
+    if not need_grad:
+        return (loss, student_hidden.new_empty((0, student_hidden.shape[1])),
+                student_weight.new_empty((0, student_weight.shape[1])), student_hidden.new_zeros(0))
     gw = gw.to(student_weight.dtype)
     gb = gb.to(student_bias.dtype) if gb is not None else student_hidden.new_zeros(0)
     return loss, gh, gw, gb
@@ -506,11 +523,14 @@ def fused_linear_kl_div_fwd(student_hidden: Tensor, student_weight: Tensor, teac
 
 @fused_linear_kl_div_fwd.register_fake
 def _(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias, weight, mode,
-      temperature, beta, scale, chunk_size, backend):
+      temperature, beta, scale, chunk_size, backend, need_grad=True):
     n = student_hidden.shape[0]
+    loss = student_hidden.new_empty((n,), dtype=torch.float32)
+    if not need_grad:
+        return (loss, student_hidden.new_empty((0, student_hidden.shape[1])),
+                student_weight.new_empty((0, student_weight.shape[1])), student_hidden.new_empty(0))
     gb = (torch.empty_like(student_bias) if student_bias is not None else student_hidden.new_empty(0))
-    return (student_hidden.new_empty((n,), dtype=torch.float32), torch.empty_like(student_hidden),
-            torch.empty_like(student_weight), gb)
+    return (loss, torch.empty_like(student_hidden), torch.empty_like(student_weight), gb)
 
 
 def _fl_setup_context(ctx, inputs, output):
@@ -612,9 +632,12 @@ def fused_linear_kl_div(student_hidden: Tensor, student_weight: Tensor, teacher_
         chunk_size = _default_chunk_size(sh.shape[0], student_weight.shape[0], sh.shape[1], sh.device.type)
     scale = float(temperature) ** 2 if scale_by_t2 else 1.0
     tb = teacher_bias.detach() if teacher_bias is not None else None
+    # Loss only when no gradient can flow (evaluation, torch.no_grad): no gradient GEMMs, no [V, H] accumulator.
+    need_grad = bool(torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias)))
     loss_tok, _, _, _ = torch.ops.minitron.fused_linear_kl_div_fwd(
         sh, student_weight, th, teacher_weight.detach(), student_bias, tb, weight, MODES[mode], float(temperature),
-        float(beta), scale, int(chunk_size), backend)
+        float(beta), scale, int(chunk_size), backend, need_grad)
     if reduction == "none":
         out = loss_tok.reshape(lead)
         if out.requires_grad and not torch.compiler.is_compiling():

@@ -122,6 +122,27 @@ def test_kl_non_contiguous_leading_shapes_empty(kl_backend):
         assert out.shape == ((0,) if reduction == "none" else ())
 
 
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_kl_loss_only(kl_backend, mode):
+    """need_grad=False (what kl_div uses under torch.no_grad): same loss, no [N, V] gradient."""
+    g = _gen(11)
+    s = torch.randn(300, 32001, device=DEV, generator=g) * 2
+    t = torch.randn(300, 32001, device=DEV, generator=g) * 2
+    s[0, :100] = -math.inf
+    w = torch.rand(300, device=DEV, generator=g)
+    w[3] = 0.0
+    for rows in (300, 2):  # one block per row, and split rows
+        loss, grad = torch.ops.minitron.kl_div_fwd(s[:rows], t[:rows], w[:rows], mode, 1.3, 0.4, 0.8, kl_backend,
+                                                   True)
+        loss_o, empty = torch.ops.minitron.kl_div_fwd(s[:rows], t[:rows], w[:rows], mode, 1.3, 0.4, 0.8,
+                                                      kl_backend, False)
+        assert empty.shape == (0, 32001) and grad.shape == (rows, 32001)
+        torch.testing.assert_close(loss_o, loss, rtol=1e-6, atol=1e-6, equal_nan=True)
+    with torch.no_grad():
+        a = s.clone().requires_grad_(True)
+        torch.testing.assert_close(kl_div(a, t, backend=kl_backend), kl_div(s, t, backend=kl_backend))
+
+
 def test_kl_opcheck_and_compile(kl_backend):
     w = torch.full((4,), 0.25, device=DEV)
     for mode in (0, 1, 2):

@@ -281,3 +281,14 @@ if given is not None:
         loss, _ = check(student, teacher, weight, mode, inv_t, beta, scale, block_v=block_v)
         # divergences are non-negative: sign of the loss follows weight * scale
         assert (loss * math.copysign(1.0, scale) >= -1e-5).all()
+
+
+@pytest.mark.parametrize("mode,beta", MODES, ids=MODE_IDS)
+def test_loss_only_matches(mode, beta):
+    """need_grad=False compiles the gradient passes out: same loss, empty [0, V] gradient."""
+    student, teacher, weight = make(4, 300, seed=21)
+    student[0, :64] = -INF
+    loss, grad = kl_div_fwd(student, teacher, weight, mode, 1.2, beta, 0.9, block_v=64)
+    loss_o, empty = kl_div_fwd(student, teacher, weight, mode, 1.2, beta, 0.9, block_v=64, need_grad=False)
+    assert grad.shape == (4, 300) and empty.shape == (0, 300)
+    torch.testing.assert_close(loss_o, loss, rtol=0, atol=0, equal_nan=True)

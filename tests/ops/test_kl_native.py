@@ -408,3 +408,22 @@ def test_property_random(n, v, mode_beta, dtype, std, inv_t, isa_name, neg_inf_f
             os.environ.pop("MINITRON_CPU_ISA", None)
         else:
             os.environ["MINITRON_CPU_ISA"] = old
+
+
+@pytest.mark.parametrize("mode,beta", MODES)
+@pytest.mark.parametrize("n,v", [(1, 5000), (7, 1025), (3, 32001)])
+def test_loss_only_equals_loss_with_gradient(isa, two_threads, mode, beta, n, v):
+    """need_grad=False skips the gradient passes: the same loss bit for bit (the loss comes from the
+    passes that still run), an empty [0, V] gradient, on the row-split (n < threads) and row paths."""
+    g = torch.Generator().manual_seed(n * 131 + v)
+    s = torch.randn(n, v, generator=g) * 3
+    t = torch.randn(n, v, generator=g) * 3
+    s[0, :40] = NEG_INF
+    t[-1, 7] = NEG_INF
+    w = torch.rand(n, generator=g) + 0.5
+    if n > 2:
+        w[1] = 0.0
+    loss_g, grad = _op(s, t, w, mode, 1.3, beta, 0.7, True)
+    loss_o, empty = _op(s, t, w, mode, 1.3, beta, 0.7, False)
+    assert grad.shape == (n, v) and empty.shape == (0, v) and empty.dtype == s.dtype
+    torch.testing.assert_close(loss_o, loss_g, rtol=0, atol=0, equal_nan=True)
