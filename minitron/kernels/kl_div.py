@@ -94,6 +94,14 @@ def _jsd_terms(a, b, lse_a, lse_b, beta, log_beta, log_1m_beta):
 
 
 @triton.jit
+def _load_scaled(s_row, t_row, idx, msk, inv_t):
+    """Student and teacher logits of one chunk in fp32, divided by T; -inf beyond the row."""
+    a = tl.load(s_row + idx, mask=msk, other=float("-inf")).to(tl.float32) * inv_t
+    b = tl.load(t_row + idx, mask=msk, other=float("-inf")).to(tl.float32) * inv_t
+    return a, b
+
+
+@triton.jit
 def _kl_div_fwd_kernel(
     s_ptr, t_ptr, w_ptr, loss_ptr, grad_ptr,
     V, stride_s, stride_t,
@@ -129,8 +137,7 @@ def _kl_div_fwd_kernel(
         for start in range(0, V, BLOCK_V):
             idx = start + offs
             msk = idx < V
-            a = tl.load(s_row + idx, mask=msk, other=ninf).to(tl.float32) * inv_t
-            b = tl.load(t_row + idx, mask=msk, other=ninf).to(tl.float32) * inv_t
+            a, b = _load_scaled(s_row, t_row, idx, msk, inv_t)
             m_a, m_a_safe, alpha_a, e_a, s_a = _online_update(a, m_a, s_a)
             m_b, m_b_safe, alpha_b, e_b, s_b = _online_update(b, m_b, s_b)
             if MODE == 0:
@@ -159,8 +166,7 @@ def _kl_div_fwd_kernel(
                 for start in range(0, V, BLOCK_V):
                     idx = start + offs
                     msk = idx < V
-                    a = tl.load(s_row + idx, mask=msk, other=ninf).to(tl.float32) * inv_t
-                    b = tl.load(t_row + idx, mask=msk, other=ninf).to(tl.float32) * inv_t
+                    a, b = _load_scaled(s_row, t_row, idx, msk, inv_t)
                     g = coef * (tl.exp(a - lse_a) - tl.exp(b - lse_b))
                     tl.store(g_row + idx, g.to(grad_ptr.dtype.element_ty), mask=msk)
         elif MODE == 1:
@@ -176,8 +182,7 @@ def _kl_div_fwd_kernel(
                 for start in range(0, V, BLOCK_V):
                     idx = start + offs
                     msk = idx < V
-                    a = tl.load(s_row + idx, mask=msk, other=ninf).to(tl.float32) * inv_t
-                    b = tl.load(t_row + idx, mask=msk, other=ninf).to(tl.float32) * inv_t
+                    a, b = _load_scaled(s_row, t_row, idx, msk, inv_t)
                     g = tl.exp(a - lse_a) * (((a - b) - mean_ab) - d_extra)
                     g = tl.where(a == ninf, 0.0, coef * g)
                     tl.store(g_row + idx, g.to(grad_ptr.dtype.element_ty), mask=msk)
@@ -208,8 +213,7 @@ def _kl_div_fwd_kernel(
                 for start in range(0, V, BLOCK_V):
                     idx = start + offs
                     msk = idx < V
-                    a = tl.load(s_row + idx, mask=msk, other=ninf).to(tl.float32) * inv_t
-                    b = tl.load(t_row + idx, mask=msk, other=ninf).to(tl.float32) * inv_t
+                    a, b = _load_scaled(s_row, t_row, idx, msk, inv_t)
                     d_term, g, log_q = _jsd_terms(a, b, lse_a, lse_b, beta, log_beta, log_1m_beta)
                     gr = tl.where(log_q == ninf, 0.0, coef * tl.exp(log_q) * ((g - c_hi) - c_lo))
                     tl.store(g_row + idx, gr.to(grad_ptr.dtype.element_ty), mask=msk)
