@@ -45,13 +45,10 @@
 #include <memory>
 #include <tuple>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include "common/cpu_features.h"
 #include "common/kl_math.h"
 #include "common/vec_math.h"
+#include "cpu/huge_pages.h"
 
 namespace minitron {
 namespace cpu {
@@ -672,23 +669,6 @@ void run(const Problem& P, const Kernels& K) {
   }
 }
 
-// The gradient is as large as the logits (0.5 GB for 1024 x 128256 fp32) and freshly allocated: with
-// 4 KiB pages, first-touch page faults cost more than the kernel itself. Ask for transparent huge
-// pages on the (still untouched) 2 MiB-aligned interior; a no-op where THP is off or unsupported.
-void advise_huge_pages(void* ptr, size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  if (bytes < 4 * kHuge) return;
-  const uintptr_t p = reinterpret_cast<uintptr_t>(ptr);
-  const uintptr_t begin = (p + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (p + bytes) & ~(kHuge - 1);
-  if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)ptr;
-  (void)bytes;
-#endif
-}
-
 std::tuple<at::Tensor, at::Tensor> kl_div_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher,
                                                   const at::Tensor& weight, int64_t mode, double inv_temperature,
                                                   double beta, double scale, bool need_grad) {
@@ -701,7 +681,7 @@ std::tuple<at::Tensor, at::Tensor> kl_div_fwd_cpu(const at::Tensor& student, con
   at::Tensor loss = at::empty({n}, student.options().dtype(at::kFloat));
   at::Tensor grad = at::empty({need_grad ? n : 0, v}, student.options());  // [0, v]: loss only
   if (n == 0) return std::make_tuple(loss, grad);
-  if (need_grad) advise_huge_pages(grad.data_ptr(), static_cast<size_t>(grad.nbytes()));
+  if (need_grad) advise_huge_pages(grad.data_ptr(), static_cast<size_t>(grad.nbytes()));  // fresh [N, V]
 
   int m = static_cast<int>(mode);
   // The kernel works with a float beta: one that rounds to 1 or 0 (e.g. 1e-50) is that KL exactly, where the

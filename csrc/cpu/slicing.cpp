@@ -53,11 +53,8 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include "common/cpu_features.h"
+#include "cpu/huge_pages.h"
 #include "common/slicing_math.h"
 
 #if MINITRON_HAS_X86_DISPATCH
@@ -127,20 +124,6 @@ Config read_config() {
     else if (std::strcmp(s, "1") == 0) c.nt = 1;
   }
   return c;
-}
-
-// Asks the kernel to back [p, p + n) with transparent huge pages (the 2 MiB-aligned interior only).
-void hint_huge_pages(void* p, int64_t n) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  if (n < (int64_t(4) << 20)) return;
-  const uintptr_t a = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t b = (reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(n)) & ~(kHuge - 1);
-  if (b > a) (void)madvise(reinterpret_cast<void*>(a), b - a, MADV_HUGEPAGE);
-#else
-  (void)p;
-  (void)n;
-#endif
 }
 
 bool can_compress(const Config& c, int64_t es) {
@@ -650,7 +633,7 @@ void gather_slices_cpu(at::TensorList tensors, at::TensorList indices, at::IntAr
     p.src = static_cast<const char*>(t.data_ptr());
     p.dst = static_cast<char*>(o.data_ptr());
     out_bytes += o.numel() * p.es;
-    if (c.thp && o.numel() > 0) hint_huge_pages(p.dst, o.numel() * p.es);
+    if (c.thp && o.numel() > 0) cpu::advise_huge_pages(p.dst, static_cast<size_t>(o.numel() * p.es));
   }
   const bool nt = c.nt >= 0 ? c.nt == 1 : out_bytes >= kNonTemporalBytes;
   std::vector<Item> items;

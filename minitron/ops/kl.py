@@ -321,6 +321,7 @@ def _eager(t: Tensor) -> bool:
 
 def _kl_setup_context(ctx, inputs, output):
     _, grad = output
+    ctx.need_grad = inputs[8] if len(inputs) > 8 else True
     ctx.save_for_backward(grad)
     ctx.mark_non_differentiable(grad)
     # The gradient output is never differentiated: don't let autograd fill an [N, V] zero tensor for it.
@@ -330,14 +331,17 @@ def _kl_setup_context(ctx, inputs, output):
 def _kl_backward(ctx, grad_loss: Tensor, _unused: Optional[Tensor]):
     (grad,) = ctx.saved_tensors
     if grad_loss is None:  # the loss was not used: no gradient
-        return None, None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None, None
+    if not ctx.need_grad:
+        raise RuntimeError("minitron::kl_div_fwd was called with need_grad=False: it computed no gradient "
+                           "(kl_div passes need_grad=True whenever the student requires grad)")
     if grad.numel() > 0 and not _is_one(grad_loss):
         # In place: the gradient buffer belongs to this graph node and is handed out once.
         if not _eager(grad):
             grad = grad * grad_loss.to(grad.dtype).unsqueeze(-1)
         else:
             _scale_rows_(grad, grad_loss.to(torch.float32))
-    return grad, None, None, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None, None
 
 
 kl_div_fwd.register_autograd(_kl_backward, setup_context=_kl_setup_context)
@@ -433,7 +437,7 @@ def _default_chunk_size(n: int, vocab: int, hidden: int, device_type: str = "cpu
 
 
 # Whether torch.addmm(..., out_dtype=float32, out=acc) works for 16-bit inputs on CUDA (cuBLAS writes
-# the fp32 product straight into the fp32 accumulator); None until first tried.
+# the fp32 product straight into the fp32 accumulator); no entry until first tried.
 _ADDMM_FP32_OUT: dict[str, bool] = {}
 
 
@@ -536,6 +540,7 @@ def _(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bi
 def _fl_setup_context(ctx, inputs, output):
     _, gh, gw, gb = output
     ctx.has_bias = inputs[4] is not None
+    ctx.need_grad = inputs[13] if len(inputs) > 13 else True
     ctx.save_for_backward(gh, gw, gb)
     ctx.mark_non_differentiable(gh, gw, gb)
     ctx.set_materialize_grads(False)  # no zero-filled [V, H] gradients for the non-differentiable outputs
@@ -544,14 +549,18 @@ def _fl_setup_context(ctx, inputs, output):
 def _fl_backward(ctx, grad_loss: Tensor, *_unused):
     gh, gw, gb = ctx.saved_tensors
     if grad_loss is None:
-        return (None,) * 13
+        return (None,) * 14
+    if not ctx.need_grad:
+        raise RuntimeError("minitron::fused_linear_kl_div_fwd was called with need_grad=False: it computed no "
+                           "gradient (fused_linear_kl_div passes need_grad=True whenever a student input "
+                           "requires grad)")
     # The per-token loss is always reduced with a sum by the wrapper (weights carry the mean), so the
     # incoming gradient is uniform; reduction="none" with a non-uniform upstream gradient is rejected
     # by the wrapper's hook below.
     if grad_loss is not None and grad_loss.numel() > 0 and not _is_one(grad_loss):
         c = grad_loss.reshape(-1)[0]
         gh, gw, gb = gh * c.to(gh.dtype), gw * c.to(gw.dtype), gb * c.to(gb.dtype)
-    return gh, gw, None, None, (gb if ctx.has_bias else None), None, None, None, None, None, None, None, None
+    return gh, gw, None, None, (gb if ctx.has_bias else None), None, None, None, None, None, None, None, None, None
 
 
 fused_linear_kl_div_fwd.register_autograd(_fl_backward, setup_context=_fl_setup_context)

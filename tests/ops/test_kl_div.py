@@ -585,3 +585,19 @@ def test_jsd_gradient_accurate_for_peaked_distributions():
             kl_div(a, t, mode="jsd", beta=beta, temperature=0.5, backend=backend).backward()
             err = (a.grad.double() - ref_s.grad).abs().max().item()
             assert err <= 1e-4 * scale + 1e-9, (backend, beta, err, scale)
+
+
+def test_backward_through_a_loss_only_call_raises():
+    """Calling the op directly with need_grad=False on a student that requires grad: a clear error in
+    backward, not a silently wrong or mis-shaped gradient."""
+    backend = "cpp" if "cpp" in _available() else "reference"
+    s = torch.randn(4, 13, requires_grad=True)
+    loss, _ = torch.ops.minitron.kl_div_fwd(s, torch.randn(4, 13), torch.full((4,), 0.25), 0, 1.0, 0.5, 1.0, backend,
+                                            False)
+    with pytest.raises(RuntimeError, match="need_grad=False"):
+        loss.sum().backward()
+    h, w = torch.randn(5, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
+    loss, *_ = torch.ops.minitron.fused_linear_kl_div_fwd(h, w, torch.randn(5, 8), torch.randn(11, 8), None, None,
+                                                          torch.full((5,), 0.2), 0, 1.0, 0.5, 1.0, 4, backend, False)
+    with pytest.raises(RuntimeError, match="need_grad=False"):
+        loss.sum().backward()
