@@ -173,11 +173,11 @@ def cases(cfg: BenchConfig) -> list[Case]:
         add(256, 32000, "float32", ("full",))
         # The forward (loss only, under no_grad) and backward (an in-place rescale) cases take 0.2-4 ms here,
         # and torch eager's time in them is dominated by page faults of its fresh temporaries (156 MiB in
-        # forward): on the same idle VM its fastest forward time ranged 32.7-89.4 ms over four quick runs
-        # (ours 2.9-4.0 ms), the backward ratio 0.009-0.044. Their time ratios get a +150% tolerance; the
-        # loss-only path is guarded by peak memory instead (0.2 MiB; 31 MiB if it computed the gradient),
-        # checked at the normal tolerance.
-        add(256, 32000, "float32", ("forward", "backward"), provs_=no_compile, tolerance=1.5)
+        # forward): over six idle quick runs of the same code the forward ratio ranged 0.044-0.207 and the
+        # backward one 0.019-0.055 (eager's fastest forward 32.7-89.4 ms, ours 2.9-4.0 ms). Their time ratios
+        # only guard against a gross (5x) slowdown; the loss-only path is guarded by peak memory (0.2 MiB;
+        # 31 MiB if it computed the gradient), checked at the normal tolerance.
+        add(256, 32000, "float32", ("forward", "backward"), provs_=no_compile, tolerance=4.0)
         add(256, 32000, "bfloat16", ("full",), provs_=no_compile)
         add(64, 128256, "float32", ("full",), provs_=no_compile)
         add(256, 32000, "float32", ("full",), ("jsd",), provs_=no_compile)
