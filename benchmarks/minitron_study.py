@@ -3,7 +3,7 @@
 Pre-trains a small Llama teacher on Tiny Shakespeare, corrects it on WikiText-2 valid, prunes it to about
 half its non-embedding parameters (width and depth) and compares, at one token budget and over several
 seeds, training from scratch, LM fine-tuning, distillation (with and without teacher correction), and the
-perplexity right after pruning for every importance aggregation (see :mod:`minitron.study`). Writes
+perplexity right after pruning for every importance aggregation (see :mod:`benchmarks.study.experiment`). Writes
 ``results.md`` (tables and verdicts), ``results.json``, ``curves.png`` and ``aggregation.png`` to ``--out``.
 
 Examples::
@@ -34,7 +34,7 @@ def _positive(value: str) -> int:
 
 def _pairs(value: str) -> List[Tuple[str, str]]:
     """``"mean/l2,l2/mean"`` -> [("mean", "l2"), ("l2", "mean")]; ``"all"`` -> all 25."""
-    from minitron.study import AGGREGATIONS
+    from benchmarks.study.experiment import AGGREGATIONS
 
     if value == "all":
         return [(s, b) for s in AGGREGATIONS for b in AGGREGATIONS]
@@ -83,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    """The :class:`minitron.study.StudyConfig` the arguments describe."""
-    from minitron.study import StudyConfig
+    """The :class:`benchmarks.study.experiment.StudyConfig` the arguments describe."""
+    from benchmarks.study.experiment import StudyConfig
 
     overrides = {"seeds": list(range(args.seeds)), "backend": args.backend}
     for name in ("teacher_data", "distill_data", "eval_data", "eval_tokens", "teacher_steps", "correction_steps",
@@ -101,7 +101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         stream=sys.stderr)
     import torch
 
-    from minitron.study import run_study
+    from benchmarks.study.experiment import run_study
 
     torch.set_num_threads(args.threads)
     out = args.out or ("runs/minitron_study_quick" if args.quick else "runs/minitron_study")

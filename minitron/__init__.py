@@ -1,7 +1,17 @@
 """minitron: Minitron-style structured pruning and logit distillation with custom kernels.
 
-The public kernels live in :mod:`minitron.ops`; the pruning/distillation driver in the other
-submodules. Importing the package never requires the compiled extension: ops that need it raise an
+Layout (the folders follow the recipe):
+
+* :mod:`minitron.ops` / :mod:`minitron.kernels`: the custom kernels behind ``torch.ops.minitron.*``;
+* :mod:`minitron.models`: adapters saying where the prunable axes of each Hugging Face family live;
+* :mod:`minitron.compress`: importance estimation, width and depth pruning;
+* :mod:`minitron.train`: the training loop, logit distillation and teacher correction;
+* :mod:`minitron.eval`: perplexity;
+* :mod:`minitron.io`: data loading/packing, checkpoints, tokenizers, atomic writes, the output-safety rule;
+* :mod:`minitron.api`, :mod:`minitron.cli`, :mod:`minitron.pipeline`, :mod:`minitron.demo`: the driver on top.
+
+The driver functions ``estimate_importance``, ``prune``, ``distill``, ``correct_teacher`` and
+``evaluate_perplexity`` are importable from ``minitron`` itself. Importing the package never requires the compiled extension: ops that need it raise an
 error explaining how to build it.
 """
 from __future__ import annotations

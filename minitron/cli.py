@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny preset (under 2 minutes)")
     _add_output(p, required=False, help="output directory (default runs/demo, or runs/demo-quick)")
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--data-dir", default=None, help="directory with tinyshakespeare/ and wikitext-2/ (default: data/)")
+    p.add_argument("--data-dir", default=None, help="directory with tinyshakespeare/ and wikitext-2/ (default: the data shipped with minitron)")
     p.add_argument("--shakespeare", default=None, help="Tiny Shakespeare text file")
     p.add_argument("--wikitext-valid", default=None, help="WikiText-2 valid text file")
     p.add_argument("--wikitext-test", default=None, help="WikiText-2 test text file")
@@ -203,6 +203,8 @@ def _run(a: argparse.Namespace) -> int:
         print(f"importance of {scores.num_layers} layers saved to {a.output}")
         return 0
     if a.command == "prune":
+        from minitron.runtime import count_parameters
+
         model = api.prune(
             a.model, importance=a.importance, output_dir=a.output, overwrite=a.overwrite, tokenizer=a.tokenizer,
             hidden_size=a.hidden_size, intermediate_size=a.intermediate_size,
@@ -210,7 +212,7 @@ def _run(a: argparse.Namespace) -> int:
             num_hidden_layers=a.num_hidden_layers, depth_metric=a.depth_metric, contiguous=not a.non_contiguous,
             layers_to_drop=a.layers_to_drop, backend=a.backend,
         )
-        print(f"pruned model ({api.count_parameters(model):,} parameters) saved to {a.output}")
+        print(f"pruned model ({count_parameters(model):,} parameters) saved to {a.output}")
         return 0
     if a.command == "correct-teacher":
         res = api.correct_teacher(a.model, a.data, output_dir=a.output, overwrite=a.overwrite, resume=a.resume,

@@ -9,7 +9,8 @@
 6. report WikiText-2 test perplexity of a random-init model, the teacher, the corrected teacher, the
    pruned and the distilled students (printed, and saved as ``results.md``/``results.json``).
 
-The text is read from the project's ``data/`` directory by default (or the paths given).
+The text is read from the data shipped in the package (``minitron/resources/data``, also reachable as
+``data/`` in a checkout) by default, or from the paths given.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
-from minitron.train import atomic_write_json, atomic_write_text
+from minitron.io.files import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +92,10 @@ DATA_FILES = {
 
 
 def default_data_dir() -> Path:
-    """The project's ``data/`` directory (next to the package), else ``./data``."""
-    here = Path(__file__).resolve().parent.parent / "data"
-    return here if here.is_dir() else Path.cwd() / "data"
+    """The text data shipped inside the package (:func:`minitron.resources.data_dir`)."""
+    from minitron.resources import data_dir
+
+    return data_dir()
 
 
 def _teacher_config(p: DemoPreset, vocab_size: int):
@@ -138,18 +140,20 @@ def run_demo(
         output_dir: where everything goes (refused if it exists unless ``overwrite``/``resume``).
         quick: the tiny preset (under 2 minutes) instead of the default one.
         data_dir: directory with ``tinyshakespeare/input.txt`` and ``wikitext-2/{valid,test}.txt``
-            (default: the project's ``data/``); ``shakespeare``/``wikitext_valid``/``wikitext_test``
+            (default: the data shipped in the package); ``shakespeare``/``wikitext_valid``/``wikitext_test``
             override single files.
         device, backend: where to run and which kernel backend every op uses.
         threads: ``torch.set_num_threads`` (default: leave torch's setting).
     """
-    from minitron.api import _prepare_output, check_backends, check_output_dir, count_parameters
-    from minitron.checkpoint import load_model, save_model
-    from minitron.data import load_packed
-    from minitron.evaluate import perplexity
+    from minitron.io.safety import check_output_dir, prepare_output
+    from minitron.runtime import check_backends, count_parameters
+    from minitron.io.checkpoint import load_model, save_model
+    from minitron.io.data import load_packed
+    from minitron.eval.perplexity import perplexity
     from minitron.pipeline import run_pipeline
-    from minitron.tokenizer import load_tokenizer, train_bpe_tokenizer
-    from minitron.train import TrainConfig, lm_loss, resolve_device, seed_everything, train
+    from minitron.io.tokenizer import load_tokenizer, train_bpe_tokenizer
+    from minitron.train.loop import TrainConfig, lm_loss, train
+    from minitron.runtime import resolve_device, seed_everything
 
     preset = PRESETS["quick" if quick else "default"]
     if threads is not None and (not isinstance(threads, int) or threads < 1):
@@ -170,7 +174,7 @@ def run_demo(
     check_backends(dev, backend)
     if threads is not None:
         torch.set_num_threads(threads)
-    _prepare_output(out, overwrite=overwrite)
+    prepare_output(out, overwrite=overwrite)
     t_start = time.time()
     timings: Dict[str, float] = {}
     log.info("demo (%s preset) -> %s; torch threads %d", "quick" if quick else "default", out, torch.get_num_threads())

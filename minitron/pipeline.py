@@ -49,9 +49,10 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 
-from minitron.data import check_seq_len, load_packed
-from minitron.distill import DistillConfig
-from minitron.train import TrainConfig, atomic_write_json, atomic_write_text
+from minitron.io.data import check_seq_len, load_packed
+from minitron.train import DistillConfig
+from minitron.train.loop import TrainConfig
+from minitron.io.files import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +131,8 @@ def parse_pipeline_config(cfg: Dict[str, Any], *, output_dir: Optional[Union[str
             a sequence length longer than the teacher's positions, width/depth targets the teacher
             cannot reach.
     """
-    from minitron.api import _check_data_arg, _read_config
-    from minitron.prune import validate_width_targets
+    from minitron.io.inputs import check_data_arg, read_config
+    from minitron.compress.prune import validate_width_targets
 
     cfg = _check_keys("the top level", cfg, TOP_KEYS)
     out = output_dir if output_dir is not None else cfg.get("output_dir")
@@ -155,8 +156,8 @@ def parse_pipeline_config(cfg: Dict[str, Any], *, output_dir: Optional[Union[str
         raise ValueError("pipeline config: data.eval (the evaluation data) is required")
     data.setdefault("text_column", "text")
     data.setdefault("seq_len", 256)
-    _check_data_arg("data.train", data["train"])
-    _check_data_arg("data.eval", data["eval"])
+    check_data_arg("data.train", data["train"])
+    check_data_arg("data.eval", data["eval"])
 
     def train_cfg(section: str, d: Dict[str, Any]) -> TrainConfig:
         d = dict(d)
@@ -184,7 +185,7 @@ def parse_pipeline_config(cfg: Dict[str, Any], *, output_dir: Optional[Union[str
     imp.setdefault("batch_agg", "l2")
     imp.setdefault("layer_metrics", ["block_influence", "lm_loss"])
 
-    teacher_config = _read_config(teacher)
+    teacher_config = read_config(teacher)
     check_seq_len(data["seq_len"], teacher_config)
 
     distill_shared = _check_keys("distill", cfg.get("distill"), TRAIN_KEYS | DISTILL_LOSS_KEYS)
@@ -254,13 +255,14 @@ def run_pipeline(
         resume: continue an interrupted run in the output directory.
         extra_rows: rows prepended to the results table (the demo's random-init baseline).
     """
-    from minitron.api import _prepare_output, check_backends, check_output_dir, count_parameters, resolve_model_path
-    from minitron.checkpoint import load_model, save_model
-    from minitron.distill import correct_model, distill_model
-    from minitron.evaluate import perplexity
-    from minitron.importance import ImportanceScores, estimate_importance
-    from minitron.prune import prune_depth, prune_width
-    from minitron.train import resolve_device
+    from minitron.io.inputs import load_tokenizer_arg, resolve_model_path
+    from minitron.io.safety import check_output_dir, prepare_output
+    from minitron.runtime import check_backends, count_parameters, resolve_device
+    from minitron.io.checkpoint import load_model, save_model
+    from minitron.train import correct_model, distill_model
+    from minitron.eval.perplexity import perplexity
+    from minitron.compress.importance import ImportanceScores, estimate_importance
+    from minitron.compress.prune import prune_depth, prune_width
 
     if isinstance(config, (str, os.PathLike)):
         config = load_pipeline_config(config)
@@ -274,9 +276,7 @@ def run_pipeline(
     teacher_path = resolve_model_path(spec.teacher)
     teacher, tok = load_model(teacher_path)
     if spec.tokenizer is not None:
-        from minitron.api import _load_tokenizer
-
-        tok = _load_tokenizer(spec.tokenizer)
+        tok = load_tokenizer_arg(spec.tokenizer)
     if tok is None:
         raise ValueError(f"the teacher {spec.teacher!r} has no tokenizer files; set `tokenizer:` in the config")
     d = spec.data
@@ -292,7 +292,7 @@ def run_pipeline(
     for section, bs in needs:
         if len(train_data) < bs:
             raise ValueError(f"{section}: batch_size={bs} exceeds the {len(train_data)} training sequences")
-    _prepare_output(out, overwrite=overwrite)
+    prepare_output(out, overwrite=overwrite)
     import yaml
 
     atomic_write_text(out / "pipeline.yaml", yaml.safe_dump(
@@ -421,7 +421,7 @@ def run_pipeline(
                       f"({result['eval_tokens']} predicted tokens)\n\n" + table)
     if histories:
         try:
-            from minitron.plotting import plot_loss_curves
+            from minitron.io.plotting import plot_loss_curves
 
             plot_loss_curves([], out / "losses.png", title="training losses", extra=histories)
         except Exception as e:  # a plot never fails the pipeline

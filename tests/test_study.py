@@ -1,4 +1,4 @@
-"""Tests of the miniature Minitron study (minitron/study.py, benchmarks/minitron_study.py).
+"""Tests of the miniature Minitron study (benchmarks/study/experiment.py, benchmarks/minitron_study.py).
 
 The end-to-end test runs the ``--quick`` configuration on the shipped data (every arm, two seeds) and
 checks the report; the others check the pieces (weight-magnitude importance, size targets, claims, CLI).
@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from minitron import study
-from minitron.study import (
+from benchmarks.study import experiment as study
+from benchmarks.study.experiment import (
     ARMS,
     MAGNITUDE,
     StudyConfig,
@@ -211,7 +211,7 @@ def test_width_targets_halve_non_embedding_parameters():
 
 
 def test_weight_magnitude_scores_rank_by_norm_and_prune():
-    from minitron.prune import plan_width, prune_width
+    from minitron.compress.prune import plan_width, prune_width
 
     model = _tiny_llama()
     layer = model.model.layers[1]

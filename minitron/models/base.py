@@ -20,7 +20,6 @@ import copy
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
-import torch
 from torch import nn
 
 
@@ -76,14 +75,8 @@ class ModelAdapter:
 
     #: ``config.model_type`` of the family.
     model_type: ClassVar[str] = ""
-    #: Whether the config class declares a ``head_dim`` field. When it does not (Qwen2, Phi-3), an
-    #: explicit ``head_dim`` is still written to the config as an extra attribute, which the modeling
-    #: code reads.
-    config_has_head_dim: ClassVar[bool] = True
     #: Config fields holding one entry per decoder layer, cut to the kept layers by depth pruning.
     per_layer_config_fields: ClassVar[tuple[str, ...]] = ("layer_types",)
-    #: Per-head norms inside attention (Qwen3 ``q_norm``/``k_norm``), unchanged by head pruning.
-    head_norm_names: ClassVar[tuple[str, ...]] = ()
 
     # ------------------------------------------------------------------ config
     def dims(self, config: Any) -> Dims:
@@ -206,11 +199,6 @@ class ModelAdapter:
         """The residual-stream norms of a layer (weights [hidden_size]), in forward order."""
         return [layer.input_layernorm, layer.post_attention_layernorm]
 
-    def head_norms(self, layer: nn.Module) -> list[nn.Module]:
-        """Per-head norms acting on head_dim (Qwen3 q_norm/k_norm); unchanged by pruning."""
-        attn = self.attention(layer)
-        return [getattr(attn, n) for n in self.head_norm_names]
-
     def o_proj(self, layer: nn.Module) -> nn.Linear:
         """Attention output projection: input columns are [heads x head_dim], head-major."""
         return self.attention(layer).o_proj
@@ -273,10 +261,3 @@ class ModelAdapter:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model_type={self.model_type!r})"
 
-
-def weight_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype of the model's first floating-point parameter (fp32 if it has none)."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32

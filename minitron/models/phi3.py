@@ -18,7 +18,6 @@ class Phi3Adapter(ModelAdapter):
     """
 
     model_type = "phi3"
-    config_has_head_dim = False
 
     def query_rows(self, layer: nn.Module, dims: Dims) -> RowSpan:
         return RowSpan(self.attention(layer).qkv_proj, 0, dims.num_attention_heads, dims.head_dim)

@@ -14,4 +14,3 @@ class Qwen2Adapter(ModelAdapter):
     """
 
     model_type = "qwen2"
-    config_has_head_dim = False

@@ -13,4 +13,3 @@ class Qwen3Adapter(ModelAdapter):
     """
 
     model_type = "qwen3"
-    head_norm_names = ("q_norm", "k_norm")

@@ -96,7 +96,7 @@ def make_batches(vocab: int = 96, *, n: int = 2, batch: int = 3, seq: int = 16, 
 
 def random_scores(model: nn.Module, seed: int = 0, *, lm_loss: bool = True):
     """ImportanceScores with random (distinct) values and the model's fingerprint."""
-    from minitron.importance import ImportanceScores
+    from minitron.compress.importance import ImportanceScores
     from minitron.models import get_adapter
 
     ad = get_adapter(model)

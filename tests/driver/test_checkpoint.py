@@ -10,8 +10,8 @@ import textwrap
 import pytest
 import torch
 
-from minitron.checkpoint import OutputExistsError, load_model, save_model
-from minitron.prune import prune_depth, prune_width
+from minitron.io.checkpoint import OutputExistsError, load_model, save_model
+from minitron.compress.prune import prune_depth, prune_width
 from tests.driver.conftest import BACKEND, FAMILIES, make_model, random_scores
 
 

@@ -254,8 +254,8 @@ def test_example_config_and_default_demo_preset_are_valid(tmp_path):
 
 
 def test_importance_then_prune_commands(demo, tmp_path, capsys):
-    from minitron.checkpoint import load_model
-    from minitron.importance import ImportanceScores
+    from minitron.io.checkpoint import load_model
+    from minitron.compress.importance import ImportanceScores
 
     model = demo["out"] / "teacher" / "model"
     rc = main(["--log-level", "WARNING", "importance", "--model", str(model), "--data", str(VALID), "--seq-len", "32",

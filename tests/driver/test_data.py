@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minitron.data import (
+from minitron.io.data import (
     BatchStream,
     PackedDataset,
     check_seq_len,
@@ -25,7 +25,7 @@ SHAKESPEARE = ROOT / "data" / "tinyshakespeare" / "input.txt"
 
 @pytest.fixture(scope="module")
 def tok():
-    from minitron.tokenizer import train_bpe_tokenizer
+    from minitron.io.tokenizer import train_bpe_tokenizer
 
     text = SHAKESPEARE.read_text(encoding="utf-8")[:200_000]
     return train_bpe_tokenizer(texts=[text], vocab_size=300)
@@ -50,7 +50,7 @@ def test_shipped_data_is_intact():
 
 
 def test_tokenizer_roundtrip_and_save(tok, tmp_path):
-    from minitron.tokenizer import load_tokenizer
+    from minitron.io.tokenizer import load_tokenizer
 
     s = "First Citizen:\nBefore we proceed any further, hear me speak.\n  ünïcödé ☃"
     ids = tok(s, add_special_tokens=False)["input_ids"]
@@ -65,7 +65,7 @@ def test_tokenizer_roundtrip_and_save(tok, tmp_path):
 
 
 def test_tokenizer_training_is_deterministic():
-    from minitron.tokenizer import train_bpe_tokenizer
+    from minitron.io.tokenizer import train_bpe_tokenizer
 
     text = [SHAKESPEARE.read_text(encoding="utf-8")[:50_000]]
     a = train_bpe_tokenizer(texts=text, vocab_size=280)
@@ -162,7 +162,7 @@ def test_perplexity_excludes_padding(tok):
     """A right-padded sequence scores exactly like the same real tokens without padding."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from minitron.evaluate import perplexity
+    from minitron.eval.perplexity import perplexity
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from minitron import _ext
-from minitron.data import PackedDataset, load_packed
-from minitron.distill import DistillConfig, check_distillable, correct_model, distill_model, make_distillation_loss
-from minitron.evaluate import perplexity
-from minitron.train import TrainConfig, lm_loss, read_log, resolve_bf16, train
+from minitron.io.data import PackedDataset, load_packed
+from minitron.train import DistillConfig, check_distillable, correct_model, distill_model, make_distillation_loss
+from minitron.eval.perplexity import perplexity
+from minitron.train.loop import TrainConfig, lm_loss, read_log, train
+from minitron.runtime import resolve_bf16
 
 ROOT = Path(__file__).resolve().parents[2]
 VALID = ROOT / "data" / "wikitext-2" / "valid.txt"
@@ -33,7 +34,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def tok():
-    from minitron.tokenizer import train_bpe_tokenizer
+    from minitron.io.tokenizer import train_bpe_tokenizer
 
     return train_bpe_tokenizer(texts=[SHAKESPEARE.read_text(encoding="utf-8")[:200_000]], vocab_size=320)
 
@@ -198,7 +199,7 @@ def test_config_and_input_errors(tok, teacher):
 
 def test_api_distill_and_correct_write_loadable_models(tok, teacher, tmp_path):
     from minitron import api
-    from minitron.checkpoint import OutputExistsError, save_model
+    from minitron.io.checkpoint import OutputExistsError, save_model
 
     save_model(teacher, tmp_path / "teacher", tokenizer=tok)
     res = api.correct_teacher(tmp_path / "teacher", VALID, output_dir=tmp_path / "corr", seq_len=32, max_tokens=4096,

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minitron.importance import ImportanceScores, estimate_importance
+from minitron.compress.importance import ImportanceScores, estimate_importance
 from minitron.models import get_adapter
 from tests.driver.conftest import (BACKEND, assert_unchanged, make_batches, make_model, random_scores,
                                    snapshot)

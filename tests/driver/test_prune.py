@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from minitron.models import get_adapter
-from minitron.prune import (WidthPlan, _apply_width_plan, plan_depth, prune_depth, prune_width,
+from minitron.compress.prune import (WidthPlan, _apply_width_plan, plan_depth, prune_depth, prune_width,
                             validate_width_targets)
 from tests.driver.conftest import (BACKEND, assert_unchanged, logits_of, make_batches, make_model,
                                    random_scores, snapshot, tiny_config)

@@ -33,9 +33,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from minitron.data import Batch, BatchStream, PackedDataset
+from minitron.io.data import Batch, BatchStream, PackedDataset
+from minitron.io.files import atomic_write_json, atomic_write_text, json_default as _json_default
+from minitron.runtime import autocast_context, resolve_bf16, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
+
+__all__ = ["TrainConfig", "TrainResult", "train", "lm_loss", "make_optimizer", "latest_checkpoint", "read_log",
+           "default_eval_fn", "LOG_NAME", "PLOT_NAME", "CKPT_DIR", "RESUMABLE_CHANGES"]
 
 LossFn = Callable[[torch.nn.Module, Batch], Tuple[torch.Tensor, Dict[str, float]]]
 Callback = Callable[[int, Dict[str, Any]], None]
@@ -47,41 +52,6 @@ CKPT_DIR = "checkpoints"
 
 # TrainConfig fields that may change when a run is resumed (everything else must match).
 RESUMABLE_CHANGES = {"eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every", "device"}
-
-
-# --------------------------------------------------------------------------------------------------
-# atomic file helpers
-
-
-def atomic_write_text(path: PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temporary file in the same directory, then rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path`` atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (Path,)):
-        return str(o)
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, tuple):
-        return list(o)
-    return repr(o)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,30 +158,6 @@ class TrainConfig:
         return d
 
 
-def resolve_device(device: Union[str, torch.device]) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return dev
-
-
-def resolve_bf16(bf16: Union[str, bool], device: torch.device) -> bool:
-    """Whether to autocast to bf16: ``"auto"`` means CUDA with bf16 support only."""
-    if bf16 == "auto":
-        return device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return bool(bf16)
-
-
-def autocast_context(device: torch.device, enabled: bool):
-    """``torch.autocast`` to bf16 on ``device`` when enabled (a no-op context otherwise)."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
 # --------------------------------------------------------------------------------------------------
 # losses
 
@@ -286,18 +232,6 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (CPU and CUDA) RNGs."""
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % (2**32))
-    except ImportError:  # pragma: no cover
-        pass
 
 
 def latest_checkpoint(output_dir: PathLike) -> Optional[Path]:
@@ -410,7 +344,7 @@ def _move_batch(batch: Batch, device: torch.device) -> Batch:
 
 def default_eval_fn(eval_data: PackedDataset, config: TrainConfig) -> Callable[[torch.nn.Module], Dict[str, float]]:
     """Evaluation callback: token-weighted LM loss / perplexity on ``eval_data``."""
-    from minitron.evaluate import perplexity
+    from minitron.eval.perplexity import perplexity
 
     def run(model: torch.nn.Module) -> Dict[str, float]:
         res = perplexity(model, eval_data, batch_size=config.batch_size, max_batches=config.eval_batches,
@@ -616,7 +550,7 @@ def _check_resumable(state: Dict[str, Any], config: TrainConfig, run_info: Dict[
 
 def _plot(history: List[Dict[str, Any]], out: Path, title: str) -> Optional[Path]:
     try:
-        from minitron.plotting import plot_loss_curves
+        from minitron.io.plotting import plot_loss_curves
     except ImportError:  # pragma: no cover - matplotlib is a dependency
         return None
     try:

@@ -1,7 +1,7 @@
 """Structured width and depth pruning of Hugging Face decoder-only models (Minitron).
 
 Width (:func:`prune_width`): keep the most important embedding channels, MLP neurons, query heads and
-key/value groups (scores from :func:`minitron.importance.estimate_importance`), cutting every weight
+key/value groups (scores from :func:`minitron.compress.importance.estimate_importance`), cutting every weight
 consistently with :func:`minitron.ops.gather_slices`. Depth (:func:`prune_depth`): drop decoder layers
 by LM-loss drop or block influence, singly or as one contiguous block.
 
@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from minitron.importance import ImportanceScores, _check_layer_list
+from minitron.compress.importance import ImportanceScores, _check_layer_list
 from minitron.models import get_adapter
 from minitron.models.base import Dims, ModelAdapter, RowSpan
 

@@ -25,6 +25,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
+__all__ = ["TextCorpus", "load_texts", "tokenize_corpus", "PackedDataset", "BatchStream", "pack_tokens", "load_packed",
+           "max_positions", "check_seq_len", "Batch", "TEXT_EXTENSIONS", "FORMAT_BY_EXTENSION"]
+
 TEXT_EXTENSIONS = (".txt", ".text", ".md")
 FORMAT_BY_EXTENSION = {
     ".txt": "text",
@@ -182,7 +185,7 @@ def load_texts(
     try:
         import datasets
     except ImportError as e:  # pragma: no cover - hard dependency
-        raise ImportError("minitron.data needs the `datasets` package") from e
+        raise ImportError("minitron.io.data needs the `datasets` package") from e
 
     if isinstance(source, datasets.Dataset):
         return TextCorpus(_column_texts(source, text_column, "the given dataset"), False, "in-memory dataset")

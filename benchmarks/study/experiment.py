@@ -15,8 +15,8 @@ arXiv:2408.11796) claim that
 
 :func:`run_study` tests each claim at a scale a 2-core CPU runs in under an hour, using only the driver's
 public building blocks (tokenizer training, data packing, the training loop, teacher correction,
-:func:`minitron.importance.estimate_importance`, :func:`minitron.prune.prune_width`,
-:func:`minitron.prune.prune_depth`, :func:`minitron.distill.distill_model`,
+:func:`minitron.compress.importance.estimate_importance`, :func:`minitron.compress.prune.prune_width`,
+:func:`minitron.compress.prune.prune_depth`, :func:`minitron.train.distill_model`,
 :func:`minitron.evaluate.perplexity`). The setting mirrors the papers: the teacher is pre-trained on Tiny
 Shakespeare, then corrected, calibrated and distilled on WikiText-2 valid, and every model is scored by
 perplexity on WikiText-2 test. At one student size (about half the teacher's non-embedding parameters) and
@@ -82,7 +82,7 @@ __all__ = [
     "evaluate_claims",
 ]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 #: The training arms: key -> (short label, description).
 ARMS: Dict[str, Tuple[str, str]] = {
@@ -102,7 +102,7 @@ MAGNITUDE = "weight magnitude"
 #: Key of the optional from-scratch arm with a multiple of the token budget.
 LONG_SCRATCH = "a_long"
 
-#: Default data files, relative to the project's ``data/`` or to ``../shared/data``.
+#: Default data files, relative to the data shipped in the package (:func:`minitron.resources.data_dir`).
 DATA_FILES = {
     "teacher_data": "tinyshakespeare/input.txt",
     "distill_data": "wikitext-2/valid.txt",
@@ -112,12 +112,15 @@ DATA_FILES = {
 
 # ---------------------------------------------------------------------------------------------- config
 def resolve_data_path(relative: str) -> Path:
-    """Find a shipped data file: ``<repo>/data/<relative>`` first, then ``<repo>/../shared/data/<relative>``.
+    """Find a shipped data file: in the installed package's data (``minitron/resources/data``), then
+    ``<repo>/../shared/data/<relative>``.
 
     Raises:
         FileNotFoundError: neither exists (the message names both places).
     """
-    candidates = [REPO_ROOT / "data" / relative, REPO_ROOT.parent / "shared" / "data" / relative]
+    from minitron.resources import data_dir
+
+    candidates = [data_dir() / relative, REPO_ROOT.parent / "shared" / "data" / relative]
     for c in candidates:
         if c.is_file():
             return c
@@ -320,7 +323,7 @@ def non_embedding_parameters(model_or_config: Any) -> int:
 
 def total_parameters(model: torch.nn.Module) -> int:
     """Distinct parameters (tied weights counted once)."""
-    from minitron.api import count_parameters
+    from minitron.runtime import count_parameters
 
     return count_parameters(model)
 
@@ -376,10 +379,10 @@ def weight_magnitude_scores(model: torch.nn.Module) -> Any:
     Layer scores (``block_influence``) are the layers' Frobenius norms; no ``lm_loss_drop``.
 
     Returns:
-        :class:`minitron.importance.ImportanceScores` (fp32 CPU) carrying ``model``'s fingerprint, so
-        :func:`minitron.prune.prune_width` accepts it like activation scores.
+        :class:`minitron.compress.importance.ImportanceScores` (fp32 CPU) carrying ``model``'s fingerprint, so
+        :func:`minitron.compress.prune.prune_width` accepts it like activation scores.
     """
-    from minitron.importance import ImportanceScores
+    from minitron.compress.importance import ImportanceScores
     from minitron.models import get_adapter
 
     adapter = get_adapter(model)
@@ -478,7 +481,7 @@ def _read_chars(path: Path, limit: Optional[int]) -> str:
 
 
 def _build_tokenizer(cfg: StudyConfig, teacher_path: Path, distill_path: Path) -> Any:
-    from minitron.tokenizer import train_bpe_tokenizer
+    from minitron.io.tokenizer import train_bpe_tokenizer
 
     if cfg.tokenizer_chars is None:
         return train_bpe_tokenizer([teacher_path, distill_path], vocab_size=cfg.vocab_size)
@@ -509,7 +512,7 @@ def _init_model(config: Any, seed: int) -> torch.nn.Module:
 
 def _split_tail(data: Any, n_tail: int) -> Tuple[Any, Any]:
     """(head, tail): the last ``n_tail`` sequences held out."""
-    from minitron.data import PackedDataset
+    from minitron.io.data import PackedDataset
 
     n = len(data)
     if n_tail >= n - 1:
@@ -529,15 +532,15 @@ def _calibration(data: Any, n: int, seed: int, batch_size: int) -> List[Dict[str
 
 
 def _ppl(model: torch.nn.Module, data: Any, batch_size: int, max_batches: Optional[int] = None) -> Dict[str, Any]:
-    from minitron.evaluate import perplexity
+    from minitron.eval.perplexity import perplexity
 
     return perplexity(model, data, batch_size=batch_size, max_batches=max_batches)
 
 
 def _train_lm(model: torch.nn.Module, data: Any, out: Path, steps: int, lr: float, seed: int, cfg: StudyConfig,
               eval_data: Any = None, eval_every: int = 0, eval_batches: Optional[int] = None) -> Any:
-    from minitron.distill import correct_model
-    from minitron.train import TrainConfig
+    from minitron.train import correct_model
+    from minitron.train.loop import TrainConfig
 
     tc = TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=lr, warmup_steps=min(cfg.warmup_steps, steps - 1),
                      eval_every=eval_every, eval_batches=eval_batches, seed=seed, device="cpu", bf16=False,
@@ -547,8 +550,8 @@ def _train_lm(model: torch.nn.Module, data: Any, out: Path, steps: int, lr: floa
 
 def _distill(student: torch.nn.Module, teacher: torch.nn.Module, data: Any, out: Path, seed: int,
              cfg: StudyConfig, eval_data: Any) -> Any:
-    from minitron.distill import DistillConfig, distill_model
-    from minitron.train import TrainConfig
+    from minitron.train import DistillConfig, distill_model
+    from minitron.train.loop import TrainConfig
 
     tc = TrainConfig(steps=cfg.student_steps, batch_size=cfg.batch_size, lr=cfg.student_lr,
                      warmup_steps=min(cfg.warmup_steps, cfg.student_steps - 1), eval_every=cfg.eval_every,
@@ -566,7 +569,7 @@ def _curve(start_loss: float, history: Sequence[Dict[str, Any]], tokens_per_step
 
 
 def _check_backend(backend: str) -> None:
-    from minitron.api import check_backends
+    from minitron.runtime import check_backends
 
     check_backends("cpu", backend)
 
@@ -610,10 +613,10 @@ def run_study(
         ValueError / FileNotFoundError: bad configuration, missing data, an unusable kernel backend or an
             existing output directory; all checked before any training.
     """
-    from minitron.checkpoint import OutputExistsError
-    from minitron.data import load_packed
-    from minitron.importance import estimate_importance
-    from minitron.prune import plan_depth, prune_depth, prune_width, validate_width_targets
+    from minitron.io.checkpoint import OutputExistsError
+    from minitron.io.data import load_packed
+    from minitron.compress.importance import estimate_importance
+    from minitron.compress.prune import plan_depth, prune_depth, prune_width, validate_width_targets
 
     if not isinstance(config, StudyConfig):
         raise TypeError(f"config must be a StudyConfig, got {type(config).__name__}")
@@ -634,7 +637,7 @@ def run_study(
         paths[key] = p
     _check_backend(cfg.backend)
     if overwrite and out.exists():
-        from minitron.checkpoint import same_or_inside
+        from minitron.io.safety import same_or_inside
 
         inside = [str(p) for p in paths.values() if same_or_inside(p, out)]
         if inside or (out / ".git").exists():
@@ -847,7 +850,7 @@ def run_study(
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    from minitron.train import atomic_write_json
+    from minitron.io.files import atomic_write_json
 
     atomic_write_json(path, obj)
 
@@ -1058,9 +1061,9 @@ def render_markdown(results: Dict[str, Any]) -> str:
 
 def _save_png(fig: Any, path: PathLike) -> Path:
     """Write ``fig`` as a PNG atomically (the driver's plotting helper)."""
-    from minitron.plotting import _save_figure
+    from minitron.io.plotting import save_figure
 
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_curves(results: Dict[str, Any], path: PathLike) -> Path:

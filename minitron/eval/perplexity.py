@@ -8,9 +8,11 @@ from typing import Any, Dict, Iterable, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from minitron.data import Batch, PackedDataset
+from minitron.io.data import Batch, PackedDataset
 
 log = logging.getLogger(__name__)
+
+__all__ = ["perplexity"]
 
 
 @torch.no_grad()
@@ -44,7 +46,7 @@ def perplexity(
     Raises:
         ValueError: the data has no predictable token.
     """
-    from minitron.train import autocast_context, resolve_bf16
+    from minitron.runtime import autocast_context, resolve_bf16
 
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

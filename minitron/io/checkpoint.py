@@ -18,35 +18,16 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from minitron.io.safety import same_or_inside
+from minitron.io.tokenizer import TOKENIZER_FILES, has_tokenizer_files
 from minitron.models import get_adapter
 
 log = logging.getLogger(__name__)
 
 __all__ = ["save_model", "load_model", "OutputExistsError", "TOKENIZER_FILES", "has_tokenizer_files"]
 
-#: Files that carry a tokenizer's vocabulary; a directory without any of them has no tokenizer
-#: (``AutoTokenizer.from_pretrained`` would silently return an empty one).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
-                   "sentencepiece.bpe.model")
-
-
 class OutputExistsError(FileExistsError, ValueError):
     """The output directory exists and ``overwrite`` was not given (also a ``ValueError``)."""
-
-
-def has_tokenizer_files(directory: Union[str, os.PathLike]) -> bool:
-    """Whether ``directory`` holds a tokenizer vocabulary file (see :data:`TOKENIZER_FILES`)."""
-    d = Path(directory)
-    return any((d / name).is_file() for name in TOKENIZER_FILES)
-
-
-def same_or_inside(a: Path, b: Path) -> bool:
-    """Whether path ``a`` is ``b`` or lies inside ``b`` (resolved, symlinks followed)."""
-    try:
-        a.resolve().relative_to(b.resolve())
-        return True
-    except ValueError:
-        return False
 
 
 def save_model(

@@ -13,6 +13,9 @@ from typing import Iterable, Optional, Sequence, Union
 
 log = logging.getLogger(__name__)
 
+__all__ = ["train_bpe_tokenizer", "load_tokenizer", "has_tokenizer_files", "ensure_pad_token", "EOS_TOKEN",
+           "PAD_TOKEN", "TOKENIZER_FILES"]
+
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 

@@ -9,10 +9,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 log = logging.getLogger(__name__)
 
+__all__ = ["plot_loss_curves", "save_figure"]
+
 PathLike = Union[str, os.PathLike]
 
 
-def _save_figure(fig: Any, path: PathLike) -> Path:
+def save_figure(fig: Any, path: PathLike) -> Path:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
     os.close(fd)
@@ -81,6 +83,6 @@ def plot_loss_curves(
         for ax, (name, hist) in zip(axes[:, 0], series):
             _draw(ax, hist, name)
         fig.tight_layout()
-        return _save_figure(fig, path)
+        return save_figure(fig, path)
     finally:
         plt.close(fig)

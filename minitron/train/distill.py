@@ -8,7 +8,7 @@ the ``[tokens x vocab]`` logits are never materialised. Padding positions are ma
     loss = kl_weight * KL_mode(teacher || student; temperature) + lm_loss_weight * CE(student, next token)
 
 Both the distillation and the teacher correction (LM fine-tuning of the teacher on the distillation
-data before pruning) run through the shared loop of :func:`minitron.train.train`.
+data before pruning) run through the shared loop of :func:`minitron.train.loop.train`.
 
 Known limitation: models whose logits are post-processed after the LM head (final logit soft-capping
 or scaling) are distilled on the raw ``hidden @ W.T`` logits; none of the supported families do this.
@@ -23,8 +23,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from minitron.data import Batch, PackedDataset
-from minitron.train import Callback, TrainConfig, TrainResult, lm_loss, train
+from minitron.train.loop import Callback, TrainConfig, TrainResult, train
+from minitron.io.data import Batch, PackedDataset
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def check_distillable(student: torch.nn.Module, teacher: torch.nn.Module) -> Non
 
 
 def make_distillation_loss(teacher: torch.nn.Module, config: DistillConfig):
-    """The loss function ``loss_fn(student, batch) -> (loss, metrics)`` for :func:`minitron.train.train`.
+    """The loss function ``loss_fn(student, batch) -> (loss, metrics)`` for :func:`minitron.train.loop.train`.
 
     The teacher runs under ``torch.no_grad`` in eval mode. Metrics: ``kl`` and, with an LM term, ``lm``.
     """
@@ -178,14 +178,14 @@ def distill_model(
 ) -> TrainResult:
     """Distil ``teacher`` into ``student`` (trained in place; the teacher is frozen and not modified).
 
-    See :func:`minitron.train.train` for the loop, checkpoints and resume; evaluation (when
+    See :func:`minitron.train.loop.train` for the loop, checkpoints and resume; evaluation (when
     ``eval_data`` is given) reports the student's LM loss / perplexity.
     """
     if not isinstance(distill_config, DistillConfig):
         raise TypeError(f"distill_config must be a DistillConfig, got {type(distill_config).__name__}")
     distill_config.validate()
     check_distillable(student, teacher)
-    from minitron.train import resolve_device
+    from minitron.runtime import resolve_device
 
     device = resolve_device(train_config.device)
     flags = [p.requires_grad for p in teacher.parameters()]
@@ -206,21 +206,3 @@ def distill_model(
         for p, f in zip(teacher.parameters(), flags):
             p.requires_grad_(f)
         teacher.train(was_training)
-
-
-def correct_model(
-    model: torch.nn.Module,
-    data: PackedDataset,
-    train_config: TrainConfig,
-    output_dir: Any,
-    *,
-    eval_data: Optional[PackedDataset] = None,
-    resume: bool = False,
-    callbacks: Sequence[Callback] = (),
-    run_info: Optional[Dict[str, Any]] = None,
-) -> TrainResult:
-    """Teacher correction: fine-tune ``model`` in place with the LM loss on the distillation data."""
-    return train(
-        model, lm_loss, data, train_config, output_dir, eval_data=eval_data, resume=resume,
-        callbacks=callbacks, run_info=run_info, plot_title="LM fine-tuning",
-    )
