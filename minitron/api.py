@@ -36,8 +36,9 @@ from minitron.train.loop import TrainConfig, TrainResult
 from minitron.io.data import PackedDataset, load_packed
 from minitron.io.files import atomic_write_json
 from minitron.io.inputs import (DEFAULT_SEQ_LEN, MODEL_SUBDIR, ModelLike, check_data_arg, default_seq_len, is_path,
-                                load_model_like, load_tokenizer_arg, read_config, resolve_model_path)
-from minitron.io.safety import check_output_dir, prepare_output
+                                load_model_like, load_tokenizer_arg, read_config, resolve_model_path,
+                                tokenizer_source)
+from minitron.io.safety import abandon_output, begin_output, check_output, check_output_dir, finish_output
 from minitron.runtime import check_backends, count_parameters, resolve_device
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,13 @@ def _train_config(train: Union[None, TrainConfig, Dict[str, Any]], overrides: Di
         raise TypeError(f"train must be a TrainConfig, a dict or None, got {type(train).__name__}")
     base.update({k: v for k, v in overrides.items()})
     return TrainConfig.from_dict(base)
+
+
+def check_finite_weights(model: torch.nn.Module, where: str) -> None:
+    """Refuse a model holding NaN/inf weights (ValueError naming the tensor)."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{where}: tensor {name} holds non-finite values (NaN/inf); the model is broken")
 
 
 def _model_info(model: torch.nn.Module) -> Dict[str, Any]:
@@ -121,9 +129,12 @@ def estimate_importance(
     """
     from minitron.compress.importance import estimate_importance as _estimate
 
-    config = read_config(model)
+    config = read_config(model, "--model")
     seq_len = default_seq_len(seq_len, config)
     check_data_arg("data", data)
+    from minitron.compress.importance import validate_options
+
+    layer_metrics = validate_options(seq_agg, batch_agg, layer_metrics)
     for name, v in (("batch_size", batch_size),):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -131,10 +142,12 @@ def estimate_importance(
         raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
     out = None
     if output_dir is not None:
-        out = check_output_dir(output_dir, overwrite=overwrite, inputs=[model] if is_path(model) else [])
+        out = check_output_dir(output_dir, overwrite=overwrite,
+                               inputs={"--model": model, "--data": data, "--tokenizer": tokenizer})
     dev = resolve_device(device)
     check_backends(dev, backend, ops=IMPORTANCE_OPS)
     module, tok, _ = load_model_like(model, tokenizer)
+    check_finite_weights(module, str(model) if is_path(model) else "model")
     packed = load_packed(
         data, tok, seq_len=seq_len, text_column=text_column, split=split, dataset_config=dataset_config,
         max_tokens=max_tokens, drop_remainder=False, model_configs=[module.config],
@@ -149,14 +162,22 @@ def estimate_importance(
     finally:
         module.to(orig_device)
     log.info("importance: %d batches in %.1fs", len(batches), time.time() - t0)
+    for name in ("heads", "neurons", "channels"):
+        if not bool(torch.isfinite(getattr(scores, name)).all()):
+            raise RuntimeError(f"importance: the {name} scores are not finite (NaN/inf activations); nothing was saved")
     if out is not None:
-        prepare_output(out, overwrite=overwrite)
-        scores.save(out, overwrite=True)
-        if plot:
-            try:
-                scores.plot(out / "importance.png")
-            except Exception as e:  # a plot never fails the command
-                log.warning("could not plot importance: %s", e)
+        work = begin_output(out, overwrite=overwrite)
+        try:
+            scores.save(work, overwrite=True)
+            if plot:
+                try:
+                    scores.plot(work / "importance.png")
+                except Exception as e:  # a plot never fails the command
+                    log.warning("could not plot importance: %s", e)
+            finish_output(work, out)
+        except BaseException:
+            abandon_output(work, out)
+            raise
     return scores
 
 
@@ -209,7 +230,7 @@ def prune(
             "no pruning target: give hidden_size / intermediate_size / num_attention_heads / "
             "num_key_value_heads and/or num_hidden_layers"
         )
-    config = read_config(model)
+    config = read_config(model, "--model")
     validate_width_targets(config, **width)
     scores = importance
     if is_path(importance):
@@ -220,6 +241,8 @@ def prune(
         if scores is None:
             raise ValueError("width pruning needs importance scores (importance=...)")
         scores.check_compatible(config)
+    if want_depth and scores is not None and layers_to_drop is None:
+        scores.check_compatible(config)
     if want_depth:
         if layers_to_drop is None and scores is None:
             raise ValueError("depth pruning needs importance scores or layers_to_drop")
@@ -227,13 +250,18 @@ def prune(
                    contiguous=contiguous, layers_to_drop=layers_to_drop)
     out = None
     if output_dir is not None:
-        out = check_output_dir(output_dir, overwrite=overwrite, inputs=[model] if is_path(model) else [])
+        out = check_output_dir(output_dir, overwrite=overwrite,
+                               inputs={"--model": model, "--importance": importance, "--tokenizer": tokenizer})
     if want_width:
         dev = next(model.parameters()).device if isinstance(model, torch.nn.Module) else torch.device("cpu")
         check_backends(dev, backend, ops=SLICING_OPS)
     module, tok, src = load_model_like(model, tokenizer)
     if isinstance(model, torch.nn.Module) and not inplace:
         module = copy.deepcopy(module)
+    if scores is not None and (want_width or layers_to_drop is None):
+        scores.check_model(module, source=f"importance scores {str(importance)!r}" if is_path(importance)
+                           else "importance scores")
+    check_finite_weights(module, str(model) if is_path(model) else "model")
     before = count_parameters(module)
     if want_width:
         prune_width(module, scores, backend=backend, **width)
@@ -245,7 +273,8 @@ def prune(
     if out is not None:
         from minitron.io.checkpoint import save_model
 
-        save_model(module, out, tokenizer=tok, overwrite=overwrite, input_path=src)
+        save_model(module, out, tokenizer=tok, tokenizer_dir=tokenizer_source(src, tokenizer), overwrite=overwrite,
+                   input_path=src)
     return module
 
 
@@ -254,15 +283,17 @@ def prune(
 
 
 def _finish_run(
-    result: TrainResult, module: torch.nn.Module, tok: Any, out: Path, args: Dict[str, Any], src: Optional[str]
+    result: TrainResult, module: torch.nn.Module, tok: Any, work: Path, out: Path, args: Dict[str, Any],
+    src: Optional[str], tok_dir: Optional[str],
 ) -> TrainResult:
     from minitron.io.checkpoint import save_model
 
     model_dir = out / MODEL_SUBDIR
-    save_model(module, model_dir, tokenizer=tok, overwrite=model_dir.exists(), input_path=src)
+    save_model(module, work / MODEL_SUBDIR, tokenizer=tok, tokenizer_dir=tok_dir,
+               overwrite=(work / MODEL_SUBDIR).exists(), input_path=src)
     result.extra["model_dir"] = str(model_dir)
     result.extra["model"] = module
-    atomic_write_json(out / "run.json", {
+    atomic_write_json(work / "run.json", {
         "args": args,
         "steps": result.steps,
         "final_train_loss": result.final_loss,
@@ -271,6 +302,11 @@ def _finish_run(
         "model": _model_info(module),
         "model_dir": str(model_dir),
     })
+    finish_output(work, out)
+    result.output_dir = out
+    result.log_path = out / result.log_path.name
+    if result.plot_path is not None:
+        result.plot_path = out / result.plot_path.name
     return result
 
 
@@ -313,23 +349,28 @@ def train_lm(
     from minitron.train import correct_model
 
     cfg = _train_config(train, train_kwargs)
-    config = read_config(model)
+    config = read_config(model, "--model")
     seq_len = default_seq_len(seq_len, config)
     check_data_arg("data", data)
     check_data_arg("eval_data", eval_data, required=False)
-    out = check_output_dir(output_dir, overwrite=overwrite, resume=resume, inputs=[model] if is_path(model) else [])
+    out = check_output_dir(output_dir, overwrite=overwrite, resume=resume, resumable=True,
+                           inputs={"--model": model, "--data": data, "--eval-data": eval_data, "--tokenizer": tokenizer})
     resolve_device(cfg.device)
     module, tok, src = load_model_like(model, tokenizer)
     train_data, ev = _training_data(data, eval_data, tok, seq_len, [module.config], text_column=text_column,
                                     split=split, dataset_config=dataset_config, max_tokens=max_tokens,
                                     eval_split=eval_split, eval_max_tokens=eval_max_tokens)
-    prepare_output(out, overwrite=overwrite)
+    work = begin_output(out, overwrite=overwrite)
     info = {"model": _model_info(module), "data": train_data.description}
-    result = correct_model(module, train_data, cfg, out, eval_data=ev, resume=resume, callbacks=callbacks,
-                           run_info=info)
-    args = {"command": "train_lm", "model": str(model) if is_path(model) else "<module>", "seq_len": seq_len,
-            "data": str(data) if is_path(data) else "<object>", "train": cfg.to_dict()}
-    return _finish_run(result, module, tok, out, args, src)
+    try:
+        result = correct_model(module, train_data, cfg, work, eval_data=ev, resume=resume, callbacks=callbacks,
+                               run_info=info)
+        args = {"command": "train_lm", "model": str(model) if is_path(model) else "<module>", "seq_len": seq_len,
+                "data": str(data) if is_path(data) else "<object>", "train": cfg.to_dict()}
+        return _finish_run(result, module, tok, work, out, args, src, tokenizer_source(src, tokenizer))
+    except BaseException:
+        abandon_output(work, out)
+        raise
 
 
 def correct_teacher(model: ModelLike, data: Any, *, output_dir: Union[str, os.PathLike], **kwargs: Any) -> TrainResult:
@@ -399,7 +440,7 @@ def distill(
     cfg = _train_config(train, train_kwargs)
     dcfg = DistillConfig(mode=mode, temperature=temperature, beta=beta, kl_weight=kl_weight,
                          lm_loss_weight=lm_loss_weight, chunk_size=chunk_size, backend=kl_backend)
-    s_cfg, t_cfg = read_config(student), read_config(teacher)
+    s_cfg, t_cfg = read_config(student, "--student"), read_config(teacher, "--teacher")
     if int(s_cfg.vocab_size) != int(t_cfg.vocab_size):
         raise ValueError(
             f"student vocab_size ({s_cfg.vocab_size}) differs from the teacher's ({t_cfg.vocab_size}); "
@@ -408,26 +449,33 @@ def distill(
     seq_len = default_seq_len(seq_len, s_cfg, t_cfg)
     check_data_arg("data", data)
     check_data_arg("eval_data", eval_data, required=False)
-    inputs = [x for x in (student, teacher) if is_path(x)]
-    out = check_output_dir(output_dir, overwrite=overwrite, resume=resume, inputs=inputs)
+    inputs = {"--student": student, "--teacher": teacher, "--data": data, "--eval-data": eval_data,
+              "--tokenizer": tokenizer}
+    out = check_output_dir(output_dir, overwrite=overwrite, resume=resume, resumable=True, inputs=inputs)
     dev = resolve_device(cfg.device)
     if dcfg.kl_weight > 0:
         check_backends(dev, kl_backend, ops=KL_OPS)
     s_mod, s_tok, s_src = load_model_like(student, tokenizer)
-    t_mod, t_tok, _ = load_model_like(teacher, None)
+    t_mod, t_tok, t_src = load_model_like(teacher, None)
     check_distillable(s_mod, t_mod)
     tok = s_tok if s_tok is not None else (t_tok if tokenizer is None else load_tokenizer_arg(tokenizer))
     train_data, ev = _training_data(data, eval_data, tok, seq_len, [s_mod.config, t_mod.config],
                                     text_column=text_column, split=split, dataset_config=dataset_config,
                                     max_tokens=max_tokens, eval_split=eval_split, eval_max_tokens=eval_max_tokens)
-    prepare_output(out, overwrite=overwrite)
+    work = begin_output(out, overwrite=overwrite)
     info = {"student": _model_info(s_mod), "teacher": _model_info(t_mod), "data": train_data.description}
-    result = distill_model(s_mod, t_mod, train_data, cfg, dcfg, out, eval_data=ev, resume=resume,
-                           callbacks=callbacks, run_info=info)
-    args = {"command": "distill", "student": str(student) if is_path(student) else "<module>",
-            "teacher": str(teacher) if is_path(teacher) else "<module>", "seq_len": seq_len,
-            "data": str(data) if is_path(data) else "<object>", "train": cfg.to_dict(), "distill": dcfg.to_dict()}
-    return _finish_run(result, s_mod, tok, out, args, s_src)
+    try:
+        result = distill_model(s_mod, t_mod, train_data, cfg, dcfg, work, eval_data=ev, resume=resume,
+                               callbacks=callbacks, run_info=info)
+        args = {"command": "distill", "student": str(student) if is_path(student) else "<module>",
+                "teacher": str(teacher) if is_path(teacher) else "<module>", "seq_len": seq_len,
+                "data": str(data) if is_path(data) else "<object>", "train": cfg.to_dict(),
+                "distill": dcfg.to_dict()}
+        tok_dir = tokenizer_source(s_src, tokenizer) or tokenizer_source(t_src, None)
+        return _finish_run(result, s_mod, tok, work, out, args, s_src, tok_dir)
+    except BaseException:
+        abandon_output(work, out)
+        raise
 
 
 # --------------------------------------------------------------------------------------------------
@@ -464,19 +512,14 @@ def evaluate_perplexity(
     """
     from minitron.eval.perplexity import perplexity
 
-    config = read_config(model)
+    config = read_config(model, "--model")
     seq_len = default_seq_len(seq_len, config)
     check_data_arg("data", data)
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if output is not None:
-        op = Path(output)
-        if op.is_dir():
-            raise ValueError(f"output {str(op)!r} is a directory; give a JSON file path")
-        if op.exists() and not overwrite:
-            from minitron.io.checkpoint import OutputExistsError
-
-            raise OutputExistsError(f"output file {str(op)!r} already exists; pass --overwrite to replace it")
+        check_output(output, kind="file", overwrite=overwrite,
+                     inputs={"--model": model, "--data": data, "--tokenizer": tokenizer})
     dev = resolve_device(device)
     module, tok, _ = load_model_like(model, tokenizer)
     packed = load_packed(data, tok, seq_len=seq_len, text_column=text_column, split=split,

@@ -1,10 +1,13 @@
 """The ``minitron`` command line (also ``python -m minitron``).
 
 Subcommands: ``info``, ``importance``, ``prune``, ``correct-teacher``, ``distill``, ``evaluate``,
-``pipeline --config FILE.yaml``, ``demo``. Run ``minitron COMMAND --help`` for the options. Bad input
-(an existing output directory without ``--overwrite``, an output equal to an input, a missing text
-column, a sequence length beyond the model's positions, ...) exits with status 2 and a one-line error
-before any work is done.
+``pipeline --config FILE.yaml``, ``demo``. Run ``minitron COMMAND --help`` for the options.
+
+Errors are one line on stderr, never a traceback (unless ``--log-level DEBUG``): bad input (an
+existing output without ``--overwrite``, an output that is, contains or lies inside an input, a
+corrupt or truncated file, a missing text column, ...) exits with status 2 before any work is done;
+a failure during the work (a NaN loss, out of memory or disk, ...) exits with status 1, and the
+previous output, if any, is left intact.
 """
 from __future__ import annotations
 
@@ -17,6 +20,26 @@ from typing import Any, Dict, List, Optional, Sequence
 log = logging.getLogger("minitron.cli")
 
 EXIT_BAD_INPUT = 2
+EXIT_RUNTIME = 1
+#: Exceptions that mean "the input is wrong" (exit 2); anything else raised during the work exits 1.
+INPUT_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                PermissionError, KeyError)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) if str(exc) else ""
+    if isinstance(exc, KeyError) and text.startswith("'") and text.endswith("'"):
+        text = text[1:-1]
+    if isinstance(exc, INPUT_ERRORS) or isinstance(exc, RuntimeError):
+        return text or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit status 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _int_list(s: str) -> List[int]:
@@ -96,12 +119,12 @@ def _data_kwargs(a: argparse.Namespace, *, eval_data: bool = False) -> Dict[str,
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``minitron`` command."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="minitron",
         description="Minitron-style structured pruning and logit distillation of Hugging Face LLMs.",
     )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
     p = sub.add_parser("info", help="build/backend information (same as python -m minitron.info)",
@@ -278,21 +301,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     a = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, a.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    _quiet_libraries()
+    _quiet_libraries(debug=a.log_level == "DEBUG")
     try:
         return _run(a)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
+    except KeyboardInterrupt:
+        print(f"minitron {a.command}: interrupted (any previous output is intact)", file=sys.stderr)
+        return 130
+    except Exception as e:
         if a.log_level == "DEBUG":
             raise
-        print(f"minitron {a.command}: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print(f"minitron {a.command}: interrupted", file=sys.stderr)
-        return 130
+        code = EXIT_BAD_INPUT if isinstance(e, INPUT_ERRORS) else EXIT_RUNTIME
+        print(f"minitron {a.command}: error: {_one_line(e)}", file=sys.stderr)
+        return code
 
 
-def _quiet_libraries() -> None:
-    """Silence the progress bars of datasets / transformers (our own logging reports progress)."""
+def _quiet_libraries(debug: bool = False) -> None:
+    """Silence the progress bars and load reports of datasets / transformers (our own logging reports
+    progress, and errors are ours, in one line)."""
     try:
         import datasets
 
@@ -304,6 +329,8 @@ def _quiet_libraries() -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        if not debug:
+            hf_logging.set_verbosity_error()
     except Exception:  # pragma: no cover
         pass
 

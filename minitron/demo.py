@@ -18,14 +18,13 @@ import dataclasses
 import logging
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 import torch
 
-from minitron.io.files import atomic_write_json, atomic_write_text
+from minitron.io.files import atomic_write_json, atomic_write_text, make_temp_dir
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +109,7 @@ def _teacher_config(p: DemoPreset, vocab_size: int):
 
 
 def _save_tokenizer(tok: Any, path: Path) -> None:
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    tmp = make_temp_dir(path)
     try:
         tok.save_pretrained(str(tmp))
         os.replace(tmp, path)
@@ -145,15 +144,9 @@ def run_demo(
         device, backend: where to run and which kernel backend every op uses.
         threads: ``torch.set_num_threads`` (default: leave torch's setting).
     """
-    from minitron.io.safety import check_output_dir, prepare_output
-    from minitron.runtime import check_backends, count_parameters
-    from minitron.io.checkpoint import load_model, save_model
-    from minitron.io.data import load_packed
-    from minitron.eval.perplexity import perplexity
-    from minitron.pipeline import run_pipeline
-    from minitron.io.tokenizer import load_tokenizer, train_bpe_tokenizer
-    from minitron.train.loop import TrainConfig, lm_loss, train
-    from minitron.runtime import resolve_device, seed_everything
+    from minitron.io.inputs import check_text_file
+    from minitron.io.safety import abandon_output, begin_output, check_output_dir, finish_output
+    from minitron.runtime import check_backends, resolve_device
 
     preset = PRESETS["quick" if quick else "default"]
     if threads is not None and (not isinstance(threads, int) or threads < 1):
@@ -169,12 +162,36 @@ def run_demo(
                 f"wikitext-2/valid.txt, test.txt) or --{key.replace('_', '-')} FILE"
             )
         files[key] = f
-    out = check_output_dir(output_dir, overwrite=overwrite, resume=resume)
+    for key, f in files.items():
+        check_text_file(f, f"--{key.replace('_', '-')}")
+    out = check_output_dir(output_dir, overwrite=overwrite, resume=resume, resumable=True,
+                           inputs={"--data-dir": data_dir, **{f"--{k.replace('_', '-')}": v for k, v in files.items()}})
     dev = resolve_device(device)
     check_backends(dev, backend)
     if threads is not None:
         torch.set_num_threads(threads)
-    prepare_output(out, overwrite=overwrite)
+    final_out = out
+    out = begin_output(final_out, overwrite=overwrite)
+    try:
+        summary = _stages(out, final_out, files, preset, quick=quick, resume=resume, dev=dev, backend=backend, seed=seed)
+    except BaseException:
+        abandon_output(out, final_out)
+        raise
+    finish_output(out, final_out)
+    return summary
+
+
+def _stages(out: Path, final_out: Path, files: Dict[str, Path], preset: DemoPreset, *, quick: bool, resume: bool,
+            dev: torch.device, backend: str, seed: int) -> Dict[str, Any]:
+    """The demo's stages, writing into ``out`` (``final_out`` or its temporary sibling)."""
+    from minitron.eval.perplexity import perplexity
+    from minitron.io.checkpoint import save_model
+    from minitron.io.data import load_packed
+    from minitron.io.tokenizer import load_tokenizer, train_bpe_tokenizer
+    from minitron.pipeline import run_pipeline
+    from minitron.runtime import count_parameters, seed_everything
+    from minitron.train.loop import TrainConfig, lm_loss, train
+
     t_start = time.time()
     timings: Dict[str, float] = {}
     log.info("demo (%s preset) -> %s; torch threads %d", "quick" if quick else "default", out, torch.get_num_threads())
@@ -261,7 +278,7 @@ def run_demo(
         "eval_tokens": pipe["eval_tokens"],
         "torch_threads": torch.get_num_threads(),
         "device": str(dev),
-        "output_dir": str(out),
+        "output_dir": str(final_out),
     }
     atomic_write_json(out / "results.json", summary)
     lines = [

@@ -131,8 +131,10 @@ def parse_pipeline_config(cfg: Dict[str, Any], *, output_dir: Optional[Union[str
             a sequence length longer than the teacher's positions, width/depth targets the teacher
             cannot reach.
     """
+    from minitron.compress.importance import validate_options as validate_importance_options
+    from minitron.compress.prune import DEPTH_METRICS, validate_width_targets
     from minitron.io.inputs import check_data_arg, read_config
-    from minitron.compress.prune import validate_width_targets
+    from minitron.runtime import resolve_device
 
     cfg = _check_keys("the top level", cfg, TOP_KEYS)
     out = output_dir if output_dir is not None else cfg.get("output_dir")
@@ -145,9 +147,23 @@ def parse_pipeline_config(cfg: Dict[str, Any], *, output_dir: Optional[Union[str
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"pipeline config: seed must be a non-negative int, got {seed!r}")
     device = cfg.get("device", "auto")
+    if not isinstance(device, str):
+        raise TypeError(f"pipeline config: device must be a string (auto, cpu, cuda, cuda:N), got {device!r}")
+    try:
+        resolve_device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"pipeline config: device: {e}") from None
     backend = cfg.get("backend", "auto")
     if not isinstance(backend, str):
         raise TypeError(f"pipeline config: backend must be a string, got {backend!r}")
+    tokenizer = cfg.get("tokenizer")
+    if tokenizer is not None:
+        if not isinstance(tokenizer, str) or not Path(tokenizer).is_dir():
+            raise ValueError(f"pipeline config: tokenizer must be an existing tokenizer directory, got {tokenizer!r}")
+        from minitron.io.tokenizer import has_tokenizer_files
+
+        if not has_tokenizer_files(tokenizer):
+            raise ValueError(f"pipeline config: tokenizer {tokenizer!r} holds no tokenizer files")
 
     data = _check_keys("data", cfg.get("data"), DATA_KEYS)
     if not data.get("train"):
@@ -156,6 +172,15 @@ def parse_pipeline_config(cfg: Dict[str, Any], *, output_dir: Optional[Union[str
         raise ValueError("pipeline config: data.eval (the evaluation data) is required")
     data.setdefault("text_column", "text")
     data.setdefault("seq_len", 256)
+    if not isinstance(data["text_column"], str) or not data["text_column"]:
+        raise TypeError(f"pipeline config: data.text_column must be a column name, got {data['text_column']!r}")
+    for k in ("max_tokens", "eval_max_tokens"):
+        v = data.get(k)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"pipeline config: data.{k} must be a positive int or null, got {v!r}")
+    for k in ("train", "eval"):
+        if not isinstance(data[k], str):
+            raise TypeError(f"pipeline config: data.{k} must be a path or dataset name, got {data[k]!r}")
     check_data_arg("data.train", data["train"])
     check_data_arg("data.eval", data["eval"])
 
@@ -179,14 +204,19 @@ def parse_pipeline_config(cfg: Dict[str, Any], *, output_dir: Optional[Union[str
     imp.setdefault("batch_size", 8)
     imp.setdefault("max_batches", 16)
     for k in ("batch_size", "max_batches"):
-        if not isinstance(imp[k], int) or imp[k] < 1:
+        if not isinstance(imp[k], int) or isinstance(imp[k], bool) or imp[k] < 1:
             raise ValueError(f"pipeline config: importance.{k} must be a positive int, got {imp[k]!r}")
     imp.setdefault("seq_agg", "mean")
     imp.setdefault("batch_agg", "l2")
     imp.setdefault("layer_metrics", ["block_influence", "lm_loss"])
+    imp["layer_metrics"] = list(validate_importance_options(imp["seq_agg"], imp["batch_agg"], imp["layer_metrics"],
+                                                            prefix="pipeline config: importance."))
 
-    teacher_config = read_config(teacher)
-    check_seq_len(data["seq_len"], teacher_config)
+    teacher_config = read_config(teacher, "pipeline config: teacher")
+    try:
+        check_seq_len(data["seq_len"], teacher_config)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"pipeline config: data.seq_len: {e}") from None
 
     distill_shared = _check_keys("distill", cfg.get("distill"), TRAIN_KEYS | DISTILL_LOSS_KEYS)
     students_raw = cfg.get("students")
@@ -206,10 +236,28 @@ def parse_pipeline_config(cfg: Dict[str, Any], *, output_dir: Optional[Union[str
         except (TypeError, ValueError) as e:
             raise type(e)(f"pipeline config: students.{name}: {e}") from e
         if depth:
+            where = f"pipeline config: students.{name}"
             n = depth.get("num_hidden_layers")
             L = int(teacher_config.num_hidden_layers)
             if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= L:
-                raise ValueError(f"pipeline config: students.{name}.num_hidden_layers must be an int in [1, {L}], got {n!r}")
+                raise ValueError(f"{where}.num_hidden_layers must be an int in [1, {L}], got {n!r}")
+            metric = depth.get("depth_metric", "lm_loss")
+            if metric not in DEPTH_METRICS:
+                raise ValueError(f"{where}.depth_metric must be one of {', '.join(DEPTH_METRICS)}, got {metric!r}")
+            if "contiguous" in depth and not isinstance(depth["contiguous"], bool):
+                raise TypeError(f"{where}.contiguous must be true or false, got {depth['contiguous']!r}")
+            drop = depth.get("layers_to_drop")
+            if drop is not None:
+                if (not isinstance(drop, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in drop)
+                        or len(set(drop)) != len(drop) or not all(0 <= i < L for i in drop)):
+                    raise ValueError(f"{where}.layers_to_drop must be a list of distinct layer indices in [0, {L - 1}], "
+                                     f"got {drop!r}")
+                if len(drop) != L - n:
+                    raise ValueError(f"{where}.layers_to_drop has {len(drop)} layers but going from {L} to {n} layers "
+                                     f"drops {L - n}")
+            elif metric not in imp["layer_metrics"]:
+                raise ValueError(f"{where}.depth_metric is {metric!r} but importance.layer_metrics "
+                                 f"{imp['layer_metrics']} does not measure it; add it there")
         merged = dict(distill_shared)
         merged.update(_check_keys(f"students.{name}.distill", t.get("distill"), TRAIN_KEYS | DISTILL_LOSS_KEYS))
         loss_kw = {k: merged.pop(k) for k in list(merged) if k in DISTILL_LOSS_KEYS}
@@ -222,7 +270,12 @@ def parse_pipeline_config(cfg: Dict[str, Any], *, output_dir: Optional[Union[str
     ev = _check_keys("evaluate", cfg.get("evaluate"), EVAL_KEYS)
     ev.setdefault("batch_size", 8)
     ev.setdefault("max_batches", None)
-    return PipelineSpec(Path(out), teacher, cfg.get("tokenizer"), seed, device, backend, data, correct, imp,
+    if not isinstance(ev["batch_size"], int) or isinstance(ev["batch_size"], bool) or ev["batch_size"] < 1:
+        raise ValueError(f"pipeline config: evaluate.batch_size must be a positive int, got {ev['batch_size']!r}")
+    mb = ev["max_batches"]
+    if mb is not None and (not isinstance(mb, int) or isinstance(mb, bool) or mb < 1):
+        raise ValueError(f"pipeline config: evaluate.max_batches must be a positive int or null, got {mb!r}")
+    return PipelineSpec(Path(out), teacher, tokenizer, seed, device, backend, data, correct, imp,
                         students, ev, cfg)
 
 
@@ -255,24 +308,32 @@ def run_pipeline(
         resume: continue an interrupted run in the output directory.
         extra_rows: rows prepended to the results table (the demo's random-init baseline).
     """
+    from minitron.io.checkpoint import load_model
     from minitron.io.inputs import load_tokenizer_arg, resolve_model_path
-    from minitron.io.safety import check_output_dir, prepare_output
-    from minitron.runtime import check_backends, count_parameters, resolve_device
-    from minitron.io.checkpoint import load_model, save_model
-    from minitron.train import correct_model, distill_model
-    from minitron.eval.perplexity import perplexity
-    from minitron.compress.importance import ImportanceScores, estimate_importance
-    from minitron.compress.prune import prune_depth, prune_width
+    from minitron.io.safety import abandon_output, begin_output, check_output_dir, finish_output
+    from minitron.runtime import check_backends, resolve_device
 
+    source = None
     if isinstance(config, (str, os.PathLike)):
+        source = str(config)
         config = load_pipeline_config(config)
-    spec = parse_pipeline_config(config, output_dir=output_dir)
-    out = check_output_dir(spec.output_dir, overwrite=overwrite, resume=resume, inputs=[spec.teacher])
+    try:
+        spec = parse_pipeline_config(config, output_dir=output_dir)
+    except (TypeError, ValueError) as e:
+        if source is None:
+            raise
+        msg = str(e).replace("pipeline config: ", "", 1)
+        raise type(e)(f"pipeline config {source}: {msg}") from None
+    inputs = {"teacher": spec.teacher, "tokenizer": spec.tokenizer, "data.train": spec.data["train"],
+              "data.eval": spec.data["eval"]}
+    if source is not None:
+        inputs["--config"] = source
+    out = check_output_dir(spec.output_dir, overwrite=overwrite, resume=resume, inputs=inputs, resumable=True,
+                           what="output_dir" if output_dir is None else "--output")
     device = resolve_device(spec.device)
     check_backends(device, spec.backend)
 
     t_start = time.time()
-    timings: Dict[str, float] = {}
     teacher_path = resolve_model_path(spec.teacher)
     teacher, tok = load_model(teacher_path)
     if spec.tokenizer is not None:
@@ -292,11 +353,36 @@ def run_pipeline(
     for section, bs in needs:
         if len(train_data) < bs:
             raise ValueError(f"{section}: batch_size={bs} exceeds the {len(train_data)} training sequences")
-    prepare_output(out, overwrite=overwrite)
+    work = begin_output(out, overwrite=overwrite)
+    try:
+        result = _run_stages(spec, work, out, teacher, tok, teacher_path, train_data, eval_data, device,
+                             resume=resume, extra_rows=extra_rows, t_start=t_start)
+        finish_output(work, out)
+    except BaseException:
+        abandon_output(work, out)
+        raise
+    return result
+
+
+def _run_stages(spec: PipelineSpec, out: Path, final_out: Path, teacher: torch.nn.Module, tok: Any,
+                teacher_path: str, train_data: Any, eval_data: Any, device: torch.device, *, resume: bool,
+                extra_rows: Optional[List[Dict[str, Any]]], t_start: float) -> Dict[str, Any]:
+    """Every stage of the recipe, writing into ``out`` (the final ``final_out`` or its temporary sibling)."""
+    from minitron.compress.importance import ImportanceScores, estimate_importance
+    from minitron.compress.prune import prune_depth, prune_width
+    from minitron.eval.perplexity import perplexity
+    from minitron.io.checkpoint import load_model, save_model
+    from minitron.runtime import count_parameters
+    from minitron.io.tokenizer import has_tokenizer_files
+    from minitron.train import correct_model, distill_model
+
+    timings: Dict[str, float] = {}
+    tok_dir = spec.tokenizer if spec.tokenizer is not None else (teacher_path if has_tokenizer_files(teacher_path) else None)
+    d = spec.data
     import yaml
 
     atomic_write_text(out / "pipeline.yaml", yaml.safe_dump(
-        dict(spec.raw, output_dir=str(spec.output_dir)), sort_keys=False))
+        dict(spec.raw, output_dir=str(final_out)), sort_keys=False))
     teacher.to(device)
     teacher_params = count_parameters(teacher)
     eval_cache_path = out / "evaluations.json"
@@ -344,7 +430,7 @@ def run_pipeline(
             res = correct_model(teacher, train_data, spec.correct, cdir, resume=resume,
                                 eval_data=eval_data if spec.correct.eval_every else None,
                                 run_info={"model": teacher_path, "data": train_data.description})
-            save_model(teacher, cdir / "model", tokenizer=tok, overwrite=(cdir / "model").exists())
+            save_model(teacher, cdir / "model", tokenizer=tok, tokenizer_dir=tok_dir, overwrite=(cdir / "model").exists())
             atomic_write_json(cdir / "run.json", {"final_train_loss": res.final_loss, "final_eval": res.final_eval,
                                                   "elapsed_s": res.elapsed_s, "train": spec.correct.to_dict()})
             histories["teacher correction"] = res.history
@@ -387,7 +473,7 @@ def run_pipeline(
                             metric=st.depth.get("depth_metric", "lm_loss"),
                             contiguous=st.depth.get("contiguous", True),
                             layers_to_drop=st.depth.get("layers_to_drop"))
-            save_model(student, pdir, tokenizer=tok)
+            save_model(student, pdir, tokenizer=tok, tokenizer_dir=tok_dir)
         timings[f"{st.name}/prune"] = round(time.time() - t0, 2)
         pruned_eval = evaluate(f"{st.name} pruned", student, "pruned")
         t0 = time.time()
@@ -399,7 +485,7 @@ def run_pipeline(
             res = distill_model(student, teacher, train_data, st.train, st.loss, ddir, resume=resume,
                                 eval_data=eval_data if st.train.eval_every else None,
                                 run_info={"student": st.name, "data": train_data.description})
-            save_model(student, ddir / "model", tokenizer=tok, overwrite=(ddir / "model").exists())
+            save_model(student, ddir / "model", tokenizer=tok, tokenizer_dir=tok_dir, overwrite=(ddir / "model").exists())
             atomic_write_json(ddir / "run.json", {"final_train_loss": res.final_loss, "final_eval": res.final_eval,
                                                   "elapsed_s": res.elapsed_s, "train": st.train.to_dict(),
                                                   "distill": st.loss.to_dict()})
@@ -415,7 +501,7 @@ def run_pipeline(
     table = _markdown_table(rows, eval_name)
     result = {"rows": rows, "table": table, "timings": timings, "students": student_results,
               "teacher": spec.teacher, "eval_data": eval_data.description, "eval_tokens": rows[-1]["tokens"],
-              "output_dir": str(out)}
+              "output_dir": str(final_out)}
     atomic_write_json(out / "results.json", result)
     atomic_write_text(out / "results.md", f"# Minitron pipeline results\n\nEvaluation data: {eval_data.description} "
                       f"({result['eval_tokens']} predicted tokens)\n\n" + table)

@@ -24,6 +24,7 @@ that scores of another model are refused (:meth:`ImportanceScores.check_compatib
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -35,12 +36,14 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from minitron.io.files import current_umask
 from minitron.models import get_adapter
 from minitron.models.base import ModelAdapter
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ImportanceScores", "estimate_importance", "LAYER_METRICS", "SCORES_FILE", "META_FILE"]
+__all__ = ["ImportanceScores", "estimate_importance", "LAYER_METRICS", "SCORES_FILE", "META_FILE", "shape_signature",
+           "validate_options"]
 
 SCORES_FILE = "importance.safetensors"
 META_FILE = "importance.json"
@@ -143,6 +146,24 @@ class ImportanceScores:
                 "importance scores were computed on a different model (" + "; ".join(diffs) + ")"
             )
 
+    def check_model(self, model: nn.Module, *, source: str = "importance scores") -> None:
+        """Raise ``ValueError`` unless these scores were computed on a model with exactly ``model``'s tensors.
+
+        Compares the config fingerprint and the shape signature (every parameter name and shape; see
+        :func:`shape_signature`). Scores saved before signatures existed are checked by fingerprint only.
+        """
+        self.check_compatible(model.config)
+        mine = self.meta.get("shape_signature")
+        if mine is None:
+            log.warning("%s carry no shape signature (saved by an older minitron); checked by config only", source)
+            return
+        theirs = shape_signature(model)
+        if mine != theirs:
+            raise ValueError(
+                f"{source} were computed on a different model: same config sizes but other tensors or shapes "
+                f"(shape signature {mine[:12]} vs the model's {theirs[:12]}); re-run `minitron importance` on this model"
+            )
+
     def select_layers(self, kept: Sequence[int]) -> "ImportanceScores":
         """Scores restricted to the kept layers (after depth pruning), with the fingerprint updated.
 
@@ -205,10 +226,20 @@ class ImportanceScores:
         missing = [n for n in (SCORES_FILE, META_FILE) if not (d / n).is_file()]
         if missing:
             raise FileNotFoundError(f"{d} holds no importance scores (missing {', '.join(missing)})")
-        meta = json.loads((d / META_FILE).read_text())
-        with safe_open(str(d / SCORES_FILE), framework="pt") as f:
-            inner = json.loads((f.metadata() or {}).get("meta", "null"))
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            meta = json.loads((d / META_FILE).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"importance file {str(d / META_FILE)!r} is corrupt or truncated (not valid JSON: {e})") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"importance file {str(d / META_FILE)!r} is corrupt (not a JSON object)")
+        try:
+            with safe_open(str(d / SCORES_FILE), framework="pt") as f:
+                inner = json.loads((f.metadata() or {}).get("meta", "null"))
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # SafetensorError, OSError, JSONDecodeError of the embedded metadata
+            raise ValueError(
+                f"importance file {str(d / SCORES_FILE)!r} is corrupt or truncated ({type(e).__name__}: {e})"
+            ) from None
         if inner is not None and inner != meta:
             raise ValueError(f"{d}: {SCORES_FILE} and {META_FILE} come from different runs")
         missing_t = [n for n in _TENSOR_FIELDS if n != "lm_loss_drop" and n not in tensors]
@@ -260,12 +291,41 @@ class ImportanceScores:
             plt.close(fig)
 
 
+def validate_options(seq_agg: Any, batch_agg: Any, layer_metrics: Any, *, prefix: str = "") -> tuple[str, ...]:
+    """Check importance options before any work; errors name the option (``prefix`` + its name).
+
+    Returns:
+        ``layer_metrics`` as a tuple.
+    """
+    from minitron.ops.importance import AGGREGATIONS
+
+    for name, v in (("seq_agg", seq_agg), ("batch_agg", batch_agg)):
+        if not isinstance(v, str) or v not in AGGREGATIONS:
+            raise ValueError(f"{prefix}{name} must be one of {', '.join(AGGREGATIONS)}; got {v!r}")
+    if isinstance(layer_metrics, str) or not isinstance(layer_metrics, (list, tuple)):
+        raise TypeError(f"{prefix}layer_metrics must be a list of metric names ({', '.join(LAYER_METRICS)}), "
+                        f"got {layer_metrics!r}")
+    bad = [m for m in layer_metrics if m not in LAYER_METRICS]
+    if bad:
+        raise ValueError(f"{prefix}layer_metrics: unknown metric(s) {bad}; valid: {', '.join(LAYER_METRICS)}")
+    return tuple(layer_metrics)
+
+
+def shape_signature(model: nn.Module) -> str:
+    """SHA-256 of every parameter and buffer name with its shape (state_dict order), identifying a model's layout."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(f"{name}:{tuple(t.shape)}\n".encode())
+    return h.hexdigest()
+
+
 def _atomic_write(path: Path, write: Any) -> None:
     """Call ``write(tmp_path)`` then rename the temporary file onto ``path``."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -557,6 +617,7 @@ def estimate_importance(
     meta = {
         "model_type": adapter.model_type,
         "config_fingerprint": adapter.fingerprint(model.config),
+        "shape_signature": shape_signature(model),
         "seq_agg": seq_agg,
         "batch_agg": batch_agg,
         "layer_metrics": list(layer_metrics),

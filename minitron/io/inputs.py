@@ -44,7 +44,7 @@ def resolve_model_path(path: Union[str, os.PathLike]) -> str:
     return str(path)
 
 
-def read_config(model: ModelLike) -> Any:
+def read_config(model: ModelLike, what: str = "model") -> Any:
     """The model's config without loading weights."""
     if isinstance(model, torch.nn.Module):
         if not hasattr(model, "config"):
@@ -57,15 +57,51 @@ def read_config(model: ModelLike) -> Any:
     from minitron.models import get_adapter
 
     path = resolve_model_path(model)
-    if not Path(path).exists() and looks_local(str(model)):
-        raise FileNotFoundError(f"model checkpoint {str(model)!r} does not exist")
-    config = AutoConfig.from_pretrained(path)
+    if not Path(path).exists():
+        check_hub_name(str(model), what)
+    else:
+        from minitron.io.checkpoint import _read_json
+
+        _read_json(Path(path) / "config.json", "config file")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{what} {str(model)!r}: cannot read its config ({str(e).splitlines()[0]})") from None
     get_adapter(config)
     return config
 
 
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub is switched off (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``)."""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
 def looks_local(s: str) -> bool:
-    return s.startswith((".", "/", "~")) or s.count("/") > 1
+    """Whether a missing path is surely meant as a local path, not a hub name.
+
+    True for absolute / ``.`` / ``~`` paths, more than one ``/``, a data-file extension, Windows
+    separators, or a first component that exists here (``runs/techer`` when ``runs/`` exists).
+    """
+    from minitron.io.data import FORMAT_BY_EXTENSION
+
+    if s.startswith((".", "/", "~")) or s.count("/") > 1 or "\\" in s:
+        return True
+    if os.path.splitext(s)[1].lower() in FORMAT_BY_EXTENSION:
+        return True
+    first = s.split("/", 1)[0]
+    return "/" in s and Path(first).is_dir()
+
+
+def check_hub_name(name: str, what: str) -> None:
+    """Refuse, without touching the network, a missing local path or a hub name while offline."""
+    if looks_local(name):
+        raise FileNotFoundError(f"{what} {name!r} does not exist (no such file or directory)")
+    if hub_offline():
+        raise FileNotFoundError(
+            f"{what} {name!r} is not a local path and the hub is offline (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE set); "
+            "give a local checkpoint directory"
+        )
 
 
 def load_model_like(model: ModelLike, tokenizer: Any = None) -> Tuple[torch.nn.Module, Any, Optional[str]]:
@@ -79,6 +115,18 @@ def load_model_like(model: ModelLike, tokenizer: Any = None) -> Tuple[torch.nn.M
     if tokenizer is not None:
         tok = load_tokenizer_arg(tokenizer)
     return module, tok, path
+
+
+def tokenizer_source(model_src: Optional[str], tokenizer: Any) -> Optional[str]:
+    """The directory whose tokenizer files an output should carry: ``tokenizer`` when it is a path, else
+    the model's checkpoint directory when it holds tokenizer files (None otherwise)."""
+    from minitron.io.tokenizer import has_tokenizer_files
+
+    if is_path(tokenizer):
+        return str(tokenizer)
+    if tokenizer is None and model_src is not None and has_tokenizer_files(model_src):
+        return str(model_src)
+    return None
 
 
 def load_tokenizer_arg(tokenizer: Any) -> Any:
@@ -109,7 +157,44 @@ def check_data_arg(name: str, data: Any, *, required: bool = True) -> None:
     if is_path(data):
         s = os.fspath(data)
         p = Path(s).expanduser()
-        if not p.exists() and (os.path.splitext(s)[1].lower() in FORMAT_BY_EXTENSION or looks_local(s)):
-            raise FileNotFoundError(f"{name}: data path {s!r} does not exist")
+        if not p.exists():
+            if os.path.splitext(s)[1].lower() in FORMAT_BY_EXTENSION or looks_local(s):
+                raise FileNotFoundError(f"{name}: data path {s!r} does not exist")
+            if hub_offline():
+                raise FileNotFoundError(
+                    f"{name}: {s!r} is not a local path and the hub is offline (HF_HUB_OFFLINE set); give a local file"
+                )
+            return
+        files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.is_file() and
+                                               f.suffix.lower() in FORMAT_BY_EXTENSION) if p.is_dir() else []
+        for f in files:
+            check_text_file(f, name)
+
+
+def check_text_file(f: Path, name: str) -> None:
+    """Refuse an unreadable, empty or binary data file (text formats: valid UTF-8 without NUL bytes)."""
+    if not os.access(f, os.R_OK):
+        raise ValueError(f"{name}: data file {str(f)!r} is not readable (permission denied)")
+    size = f.stat().st_size
+    if size == 0:
+        raise ValueError(f"{name}: data file {str(f)!r} is empty")
+    if f.suffix.lower() in (".parquet",):
+        with open(f, "rb") as fh:
+            if fh.read(4) != b"PAR1":
+                raise ValueError(f"{name}: {str(f)!r} is not a parquet file (corrupt or mislabelled)")
+        return
+    with open(f, "rb") as fh:
+        head = fh.read(65536)
+    if b"\x00" in head:
+        raise ValueError(f"{name}: data file {str(f)!r} is binary, not text (NUL bytes); give a UTF-8 text file")
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 4:  # a multi-byte character cut at the read boundary is fine
+            raise ValueError(
+                f"{name}: data file {str(f)!r} is not UTF-8 text (invalid byte at offset {e.start}); convert it to UTF-8"
+            ) from None
+    if not head.strip():
+        raise ValueError(f"{name}: data file {str(f)!r} holds only whitespace")
 
 

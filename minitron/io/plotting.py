@@ -7,6 +7,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+from minitron.io.files import current_umask
+
 log = logging.getLogger(__name__)
 
 __all__ = ["plot_loss_curves", "save_figure"]
@@ -20,6 +22,7 @@ def save_figure(fig: Any, path: PathLike) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -1,23 +1,43 @@
-"""The output-safety rule: an output may never be, contain, or lie inside an input of the command.
+"""The output-safety rule, in one place: nothing the user owns is ever lost.
 
-:func:`check_output_dir` validates an output directory before any work; :func:`prepare_output`
-creates it once all validation has passed.
+Every command, the Python API and the pipeline validate their outputs with :func:`check_output`
+before any work:
+
+* an output may not be, contain, or lie inside any input the command reads (model, teacher, student,
+  data files and directories, importance, tokenizer, ...), with symlinks resolved;
+* an existing output is refused unless ``overwrite`` (or ``resume`` for training runs);
+* its location must be writable (the nearest existing ancestor is a writable directory) and, when the
+  size of the output can be estimated, hold enough free space.
+
+Replacing is done last: with ``overwrite`` the new output is written into a hidden sibling
+(:func:`begin_output`) and swapped in only once complete (:func:`finish_output`), so a failure or
+interruption at any point leaves the previous output intact. Leftover temporaries of killed runs are
+cleaned by the next run of the same output (:func:`minitron.io.files.remove_stale_temporaries`).
 """
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
-from minitron.io.inputs import is_path
+from minitron.io.files import make_temp_dir, publish_dir, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
-__all__ = ["same_or_inside", "check_output_dir", "prepare_output"]
+__all__ = ["same_or_inside", "check_output", "check_output_dir", "begin_output", "finish_output",
+           "abandon_output", "prepare_output", "OutputExistsError"]
+
+PathLike = Union[str, os.PathLike]
 
 
-def same_or_inside(a: Path, b: Path) -> bool:
+class OutputExistsError(FileExistsError, ValueError):
+    """The output exists and ``overwrite`` was not given (also a ``ValueError``)."""
+
+
+def same_or_inside(a: PathLike, b: PathLike) -> bool:
     """Whether path ``a`` is ``b`` or lies inside ``b`` (resolved, symlinks followed)."""
     try:
         Path(a).resolve().relative_to(Path(b).resolve())
@@ -26,62 +46,132 @@ def same_or_inside(a: Path, b: Path) -> bool:
         return False
 
 
-def check_output_dir(
-    output_dir: Any,
+def _nearest_existing(p: Path) -> Path:
+    p = Path(os.path.abspath(p))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _named_inputs(inputs: Union[Mapping[str, Any], Sequence[Any]]) -> list[tuple[str, Path]]:
+    items = inputs.items() if isinstance(inputs, Mapping) else (("input", x) for x in inputs)
+    out = []
+    for name, value in items:
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if isinstance(v, (str, os.PathLike)) and str(v) and (Path(v).exists() or Path(v).is_symlink()):
+                out.append((name, Path(v)))
+    return out
+
+
+def check_output(
+    output: Any,
     *,
+    inputs: Union[Mapping[str, Any], Sequence[Any]] = (),
     overwrite: bool = False,
     resume: bool = False,
-    inputs: Sequence[Any] = (),
-    what: str = "output directory",
+    kind: str = "dir",
+    what: str = "--output",
+    estimated_bytes: Optional[int] = None,
+    resumable: bool = False,
 ) -> Path:
-    """Validate an output directory before any work.
+    """Validate an output path before any work; nothing is created or deleted.
 
-    Refuses (ValueError): a non-path, an existing file, a directory that is (or lies inside) an input
-    checkpoint, or (with ``overwrite``) one that contains an input. Refuses an existing non-empty
-    directory unless ``overwrite`` or ``resume`` (:class:`minitron.io.checkpoint.OutputExistsError`, a
-    ValueError and FileExistsError). Nothing is created or deleted here.
+    Args:
+        output: the output directory (``kind="dir"``) or file (``kind="file"``).
+        inputs: ``{argument name: path or list of paths}`` (or a plain list) of everything the command
+            reads; paths that do not exist (hub names, objects) are skipped.
+        overwrite / resume: what may happen to an existing output (mutually exclusive).
+        what: how the output is named in messages (the CLI flag / API argument / YAML key).
+        estimated_bytes: refuse when the output's file system has less free space than this.
+        resumable: the command has ``--resume`` (only then does the message suggest it).
+    Returns:
+        The output as a Path.
+    Raises:
+        TypeError: not a path. ValueError: output is/contains/lies inside an input, is of the wrong
+        kind, is not writable or lacks space. OutputExistsError: exists without overwrite/resume.
     """
-    from minitron.io.checkpoint import OutputExistsError
-
-    if not is_path(output_dir) or str(output_dir) == "":
-        raise TypeError(f"{what} must be a non-empty path, got {output_dir!r}")
+    if not isinstance(output, (str, os.PathLike)) or str(output) == "":
+        raise TypeError(f"{what} must be a non-empty path, got {output!r}")
     if overwrite and resume:
-        raise ValueError("overwrite and resume are mutually exclusive")
-    out = Path(output_dir)
-    for inp in inputs:
-        if not is_path(inp):
-            continue
-        ip = Path(inp)
-        if not ip.exists():
-            continue
-        if same_or_inside(out, ip):
-            raise ValueError(
-                f"{what} {str(out)!r} is the input {str(ip)!r} or lies inside it; choose another output directory"
-            )
-        if same_or_inside(ip, out) and (overwrite or out.exists()):
-            raise ValueError(f"{what} {str(out)!r} contains the input {str(ip)!r}; choose another output directory")
-    if out.exists() or out.is_symlink():
-        if not out.is_dir():
+        raise ValueError("--overwrite and --resume (overwrite=True, resume=True) are mutually exclusive")
+    out = Path(output).expanduser()
+    for name, inp in _named_inputs(inputs):
+        if same_or_inside(out, inp):
+            rel = "is" if out.resolve() == inp.resolve() else "lies inside"
+            raise ValueError(f"{what} {str(out)!r} {rel} the input {name} {str(inp)!r}; choose another output")
+        if same_or_inside(inp, out):
+            raise ValueError(f"{what} {str(out)!r} contains the input {name} {str(inp)!r}; choose another output")
+    exists = out.exists() or out.is_symlink()
+    if exists:
+        if kind == "dir" and not out.is_dir():
             raise ValueError(f"{what} {str(out)!r} exists and is not a directory")
-        if any(out.iterdir()) and not (overwrite or resume):
-            raise OutputExistsError(
-                f"{what} {str(out)!r} already exists; pass --overwrite (overwrite=True) to replace it"
-                + (" or --resume to continue it" if what == "output directory" else "")
+        if kind == "file" and out.is_dir():
+            raise ValueError(f"{what} {str(out)!r} is a directory; give a file path")
+        nonempty = kind == "file" or any(out.iterdir())
+        if nonempty and not (overwrite or resume):
+            hint = "pass --overwrite (overwrite=True) to replace it"
+            if resumable:
+                hint += ", or --resume (resume=True) to continue it"
+            raise OutputExistsError(f"{what} {str(out)!r} already exists; {hint}")
+    anchor = _nearest_existing(out.parent if kind == "file" or not exists else out)
+    if not anchor.is_dir():
+        raise ValueError(f"{what} {str(out)!r} cannot be created: {str(anchor)!r} is not a directory")
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {str(out)!r} is not writable (no write permission on {str(anchor)!r})")
+    if estimated_bytes:
+        free = shutil.disk_usage(anchor).free
+        if free < estimated_bytes:
+            raise ValueError(
+                f"{what} {str(out)!r}: not enough disk space ({free / 2**20:.0f} MiB free, about "
+                f"{estimated_bytes / 2**20:.0f} MiB needed); free some space or choose another location"
             )
     return out
 
 
-def _prepare_output(out: Path, *, overwrite: bool) -> None:
-    """Create ``out`` (after deleting it when ``overwrite``). Call only after all validation."""
-    if overwrite and out.exists():
-        log.info("removing existing output directory %s (--overwrite)", out)
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+def check_output_dir(output_dir: Any, *, overwrite: bool = False, resume: bool = False,
+                     inputs: Union[Mapping[str, Any], Sequence[Any]] = (), what: str = "--output",
+                     estimated_bytes: Optional[int] = None, resumable: bool = False) -> Path:
+    """:func:`check_output` for an output directory."""
+    return check_output(output_dir, inputs=inputs, overwrite=overwrite, resume=resume, kind="dir", what=what,
+                        estimated_bytes=estimated_bytes, resumable=resumable)
 
 
-def prepare_output(out: Path, *, overwrite: bool) -> None:
-    """Create ``out`` (after deleting it when ``overwrite``). Call only after all validation."""
-    if overwrite and out.exists():
-        log.info("removing existing output directory %s (--overwrite)", out)
-        shutil.rmtree(out)
+def begin_output(out: Path, *, overwrite: bool) -> Path:
+    """Start writing output directory ``out`` (call after all validation); returns where to write.
+
+    Leftover temporaries of killed runs of ``out`` are removed first. Without ``overwrite`` (or when
+    ``out`` does not exist yet) that is ``out`` itself, created; with ``overwrite`` of an existing ``out``
+    it is a fresh hidden sibling that :func:`finish_output` swaps in, so the previous output stays
+    intact until the new one is complete.
+    """
+    out = Path(out)
+    remove_stale_temporaries(out)
+    if overwrite and (out.exists() or out.is_symlink()):
+        return make_temp_dir(out)
     out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def finish_output(work: Path, out: Path) -> None:
+    """Publish a complete output written into ``work`` (from :func:`begin_output`) as ``out``."""
+    work, out = Path(work), Path(out)
+    if work != out:
+        publish_dir(work, out)
+        log.info("replaced %s (--overwrite)", out)
+
+
+def abandon_output(work: Path, out: Path) -> None:
+    """Delete the temporary ``work`` of a failed run (the previous ``out`` is untouched)."""
+    if Path(work) != Path(out):
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def prepare_output(out: Path, *, overwrite: bool) -> Path:
+    """Deprecated name of :func:`begin_output`."""
+    return begin_output(out, overwrite=overwrite)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is an out-of-space error."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)

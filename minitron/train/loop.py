@@ -34,12 +34,12 @@ import torch
 import torch.nn.functional as F
 
 from minitron.io.data import Batch, BatchStream, PackedDataset
-from minitron.io.files import atomic_write_json, atomic_write_text, json_default as _json_default
+from minitron.io.files import atomic_write_json, atomic_write_text, current_umask, json_default as _json_default
 from minitron.runtime import autocast_context, resolve_bf16, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "TrainResult", "train", "lm_loss", "make_optimizer", "latest_checkpoint", "read_log",
+__all__ = ["TrainConfig", "TrainResult", "NonFiniteLossError", "train", "lm_loss", "make_optimizer", "latest_checkpoint", "read_log",
            "default_eval_fn", "LOG_NAME", "PLOT_NAME", "CKPT_DIR", "RESUMABLE_CHANGES"]
 
 LossFn = Callable[[torch.nn.Module, Batch], Tuple[torch.Tensor, Dict[str, float]]]
@@ -56,6 +56,10 @@ RESUMABLE_CHANGES = {"eval_every", "eval_batches", "save_every", "keep_checkpoin
 
 # --------------------------------------------------------------------------------------------------
 # configuration
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN/inf (the run stops; checkpoints already written are kept)."""
 
 
 @dataclass
@@ -263,6 +267,7 @@ def _save_checkpoint(
     name = f"step-{step:08d}"
     final = root / name
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{name}-"))
+    os.chmod(tmp, 0o777 & ~current_umask())
     try:
         torch.save(model.state_dict(), tmp / "model.pt")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -472,7 +477,12 @@ def train(
                 with autocast_context(device, use_bf16):
                     loss, metrics = loss_fn(model, batch)
                 if not torch.isfinite(loss):
-                    raise RuntimeError(f"non-finite loss {loss.item()} at step {step}")
+                    last = latest_checkpoint(out)
+                    raise NonFiniteLossError(
+                        f"training stopped: the loss is {loss.item()} at step {step} of {config.steps}; "
+                        + (f"the last checkpoint {last.name} is intact" if last is not None else "no checkpoint was written")
+                        + " (try a lower lr, bf16 off, or check the data and the model's weights)"
+                    )
                 (loss.float() / config.grad_accum).backward()
                 losses.append(float(loss.detach()))
                 for k, v in metrics.items():

@@ -124,7 +124,7 @@ def test_input_path_protected(tmp_path):
         save_model(model, str(inp) + "/", overwrite=True, input_path=str(inp))
     with pytest.raises(ValueError, match="input"):
         save_model(model, inp / "sub", input_path=inp)
-    with pytest.raises(ValueError, match="delete the input"):
+    with pytest.raises(ValueError, match="contains the input"):
         save_model(model, tmp_path, overwrite=True, input_path=inp)
     assert sorted(os.listdir(inp)) == before
 
