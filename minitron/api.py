@@ -131,7 +131,7 @@ def estimate_importance(
 
     config = read_config(model, "--model")
     seq_len = default_seq_len(seq_len, config)
-    check_data_arg("data", data)
+    check_data_arg("--data", data)
     from minitron.compress.importance import validate_options
 
     layer_metrics = validate_options(seq_agg, batch_agg, layer_metrics)
@@ -351,8 +351,8 @@ def train_lm(
     cfg = _train_config(train, train_kwargs)
     config = read_config(model, "--model")
     seq_len = default_seq_len(seq_len, config)
-    check_data_arg("data", data)
-    check_data_arg("eval_data", eval_data, required=False)
+    check_data_arg("--data", data)
+    check_data_arg("--eval-data", eval_data, required=False)
     out = check_output_dir(output_dir, overwrite=overwrite, resume=resume, resumable=True,
                            inputs={"--model": model, "--data": data, "--eval-data": eval_data, "--tokenizer": tokenizer})
     resolve_device(cfg.device)
@@ -447,8 +447,8 @@ def distill(
             "they must share a tokenizer"
         )
     seq_len = default_seq_len(seq_len, s_cfg, t_cfg)
-    check_data_arg("data", data)
-    check_data_arg("eval_data", eval_data, required=False)
+    check_data_arg("--data", data)
+    check_data_arg("--eval-data", eval_data, required=False)
     inputs = {"--student": student, "--teacher": teacher, "--data": data, "--eval-data": eval_data,
               "--tokenizer": tokenizer}
     out = check_output_dir(output_dir, overwrite=overwrite, resume=resume, resumable=True, inputs=inputs)
@@ -514,7 +514,7 @@ def evaluate_perplexity(
 
     config = read_config(model, "--model")
     seq_len = default_seq_len(seq_len, config)
-    check_data_arg("data", data)
+    check_data_arg("--data", data)
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if output is not None:

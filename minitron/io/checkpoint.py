@@ -24,7 +24,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from minitron.io.files import make_temp_dir, publish_dir, remove_stale_temporaries
+from minitron.io.files import make_temp_dir, normalize_permissions, publish_dir, remove_stale_temporaries
 from minitron.io.safety import OutputExistsError, same_or_inside
 from minitron.io.tokenizer import TOKENIZER_FILES, has_tokenizer_files
 from minitron.models import get_adapter
@@ -112,6 +112,7 @@ def save_model(
         copied = copy_tokenizer_files(tokenizer_dir, tmp) if tokenizer_dir is not None else []
         if not copied and tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        normalize_permissions(tmp)
         publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

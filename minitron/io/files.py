@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 
 __all__ = ["atomic_write_text", "atomic_write_json", "atomic_write_bytes", "json_default", "current_umask",
-           "make_temp_dir", "publish_dir", "remove_stale_temporaries", "TMP_MARK", "OLD_MARK"]
+           "make_temp_dir", "normalize_permissions", "publish_dir", "remove_stale_temporaries", "TMP_MARK", "OLD_MARK"]
 
 #: Infixes of the hidden siblings used while writing (``.NAME.tmp-XXXX``) and swapping (``.NAME.old-XXXX``).
 TMP_MARK = ".tmp-"
@@ -77,6 +77,20 @@ def json_default(o: Any) -> Any:
 def atomic_write_json(path: PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n")
+
+
+def normalize_permissions(directory: PathLike) -> None:
+    """Give every file under ``directory`` mode 0666 and every directory 0777, minus the umask.
+
+    Some writers (``safetensors`` via transformers' ``save_pretrained``) create private 0600 files.
+    """
+    mask = current_umask()
+    root = Path(directory)
+    os.chmod(root, 0o777 & ~mask)
+    for p in root.rglob("*"):
+        if p.is_symlink():
+            continue
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def make_temp_dir(final: PathLike) -> Path:
