@@ -37,7 +37,7 @@ from minitron.io.data import PackedDataset, load_packed
 from minitron.io.files import atomic_write_json
 from minitron.io.inputs import (DEFAULT_SEQ_LEN, MODEL_SUBDIR, ModelLike, check_data_arg, default_seq_len, is_path,
                                 load_model_like, load_tokenizer_arg, read_config, resolve_model_path,
-                                tokenizer_source)
+                                tokenizer_source, weight_bytes)
 from minitron.io.safety import abandon_output, begin_output, check_output, check_output_dir, finish_output
 from minitron.runtime import check_backends, count_parameters, resolve_device
 
@@ -78,6 +78,14 @@ def check_finite_weights(model: torch.nn.Module, where: str) -> None:
     for name, t in model.state_dict().items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"{where}: tensor {name} holds non-finite values (NaN/inf); the model is broken")
+
+
+def _training_bytes(model_bytes: Optional[int], cfg: TrainConfig) -> Optional[int]:
+    """Disk a training run needs: the final model plus ``keep_checkpoints`` + 1 checkpoints (fp32 model and
+    two AdamW moments each), from the input's weight bytes; None when unknown."""
+    if not model_bytes:
+        return None
+    return model_bytes + (cfg.keep_checkpoints + 1) * 3 * model_bytes * 2
 
 
 def _model_info(model: torch.nn.Module) -> Dict[str, Any]:
@@ -250,7 +258,7 @@ def prune(
                    contiguous=contiguous, layers_to_drop=layers_to_drop)
     out = None
     if output_dir is not None:
-        out = check_output_dir(output_dir, overwrite=overwrite,
+        out = check_output_dir(output_dir, overwrite=overwrite, estimated_bytes=weight_bytes(model),
                                inputs={"--model": model, "--importance": importance, "--tokenizer": tokenizer})
     if want_width:
         dev = next(model.parameters()).device if isinstance(model, torch.nn.Module) else torch.device("cpu")
@@ -354,6 +362,7 @@ def train_lm(
     check_data_arg("--data", data)
     check_data_arg("--eval-data", eval_data, required=False)
     out = check_output_dir(output_dir, overwrite=overwrite, resume=resume, resumable=True,
+                           estimated_bytes=_training_bytes(weight_bytes(model), cfg),
                            inputs={"--model": model, "--data": data, "--eval-data": eval_data, "--tokenizer": tokenizer})
     resolve_device(cfg.device)
     module, tok, src = load_model_like(model, tokenizer)
@@ -451,7 +460,8 @@ def distill(
     check_data_arg("--eval-data", eval_data, required=False)
     inputs = {"--student": student, "--teacher": teacher, "--data": data, "--eval-data": eval_data,
               "--tokenizer": tokenizer}
-    out = check_output_dir(output_dir, overwrite=overwrite, resume=resume, resumable=True, inputs=inputs)
+    out = check_output_dir(output_dir, overwrite=overwrite, resume=resume, resumable=True, inputs=inputs,
+                           estimated_bytes=_training_bytes(weight_bytes(student), cfg))
     dev = resolve_device(cfg.device)
     if dcfg.kl_weight > 0:
         check_backends(dev, kl_backend, ops=KL_OPS)

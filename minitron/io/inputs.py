@@ -17,7 +17,7 @@ from minitron.io.data import check_seq_len, max_positions
 log = logging.getLogger(__name__)
 
 __all__ = ["ModelLike", "MODEL_SUBDIR", "DEFAULT_SEQ_LEN", "is_path", "looks_local", "resolve_model_path",
-           "read_config", "load_model_like", "load_tokenizer_arg", "default_seq_len", "check_data_arg"]
+           "read_config", "weight_bytes", "load_model_like", "load_tokenizer_arg", "default_seq_len", "check_data_arg"]
 
 ModelLike = Union[str, os.PathLike, torch.nn.Module]
 MODEL_SUBDIR = "model"
@@ -115,6 +115,21 @@ def load_model_like(model: ModelLike, tokenizer: Any = None) -> Tuple[torch.nn.M
     if tokenizer is not None:
         tok = load_tokenizer_arg(tokenizer)
     return module, tok, path
+
+
+def weight_bytes(model: Any) -> Optional[int]:
+    """Bytes of the weight files of a local checkpoint (or of a loaded module's parameters); None if unknown."""
+    if isinstance(model, torch.nn.Module):
+        return sum(p.numel() * p.element_size() for p in model.parameters())
+    if not is_path(model):
+        return None
+    try:
+        d = Path(resolve_model_path(model))
+    except ValueError:
+        return None
+    if not d.is_dir():
+        return None
+    return sum(f.stat().st_size for f in d.glob("*.safetensors")) or sum(f.stat().st_size for f in d.glob("*.bin")) or None
 
 
 def tokenizer_source(model_src: Optional[str], tokenizer: Any) -> Optional[str]:

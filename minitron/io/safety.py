@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
-from minitron.io.files import make_temp_dir, publish_dir, remove_stale_temporaries
+from minitron.io.files import TMP_MARK, make_temp_dir, publish_dir, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,13 @@ def begin_output(out: Path, *, overwrite: bool) -> Path:
     remove_stale_temporaries(out)
     if overwrite and (out.exists() or out.is_symlink()):
         return make_temp_dir(out)
+    if out.is_dir():  # resuming: temporaries of atomic writes killed inside the run directory
+        for p in sorted(out.rglob(f".*{TMP_MARK}*"), reverse=True):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
+            log.info("removed %s left by an interrupted run", p)
     out.mkdir(parents=True, exist_ok=True)
     return out
 

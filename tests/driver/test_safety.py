@@ -41,6 +41,10 @@ def run(capsys, *args: str) -> tuple[int, str]:
     except SystemExit as e:  # argparse usage errors
         rc = e.code
     err = capsys.readouterr().err.strip()
+    if os.environ.get("MINITRON_SAFETY_LOG"):  # the per-case outcome list of the issue-16 report
+        with open(os.environ["MINITRON_SAFETY_LOG"], "a") as f:
+            f.write(json.dumps({"case": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0], "rc": rc,
+                                "stderr": err.splitlines()[-1] if err and rc else ""}) + "\n")
     if rc != 0:  # an error is one line (progress bars of a successful run may precede nothing)
         lines = [ln for ln in err.splitlines() if ln.strip()]
         assert len(lines) == 1, f"stderr is not one line:\n{err}"
@@ -451,3 +455,15 @@ def test_pipeline_yaml_values_are_checked_before_any_stage(w, capsys, key, value
     assert rc == EXIT_BAD_INPUT and expect in err and str(cfg) in err, err
     assert not (w / "pout").exists()
     assert time.time() - t0 < 20
+
+
+def test_resume_cleans_temporaries_inside_the_run_directory(tmp_path):
+    from minitron.io.safety import begin_output
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "log.jsonl").write_text("{}\n")
+    (run_dir / ".run.json.tmp-abc.tmp").write_text("half")
+    (run_dir / "checkpoints" / ".evaluations.json.tmp-x.tmp").write_text("half")
+    assert begin_output(run_dir, overwrite=False) == run_dir
+    assert sorted(p.name for p in run_dir.rglob("*")) == ["checkpoints", "log.jsonl"]
