@@ -191,7 +191,19 @@ def parse_pipeline_config(cfg: Dict[str, Any], *, output_dir: Optional[Union[str
         try:
             return TrainConfig.from_dict(d)
         except (TypeError, ValueError) as e:
-            raise type(e)(f"pipeline config: {section}: {e}") from e
+            msg = str(e)
+            if "TrainConfig." in msg:
+                raise type(e)(f"pipeline config: {msg.replace('TrainConfig.', section + '.')}") from None
+            raise type(e)(f"pipeline config: {section}: {msg}") from None
+
+    def loss_cfg(section: str, d: Dict[str, Any]) -> DistillConfig:
+        try:
+            return DistillConfig(backend=backend, **d)
+        except (TypeError, ValueError) as e:
+            msg = str(e)
+            if "DistillConfig." in msg:
+                raise type(e)(f"pipeline config: {msg.replace('DistillConfig.', section + '.')}") from None
+            raise type(e)(f"pipeline config: {section}: {msg}") from None
 
     correct_raw = cfg.get("correct_teacher")
     correct = None
@@ -219,6 +231,8 @@ def parse_pipeline_config(cfg: Dict[str, Any], *, output_dir: Optional[Union[str
         raise type(e)(f"pipeline config: data.seq_len: {e}") from None
 
     distill_shared = _check_keys("distill", cfg.get("distill"), TRAIN_KEYS | DISTILL_LOSS_KEYS)
+    train_cfg("distill", {k: v for k, v in distill_shared.items() if k in TRAIN_KEYS})
+    loss_cfg("distill", {k: v for k, v in distill_shared.items() if k in DISTILL_LOSS_KEYS})
     students_raw = cfg.get("students")
     if not isinstance(students_raw, dict) or not students_raw:
         raise ValueError("pipeline config: students must map at least one student name to its pruning targets")
@@ -261,11 +275,8 @@ def parse_pipeline_config(cfg: Dict[str, Any], *, output_dir: Optional[Union[str
         merged = dict(distill_shared)
         merged.update(_check_keys(f"students.{name}.distill", t.get("distill"), TRAIN_KEYS | DISTILL_LOSS_KEYS))
         loss_kw = {k: merged.pop(k) for k in list(merged) if k in DISTILL_LOSS_KEYS}
-        try:
-            loss = DistillConfig(backend=backend, **loss_kw)
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"pipeline config: students.{name} distill: {e}") from e
-        students.append(StudentSpec(name, width, depth, train_cfg(f"students.{name} distill", merged), loss))
+        loss = loss_cfg(f"students.{name}.distill", loss_kw)
+        students.append(StudentSpec(name, width, depth, train_cfg(f"students.{name}.distill", merged), loss))
 
     ev = _check_keys("evaluate", cfg.get("evaluate"), EVAL_KEYS)
     ev.setdefault("batch_size", 8)

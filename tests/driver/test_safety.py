@@ -444,7 +444,9 @@ def test_usage_errors_are_one_line(capsys):
     ("importance.layer_metrics", ["block_influense"], "importance.layer_metrics"),
     ("importance.layer_metrics", ["block_influence"], "students.depth.depth_metric"),
     ("evaluate.batch_size", 0, "evaluate.batch_size"),
-    ("distill.lr", "fast", "distill"),
+    ("distill.lr", "fast", "distill.lr"),
+    ("distill.temperature", -1, "distill.temperature"),
+    ("students.depth.distill", {"steps": 0}, "students.depth.distill.steps"),
     ("data.seq_len", 100000, "data.seq_len"),
     ("device", "gpu0", "device"),
 ])
