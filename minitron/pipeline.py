@@ -52,7 +52,7 @@ import torch
 from minitron.io.data import check_seq_len, load_packed
 from minitron.train import DistillConfig
 from minitron.train.loop import TrainConfig
-from minitron.io.files import atomic_write_json, atomic_write_text
+from minitron.io.files import atomic_write_json, atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
 
@@ -399,9 +399,7 @@ def _run_stages(spec: PipelineSpec, out: Path, final_out: Path, teacher: torch.n
     eval_cache_path = out / "evaluations.json"
     eval_cache: Dict[str, Any] = {}
     if resume and eval_cache_path.is_file():
-        import json
-
-        eval_cache = json.loads(eval_cache_path.read_text())
+        eval_cache = read_json(eval_cache_path, "evaluation cache")
     rows: List[Dict[str, Any]] = []
     for r in extra_rows or []:
         r = dict(r)
@@ -454,6 +452,7 @@ def _run_stages(spec: PipelineSpec, out: Path, final_out: Path, teacher: torch.n
     t0 = time.time()
     if (idir / "importance.json").is_file():
         scores = ImportanceScores.load(idir)
+        scores.check_model(teacher, source=f"importance scores {str(idir)!r}")
         log.info("importance: reusing %s", idir)
     else:
         imp = spec.importance

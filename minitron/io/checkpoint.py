@@ -24,7 +24,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from minitron.io.files import make_temp_dir, normalize_permissions, publish_dir, remove_stale_temporaries
+from minitron.io.files import make_temp_dir, read_json, normalize_permissions, publish_dir, remove_stale_temporaries
 from minitron.io.safety import OutputExistsError, same_or_inside
 from minitron.io.tokenizer import TOKENIZER_FILES, has_tokenizer_files
 from minitron.models import get_adapter
@@ -122,9 +122,9 @@ def save_model(
 
 def _read_json(path: Path, what: str) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptFileError(f"{what} {str(path)!r} is corrupt or truncated (not valid JSON: {e})") from None
+        return read_json(path, what)
+    except ValueError as e:
+        raise CorruptFileError(str(e)) from None
 
 
 def check_checkpoint_files(directory: Union[str, os.PathLike]) -> list[Path]:

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
-__all__ = ["atomic_write_text", "atomic_write_json", "atomic_write_bytes", "json_default", "current_umask",
+__all__ = ["read_json", "atomic_write_text", "atomic_write_json", "atomic_write_bytes", "json_default", "current_umask",
            "make_temp_dir", "normalize_permissions", "publish_dir", "remove_stale_temporaries", "TMP_MARK", "OLD_MARK"]
 
 #: Infixes of the hidden siblings used while writing (``.NAME.tmp-XXXX``) and swapping (``.NAME.old-XXXX``).
@@ -91,6 +91,15 @@ def normalize_permissions(directory: PathLike) -> None:
         if p.is_symlink():
             continue
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def read_json(path: PathLike, what: str = "JSON file") -> Any:
+    """Parse a JSON file; a corrupt or truncated one raises ``ValueError`` naming it (and saying so)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{what} {str(path)!r} is corrupt or truncated (not valid JSON: {e})") from None
 
 
 def make_temp_dir(final: PathLike) -> Path:

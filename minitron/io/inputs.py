@@ -93,10 +93,34 @@ def looks_local(s: str) -> bool:
     return "/" in s and Path(first).is_dir()
 
 
+def _near_miss(name: str) -> Optional[str]:
+    """A local entry whose name is one typo away from ``name`` (``teachr`` -> ``teacher``), if any."""
+    import difflib
+
+    p = Path(name)
+    parent = p.parent if str(p.parent) not in ("", ".") else Path(".")
+    try:
+        entries = [e.name for e in parent.iterdir()] if parent.is_dir() else []
+    except OSError:
+        return None
+    close = difflib.get_close_matches(p.name, entries, n=1, cutoff=0.8)
+    return str(parent / close[0]) if close and parent != Path(".") else (close[0] if close else None)
+
+
 def check_hub_name(name: str, what: str) -> None:
-    """Refuse, without touching the network, a missing local path or a hub name while offline."""
+    """Refuse, without touching the network, a missing local path, a near miss of a local name, or a hub
+    name while offline."""
     if looks_local(name):
-        raise FileNotFoundError(f"{what} {name!r} does not exist (no such file or directory)")
+        near = _near_miss(name)
+        hint = f"; did you mean {near!r}?" if near else ""
+        raise FileNotFoundError(f"{what} {name!r} does not exist (no such file or directory){hint}")
+    near = _near_miss(name)
+    if near is not None and (Path(near) / "config.json").is_file() or near is not None and (
+            Path(near) / MODEL_SUBDIR / "config.json").is_file():
+        # one typo away from a local checkpoint: surely meant that, not a hub model
+        raise FileNotFoundError(
+            f"{what} {name!r} does not exist here (did you mean {near!r}?); it was not looked up on the hub"
+        )
     if hub_offline():
         raise FileNotFoundError(
             f"{what} {name!r} is not a local path and the hub is offline (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE set); "

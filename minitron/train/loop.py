@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from minitron.io.data import Batch, BatchStream, PackedDataset
-from minitron.io.files import atomic_write_json, atomic_write_text, current_umask, json_default as _json_default
+from minitron.io.files import atomic_write_json, atomic_write_text, current_umask, read_json, json_default as _json_default
 from minitron.runtime import autocast_context, resolve_bf16, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -432,12 +432,21 @@ def train(
     resumed_from: Optional[int] = None
     history: List[Dict[str, Any]] = []
     if resume and ckpt is not None:
-        state = json.loads((ckpt / "state.json").read_text())
+        state = read_json(ckpt / "state.json", "checkpoint state")
         _check_resumable(state, config, run_info, ckpt)
-        model.load_state_dict(torch.load(ckpt / "model.pt", map_location=device, weights_only=True))
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
-        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-        _set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
+        def load(name: str, **kw: Any) -> Any:
+            try:
+                return torch.load(ckpt / name, **kw)
+            except Exception as e:  # truncated zip, pickle errors
+                raise ValueError(
+                    f"checkpoint file {str(ckpt / name)!r} is corrupt or truncated ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''}); delete {ckpt.name} to resume from the one before"
+                ) from None
+
+        model.load_state_dict(load("model.pt", map_location=device, weights_only=True))
+        optimizer.load_state_dict(load("optimizer.pt", map_location=device, weights_only=True))
+        scheduler.load_state_dict(load("scheduler.pt", weights_only=True))
+        _set_rng_state(load("rng.pt", weights_only=False))
         stream.load_state_dict(state["data"])
         start_step = int(state["step"])
         elapsed_before = float(state.get("elapsed_s", 0.0))

@@ -384,6 +384,14 @@ def test_mistyped_relative_path_is_not_taken_for_a_hub_name(w, capsys, monkeypat
     assert time.time() - t0 < 10
 
 
+def test_typo_of_a_local_checkpoint_name_is_not_looked_up_on_the_hub(w, capsys, monkeypatch):
+    monkeypatch.chdir(w)
+    t0 = time.time()
+    rc, err = run(capsys, "evaluate", "--model", "teachr", "--data", "data/train.txt", *COMMON)
+    assert rc == EXIT_BAD_INPUT and "'teachr'" in err and "did you mean 'teacher'" in err
+    assert time.time() - t0 < 10
+
+
 def test_hub_name_while_offline_is_refused_at_once(w, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t0 = time.time()
@@ -459,6 +467,41 @@ def test_pipeline_yaml_values_are_checked_before_any_stage(w, capsys, key, value
     assert time.time() - t0 < 20
 
 
+def test_interrupt_during_overwrite_keeps_previous_run_and_leaves_no_temporary(w):
+    from minitron import api
+
+    prev = _previous_output(w / "run")
+
+    def interrupt(step, record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        api.correct_teacher(w / "teacher", w / "data" / "train.txt", output_dir=w / "run", overwrite=True, seq_len=32,
+                            max_tokens=2048, steps=3, batch_size=4, device="cpu", callbacks=[interrupt])
+    assert tree(w / "run") == prev
+    assert not [p for p in w.iterdir() if p.name.startswith(".run.")]
+
+
+def test_trained_model_carries_the_tokenizer_files_byte_for_byte(w, capsys):
+    rc, err = run(capsys, "correct-teacher", "--model", w / "teacher", "--data", w / "data" / "train.txt",
+                  "--output", w / "run", *COMMON, *train_args(steps=1))
+    assert rc == 0, err
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (w / "run" / "model" / name).read_bytes() == (w / "tok" / name).read_bytes(), name
+
+
+def test_truncated_training_checkpoint_is_named_on_resume(w, capsys):
+    rc, err = run(capsys, "correct-teacher", "--model", w / "teacher", "--data", w / "data" / "train.txt",
+                  "--output", w / "run", "--save-every", "1", *COMMON, *train_args(steps=2))
+    assert rc == 0, err
+    ckpt = sorted((w / "run" / "checkpoints").glob("step-*"))[-1]
+    f = ckpt / "optimizer.pt"
+    f.write_bytes(f.read_bytes()[:100])
+    rc, err = run(capsys, "correct-teacher", "--model", w / "teacher", "--data", w / "data" / "train.txt",
+                  "--output", w / "run", "--save-every", "1", "--resume", *COMMON, *train_args(steps=2))
+    assert rc == EXIT_BAD_INPUT and str(f) in err and "corrupt or truncated" in err, err
+
+
 def test_resume_cleans_temporaries_inside_the_run_directory(tmp_path):
     from minitron.io.safety import begin_output
 
@@ -469,3 +512,16 @@ def test_resume_cleans_temporaries_inside_the_run_directory(tmp_path):
     (run_dir / "checkpoints" / ".evaluations.json.tmp-x.tmp").write_text("half")
     assert begin_output(run_dir, overwrite=False) == run_dir
     assert sorted(p.name for p in run_dir.rglob("*")) == ["checkpoints", "log.jsonl"]
+
+
+def test_broken_yaml_is_one_line_naming_the_file(w, capsys):
+    cfg = w / "bad.yaml"
+    cfg.write_text("teacher: [unclosed\n  data: {train: x\n")
+    rc, err = run(capsys, "pipeline", "--config", cfg)
+    assert rc == EXIT_BAD_INPUT and str(cfg) in err and "YAML" in err
+
+
+def test_config_without_model_type_is_named(w, capsys):
+    (w / "teacher" / "config.json").write_text("{}")
+    rc, err = run(capsys, "evaluate", "--model", w / "teacher", "--data", w / "data" / "train.txt", *COMMON)
+    assert rc == EXIT_BAD_INPUT and "--model" in err and str(w / "teacher") in err, err
