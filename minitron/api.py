@@ -3,9 +3,13 @@
 Every function accepts models as checkpoint paths (a transformers checkpoint directory, or the output
 directory of a training command, whose final model lives in ``<dir>/model``) or as loaded
 ``*ForCausalLM`` modules, and data as a path / hub dataset name / ``datasets.Dataset`` / list of
-strings / :class:`~minitron.io.data.PackedDataset`. All arguments are validated, and output directories
-checked, before any model or data is loaded; nothing that exists is overwritten unless
-``overwrite=True`` (and an output may never be, contain, or lie inside an input checkpoint).
+strings / :class:`~minitron.io.data.PackedDataset`. All arguments are validated, and outputs
+checked (:mod:`minitron.io.safety`), before any model or data is loaded: an output may never be,
+contain, or lie inside any input (model, teacher, student, data, importance, tokenizer); nothing that
+exists is replaced unless ``overwrite=True``, and then only once the new output is complete (a
+failure or interruption leaves the previous one intact). Checkpoints are loaded strictly (missing,
+unexpected, mis-shaped or non-finite tensors and corrupt files are refused, naming tensor and file);
+outputs carry the input's tokenizer files byte for byte.
 
 Functions:
     estimate_importance(model, data, ...) -> ImportanceScores

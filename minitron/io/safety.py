@@ -16,7 +16,6 @@ cleaned by the next run of the same output (:func:`minitron.io.files.remove_stal
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import shutil
@@ -28,7 +27,7 @@ from minitron.io.files import TMP_MARK, make_temp_dir, publish_dir, remove_stale
 log = logging.getLogger(__name__)
 
 __all__ = ["same_or_inside", "check_output", "check_output_dir", "begin_output", "finish_output",
-           "abandon_output", "prepare_output", "OutputExistsError"]
+           "abandon_output", "OutputExistsError"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -172,13 +171,3 @@ def abandon_output(work: Path, out: Path) -> None:
     """Delete the temporary ``work`` of a failed run (the previous ``out`` is untouched)."""
     if Path(work) != Path(out):
         shutil.rmtree(work, ignore_errors=True)
-
-
-def prepare_output(out: Path, *, overwrite: bool) -> Path:
-    """Deprecated name of :func:`begin_output`."""
-    return begin_output(out, overwrite=overwrite)
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """Whether ``exc`` is an out-of-space error."""
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)

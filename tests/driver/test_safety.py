@@ -525,3 +525,25 @@ def test_config_without_model_type_is_named(w, capsys):
     (w / "teacher" / "config.json").write_text("{}")
     rc, err = run(capsys, "evaluate", "--model", w / "teacher", "--data", w / "data" / "train.txt", *COMMON)
     assert rc == EXIT_BAD_INPUT and "--model" in err and str(w / "teacher") in err, err
+
+
+def test_unwritable_location_message(tmp_path, monkeypatch):
+    from minitron.io import safety
+
+    real = os.access
+    monkeypatch.setattr(safety.os, "access", lambda p, mode: False if Path(p) == tmp_path else real(p, mode))
+    with pytest.raises(ValueError, match="not writable"):
+        safety.check_output(tmp_path / "out", what="--output")
+
+
+def test_prune_refuses_a_nan_model_given_in_python(w):
+    from minitron import api
+    from minitron.compress.importance import ImportanceScores
+
+    model = make_model("llama", vocab_size=300, attention_bias=False, mlp_bias=False)
+    with torch.no_grad():
+        model.model.layers[2].mlp.down_proj.weight[1, 1] = float("inf")
+    scores = ImportanceScores.load(w / "imp")
+    with pytest.raises(ValueError, match="down_proj.weight"):
+        api.prune(model, importance=scores, num_hidden_layers=3, output_dir=w / "o")
+    assert not (w / "o").exists()
