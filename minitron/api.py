@@ -249,12 +249,13 @@ def prune(
         scores = ImportanceScores.load(importance)
     elif importance is not None and not isinstance(importance, ImportanceScores):
         raise TypeError(f"importance must be ImportanceScores or a directory, got {type(importance).__name__}")
-    if want_width:
-        if scores is None:
-            raise ValueError("width pruning needs importance scores (importance=...)")
-        scores.check_compatible(config)
-    if want_depth and scores is not None and layers_to_drop is None:
-        scores.check_compatible(config)
+    if want_width and scores is None:
+        raise ValueError("width pruning needs importance scores (--importance / importance=...)")
+    if scores is not None and (want_width or layers_to_drop is None):
+        try:
+            scores.check_compatible(config)
+        except ValueError as e:
+            raise ValueError(f"--importance {str(importance)!r}: {e}" if is_path(importance) else str(e)) from None
     if want_depth:
         if layers_to_drop is None and scores is None:
             raise ValueError("depth pruning needs importance scores or layers_to_drop")
