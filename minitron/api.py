@@ -513,6 +513,7 @@ def evaluate_perplexity(
     bf16: Union[str, bool] = False,
     output: Optional[Union[str, os.PathLike]] = None,
     overwrite: bool = False,
+    allow_nonfinite: bool = False,
 ) -> Dict[str, Any]:
     """Token-weighted perplexity (padding excluded) of a model on a dataset split.
 
@@ -520,7 +521,9 @@ def evaluate_perplexity(
         model: checkpoint path / training output dir / hub name / loaded model.
         data: text source (see :func:`minitron.io.data.load_texts`) or PackedDataset; packed into
             ``seq_len`` sequences, the last one padded (its padding excluded), at most ``max_tokens``.
-        output: also write the result as JSON there (refused if it exists, unless ``overwrite``).
+        output: also write the result as JSON there (refused if it exists, unless ``overwrite``; never an
+            input).
+        allow_nonfinite: load a checkpoint holding NaN/inf weights (for inspecting a broken model).
 
     Returns:
         ``{"loss", "ppl", "tokens", "sequences", "seq_len", "model", "data"}``.
@@ -536,7 +539,7 @@ def evaluate_perplexity(
         check_output(output, kind="file", overwrite=overwrite,
                      inputs={"--model": model, "--data": data, "--tokenizer": tokenizer})
     dev = resolve_device(device)
-    module, tok, _ = load_model_like(model, tokenizer)
+    module, tok, _ = load_model_like(model, tokenizer, allow_nonfinite=allow_nonfinite)
     packed = load_packed(data, tok, seq_len=seq_len, text_column=text_column, split=split,
                          dataset_config=dataset_config, max_tokens=max_tokens, drop_remainder=False,
                          model_configs=[module.config])

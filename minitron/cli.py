@@ -187,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batches", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--bf16", type=_bf16, default=False)
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="load a checkpoint holding NaN/inf weights (refused otherwise), to inspect a broken model")
     _add_output(p, required=False, help="also write the result to this JSON file")
 
     p = sub.add_parser("pipeline", help="run the whole recipe from a YAML config")
@@ -254,7 +256,7 @@ def _run(a: argparse.Namespace) -> int:
     if a.command == "evaluate":
         res = api.evaluate_perplexity(
             a.model, a.data, batch_size=a.batch_size, max_batches=a.max_batches, device=a.device, bf16=a.bf16,
-            output=a.output, overwrite=a.overwrite, **_data_kwargs(a),
+            output=a.output, overwrite=a.overwrite, allow_nonfinite=a.allow_nonfinite, **_data_kwargs(a),
         )
         print(json.dumps({k: res[k] for k in ("ppl", "loss", "tokens", "sequences", "seq_len")}))
         return 0

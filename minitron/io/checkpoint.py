@@ -178,6 +178,17 @@ def _parse_dtype(dtype: Any) -> Any:
     raise TypeError(f"dtype must be a torch.dtype, a dtype name or None, got {type(dtype).__name__}")
 
 
+def _file_holding(d: Path, key: str) -> Optional[str]:
+    """The name of the safetensors file of checkpoint ``d`` holding tensor ``key`` (None if not found)."""
+    from safetensors import safe_open
+
+    for f in sorted(d.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            if key in h.keys():
+                return f.name
+    return None
+
+
 def _check_shapes(d: Path, config: Any) -> None:
     """Compare the tensor shapes in the safetensors headers with the model the config describes."""
     from safetensors import safe_open
@@ -258,9 +269,11 @@ def load_model(
         for pname, t in model.state_dict().items():
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 bad = int((~torch.isfinite(t)).sum())
+                holder = _file_holding(p, pname) if local else None
+                where_t = f"{where!r}" + (f" ({holder})" if holder else "")
                 raise CheckpointError(
-                    f"checkpoint {where!r}: tensor {pname} holds {bad} non-finite value(s) (NaN/inf); the model is "
-                    "broken (pass allow_nonfinite=True to load it for inspection)"
+                    f"checkpoint {where_t}: tensor {pname} holds {bad} non-finite value(s) (NaN/inf); the model is "
+                    "broken (`minitron evaluate --allow-nonfinite` / allow_nonfinite=True loads it for inspection)"
                 )
     model.eval()
     tokenizer = None

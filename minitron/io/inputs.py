@@ -128,14 +128,15 @@ def check_hub_name(name: str, what: str) -> None:
         )
 
 
-def load_model_like(model: ModelLike, tokenizer: Any = None) -> Tuple[torch.nn.Module, Any, Optional[str]]:
-    """(module, tokenizer, source path or None)."""
+def load_model_like(model: ModelLike, tokenizer: Any = None, *,
+                    allow_nonfinite: bool = False) -> Tuple[torch.nn.Module, Any, Optional[str]]:
+    """(module, tokenizer, source path or None); checkpoints load strictly (see :func:`load_model`)."""
     from minitron.io.checkpoint import load_model
 
     if isinstance(model, torch.nn.Module):
         return model, load_tokenizer_arg(tokenizer), None
     path = resolve_model_path(model)
-    module, tok = load_model(path)
+    module, tok = load_model(path, allow_nonfinite=allow_nonfinite)
     if tokenizer is not None:
         tok = load_tokenizer_arg(tokenizer)
     return module, tok, path

@@ -300,6 +300,8 @@ def test_broken_checkpoint_is_refused_naming_the_tensor(w, capsys, how, cmd):
             "evaluate": ("--data", w / "data" / "train.txt", *COMMON)}[cmd]
     rc, err = run(capsys, cmd, "--model", w / "teacher", *args)
     assert rc == EXIT_BAD_INPUT and key in err and str(w / "teacher") in err, err
+    if how in ("nan", "shape"):
+        assert "model.safetensors" in err
     assert tree(w) == before and not (w / "o").exists()
 
 
@@ -547,3 +549,14 @@ def test_prune_refuses_a_nan_model_given_in_python(w):
     with pytest.raises(ValueError, match="down_proj.weight"):
         api.prune(model, importance=scores, num_hidden_layers=3, output_dir=w / "o")
     assert not (w / "o").exists()
+
+
+def test_evaluate_allow_nonfinite_flag_loads_a_nan_model(w, capsys):
+    _break_tensor(w / "teacher", "nan")
+    before = tree(w)
+    rc, err = run(capsys, "evaluate", "--model", w / "teacher", "--data", w / "data" / "train.txt", *COMMON)
+    assert rc == EXIT_BAD_INPUT and "--allow-nonfinite" in err
+    rc, err = run(capsys, "evaluate", "--model", w / "teacher", "--data", w / "data" / "train.txt", "--allow-nonfinite",
+                  *COMMON)
+    assert rc == 0, err
+    assert tree(w) == before
