@@ -4,7 +4,7 @@ Two TRL losses have a drop-in here:
 
 * :func:`generalized_jsd_loss` is ``trl.experimental.gkd.GKDTrainer.generalized_jsd_loss`` (TRL 1.16): same
   signature, same value and gradient, computed by :func:`minitron.ops.kl_div` (one fused pass over the
-  vocabulary instead of TRL's ~10 ``[B, S, V]`` temporaries). :class:`MinitronGKDTrainer` is ``GKDTrainer`` with
+  vocabulary instead of TRL's several ``[B, S, V]`` temporaries). :class:`MinitronGKDTrainer` is ``GKDTrainer`` with
   that function as its loss.
 * :func:`chunked_divergence_loss` is ``trl.trainer.distillation_trainer._chunked_divergence_loss``: student and
   teacher hidden states + LM heads in, ``(loss, entropy_sum, n_valid)`` out, computed by

@@ -79,6 +79,7 @@ def test_fused_linear_jsd_matches_liger(liger, beta: float, temperature: float) 
         _close(a, b, f"beta={beta} T={temperature} {name} gradient", rtol=1e-3)
 
 
+@pytest.mark.filterwarnings("ignore:reduction. 'mean' divides the total loss:UserWarning")  # torch's own advice
 @pytest.mark.parametrize("log_target", [False, True])
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
 def test_kl_div_loss_matches_torch(reduction: str, log_target: bool) -> None:
