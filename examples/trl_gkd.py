@@ -1,4 +1,4 @@
-"""Distil a tiny Llama with TRL's GKDTrainer, the loss computed by minitron's fused KL kernel.
+"""Distil a tiny Llama with TRL's GKDTrainer (or DistillationTrainer), the loss computed by minitron's kernels.
 
 Offline and on CPU: the tokenizer is a byte-level BPE trained here on Tiny Shakespeare, the teacher and the
 student are random tiny Llamas built from ``LlamaConfig`` (the teacher wider), and the data are chat pairs of
@@ -6,8 +6,13 @@ consecutive lines of the play text. The trainer is ``MinitronGKDTrainer`` (TRL's
 ``generalized_jsd_loss`` is :func:`minitron.integrations.trl.generalized_jsd_loss`); ``--trl-loss`` runs TRL's
 own loss instead, for comparison.
 
+``--trainer distillation`` runs TRL's on-policy ``DistillationTrainer`` instead (the student generates the
+completions of the prompts; hidden states + LM heads, no logits), its loss swapped for
+:func:`minitron.integrations.trl.chunked_divergence_loss` by ``patch_distillation_trainer()``.
+
     python examples/trl_gkd.py --steps 8 --beta 0.5
     python examples/trl_gkd.py --steps 8 --beta 0.5 --trl-loss
+    python examples/trl_gkd.py --trainer distillation --steps 3
 
 With a real model: pass ``model=AutoModelForCausalLM.from_pretrained(...)`` (and a teacher) to
 ``MinitronGKDTrainer`` exactly as to ``GKDTrainer``; nothing else changes.
@@ -15,6 +20,7 @@ With a real model: pass ``model=AutoModelForCausalLM.from_pretrained(...)`` (and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import tempfile
@@ -35,7 +41,10 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--trainer", choices=("gkd", "distillation"), default="gkd",
+                   help="TRL's GKDTrainer (logits) or DistillationTrainer (on-policy, fused linear)")
     p.add_argument("--steps", type=int, default=8, help="optimizer steps")
+    p.add_argument("--max-completion-length", type=int, default=8, help="generated tokens (distillation)")
     p.add_argument("--beta", type=float, default=0.5, help="0 forward KL, 1 reverse KL, else generalised JSD")
     p.add_argument("--lmbda", type=float, default=0.0,
                    help="fraction of on-policy (student-generated) batches; 0 = the dataset's completions")
@@ -104,14 +113,42 @@ def build_trainer(args: argparse.Namespace, output_dir: str):
                processing_class=tok)
 
 
+def build_distillation_trainer(args: argparse.Namespace, output_dir: str):
+    """TRL's ``DistillationTrainer`` on prompts of the text (build and train it inside
+    ``patch_distillation_trainer()`` for minitron's loss)."""
+    from datasets import Dataset
+    from trl import DistillationConfig, DistillationTrainer
+
+    text = args.text.read_text(encoding="utf-8")[:200_000]
+    tok = build_tokenizer(text, args.vocab_size)
+    student, teacher = build_models(tok, args.seed)
+    lines = [line.strip() for line in text.splitlines() if line.strip()][: args.examples]
+    prompts = Dataset.from_list([{"prompt": [{"role": "user", "content": line}]} for line in lines])
+    config = DistillationConfig(
+        output_dir=output_dir, per_device_train_batch_size=args.batch_size, max_steps=args.steps, beta=args.beta,
+        max_completion_length=args.max_completion_length, learning_rate=args.lr, lr_scheduler_type="constant",
+        logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, dataloader_num_workers=0, seed=args.seed,
+        disable_tqdm=True,
+    )
+    return DistillationTrainer(model=student, teacher_model=teacher, args=config, train_dataset=prompts,
+                               processing_class=tok)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Train for ``--steps`` steps; returns ``{"losses": [per-step training loss], "trainer": trainer}``."""
+    from minitron.integrations.trl import patch_distillation_trainer
+
     args = parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = build_trainer(args, str(args.output_dir or tmp))
-        trainer.train()
+        if args.trainer == "gkd":
+            trainer = build_trainer(args, str(args.output_dir or tmp))
+            trainer.train()
+        else:
+            with contextlib.nullcontext() if args.trl_loss else patch_distillation_trainer():
+                trainer = build_distillation_trainer(args, str(args.output_dir or tmp))
+                trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    log.info("loss per step (%s): %s", "TRL" if args.trl_loss else "minitron",
+    log.info("%s loss per step (%s): %s", args.trainer, "TRL" if args.trl_loss else "minitron",
              " ".join(f"{x:.4f}" for x in losses))
     return {"losses": losses, "trainer": trainer}
 

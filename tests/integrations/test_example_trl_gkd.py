@@ -77,3 +77,44 @@ def test_training_lowers_the_loss(example) -> None:
     losses = result["losses"]
     assert len(losses) == 8 and all(x > 0 for x in losses)
     assert sum(losses[-3:]) / 3 < 0.95 * sum(losses[:3]) / 3, losses
+
+
+def test_distillation_trainer_patched_loss_equals_trls(example, monkeypatch) -> None:
+    """A real DistillationTrainer run (on-policy generation) through patch_distillation_trainer(): on every call
+    the trainer makes, our loss, entropy, count and hidden-state gradient equal TRL's on the same inputs."""
+    from trl.trainer import distillation_trainer as dt
+
+    from minitron.integrations import trl as mtrl
+
+    original, real = dt._chunked_divergence_loss, mtrl.chunked_divergence_loss
+    records = []
+
+    def detached(x):
+        return x.detach() if isinstance(x, torch.Tensor) else x
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        kwargs.pop("compute_entropy", None)
+        rest = [detached(a) for a in args[1:]]
+        kw = {k: detached(v) for k, v in kwargs.items()}
+        with torch.enable_grad():
+            h_ours = args[0].detach().clone().requires_grad_(True)
+            ours = real(h_ours, *rest, **kw)
+            ours[0].backward()
+            h_ref = args[0].detach().clone().requires_grad_(True)
+            ref = original(h_ref, *rest, **kw)
+            ref[0].backward()
+        records.append((ours, ref, h_ours.grad, h_ref.grad))
+        return out
+
+    monkeypatch.setattr(mtrl, "chunked_divergence_loss", spy)
+    result = example.main(["--trainer", "distillation", "--steps", "2", "--batch-size", "2",
+                           "--max-completion-length", "6", "--examples", "8", "--beta", "0.5"])
+    assert dt._chunked_divergence_loss is original  # restored after training
+    assert len(records) >= 2 and len(result["losses"]) == 2
+    for ours, ref, g_ours, g_ref in records:
+        assert int(ours[2]) == int(ref[2]) > 0
+        assert ref[0].item() > 1e-3 and ref[1].item() > 1.0
+        torch.testing.assert_close(ours[0], ref[0], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(ours[1], ref[1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g_ours, g_ref, rtol=2e-3, atol=2e-3 * g_ref.abs().max().item())
