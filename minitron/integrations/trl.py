@@ -236,6 +236,16 @@ def chunked_divergence_loss(
     """
     if not isinstance(completion_mask, Tensor):
         raise TypeError(f"completion_mask must be a torch.Tensor, got {type(completion_mask).__name__}")
+    for name, t in (("student_hidden_states", student_hidden_states), ("teacher_hidden_states", teacher_hidden_states)):
+        if not isinstance(t, Tensor) or t.dim() < 1:
+            raise TypeError(f"{name} must be a torch.Tensor [..., H], got {type(t).__name__}")
+    tokens = student_hidden_states.shape[:-1]
+    if tuple(teacher_hidden_states.shape[:-1]) != tuple(tokens):
+        raise ValueError(f"teacher_hidden_states tokens {tuple(teacher_hidden_states.shape[:-1])} != "
+                         f"student_hidden_states tokens {tuple(tokens)}")
+    if tuple(completion_mask.shape) != tuple(tokens):
+        raise ValueError(f"completion_mask must have shape {tuple(tokens)} (the hidden states without the hidden "
+                         f"axis), got {tuple(completion_mask.shape)}")
     mode = beta_to_mode(beta)
     valid = completion_mask.reshape(-1) != 0
     n_valid = valid.sum()

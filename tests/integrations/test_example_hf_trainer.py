@@ -29,7 +29,8 @@ def test_loss_equals_materialised_kl_and_never_calls_the_lm_head(example) -> Non
     assert (batch["attention_mask"] == 0).any()  # padding is part of the test
     model = trainer.model
     calls = []
-    hooks = [m.get_output_embeddings().register_forward_hook(lambda *a: calls.append(1)) for m in (model, trainer.teacher)]
+    hooks = [m.get_output_embeddings().register_forward_hook(lambda *a: calls.append(1))
+             for m in (model, trainer.teacher)]
     loss = trainer.compute_loss(model, batch)
     for h in hooks:
         h.remove()

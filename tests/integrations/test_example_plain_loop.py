@@ -32,4 +32,5 @@ def test_three_loss_calls_train_identically(example) -> None:
     runs = {name: example.main(["--steps", "3", "--loss", name])["losses"] for name in ("kl_div", "module", "torch")}
     ref = torch.tensor(runs["kl_div"])
     for name in ("module", "torch"):
-        torch.testing.assert_close(torch.tensor(runs[name]), ref, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(torch.tensor(runs[name]), ref, rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, n=name: f"{n}: {m}")

@@ -57,7 +57,8 @@ def _ours_jsd(x, **kw):
 def _close(ours: torch.Tensor, ref: torch.Tensor, what: str, rtol: float = 2e-5) -> None:
     assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} != TRL's {tuple(ref.shape)}"
     scale = ref.abs().max().item() if ref.numel() else 0.0
-    torch.testing.assert_close(ours.double(), ref.double(), rtol=rtol, atol=rtol * scale + 1e-9, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(ours.double(), ref.double(), rtol=rtol, atol=rtol * scale + 1e-9,
+                               msg=lambda m: f"{what}: {m}")
 
 
 @pytest.mark.parametrize("vocab", VOCABS)
@@ -123,6 +124,11 @@ def test_bad_arguments_name_the_argument() -> None:
         mtrl.generalized_jsd_loss(s, t, labels=labels[:, :1])
     with pytest.raises(TypeError, match="completion_mask"):
         mtrl.chunked_divergence_loss(s, s, torch.zeros(10, 10), torch.zeros(10, 10), [1, 1], 0.5)
+    h = torch.zeros(1, 2, 4)
+    with pytest.raises(ValueError, match="completion_mask"):
+        mtrl.chunked_divergence_loss(h, h, torch.zeros(10, 4), torch.zeros(10, 4), torch.ones(1, 3), 0.5)
+    with pytest.raises(ValueError, match="teacher_hidden_states"):
+        mtrl.chunked_divergence_loss(h, h[:, :1], torch.zeros(10, 4), torch.zeros(10, 4), torch.ones(1, 2), 0.5)
 
 
 # ----------------------------------------------------------------------------------------------
