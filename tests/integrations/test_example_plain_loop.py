@@ -34,3 +34,15 @@ def test_three_loss_calls_train_identically(example) -> None:
     for name in ("module", "torch"):
         torch.testing.assert_close(torch.tensor(runs[name]), ref, rtol=1e-4, atol=1e-6,
                                    msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_trl_loss_cost_script_runs_and_agrees() -> None:
+    pytest.importorskip("trl")
+    path = Path(__file__).resolve().parents[2] / "examples" / "trl_loss_cost.py"
+    spec = importlib.util.spec_from_file_location("examples_trl_loss_cost", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = ["--batch", "2", "--seq", "8", "--vocab", "300", "--repeats", "1", "--beta", "0.3"]
+    ours = module.main(["--provider", "minitron", *argv])
+    ref = module.main(["--provider", "trl", *argv])
+    assert ref["loss"] > 0 and abs(ours["loss"] - ref["loss"]) <= 1e-5 * ref["loss"]
