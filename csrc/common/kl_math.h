@@ -187,7 +187,8 @@ MINITRON_KL_INLINE KlStateT<T> kl_state_merge(const KlStateT<T>& x, const KlStat
 struct KlRow {
   float lse_a;
   float lse_b;
-  float div;   // JSD: filled in after the second pass
+  float div;       // JSD: filled in after the second pass
+  float lse_diff;  // lse_a - lse_b, as (m_a - m_b) + log(s_a / s_b) (see kl_finalize); use it, not the difference
   bool empty;  // the teacher row is entirely -inf (and the student a distribution): D = 0, gradient 0
 };
 
@@ -199,20 +200,26 @@ MINITRON_KL_INLINE KlRow kl_finalize(const KlState& st) {
     row.lse_a = 0.f;
     row.lse_b = 0.f;
     row.div = 0.f;
+    row.lse_diff = 0.f;
     return row;
   }
   if (!(st.sa > 0.f) || !(st.sb > 0.f)) {  // an all -inf student, or NaN somewhere
     row.lse_a = kl_nan();
     row.lse_b = kl_nan();
     row.div = kl_nan();
+    row.lse_diff = kl_nan();
     return row;
   }
   row.lse_a = st.ma + Math::log(st.sa);
   row.lse_b = st.mb + Math::log(st.sb);
+  // For soft (high-temperature) rows the two log-sum-exps nearly cancel: the log of the ratio of the sums
+  // (near 1) avoids the rounding of two large logs (~1e-7 log V each). The gradients use the same value, so
+  // it cancels exactly in the reverse-KL gradient's (log Q_k - log P_k) - D.
+  row.lse_diff = (st.ma - st.mb) + Math::log(st.sa / st.sb);
   if (MODE == kForward) {
-    row.div = st.c / st.sb + (row.lse_a - row.lse_b);
+    row.div = st.c / st.sb + row.lse_diff;
   } else if (MODE == kReverse) {
-    row.div = st.c / st.sa + (row.lse_b - row.lse_a);
+    row.div = st.c / st.sa - row.lse_diff;
   } else {
     row.div = 0.f;
   }

@@ -270,7 +270,7 @@ struct VecKernel {
       }
     } else {
       const float it = r.inv_t;
-      const float lr0 = row.lse_a - row.lse_b;
+      const float lr0 = row.lse_diff;
       const F qf = norm(r.refa, c, row.lse_a);
       for (int64_t i = c; i < ce; i += W) {
         const F q = Fl::load(ea_buf + i) * qf;
@@ -294,7 +294,7 @@ struct VecKernel {
     const float* const ea_buf = r.ea;
     float* const ex_buf = r.ex;
     const float it = r.inv_t;
-    const float d0 = row.lse_a - row.lse_b;
+    const float d0 = row.lse_diff;
     F lacc{};
     double qg_acc[W] = {}, q_acc[W] = {};  // per lane, in double (see kl_math.h JsdPartial)
     for (int64_t c = c0; c < c1; c += kChunk) {
@@ -384,7 +384,7 @@ struct ScalarKernel {
     const E* s = static_cast<const E*>(r.s);
     const E* t = static_cast<const E*>(r.t);
     E* g = static_cast<E*>(r.g);
-    const float lr0 = row.lse_a - row.lse_b;
+    const float lr0 = row.lse_diff;
     for (int64_t i = c0; i < c1; ++i) {
       const float a = load1(s + i) * r.inv_t;
       const float b = load1(t + i) * r.inv_t;
@@ -402,7 +402,7 @@ struct ScalarKernel {
   static JsdSums jsd_pass2(const RowCtx& r, int64_t c0, int64_t c1, const KlRow& row, const JsdConsts& k) {
     const E* s = static_cast<const E*>(r.s);
     const E* t = static_cast<const E*>(r.t);
-    const float d0 = row.lse_a - row.lse_b;
+    const float d0 = row.lse_diff;
     JsdSums out{0.f, 0.0, 0.0};
     for (int64_t c = c0; c < c1; c += kScalarChunk) {
       const int64_t ce = std::min(c + kScalarChunk, c1);
@@ -430,7 +430,7 @@ struct ScalarKernel {
     const E* s = static_cast<const E*>(r.s);
     const E* t = static_cast<const E*>(r.t);
     E* g = static_cast<E*>(r.g);
-    const float d0 = row.lse_a - row.lse_b;
+    const float d0 = row.lse_diff;
     for (int64_t i = c0; i < c1; ++i) {
       const float a = load1(s + i) * r.inv_t;
       const float b = load1(t + i) * r.inv_t;

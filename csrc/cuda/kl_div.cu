@@ -197,7 +197,7 @@ __device__ __forceinline__ KlState segment_state(const T* s, const T* t, int64_t
 template <class T, int MODE>
 __device__ __forceinline__ void segment_grad(const T* s, const T* t, T* g, int64_t c0, int64_t c1, float it, bool vec,
                                              const KlRow& row, float coef) {
-  const float lr0 = row.lse_a - row.lse_b;
+  const float lr0 = row.lse_diff;
   map_row(s, t, g, c0, c1, it, vec, [&](float a, float b) {
     const float q = kl::kl_prob<StdMath>(a, row.lse_a);
     if (MODE == kForward) return kl::kl_forward_grad(q, kl::kl_prob<StdMath>(b, row.lse_b), coef);
@@ -208,7 +208,7 @@ __device__ __forceinline__ void segment_grad(const T* s, const T* t, T* g, int64
 template <class T>
 __device__ __forceinline__ JsdPartial segment_jsd_sums(const T* s, const T* t, int64_t c0, int64_t c1, float it,
                                                        bool vec, const KlRow& row, const JsdConsts& k) {
-  const float d0 = row.lse_a - row.lse_b;
+  const float d0 = row.lse_diff;
   JsdPartial acc{0.f, 0.0, 0.0};
   for_each(s, t, c0, c1, it, vec, [&](float a, float b) {
     const float q = kl::kl_prob<StdMath>(a, row.lse_a);
@@ -226,7 +226,7 @@ template <class T>
 __device__ __forceinline__ void segment_jsd_grad(const T* s, const T* t, T* g, int64_t c0, int64_t c1, float it,
                                                  bool vec, const KlRow& row, const JsdConsts& k,
                                                  const kl::JsdCentre& centre, float coef) {
-  const float d0 = row.lse_a - row.lse_b;
+  const float d0 = row.lse_diff;
   map_row(s, t, g, c0, c1, it, vec, [&](float a, float b) {
     const float q = kl::kl_prob<StdMath>(a, row.lse_a);
     const float p = kl::kl_prob<StdMath>(b, row.lse_b);

@@ -60,37 +60,30 @@ def _online_update(x, m, s_vec):
 
 
 @triton.jit
-def _log_add_exp(x, y):
-    """Stable ``log(exp(x) + exp(y))`` elementwise; -inf when both are -inf (fp32)."""
-    mx = tl.maximum(x, y)
-    mn = tl.minimum(x, y)
-    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
-    out = mx + tl.log(1.0 + tl.exp(mn - mx_safe))
-    return tl.where(mx == float("-inf"), float("-inf"), out)
-
-
-@triton.jit
-def _jsd_terms(a, b, lse_a, lse_b, beta, one_m_beta, log_beta, log_1m_beta):
-    """Per-element JSD pieces for one chunk (all [BLOCK_V] fp32).
+def _jsd_terms(a, b, lse_a, lse_b, lse_diff, beta, one_m_beta, log_beta, log_1m_beta):
+    """Per-element JSD pieces for one chunk (all [BLOCK_V] fp32), M = beta P + (1 - beta) Q.
 
     Returns ``(d_term, g, log_q)``: ``d_term`` = this element's contribution to
-    ``D = beta * KL(P||M) + (1 - beta) * KL(Q||M)``; ``g`` = ``dD/dQ_k`` without the constant terms
-    (they cancel in the softmax Jacobian), only meaningful where ``log_q > -inf``.
+    ``D = beta * KL(P||M) + (1 - beta) * KL(Q||M)``; ``g`` = ``dD/dQ_k = (1 - beta) log(Q_k / M_k)`` without
+    the constant (it cancels in the softmax Jacobian), only meaningful where ``log_q > -inf``. As
+    csrc/common/kl_math.h jsd_element: from ``z = log(beta P) - log((1 - beta) Q)``, built from the difference
+    of the logits and ``lse_diff`` (no difference of two rounded log-probabilities),
+    ``log(P/M) = min(z, 0) - log1p(exp(-|z|)) - log(beta)``, ``log(Q/M) = min(-z, 0) - log1p(exp(-|z|)) - log(1-beta)``.
     """
     log_p = b - lse_b
     log_q = a - lse_a
-    log_m = _log_add_exp(log_beta + log_p, log_1m_beta + log_q)
+    z = ((b - a) + lse_diff) + (log_beta - log_1m_beta)
+    e = tl.exp(-tl.abs(z))
+    l1p = tl.where(e < 1e-4, e * (1.0 - 0.5 * e), tl.log(1.0 + e))  # log1p(e), e in [0, 1]
+    log_pm = tl.minimum(z, 0.0) - l1p - log_beta
+    log_qm = tl.minimum(-z, 0.0) - l1p - log_1m_beta
     p = tl.exp(log_p)
     q = tl.exp(log_q)
-    # P_k (log P_k - log M_k): 0 where P_k = 0 (M_k > 0 wherever P_k > 0 for 0 < beta < 1).
-    t_p = tl.where(log_p == float("-inf"), 0.0,
-                   tl.where(log_m == float("-inf"), float("inf"), p * (log_p - log_m)))
-    t_q = tl.where(log_q == float("-inf"), 0.0,
-                   tl.where(log_m == float("-inf"), float("inf"), q * (log_q - log_m)))
+    # zero-probability terms are exactly 0 (M_k > 0 wherever P_k > 0 or Q_k > 0 for 0 < beta < 1)
+    t_p = tl.where(log_p == float("-inf"), 0.0, p * log_pm)
+    t_q = tl.where(log_q == float("-inf"), 0.0, q * log_qm)
     d_term = beta * t_p + one_m_beta * t_q
-    # dD/dQ_k = (1 - beta) (log Q_k - log M_k) + const (with M = beta P + (1 - beta) Q the ratio term
-    # (1 - beta) (beta P_k + (1 - beta) Q_k) / M_k is the constant 1 - beta).
-    g = one_m_beta * (log_q - log_m)
+    g = one_m_beta * log_qm
     return d_term, g, log_q
 
 
@@ -159,13 +152,16 @@ def _kl_div_fwd_kernel(
         empty = (z_b == 0.0) & (z_a > 0.0) & (lse_a > ninf) & (lse_a < float("inf"))
         degenerate = ((z_a == 0.0) | (z_b == 0.0)) & (~empty)
         lse_b = tl.where(empty, 0.0, lse_b)
+        # lse_a - lse_b as (m_a - m_b) + log(z_a / z_b): for soft (high-temperature) rows the log of the ratio
+        # (near 1) avoids the rounding of two large logs (as csrc/common/kl_math.h kl_finalize)
+        lse_diff = (m_a - m_b) + tl.log(z_a / z_b)
         coef = w * scale * inv_t
 
         if MODE == 0:
             # d_extra: 0 normally, +inf when some P_k > 0 = Q_k, NaN for a degenerate row.
             d_extra = tl.where(tl.max(inf_hit, axis=0) > 0, float("inf"), 0.0)
             d_extra = tl.where(degenerate, float("nan"), d_extra)
-            d = tl.sum(cross, axis=0) / z_b + (lse_a - lse_b) + d_extra
+            d = tl.sum(cross, axis=0) / z_b + lse_diff + d_extra
             # ---- pass 2: grad = coef * (Q - P) ----
             if WRITE_GRAD:
                 for start in range(0, V, BLOCK_V):
@@ -180,7 +176,7 @@ def _kl_div_fwd_kernel(
             # d_extra: 0 normally, +inf when some Q_k > 0 = P_k, NaN for a degenerate row.
             d_extra = tl.where(tl.max(inf_hit, axis=0) > 0, float("inf"), 0.0)
             d_extra = tl.where(degenerate, float("nan"), d_extra)
-            d = mean_ab + (lse_b - lse_a) + d_extra
+            d = mean_ab - lse_diff + d_extra
             # ---- pass 2: grad = coef * Q * ((log Q - log P) - D), 0 where Q = 0 ----
             # (log Q_k - log P_k) - D = (a_k - b_k) - E_Q[a - b] - d_extra: the log-normalisers
             # cancel exactly, so they add no rounding error to this difference.
@@ -203,7 +199,8 @@ def _kl_div_fwd_kernel(
                 msk = idx < V
                 a = tl.load(s_row + idx, mask=msk, other=ninf).to(tl.float32) * inv_t
                 b = tl.load(t_row + idx, mask=msk, other=ninf).to(tl.float32) * inv_t
-                d_term, g, log_q = _jsd_terms(a, b, lse_a, lse_b, beta, one_m_beta, log_beta, log_1m_beta)
+                d_term, g, log_q = _jsd_terms(a, b, lse_a, lse_b, lse_diff, beta, one_m_beta, log_beta,
+                                              log_1m_beta)
                 d_vec += d_term
                 q = tl.where(log_q == ninf, 0.0, tl.exp(log_q))
                 qg_vec += q.to(tl.float64) * tl.where(log_q == ninf, 0.0, g).to(tl.float64)
@@ -220,7 +217,8 @@ def _kl_div_fwd_kernel(
                     idx = start + offs
                     msk = idx < V
                     a, b = _load_scaled(s_row, t_row, idx, msk, inv_t)
-                    d_term, g, log_q = _jsd_terms(a, b, lse_a, lse_b, beta, one_m_beta, log_beta, log_1m_beta)
+                    d_term, g, log_q = _jsd_terms(a, b, lse_a, lse_b, lse_diff, beta, one_m_beta, log_beta,
+                                                  log_1m_beta)
                     gr = tl.where(log_q == ninf, 0.0, coef * tl.exp(log_q) * ((g - c_hi) - c_lo))
                     gr = tl.where(empty, 0.0, gr)
                     tl.store(g_row + idx, gr.to(grad_ptr.dtype.element_ty), mask=msk)

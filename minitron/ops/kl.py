@@ -60,7 +60,7 @@ __all__ = [
 MODES = {"forward": 0, "reverse": 1, "jsd": 2}
 REDUCTIONS = ("mean", "sum", "none")
 #: Largest accepted temperature (see docs/kl.md, "Large temperatures").
-MAX_TEMPERATURE = 1.0e4
+MAX_TEMPERATURE = 100.0
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # ----------------------------------------------------------------------------------------------
@@ -116,7 +116,10 @@ def _divergence_reference(student: Tensor, teacher: Tensor, mode: str, temperatu
     else:
         lm = _log_mixture(lp, lq, beta)
         d = beta * kl(lp, lm) + (1.0 - beta) * kl(lq, lm)
-    # an all -inf teacher row: log_softmax gives NaN everywhere; the row has no target and contributes 0
+    # an all -inf teacher row: log_softmax gives NaN everywhere; the row has no target and contributes 0. A
+    # student row without a distribution (all -inf, +inf, NaN) is NaN (KL terms weighted by NaN would read 0).
+    no_student = ~torch.isfinite(torch.logsumexp(student.detach().to(dtype), dim=-1))
+    d = torch.where(no_student, torch.full_like(d, float("nan")), d)
     return torch.where(empty, torch.zeros_like(d), d)
 
 

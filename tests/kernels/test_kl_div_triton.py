@@ -195,7 +195,7 @@ def test_neg_inf_shared_mask(mode, beta):
 
 @pytest.mark.parametrize("mode,beta,which", [
     (0, 0.5, "teacher"), (1, 0.5, "student"), (2, 0.5, "teacher"), (2, 0.5, "student"),
-    (2, 1.0, "teacher"), (2, 0.0, "student"),
+    (2, 0.0, "teacher"), (2, 1.0, "student"),  # JSD ends: beta=0 forward, beta=1 reverse KL (TRL convention)
 ])
 def test_neg_inf_one_side_finite(mode, beta, which):
     """-inf only where the outer distribution has no mass: finite loss, matches the reference."""
@@ -212,7 +212,7 @@ def test_neg_inf_one_side_finite(mode, beta, which):
 
 
 @pytest.mark.parametrize("mode,beta,which", [
-    (0, 0.5, "student"), (1, 0.5, "teacher"), (2, 1.0, "student"), (2, 0.0, "teacher"),
+    (0, 0.5, "student"), (1, 0.5, "teacher"), (2, 0.0, "student"), (2, 1.0, "teacher"),
 ])
 def test_neg_inf_gives_pos_inf_loss(mode, beta, which):
     student, teacher, weight = make(3, 200, seed=11)
