@@ -5,7 +5,8 @@
 // Notation (per row): a = student * inv_T, b = teacher * inv_T, Q = softmax(a), P = softmax(b).
 //   mode 0 forward  D = KL(P || Q) = sum_k P_k (log P_k - log Q_k)
 //   mode 1 reverse  D = KL(Q || P) = sum_k Q_k (log Q_k - log P_k)
-//   mode 2 JSD      M = (1 - beta) P + beta Q,  D = beta KL(P || M) + (1 - beta) KL(Q || M)
+//   mode 2 JSD      M = beta P + (1 - beta) Q,  D = beta KL(P || M) + (1 - beta) KL(Q || M)
+//                   (TRL GKD / Liger convention; the ends beta = 0 / 1 are run as forward / reverse KL)
 // The gradient returned is w * scale * dD/d(student) = coef * dD/da with coef = w * scale * inv_T.
 //
 // Online softmax: KlState (KlStateT<float>; the CPU kernel also merges vectors of lane states) keeps,
@@ -17,7 +18,10 @@
 // Zero-probability rules: a term weighted by a zero probability (e == 0: a -inf logit, or one that
 // underflows) contributes exactly 0, never 0 * inf = NaN; a term whose weight is positive and whose
 // log-ratio is +inf makes D = +inf. Rescaling keeps +inf cross sums infinite (inf * 0 would be NaN).
-// A row whose student or teacher is entirely -inf, or that contains a NaN, gets D = NaN.
+// A row whose teacher is entirely -inf (no target distribution; a fully masked vocabulary) while the
+// student is a distribution is "empty": D = 0 and a zero gradient, like a masked token (KlRow::empty;
+// the kernels' drivers write the zeros). A row whose student is entirely -inf, or that contains a NaN,
+// gets D = NaN.
 //
 // The element formulas are templates over the value type T so the CPU kernel can instantiate them
 // with GCC vector types (float vectors; comparisons give integer-vector masks, `m ? x : y` selects
@@ -183,24 +187,39 @@ MINITRON_KL_INLINE KlStateT<T> kl_state_merge(const KlStateT<T>& x, const KlStat
 struct KlRow {
   float lse_a;
   float lse_b;
-  float div;  // JSD: filled in after the second pass
+  float div;       // JSD: filled in after the second pass
+  float lse_diff;  // lse_a - lse_b, as (m_a - m_b) + log(s_a / s_b) (see kl_finalize); use it, not the difference
+  bool empty;  // the teacher row is entirely -inf (and the student a distribution): D = 0, gradient 0
 };
 
 template <int MODE, class Math>
 MINITRON_KL_INLINE KlRow kl_finalize(const KlState& st) {
   KlRow row;
-  if (!(st.sa > 0.f) || !(st.sb > 0.f)) {  // an all -inf input, or NaN somewhere
+  row.empty = st.sb == 0.f && st.sa > 0.f && st.sa < INFINITY && st.ma > -INFINITY && st.ma < INFINITY;
+  if (row.empty) {
+    row.lse_a = 0.f;
+    row.lse_b = 0.f;
+    row.div = 0.f;
+    row.lse_diff = 0.f;
+    return row;
+  }
+  if (!(st.sa > 0.f) || !(st.sb > 0.f)) {  // an all -inf student, or NaN somewhere
     row.lse_a = kl_nan();
     row.lse_b = kl_nan();
     row.div = kl_nan();
+    row.lse_diff = kl_nan();
     return row;
   }
   row.lse_a = st.ma + Math::log(st.sa);
   row.lse_b = st.mb + Math::log(st.sb);
+  // For soft (high-temperature) rows the two log-sum-exps nearly cancel: the log of the ratio of the sums
+  // (near 1) avoids the rounding of two large logs (~1e-7 log V each). The gradients use the same value, so
+  // it cancels exactly in the reverse-KL gradient's (log Q_k - log P_k) - D.
+  row.lse_diff = (st.ma - st.mb) + Math::log(st.sa / st.sb);
   if (MODE == kForward) {
-    row.div = st.c / st.sb + (row.lse_a - row.lse_b);
+    row.div = st.c / st.sb + row.lse_diff;
   } else if (MODE == kReverse) {
-    row.div = st.c / st.sa + (row.lse_b - row.lse_a);
+    row.div = st.c / st.sa - row.lse_diff;
   } else {
     row.div = 0.f;
   }
@@ -239,25 +258,25 @@ MINITRON_KL_INLINE T kl_reverse_grad(const T& q, const T& log_ratio, float div, 
 }
 
 // ----------------------------------------------------------------------------------------------
-// Generalised JSD, 0 < beta < 1 (beta = 1 / 0 are run as forward / reverse KL)
+// Generalised JSD, 0 < beta < 1 (beta = 0 / 1 are run as forward / reverse KL, as in TRL)
 // ----------------------------------------------------------------------------------------------
 struct JsdConsts {
-  float beta;            // weight of KL(P || M)
-  float one_minus_beta;  // weight of KL(Q || M)
+  float beta;            // weight of KL(P || M) and of P in M
+  float one_minus_beta;  // weight of KL(Q || M) and of Q in M
   float log_beta;
   float log_one_minus_beta;
-  float log_odds;    // log(1 - beta) - log(beta)
-  float beta_idiff;  // beta (1 / (1 - beta) - 1 / beta)
+  float log_odds;  // log(beta) - log(1 - beta)
 };
 
-MINITRON_KL_INLINE JsdConsts jsd_consts(float beta) {
+// From the caller's double beta (host side): 1 - beta and the logs are formed in double, so a beta close to 1
+// (e.g. 1 - 1e-7, whose float rounding would move 1 - beta by 20%) keeps an accurate 1 - beta.
+MINITRON_KL_INLINE JsdConsts jsd_consts(double beta) {
   JsdConsts k;
-  k.beta = beta;
-  k.one_minus_beta = 1.f - beta;
-  k.log_beta = ::logf(beta);
-  k.log_one_minus_beta = ::logf(1.f - beta);
-  k.log_odds = k.log_one_minus_beta - k.log_beta;
-  k.beta_idiff = beta / (1.f - beta) - 1.f;
+  k.beta = static_cast<float>(beta);
+  k.one_minus_beta = static_cast<float>(1.0 - beta);
+  k.log_beta = static_cast<float>(::log(beta));
+  k.log_one_minus_beta = static_cast<float>(::log1p(-beta));
+  k.log_odds = static_cast<float>(::log(beta) - ::log1p(-beta));
   return k;
 }
 
@@ -265,11 +284,11 @@ MINITRON_KL_INLINE JsdConsts jsd_consts(float beta) {
 // (= (b_k - a_k) - (lse_b - lse_a); -inf / +inf when one of them is zero). Outputs:
 //   loss = beta P_k log(P_k / M_k) + (1 - beta) Q_k log(Q_k / M_k)   (zero-probability terms are 0)
 //   g    = dD/dQ_k up to a constant (which cancels in Q_k (g_k - sum_j Q_j g_j)); 0 where Q_k = 0:
-//          dD/dQ_k = -beta (P_k + Q_k) / M_k + beta + (1 - beta) (log(Q_k / M_k) + 1)
-// With u = log((1-beta) P), v = log(beta Q), z = u - v, e = exp(-|z|), s = sigmoid(z) = (1-beta) P / M:
-//   log M = max(u, v) + log1p(e),  log(P/M) = min(z, 0) - log1p(e) - log(1 - beta),
-//   log(Q/M) = min(-z, 0) - log1p(e) - log(beta),  s = 1 / (1 + e) if z >= 0 else e / (1 + e),
-//   beta (P + Q) / M = beta (s / (1 - beta) + (1 - s) / beta) = 1 + s beta (1/(1-beta) - 1/beta),
+//          dD/dQ_k = (1 - beta) (log(Q_k / M_k) + 1) - (1 - beta) (beta P_k + (1 - beta) Q_k) / M_k
+//                  = (1 - beta) log(Q_k / M_k)   (the mixture is M itself, so the ratio is 1)
+// With u = log(beta P), v = log((1 - beta) Q), z = u - v, e = exp(-|z|):
+//   log M = max(u, v) + log1p(e),  log(P/M) = min(z, 0) - log1p(e) - log(beta),
+//   log(Q/M) = min(-z, 0) - log1p(e) - log(1 - beta),
 // all finite and stable for any logits (no M that underflows, no log of 0).
 template <class Math, class T>
 MINITRON_KL_INLINE void jsd_element(const T& p, const T& q, const T& lp_lq, const JsdConsts& k, T& loss, T& g) {
@@ -279,12 +298,12 @@ MINITRON_KL_INLINE void jsd_element(const T& p, const T& q, const T& lp_lq, cons
   const T nz = -z;
   const T e = Math::exp(kl_select(neg, z, nz));  // exp(-|z|) in [0, 1]
   T l1p, inv;
-  Math::log1p_recip01(e, l1p, inv);
-  const T sig = kl_select(neg, e * inv, inv);
-  const T log_pm = kl_select(neg, z, zero) - (l1p + k.log_one_minus_beta);
-  const T log_qm = kl_select(neg, zero, nz) - (l1p + k.log_beta);
+  Math::log1p_recip01(e, l1p, inv);  // (the reciprocal is not needed; the compiler drops it)
+  (void)inv;
+  const T log_pm = kl_select(neg, z, zero) - (l1p + k.log_beta);
+  const T log_qm = kl_select(neg, zero, nz) - (l1p + k.log_one_minus_beta);
   loss = kl_masked_term(p, log_pm) * k.beta + kl_masked_term(q, log_qm) * k.one_minus_beta;
-  g = kl_select(q == zero, zero, log_qm * k.one_minus_beta - sig * k.beta_idiff);
+  g = kl_select(q == zero, zero, log_qm * k.one_minus_beta);
 }
 
 // Per-row (or per-segment) sums of the JSD's second pass: D, sum_j Q_j g_j and sum_j Q_j. The last two are

@@ -270,7 +270,7 @@ struct VecKernel {
       }
     } else {
       const float it = r.inv_t;
-      const float lr0 = row.lse_a - row.lse_b;
+      const float lr0 = row.lse_diff;
       const F qf = norm(r.refa, c, row.lse_a);
       for (int64_t i = c; i < ce; i += W) {
         const F q = Fl::load(ea_buf + i) * qf;
@@ -294,7 +294,7 @@ struct VecKernel {
     const float* const ea_buf = r.ea;
     float* const ex_buf = r.ex;
     const float it = r.inv_t;
-    const float d0 = row.lse_a - row.lse_b;
+    const float d0 = row.lse_diff;
     F lacc{};
     double qg_acc[W] = {}, q_acc[W] = {};  // per lane, in double (see kl_math.h JsdPartial)
     for (int64_t c = c0; c < c1; c += kChunk) {
@@ -384,7 +384,7 @@ struct ScalarKernel {
     const E* s = static_cast<const E*>(r.s);
     const E* t = static_cast<const E*>(r.t);
     E* g = static_cast<E*>(r.g);
-    const float lr0 = row.lse_a - row.lse_b;
+    const float lr0 = row.lse_diff;
     for (int64_t i = c0; i < c1; ++i) {
       const float a = load1(s + i) * r.inv_t;
       const float b = load1(t + i) * r.inv_t;
@@ -402,7 +402,7 @@ struct ScalarKernel {
   static JsdSums jsd_pass2(const RowCtx& r, int64_t c0, int64_t c1, const KlRow& row, const JsdConsts& k) {
     const E* s = static_cast<const E*>(r.s);
     const E* t = static_cast<const E*>(r.t);
-    const float d0 = row.lse_a - row.lse_b;
+    const float d0 = row.lse_diff;
     JsdSums out{0.f, 0.0, 0.0};
     for (int64_t c = c0; c < c1; c += kScalarChunk) {
       const int64_t ce = std::min(c + kScalarChunk, c1);
@@ -430,7 +430,7 @@ struct ScalarKernel {
     const E* s = static_cast<const E*>(r.s);
     const E* t = static_cast<const E*>(r.t);
     E* g = static_cast<E*>(r.g);
-    const float d0 = row.lse_a - row.lse_b;
+    const float d0 = row.lse_diff;
     for (int64_t i = c0; i < c1; ++i) {
       const float a = load1(s + i) * r.inv_t;
       const float b = load1(t + i) * r.inv_t;
@@ -597,6 +597,11 @@ void process_row(const Problem& P, const Kernels& K, int64_t i, const Scratch& s
   const float ws = w * P.scale;
   const float coef = ws * P.inv_t;
   KlRow row = K.finalize(K.pass1(r, 0, P.v));
+  if (row.empty) {  // all -inf teacher: like a masked token (kl_math.h)
+    P.loss[i] = 0.f;
+    if (P.g != nullptr) std::memset(P.g + i * P.v * P.elem, 0, static_cast<size_t>(P.v * P.elem));
+    return;
+  }
   if (P.mode != kJsd) {
     P.loss[i] = ws * row.div;
     if (P.g != nullptr) K.pass2(r, 0, P.v, row, coef);
@@ -625,6 +630,11 @@ void process_row_split(const Problem& P, const Kernels& K, int64_t i, const Scra
   KlState st = kl::kl_state_init();
   for (int64_t sgi = 0; sgi < nseg; ++sgi) st = K.merge(st, states[sgi]);
   const KlRow row = K.finalize(st);
+  if (row.empty) {  // all -inf teacher: like a masked token (kl_math.h)
+    P.loss[i] = 0.f;
+    if (P.g != nullptr) std::memset(P.g + i * P.v * P.elem, 0, static_cast<size_t>(P.v * P.elem));
+    return;
+  }
   const float ws = w * P.scale;
   const float coef = ws * P.inv_t;
   if (P.mode != kJsd) {
@@ -687,8 +697,8 @@ std::tuple<at::Tensor, at::Tensor> kl_div_fwd_cpu(const at::Tensor& student, con
   // The kernel works with a float beta: one that rounds to 1 or 0 (e.g. 1e-50) is that KL exactly, where the
   // JSD constants log(beta) / log(1 - beta) would be infinite.
   const float beta_f = static_cast<float>(beta);
-  if (m == kJsd && beta_f == 1.f) m = kForward;  // JSD_1 = KL(P || Q)
-  if (m == kJsd && beta_f == 0.f) m = kReverse;  // JSD_0 = KL(Q || P)
+  if (m == kJsd && beta_f == 0.f) m = kForward;  // JSD_0 = KL(P || Q) (TRL convention)
+  if (m == kJsd && beta_f == 1.f) m = kReverse;  // JSD_1 = KL(Q || P)
 
   Problem P;
   P.elem = student.element_size();
@@ -705,7 +715,7 @@ std::tuple<at::Tensor, at::Tensor> kl_div_fwd_cpu(const at::Tensor& student, con
   P.inv_t = static_cast<float>(inv_temperature);
   P.scale = static_cast<float>(scale);
   P.stream = grad.nbytes() >= (size_t{32} << 20);
-  P.jsd = kl::jsd_consts(m == kJsd ? beta_f : 0.5f);
+  P.jsd = kl::jsd_consts(m == kJsd ? beta : 0.5);
 
   const Isa isa = detect_isa();
   Kernels K;

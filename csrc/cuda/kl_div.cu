@@ -197,7 +197,7 @@ __device__ __forceinline__ KlState segment_state(const T* s, const T* t, int64_t
 template <class T, int MODE>
 __device__ __forceinline__ void segment_grad(const T* s, const T* t, T* g, int64_t c0, int64_t c1, float it, bool vec,
                                              const KlRow& row, float coef) {
-  const float lr0 = row.lse_a - row.lse_b;
+  const float lr0 = row.lse_diff;
   map_row(s, t, g, c0, c1, it, vec, [&](float a, float b) {
     const float q = kl::kl_prob<StdMath>(a, row.lse_a);
     if (MODE == kForward) return kl::kl_forward_grad(q, kl::kl_prob<StdMath>(b, row.lse_b), coef);
@@ -208,7 +208,7 @@ __device__ __forceinline__ void segment_grad(const T* s, const T* t, T* g, int64
 template <class T>
 __device__ __forceinline__ JsdPartial segment_jsd_sums(const T* s, const T* t, int64_t c0, int64_t c1, float it,
                                                        bool vec, const KlRow& row, const JsdConsts& k) {
-  const float d0 = row.lse_a - row.lse_b;
+  const float d0 = row.lse_diff;
   JsdPartial acc{0.f, 0.0, 0.0};
   for_each(s, t, c0, c1, it, vec, [&](float a, float b) {
     const float q = kl::kl_prob<StdMath>(a, row.lse_a);
@@ -226,7 +226,7 @@ template <class T>
 __device__ __forceinline__ void segment_jsd_grad(const T* s, const T* t, T* g, int64_t c0, int64_t c1, float it,
                                                  bool vec, const KlRow& row, const JsdConsts& k,
                                                  const kl::JsdCentre& centre, float coef) {
-  const float d0 = row.lse_a - row.lse_b;
+  const float d0 = row.lse_diff;
   map_row(s, t, g, c0, c1, it, vec, [&](float a, float b) {
     const float q = kl::kl_prob<StdMath>(a, row.lse_a);
     const float p = kl::kl_prob<StdMath>(b, row.lse_b);
@@ -273,6 +273,11 @@ __global__ void __launch_bounds__(kBlock) kl_fused_kernel(const KlDivArgs a, con
   const float it = a.inv_temperature;
   const KlState st = block_merge<MODE>(segment_state<T, MODE>(s, t, 0, a.v, it, vec), sm_state);
   const KlRow row_stats = kl::kl_finalize<MODE, StdMath>(st);
+  if (row_stats.empty) {  // all -inf teacher (uniform branch): like a masked token (kl_math.h)
+    if (g != nullptr) zero_fill(g, 0, a.v);
+    if (threadIdx.x == 0) a.loss[row] = 0.f;
+    return;
+  }
   const float ws = w * a.scale;
   const float coef = ws * it;
   if (MODE != kJsd) {
@@ -333,6 +338,11 @@ __global__ void __launch_bounds__(kBlock) kl_split_grad_kernel(const KlDivArgs a
   const bool vec = aligned16(s + c0) && aligned16(t + c0) && (g == nullptr || aligned16(g + c0));
   const float it = a.inv_temperature;
   const KlRow row_stats = merged_row<MODE>(states, row, splits);
+  if (row_stats.empty) {  // all -inf teacher: like a masked token (kl_math.h)
+    if (g != nullptr) zero_fill(g, c0, c1);
+    if (blockIdx.x == 0 && threadIdx.x == 0) a.loss[row] = 0.f;
+    return;
+  }
   const float ws = w * a.scale;
   if (MODE != kJsd) {
     if (blockIdx.x == 0 && threadIdx.x == 0) a.loss[row] = ws * row_stats.div;
@@ -359,6 +369,7 @@ __global__ void __launch_bounds__(kBlock) kl_split_jsd_grad_kernel(const KlDivAr
   row_ptrs(a, row, s, t, g);
   const bool vec = aligned16(s + c0) && aligned16(t + c0) && (g == nullptr || aligned16(g + c0));
   const KlRow row_stats = merged_row<kJsd>(states, row, splits);
+  if (row_stats.empty) return;  // zeroed by step 2
   JsdPartial tot{0.f, 0.0, 0.0};
   for (int j = 0; j < splits; ++j) {
     tot.loss += sums[row * splits + j].loss;
@@ -448,14 +459,15 @@ cudaError_t kl_div_forward(const KlDivArgs& args, void* workspace, size_t worksp
   if (args.n <= 0) return cudaSuccess;
   if (args.v <= 0 || args.mode < 0 || args.mode > 2 || !(args.inv_temperature > 0.f)) return cudaErrorInvalidValue;
   int mode = args.mode;
-  if (mode == kJsd && args.beta == 1.f) mode = kForward;  // JSD_1 = KL(P || Q)
-  if (mode == kJsd && args.beta == 0.f) mode = kReverse;  // JSD_0 = KL(Q || P)
-  if (mode == kJsd && !(args.beta > 0.f && args.beta < 1.f)) return cudaErrorInvalidValue;
+  const float beta_f = static_cast<float>(args.beta);  // a beta that rounds to 0 / 1 in float32 is that end
+  if (mode == kJsd && beta_f == 0.f) mode = kForward;  // JSD_0 = KL(P || Q) (TRL convention)
+  if (mode == kJsd && beta_f == 1.f) mode = kReverse;  // JSD_1 = KL(Q || P)
+  if (mode == kJsd && !(beta_f > 0.f && beta_f < 1.f)) return cudaErrorInvalidValue;
   const Plan p = plan_for(args.n, args.v, sm_count);
   if (workspace_bytes < workspace_for(p, args.n) || (p.splits > 1 && workspace == nullptr)) {
     return cudaErrorInvalidValue;
   }
-  const JsdConsts k = kl::jsd_consts(mode == kJsd ? args.beta : 0.5f);
+  const JsdConsts k = kl::jsd_consts(mode == kJsd ? args.beta : 0.5);
   switch (args.dtype) {
     case KlDtype::kFloat32:
       return launch_mode<float>(args, mode, k, p, workspace, stream);

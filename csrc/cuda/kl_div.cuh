@@ -7,7 +7,7 @@
 //   weight            [n] float32; rows with weight 0 get loss 0 and an all-zero gradient row
 //   loss              [n] float32 out: weight * scale * D
 //   grad              [n, v] contiguous out, input dtype: weight * scale * dD/d student; nullptr: loss only
-//   mode              0 forward KL(P||Q), 1 reverse KL(Q||P), 2 JSD(beta) (beta 0 / 1 are run as 1 / 0)
+//   mode              0 forward KL(P||Q), 1 reverse KL(Q||P), 2 JSD(beta) (beta 0 / 1 are run as 0 / 1: forward / reverse KL)
 #pragma once
 
 #include <cuda_runtime.h>
@@ -32,7 +32,7 @@ struct KlDivArgs {
   int64_t v;
   int mode;
   float inv_temperature;  // > 0
-  float beta;             // JSD weight in [0, 1]
+  double beta;            // JSD weight in [0, 1] (host only: the JSD constants are formed from it in double)
   float scale;
   KlDtype dtype;
 };

@@ -46,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor> kl_div_fwd_cuda(const at::Tensor& student, co
   args.v = v;
   args.mode = static_cast<int>(mode);
   args.inv_temperature = static_cast<float>(inv_temperature);
-  args.beta = static_cast<float>(beta);
+  args.beta = beta;
   args.scale = static_cast<float>(scale);
   args.dtype = dt == at::kFloat ? KlDtype::kFloat32 : (dt == at::kBFloat16 ? KlDtype::kBFloat16 : KlDtype::kFloat16);
 

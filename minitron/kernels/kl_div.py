@@ -12,8 +12,9 @@ Everything is accumulated in fp32; no ``[N, V]`` fp32 temporary exists. Rows wit
 skipped (loss 0, gradient row 0). Notation: ``a = student * inv_T``, ``b = teacher * inv_T``,
 ``Q = softmax(a)``, ``P = softmax(b)``. ``-inf`` logits are legal: terms with zero mass on the
 "outer" distribution contribute 0, and a term with mass on the outer side but none on the inner
-one makes ``D = +inf`` (never NaN from ``0 * inf``). A row with NaN anywhere, or whose student or
-teacher is entirely ``-inf``, gets a NaN loss.
+one makes ``D = +inf`` (never NaN from ``0 * inf``). A row whose teacher is entirely ``-inf`` (and whose
+student is a distribution) contributes 0 with a zero gradient, like a masked token; a row with NaN
+anywhere, or whose student is entirely ``-inf``, gets a NaN loss.
 
 The public op (validation, reductions, autograd, dispatch) lives in :mod:`minitron.ops.kl_div`;
 this module only implements the backend contract :func:`kl_div_fwd`.
@@ -35,7 +36,7 @@ __all__ = ["kl_div_fwd", "MODE_FORWARD", "MODE_REVERSE", "MODE_JSD"]
 
 MODE_FORWARD = 0  # KL(P || Q)
 MODE_REVERSE = 1  # KL(Q || P)
-MODE_JSD = 2  # beta * KL(P || M) + (1 - beta) * KL(Q || M),  M = (1 - beta) P + beta Q
+MODE_JSD = 2  # beta * KL(P || M) + (1 - beta) * KL(Q || M),  M = beta P + (1 - beta) Q (TRL convention)
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_BLOCK_V = 2048  # 8 warps x 8 elements per thread: no register spills on sm_80/sm_90
@@ -59,37 +60,30 @@ def _online_update(x, m, s_vec):
 
 
 @triton.jit
-def _log_add_exp(x, y):
-    """Stable ``log(exp(x) + exp(y))`` elementwise; -inf when both are -inf (fp32)."""
-    mx = tl.maximum(x, y)
-    mn = tl.minimum(x, y)
-    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
-    out = mx + tl.log(1.0 + tl.exp(mn - mx_safe))
-    return tl.where(mx == float("-inf"), float("-inf"), out)
-
-
-@triton.jit
-def _jsd_terms(a, b, lse_a, lse_b, beta, log_beta, log_1m_beta):
-    """Per-element JSD pieces for one chunk (all [BLOCK_V] fp32).
+def _jsd_terms(a, b, lse_a, lse_b, lse_diff, beta, one_m_beta, log_beta, log_1m_beta):
+    """Per-element JSD pieces for one chunk (all [BLOCK_V] fp32), M = beta P + (1 - beta) Q.
 
     Returns ``(d_term, g, log_q)``: ``d_term`` = this element's contribution to
-    ``D = beta * KL(P||M) + (1 - beta) * KL(Q||M)``; ``g`` = ``dD/dQ_k`` without the constant terms
-    (they cancel in the softmax Jacobian), only meaningful where ``log_q > -inf``.
+    ``D = beta * KL(P||M) + (1 - beta) * KL(Q||M)``; ``g`` = ``dD/dQ_k = (1 - beta) log(Q_k / M_k)`` without
+    the constant (it cancels in the softmax Jacobian), only meaningful where ``log_q > -inf``. As
+    csrc/common/kl_math.h jsd_element: from ``z = log(beta P) - log((1 - beta) Q)``, built from the difference
+    of the logits and ``lse_diff`` (no difference of two rounded log-probabilities),
+    ``log(P/M) = min(z, 0) - log1p(exp(-|z|)) - log(beta)``, ``log(Q/M) = min(-z, 0) - log1p(exp(-|z|)) - log(1-beta)``.
     """
     log_p = b - lse_b
     log_q = a - lse_a
-    log_m = _log_add_exp(log_1m_beta + log_p, log_beta + log_q)
+    z = ((b - a) + lse_diff) + (log_beta - log_1m_beta)
+    e = tl.exp(-tl.abs(z))
+    l1p = tl.where(e < 1e-4, e * (1.0 - 0.5 * e), tl.log(1.0 + e))  # log1p(e), e in [0, 1]
+    log_pm = tl.minimum(z, 0.0) - l1p - log_beta
+    log_qm = tl.minimum(-z, 0.0) - l1p - log_1m_beta
     p = tl.exp(log_p)
     q = tl.exp(log_q)
-    # P_k (log P_k - log M_k): 0 where P_k = 0, +inf where P_k > 0 = M_k (only possible at beta = 1).
-    t_p = tl.where(log_p == float("-inf"), 0.0,
-                   tl.where(log_m == float("-inf"), float("inf"), p * (log_p - log_m)))
-    t_q = tl.where(log_q == float("-inf"), 0.0,
-                   tl.where(log_m == float("-inf"), float("inf"), q * (log_q - log_m)))
-    d_term = beta * t_p + (1.0 - beta) * t_q
-    # dD/dQ_k = -beta * (beta P_k + (1 - beta) Q_k) / M_k + (1 - beta) (log Q_k - log M_k) + const.
-    ratio = beta * tl.exp(log_p - log_m) + (1.0 - beta) * tl.exp(log_q - log_m)
-    g = tl.where(beta > 0.0, -beta * ratio, 0.0) + (1.0 - beta) * (log_q - log_m)
+    # zero-probability terms are exactly 0 (M_k > 0 wherever P_k > 0 or Q_k > 0 for 0 < beta < 1)
+    t_p = tl.where(log_p == float("-inf"), 0.0, p * log_pm)
+    t_q = tl.where(log_q == float("-inf"), 0.0, q * log_qm)
+    d_term = beta * t_p + one_m_beta * t_q
+    g = one_m_beta * log_qm
     return d_term, g, log_q
 
 
@@ -105,7 +99,7 @@ def _load_scaled(s_row, t_row, idx, msk, inv_t):
 def _kl_div_fwd_kernel(
     s_ptr, t_ptr, w_ptr, loss_ptr, grad_ptr,
     V, stride_s, stride_t,
-    inv_t, beta, log_beta, log_1m_beta, scale,
+    inv_t, beta, one_m_beta, log_beta, log_1m_beta, scale,
     MODE: tl.constexpr, BLOCK_V: tl.constexpr, WRITE_GRAD: tl.constexpr,
 ):
     """One program per row. Loads [BLOCK_V] chunks of student/teacher row ``pid`` (any float dtype),
@@ -153,14 +147,21 @@ def _kl_div_fwd_kernel(
         z_b = tl.sum(s_b, axis=0)
         lse_a = m_a + tl.log(z_a)
         lse_b = m_b + tl.log(z_b)
-        degenerate = (z_a == 0.0) | (z_b == 0.0)  # a distribution with no finite logit
+        # An all -inf teacher row (no target) while the student is a distribution: loss 0, zero gradient, like a
+        # masked token (see csrc/common/kl_math.h). Otherwise a distribution with no finite logit gives NaN.
+        empty = (z_b == 0.0) & (z_a > 0.0) & (lse_a > ninf) & (lse_a < float("inf"))
+        degenerate = ((z_a == 0.0) | (z_b == 0.0)) & (~empty)
+        lse_b = tl.where(empty, 0.0, lse_b)
+        # lse_a - lse_b as (m_a - m_b) + log(z_a / z_b): for soft (high-temperature) rows the log of the ratio
+        # (near 1) avoids the rounding of two large logs (as csrc/common/kl_math.h kl_finalize)
+        lse_diff = (m_a - m_b) + tl.log(z_a / z_b)
         coef = w * scale * inv_t
 
         if MODE == 0:
             # d_extra: 0 normally, +inf when some P_k > 0 = Q_k, NaN for a degenerate row.
             d_extra = tl.where(tl.max(inf_hit, axis=0) > 0, float("inf"), 0.0)
             d_extra = tl.where(degenerate, float("nan"), d_extra)
-            d = tl.sum(cross, axis=0) / z_b + (lse_a - lse_b) + d_extra
+            d = tl.sum(cross, axis=0) / z_b + lse_diff + d_extra
             # ---- pass 2: grad = coef * (Q - P) ----
             if WRITE_GRAD:
                 for start in range(0, V, BLOCK_V):
@@ -168,13 +169,14 @@ def _kl_div_fwd_kernel(
                     msk = idx < V
                     a, b = _load_scaled(s_row, t_row, idx, msk, inv_t)
                     g = coef * (tl.exp(a - lse_a) - tl.exp(b - lse_b))
+                    g = tl.where(empty, 0.0, g)
                     tl.store(g_row + idx, g.to(grad_ptr.dtype.element_ty), mask=msk)
         elif MODE == 1:
             mean_ab = tl.sum(cross, axis=0) / z_a  # E_Q[a - b] over finite terms
             # d_extra: 0 normally, +inf when some Q_k > 0 = P_k, NaN for a degenerate row.
             d_extra = tl.where(tl.max(inf_hit, axis=0) > 0, float("inf"), 0.0)
             d_extra = tl.where(degenerate, float("nan"), d_extra)
-            d = mean_ab + (lse_b - lse_a) + d_extra
+            d = mean_ab - lse_diff + d_extra
             # ---- pass 2: grad = coef * Q * ((log Q - log P) - D), 0 where Q = 0 ----
             # (log Q_k - log P_k) - D = (a_k - b_k) - E_Q[a - b] - d_extra: the log-normalisers
             # cancel exactly, so they add no rounding error to this difference.
@@ -184,7 +186,7 @@ def _kl_div_fwd_kernel(
                     msk = idx < V
                     a, b = _load_scaled(s_row, t_row, idx, msk, inv_t)
                     g = tl.exp(a - lse_a) * (((a - b) - mean_ab) - d_extra)
-                    g = tl.where(a == ninf, 0.0, coef * g)
+                    g = tl.where(empty, 0.0, tl.where(a == ninf, 0.0, coef * g))
                     tl.store(g_row + idx, g.to(grad_ptr.dtype.element_ty), mask=msk)
         else:
             # ---- pass 2: D and G = sum_k Q_k g_k / sum_k Q_k, the sums in float64 (see csrc/common/kl_math.h
@@ -197,7 +199,8 @@ def _kl_div_fwd_kernel(
                 msk = idx < V
                 a = tl.load(s_row + idx, mask=msk, other=ninf).to(tl.float32) * inv_t
                 b = tl.load(t_row + idx, mask=msk, other=ninf).to(tl.float32) * inv_t
-                d_term, g, log_q = _jsd_terms(a, b, lse_a, lse_b, beta, log_beta, log_1m_beta)
+                d_term, g, log_q = _jsd_terms(a, b, lse_a, lse_b, lse_diff, beta, one_m_beta, log_beta,
+                                              log_1m_beta)
                 d_vec += d_term
                 q = tl.where(log_q == ninf, 0.0, tl.exp(log_q))
                 qg_vec += q.to(tl.float64) * tl.where(log_q == ninf, 0.0, g).to(tl.float64)
@@ -214,10 +217,12 @@ def _kl_div_fwd_kernel(
                     idx = start + offs
                     msk = idx < V
                     a, b = _load_scaled(s_row, t_row, idx, msk, inv_t)
-                    d_term, g, log_q = _jsd_terms(a, b, lse_a, lse_b, beta, log_beta, log_1m_beta)
+                    d_term, g, log_q = _jsd_terms(a, b, lse_a, lse_b, lse_diff, beta, one_m_beta, log_beta,
+                                                  log_1m_beta)
                     gr = tl.where(log_q == ninf, 0.0, coef * tl.exp(log_q) * ((g - c_hi) - c_lo))
+                    gr = tl.where(empty, 0.0, gr)
                     tl.store(g_row + idx, gr.to(grad_ptr.dtype.element_ty), mask=msk)
-        loss = w * scale * d
+        loss = tl.where(empty, 0.0, w * scale * d)
     tl.store(loss_ptr + row, loss)
 
 
@@ -291,11 +296,17 @@ def kl_div_fwd(
 
     block = _block_v(v, block_v)
     num_warps = 4 if block <= 1024 else 8
-    # The kernel sees beta as float32: take the logs of that value (a beta that rounds to 0 or 1, e.g.
-    # 1e-50, is then exactly reverse / forward KL, as in the C++ kernels).
-    beta = struct.unpack("f", struct.pack("f", float(beta)))[0]
-    log_beta = math.log(beta) if beta > 0.0 else -math.inf
-    log_1m_beta = math.log1p(-beta) if beta < 1.0 else -math.inf
+    # A beta that is (or rounds to, in float32) 0 / 1 runs as forward / reverse KL exactly (TRL convention), as
+    # in the C++ kernels. 1 - beta and the logs are formed in double (1 - beta of a float32 beta near 1 is off).
+    beta = float(beta)
+    beta_f = struct.unpack("f", struct.pack("f", beta))[0]
+    if mode == MODE_JSD and beta_f == 0.0:
+        mode = MODE_FORWARD
+    elif mode == MODE_JSD and beta_f == 1.0:
+        mode = MODE_REVERSE
+    jsd = mode == MODE_JSD
+    log_beta = math.log(beta) if jsd else 0.0
+    log_1m_beta = math.log1p(-beta) if jsd else 0.0
     log.debug("kl_div triton: N=%d V=%d mode=%d block=%d dtype=%s", n, v, mode, block,
               student.dtype)
 
@@ -303,7 +314,7 @@ def kl_div_fwd(
         _kl_div_fwd_kernel[(n,)](
             student, teacher, weight, loss, grad if need_grad else student,  # unused without WRITE_GRAD
             v, student.stride(0), teacher.stride(0),
-            float(inv_temperature), float(beta), log_beta, log_1m_beta, float(scale),
+            float(inv_temperature), beta, 1.0 - beta, log_beta, log_1m_beta, float(scale),
             MODE=mode, BLOCK_V=block, WRITE_GRAD=bool(need_grad), num_warps=num_warps,
         )
 

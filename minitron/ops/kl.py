@@ -1,24 +1,33 @@
 """Fused KL-divergence losses over large vocabularies.
 
-Definitions (per token, over the vocabulary axis; ``T`` = ``temperature``)::
+Definitions (per token, over the vocabulary axis; ``T`` = ``temperature``; see ``docs/kl.md``)::
 
-    P = softmax(teacher_logits / T)        # teacher distribution
-    Q = softmax(student_logits / T)        # student distribution
+    z_s = transform(student_logits), z_t = transform(teacher_logits)   # see "Logit transforms"
+    P = softmax(z_t / T)        # teacher distribution
+    Q = softmax(z_s / T)        # student distribution
     mode="forward":  KL(P || Q) = sum_k P_k (log P_k - log Q_k)      # the Minitron distillation loss
     mode="reverse":  KL(Q || P) = sum_k Q_k (log Q_k - log P_k)
-    mode="jsd":      M = (1 - beta) * P + beta * Q
+    mode="jsd":      M = beta * P + (1 - beta) * Q
                      JSD_beta = beta * KL(P || M) + (1 - beta) * KL(Q || M)
 
-``beta`` weights the teacher-side term. ``beta=1`` makes ``M = Q`` and the loss exactly the forward
-KL(P || Q); ``beta=0`` makes ``M = P`` and the loss exactly the reverse KL(Q || P); ``beta=0.5`` is the
-usual symmetric Jensen-Shannon divergence.
+``mode="jsd"`` is the generalised JSD of TRL's GKD trainer and Liger-Kernel: ``beta=0`` is exactly the
+forward KL(P || Q), ``beta=1`` exactly the reverse KL(Q || P) (also for a ``beta`` that rounds to 0 or 1 in
+float32, as the kernels see it), ``beta=0.5`` the symmetric Jensen-Shannon divergence. (Earlier versions: the
+mixture was ``(1 - beta) P + beta Q`` with the ends swapped.)
+
+Logit transforms (as TRL's chunked distillation loss): per model, ``z = logit_scale * logits``, then
+``z = softcap * tanh(z / softcap)`` when a soft cap is given; the temperature divides afterwards. The
+student gradient includes the chain rule through both.
 
 With ``scale_by_t2=True`` (default) the loss is multiplied by ``T**2`` so that gradient magnitudes
 do not shrink with the temperature (Hinton et al., 2015); pass ``False`` for the raw divergence.
 
 Terms with zero probability contribute zero (``-inf`` logits are legal in either input); the loss
 is ``+inf`` where the math is (e.g. forward mode where the student assigns ``-inf`` to a token the
-teacher can emit). A NaN anywhere in a counted token gives NaN for that token.
+teacher can emit). A teacher row that is entirely ``-inf`` (no target distribution) contributes 0 with a
+zero gradient, like a masked token (it still counts in the ``"mean"`` denominator); a student row that is
+entirely ``-inf``, or a NaN anywhere in a counted token, gives NaN for that token. Temperatures above
+:data:`MAX_TEMPERATURE` are refused (fp32 cannot resolve the divergence of nearly uniform distributions).
 
 Implementation: every backend computes, in one launch, the per-token loss and its gradient with
 respect to the student logits (online softmax over the vocabulary, second pass over the cache-hot
@@ -37,6 +46,7 @@ from torch import Tensor, nn
 from minitron.ops._dispatch import native_unavailable, op_backends, triton_unavailable
 
 __all__ = [
+    "MAX_TEMPERATURE",
     "MODES",
     "REDUCTIONS",
     "kl_div",
@@ -49,6 +59,8 @@ __all__ = [
 
 MODES = {"forward": 0, "reverse": 1, "jsd": 2}
 REDUCTIONS = ("mean", "sum", "none")
+#: Largest accepted temperature (see docs/kl.md, "Large temperatures").
+MAX_TEMPERATURE = 100.0
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # ----------------------------------------------------------------------------------------------
@@ -56,9 +68,36 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # ----------------------------------------------------------------------------------------------
 
 
+def _transform_reference(x: Tensor, logit_scale: float, softcap: Optional[float]) -> Tensor:
+    """``softcap * tanh(logit_scale * x / softcap)`` (or ``logit_scale * x`` without a cap), differentiable."""
+    if logit_scale != 1.0:
+        x = x * logit_scale
+    if softcap is not None:
+        x = torch.tanh(x / softcap) * softcap
+    return x
+
+
+def _jsd_end(beta: float) -> Optional[str]:
+    """The KL a JSD beta stands for when it is (or rounds to, in float32 as the kernels see it) 0 or 1."""
+    b32 = float(torch.tensor(beta, dtype=torch.float32))
+    if b32 == 0.0:
+        return "forward"
+    if b32 == 1.0:
+        return "reverse"
+    return None
+
+
+def _empty_teacher_rows(student: Tensor, teacher: Tensor) -> Tensor:
+    """Rows whose teacher is entirely -inf (no target distribution: they contribute 0) while the student row
+    is a distribution (finite log-sum-exp; otherwise the row stays NaN)."""
+    return (teacher == float("-inf")).all(-1) & torch.isfinite(torch.logsumexp(student, dim=-1))
+
+
 def _divergence_reference(student: Tensor, teacher: Tensor, mode: str, temperature: float, beta: float) -> Tensor:
-    """Per-row divergence ``[..., V] -> [...]`` in plain torch (computed in >= fp32)."""
+    """Per-row divergence ``[..., V] -> [...]`` of (already transformed) logits, in plain torch (>= fp32)."""
     dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    empty = _empty_teacher_rows(student.detach().to(dtype), teacher.to(dtype))
+    teacher = torch.where(empty.unsqueeze(-1), torch.zeros_like(teacher), teacher)  # no NaN (nor NaN gradients)
     lq = torch.log_softmax(student.to(dtype) / temperature, dim=-1)
     lp = torch.log_softmax(teacher.to(dtype) / temperature, dim=-1)
 
@@ -68,22 +107,26 @@ def _divergence_reference(student: Tensor, teacher: Tensor, mode: str, temperatu
         lb_s = torch.where(pos, lb, torch.zeros_like(lb))
         return torch.where(pos, la_s.exp() * (la_s - lb_s), torch.zeros_like(la)).sum(-1)
 
+    if mode == "jsd":
+        mode = _jsd_end(beta) or mode
     if mode == "forward":
-        return kl(lp, lq)
-    if mode == "reverse":
-        return kl(lq, lp)
-    if beta == 1.0:
-        return kl(lp, lq)
-    if beta == 0.0:
-        return kl(lq, lp)
-    lm = _log_mixture(lp, lq, beta)
-    return beta * kl(lp, lm) + (1.0 - beta) * kl(lq, lm)
+        d = kl(lp, lq)
+    elif mode == "reverse":
+        d = kl(lq, lp)
+    else:
+        lm = _log_mixture(lp, lq, beta)
+        d = beta * kl(lp, lm) + (1.0 - beta) * kl(lq, lm)
+    # an all -inf teacher row: log_softmax gives NaN everywhere; the row has no target and contributes 0. A
+    # student row without a distribution (all -inf, +inf, NaN) is NaN (KL terms weighted by NaN would read 0).
+    no_student = ~torch.isfinite(torch.logsumexp(student.detach().to(dtype), dim=-1))
+    d = torch.where(no_student, torch.full_like(d, float("nan")), d)
+    return torch.where(empty, torch.zeros_like(d), d)
 
 
 def _log_mixture(lp: Tensor, lq: Tensor, beta: float) -> Tensor:
-    """log((1 - beta) P + beta Q) from log-probabilities, -inf (with finite gradients) where both are 0."""
-    a = lp + math.log(1.0 - beta)
-    b = lq + math.log(beta)
+    """log(beta P + (1 - beta) Q) from log-probabilities, -inf (with finite gradients) where both are 0."""
+    a = lp + math.log(beta)
+    b = lq + math.log1p(-beta)
     empty = (a == float("-inf")) & (b == float("-inf"))
     zero = torch.zeros_like(a)
     lm = torch.logaddexp(torch.where(empty, zero, a), torch.where(empty, zero, b))
@@ -92,14 +135,23 @@ def _log_mixture(lp: Tensor, lq: Tensor, beta: float) -> Tensor:
 
 def kl_div_reference(student_logits: Tensor, teacher_logits: Tensor, *, mode: str = "forward",
                      temperature: float = 1.0, beta: float = 0.5, reduction: str = "mean",
-                     mask: Optional[Tensor] = None, scale_by_t2: bool = True) -> Tensor:
+                     mask: Optional[Tensor] = None, scale_by_t2: bool = True,
+                     student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
+                     student_softcap: Optional[float] = None, teacher_softcap: Optional[float] = None,
+                     labels: Optional[Tensor] = None, ignore_index: int = -100) -> Tensor:
     """Plain-torch :func:`kl_div` (same arguments and result); the oracle of the tests.
 
     Differentiable w.r.t. ``student_logits`` through autograd. Materialises ``[..., V]`` temporaries.
     """
     _validate_kl_args(student_logits, teacher_logits, mode, temperature, beta, reduction, mask,
                       allowed_dtypes=_KERNEL_DTYPES + (torch.float64,))
-    per_token = _divergence_reference(student_logits, teacher_logits.detach(), mode, temperature, beta)
+    _validate_transforms(student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap)
+    mask = _mask_from_labels(mask, labels, ignore_index, student_logits.shape[:-1], student_logits.device,
+                             "the logits' shape without the vocabulary axis")
+    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    s = _transform_reference(student_logits.to(dtype), student_logit_scale, student_softcap)
+    t = _transform_reference(teacher_logits.detach().to(dtype), teacher_logit_scale, teacher_softcap)
+    per_token = _divergence_reference(s, t, mode, temperature, beta)
     if scale_by_t2:
         per_token = per_token * (temperature * temperature)
     if mask is not None:
@@ -134,6 +186,10 @@ def _validate_common(mode: str, temperature: float, beta: float, reduction: str)
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
     if not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    if temperature > MAX_TEMPERATURE:
+        raise ValueError(f"temperature must be <= {MAX_TEMPERATURE:g} (MAX_TEMPERATURE), got {temperature:g}: the "
+                         "softmaxes are then so close to uniform that fp32 cannot resolve the divergence (see "
+                         "docs/kl.md)")
     if isinstance(beta, bool) or not isinstance(beta, (int, float)):
         raise TypeError(f"beta must be a float, got {type(beta).__name__}")
     if not (0.0 <= beta <= 1.0):
@@ -151,6 +207,42 @@ def _validate_mask(mask: Optional[Tensor], lead_shape: torch.Size, device: torch
         raise ValueError(f"mask must have shape {tuple(lead_shape)} ({what}), got {tuple(mask.shape)}")
     if mask.device != device:
         raise ValueError(f"mask is on {mask.device} but the logits are on {device}")
+
+
+def _validate_transforms(student_logit_scale: float, teacher_logit_scale: float, student_softcap: Optional[float],
+                         teacher_softcap: Optional[float]) -> None:
+    for name, x in (("student_logit_scale", student_logit_scale), ("teacher_logit_scale", teacher_logit_scale)):
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            raise TypeError(f"{name} must be a float, got {type(x).__name__}")
+        if not math.isfinite(x) or x == 0:
+            raise ValueError(f"{name} must be finite and non-zero, got {x}")
+    for name, x in (("student_softcap", student_softcap), ("teacher_softcap", teacher_softcap)):
+        if x is None:
+            continue
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            raise TypeError(f"{name} must be a float or None, got {type(x).__name__}")
+        if not math.isfinite(x) or x <= 0:
+            raise ValueError(f"{name} must be finite and > 0 (or None for no soft cap), got {x}")
+
+
+def _mask_from_labels(mask: Optional[Tensor], labels: Optional[Tensor], ignore_index: int, lead_shape: torch.Size,
+                      device: torch.device, what: str) -> Optional[Tensor]:
+    """The token mask: ``mask`` as given, or ``labels != ignore_index`` (giving both is an error)."""
+    if labels is None:
+        return mask
+    if mask is not None:
+        raise ValueError("give either mask or labels (tokens with label == ignore_index are masked), not both")
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be an integer torch.Tensor or None, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must have an integer dtype (e.g. torch.long), got {labels.dtype}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if labels.shape != lead_shape:
+        raise ValueError(f"labels must have shape {tuple(lead_shape)} ({what}), got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels is on {labels.device} but the logits are on {device}")
+    return labels != ignore_index
 
 
 def _validate_kl_args(student: Tensor, teacher: Tensor, mode: str, temperature: float, beta: float,
@@ -222,29 +314,34 @@ def _kl_fwd_reference(s: Tensor, t: Tensor, w: Tensor, mode: int, inv_t: float, 
                       need_grad: bool = True):
     """Torch version of the fused kernel: closed-form gradients (no autograd inside a custom op)."""
     dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
-    lq = torch.log_softmax(s.to(dtype) * inv_t, dim=-1)
-    lp = torch.log_softmax(t.to(dtype) * inv_t, dim=-1)
-    q, p = lq.exp(), lp.exp()
+    in_dtype = s.dtype
+    s, t = s.to(dtype), t.to(dtype)
     mode_name = {v: k for k, v in MODES.items()}[mode]
-    d = _divergence_reference(s.to(dtype), t.to(dtype), mode_name, 1.0 / inv_t, beta)
+    if mode_name == "jsd":
+        mode_name = _jsd_end(beta) or mode_name
+    d = _divergence_reference(s, t, mode_name, 1.0 / inv_t, beta)
+    empty = _empty_teacher_rows(s, t)
+    t = torch.where(empty.unsqueeze(-1), torch.zeros_like(t), t)
+    lq = torch.log_softmax(s * inv_t, dim=-1)
+    lp = torch.log_softmax(t * inv_t, dim=-1)
+    q, p = lq.exp(), lp.exp()
     zero = torch.zeros((), dtype=dtype, device=s.device)
-    if mode == 0 or (mode == 2 and beta == 1.0):
+    if mode_name == "forward":
         g = q - p
-    elif mode == 1 or (mode == 2 and beta == 0.0):
+    elif mode_name == "reverse":
         g = torch.where(q > 0, q * (lq - lp - d.unsqueeze(-1)), zero)
     else:
         lm = _log_mixture(lp, lq, beta)
-        # dD/dQ_k minus constants; (P+Q)/M as exp(logP - logM) + exp(logQ - logM) stays finite when M underflows
-        ratio = torch.exp(lp - lm) + torch.exp(lq - lm)
-        dq = torch.where(q > 0, -beta * ratio + (1.0 - beta) * (lq - lm), zero)
+        # dD/dQ_k = (1 - beta) log(Q_k / M_k) + const (M = beta P + (1 - beta) Q)
+        dq = torch.where(q > 0, (1.0 - beta) * (lq - lm), zero)
         g = q * (dq - (q * dq).sum(-1, keepdim=True))
     coef = (w.to(dtype) * scale).unsqueeze(-1)
-    counted = (w != 0).unsqueeze(-1)
+    counted = ((w != 0) & ~empty).unsqueeze(-1)
     grad = torch.where(counted, g * coef * inv_t, zero)
     loss = torch.where(counted.squeeze(-1), d * coef.squeeze(-1), zero)
     if not need_grad:
-        return loss.to(torch.float32), s.new_empty((0, s.shape[-1]))
-    return loss.to(torch.float32), grad.to(s.dtype).contiguous()
+        return loss.to(torch.float32), s.new_empty((0, s.shape[-1]), dtype=in_dtype)
+    return loss.to(torch.float32), grad.to(in_dtype).contiguous()
 
 
 def _as_rows(x: Tensor) -> Tensor:
@@ -352,18 +449,30 @@ kl_div_fwd.register_autograd(_kl_backward, setup_context=_kl_setup_context)
 # ----------------------------------------------------------------------------------------------
 
 
+def _kernel_transform(x: Tensor, logit_scale: float, softcap: Optional[float]) -> Tensor:
+    """The logit transform for the kernels, in fp32 (differentiable through autograd)."""
+    return _transform_reference(x.to(torch.float32), logit_scale, softcap)
+
+
+def _has_transform(logit_scale: float, softcap: Optional[float]) -> bool:
+    return logit_scale != 1.0 or softcap is not None
+
+
 def kl_div(student_logits: Tensor, teacher_logits: Tensor, *, mode: str = "forward", temperature: float = 1.0,
            beta: float = 0.5, reduction: str = "mean", mask: Optional[Tensor] = None, scale_by_t2: bool = True,
-           backend: str = "auto") -> Tensor:
+           backend: str = "auto", student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
+           student_softcap: Optional[float] = None, teacher_softcap: Optional[float] = None,
+           labels: Optional[Tensor] = None, ignore_index: int = -100) -> Tensor:
     """Fused KL/JSD distillation loss between student and teacher logits.
 
     Args:
         student_logits: ``[..., V]`` fp32/bf16/fp16 (any leading shape; non-contiguous allowed).
             The only differentiable input.
         teacher_logits: ``[..., V]``, same shape/dtype/device; treated as a constant.
-        mode: ``"forward"`` KL(P_teacher || Q_student), ``"reverse"`` KL(Q || P) or ``"jsd"`` (see the
-            module docstring for the formula and the role of ``beta``).
-        temperature: divides both logits; finite and > 0.
+        mode: ``"forward"`` KL(P_teacher || Q_student), ``"reverse"`` KL(Q || P) or ``"jsd"``, the generalised
+            JSD with ``M = beta P + (1 - beta) Q`` (TRL/Liger convention: ``beta=0`` forward KL, ``beta=1``
+            reverse KL; see the module docstring).
+        temperature: divides both (transformed) logits; finite, > 0 and <= :data:`MAX_TEMPERATURE`.
         beta: JSD weight in [0, 1] (only used by ``mode="jsd"``).
         reduction: ``"mean"`` over counted tokens, ``"sum"``, or ``"none"`` (per-token ``[...]``, zero where
             masked). With every token masked the loss is 0 with zero gradient.
@@ -371,14 +480,28 @@ def kl_div(student_logits: Tensor, teacher_logits: Tensor, *, mode: str = "forwa
         scale_by_t2: multiply the loss by ``temperature**2``.
         backend: ``"auto"`` (CPU -> C++, CUDA -> CUDA C++ or Triton), or ``"cpp"``, ``"cuda"``,
             ``"triton"``, ``"reference"``.
+        student_logit_scale, teacher_logit_scale: multiply that model's logits first (finite, non-zero).
+        student_softcap, teacher_softcap: then ``softcap * tanh(z / softcap)`` (finite, > 0; None: no cap).
+            With any transform the transformed logits are formed in fp32 (``[..., V]`` temporaries); without,
+            nothing extra runs.
+        labels: integer ``[...]``; tokens whose label equals ``ignore_index`` do not count (an alternative to
+            ``mask``; giving both is an error).
+        ignore_index: the label value of tokens that do not count (default -100).
 
     Returns:
         fp32 scalar (``mean``/``sum``) or fp32 ``[...]`` (``none``). The gradient has the input dtype.
     """
     _validate_kl_args(student_logits, teacher_logits, mode, temperature, beta, reduction, mask)
+    _validate_transforms(student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap)
     lead = student_logits.shape[:-1]
-    s2 = _as_rows(student_logits)
-    t2 = _as_rows(teacher_logits.detach())
+    mask = _mask_from_labels(mask, labels, ignore_index, lead, student_logits.device,
+                             "the logits' shape without the vocabulary axis")
+    student, teacher = student_logits, teacher_logits.detach()
+    if _has_transform(student_logit_scale, student_softcap) or _has_transform(teacher_logit_scale, teacher_softcap):
+        student = _kernel_transform(student, student_logit_scale, student_softcap)
+        teacher = _kernel_transform(teacher, teacher_logit_scale, teacher_softcap)
+    s2 = _as_rows(student)
+    t2 = _as_rows(teacher)
     weight = _token_weights(mask, lead, student_logits.device, reduction)
     scale = float(temperature) ** 2 if scale_by_t2 else 1.0
     # Loss only when no gradient can flow (evaluation, torch.no_grad): no gradient pass, no [N, V] output.
@@ -391,18 +514,27 @@ def kl_div(student_logits: Tensor, teacher_logits: Tensor, *, mode: str = "forwa
 
 
 class KLDivLoss(nn.Module):
-    """``nn.Module`` form of :func:`kl_div`; ``forward(student_logits, teacher_logits, mask=None)``."""
+    """``nn.Module`` form of :func:`kl_div`; ``forward(student_logits, teacher_logits, mask=None, labels=None)``."""
 
     def __init__(self, *, mode: str = "forward", temperature: float = 1.0, beta: float = 0.5,
-                 reduction: str = "mean", scale_by_t2: bool = True, backend: str = "auto") -> None:
+                 reduction: str = "mean", scale_by_t2: bool = True, backend: str = "auto",
+                 student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
+                 student_softcap: Optional[float] = None, teacher_softcap: Optional[float] = None,
+                 ignore_index: int = -100) -> None:
         super().__init__()
         _validate_common(mode, temperature, beta, reduction)
+        _validate_transforms(student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap)
         self.mode, self.temperature, self.beta = mode, float(temperature), float(beta)
         self.reduction, self.scale_by_t2, self.backend = reduction, scale_by_t2, backend
+        self.transforms = dict(student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+                               student_softcap=student_softcap, teacher_softcap=teacher_softcap)
+        self.ignore_index = ignore_index
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, mask: Optional[Tensor] = None,
+                labels: Optional[Tensor] = None) -> Tensor:
         return kl_div(student_logits, teacher_logits, mode=self.mode, temperature=self.temperature, beta=self.beta,
-                      reduction=self.reduction, mask=mask, scale_by_t2=self.scale_by_t2, backend=self.backend)
+                      reduction=self.reduction, mask=mask, scale_by_t2=self.scale_by_t2, backend=self.backend,
+                      labels=labels, ignore_index=self.ignore_index, **self.transforms)
 
     def extra_repr(self) -> str:
         return (f"mode={self.mode!r}, temperature={self.temperature}, beta={self.beta}, "
@@ -457,9 +589,23 @@ def _accumulate_fp32_(acc: Tensor, a: Tensor, b: Tensor) -> None:
     acc.add_((a @ b).to(acc.dtype))
 
 
+def _transform_with_derivative(x: Tensor, logit_scale: float, softcap: Optional[float]
+                               ) -> tuple[Tensor, Optional[Tensor]]:
+    """fp32 transformed logits and d transformed / d raw logit (a tensor, or None when it is 1)."""
+    z = x.to(torch.float32)
+    if softcap is None:
+        if logit_scale == 1.0:
+            return z, None
+        return z * logit_scale, torch.full((), logit_scale, dtype=torch.float32, device=x.device)
+    y = torch.tanh(z * (logit_scale / softcap))
+    dz = (1.0 - y * y).mul_(logit_scale)  # d(c tanh(s x / c))/dx = s (1 - tanh^2)
+    return y.mul_(softcap), dz
+
+
 def _fused_linear_impl(sh: Tensor, sw: Tensor, th: Tensor, tw: Tensor, sb: Optional[Tensor], tb: Optional[Tensor],
                        weight: Tensor, mode: int, temperature: float, beta: float, scale: float, chunk_size: int,
-                       backend: str, need_grads: bool = True):
+                       backend: str, need_grads: bool = True, s_scale: float = 1.0, t_scale: float = 1.0,
+                       s_cap: Optional[float] = None, t_cap: Optional[float] = None):
     n, hs = sh.shape
     v = sw.shape[0]
     device = sh.device
@@ -469,6 +615,8 @@ def _fused_linear_impl(sh: Tensor, sw: Tensor, th: Tensor, tw: Tensor, sb: Optio
     grad_w = torch.zeros(sw.shape, dtype=acc_dtype, device=device) if need_grads else None
     grad_b = torch.zeros(v, dtype=acc_dtype, device=device) if (need_grads and sb is not None) else None
     counted = torch.nonzero(weight != 0).flatten() if n else weight.new_zeros(0, dtype=torch.long)
+    s_tf, t_tf = _has_transform(s_scale, s_cap), _has_transform(t_scale, t_cap)
+    any_tf = s_tf or t_tf
     chunk = max(1, int(chunk_size))
     for start in range(0, counted.numel(), chunk):
         rows = counted[start:start + chunk]
@@ -485,9 +633,19 @@ def _fused_linear_impl(sh: Tensor, sw: Tensor, th: Tensor, tw: Tensor, sb: Optio
             t_logits = h_t @ tw.t()
             if tb is not None:
                 t_logits += tb
-        loss_c, g = torch.ops.minitron.kl_div_fwd(s_logits.detach(), t_logits, w_c.contiguous(), mode, temperature,
+        s_logits = s_logits.detach()
+        dz = None  # d transformed / d raw student logit (None: 1)
+        if any_tf:  # transformed logits in fp32; the chain rule factor of the student's transform kept in dz
+            s_logits, dz = _transform_with_derivative(s_logits, s_scale, s_cap)
+            t_logits, _ = _transform_with_derivative(t_logits, t_scale, t_cap)
+        loss_c, g = torch.ops.minitron.kl_div_fwd(s_logits, t_logits, w_c.contiguous(), mode, temperature,
                                                   beta, scale, backend, need_grads)
         del s_logits, t_logits
+        if need_grads and any_tf:
+            if dz is not None:
+                g.mul_(dz)
+            g = g.to(sh.dtype)
+        del dz
         if contiguous_rows:
             loss[lo:hi] = loss_c
         else:
@@ -509,14 +667,17 @@ def _fused_linear_impl(sh: Tensor, sw: Tensor, th: Tensor, tw: Tensor, sb: Optio
 def fused_linear_kl_div_fwd(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
                             teacher_weight: Tensor, student_bias: Optional[Tensor], teacher_bias: Optional[Tensor],
                             weight: Tensor, mode: int, temperature: float, beta: float, scale: float,
-                            chunk_size: int, backend: str, need_grad: bool = True
-                            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                            chunk_size: int, backend: str, need_grad: bool = True, student_logit_scale: float = 1.0,
+                            teacher_logit_scale: float = 1.0, student_softcap: Optional[float] = None,
+                            teacher_softcap: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-token weighted loss and the gradients w.r.t. student hidden ``[N, Hs]``, weight ``[V, Hs]`` and bias
     ``[V]`` (an empty tensor when there is no bias), computed chunk by chunk over tokens. ``need_grad=False``:
-    loss only (the three gradients are empty ``[0, ...]`` tensors; no gradient pass, no [V, H] accumulator)."""
+    loss only (the three gradients are empty ``[0, ...]`` tensors; no gradient pass, no [V, H] accumulator).
+    The logit transforms (see :func:`fused_linear_kl_div`) are applied per chunk; the gradients include them."""
     loss, gh, gw, gb = _fused_linear_impl(student_hidden, student_weight, teacher_hidden, teacher_weight,
                                           student_bias, teacher_bias, weight, mode, temperature, beta, scale,
-                                          chunk_size, backend, need_grads=need_grad)
+                                          chunk_size, backend, need_grads=need_grad, s_scale=student_logit_scale,
+                                          t_scale=teacher_logit_scale, s_cap=student_softcap, t_cap=teacher_softcap)
     if not need_grad:
         return (loss, student_hidden.new_empty((0, student_hidden.shape[1])),
                 student_weight.new_empty((0, student_weight.shape[1])), student_hidden.new_zeros(0))
@@ -527,7 +688,8 @@ def fused_linear_kl_div_fwd(student_hidden: Tensor, student_weight: Tensor, teac
 
 @fused_linear_kl_div_fwd.register_fake
 def _(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias, weight, mode,
-      temperature, beta, scale, chunk_size, backend, need_grad=True):
+      temperature, beta, scale, chunk_size, backend, need_grad=True, student_logit_scale=1.0, teacher_logit_scale=1.0,
+      student_softcap=None, teacher_softcap=None):
     n = student_hidden.shape[0]
     loss = student_hidden.new_empty((n,), dtype=torch.float32)
     if not need_grad:
@@ -549,7 +711,7 @@ def _fl_setup_context(ctx, inputs, output):
 def _fl_backward(ctx, grad_loss: Tensor, *_unused):
     gh, gw, gb = ctx.saved_tensors
     if grad_loss is None:
-        return (None,) * 14
+        return (None,) * 18
     if not ctx.need_grad:
         raise RuntimeError("minitron::fused_linear_kl_div_fwd was called with need_grad=False: it computed no "
                            "gradient (fused_linear_kl_div passes need_grad=True whenever a student input "
@@ -560,7 +722,7 @@ def _fl_backward(ctx, grad_loss: Tensor, *_unused):
     if grad_loss is not None and grad_loss.numel() > 0 and not _is_one(grad_loss):
         c = grad_loss.reshape(-1)[0]
         gh, gw, gb = gh * c.to(gh.dtype), gw * c.to(gw.dtype), gb * c.to(gb.dtype)
-    return gh, gw, None, None, (gb if ctx.has_bias else None), None, None, None, None, None, None, None, None, None
+    return (gh, gw, None, None, (gb if ctx.has_bias else None)) + (None,) * 13
 
 
 fused_linear_kl_div_fwd.register_autograd(_fl_backward, setup_context=_fl_setup_context)
@@ -613,7 +775,10 @@ def fused_linear_kl_div(student_hidden: Tensor, student_weight: Tensor, teacher_
                         teacher_weight: Tensor, *, student_bias: Optional[Tensor] = None,
                         teacher_bias: Optional[Tensor] = None, mode: str = "forward", temperature: float = 1.0,
                         beta: float = 0.5, reduction: str = "mean", mask: Optional[Tensor] = None,
-                        chunk_size: Optional[int] = None, scale_by_t2: bool = True, backend: str = "auto") -> Tensor:
+                        chunk_size: Optional[int] = None, scale_by_t2: bool = True, backend: str = "auto",
+                        student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
+                        student_softcap: Optional[float] = None, teacher_softcap: Optional[float] = None,
+                        labels: Optional[Tensor] = None, ignore_index: int = -100) -> Tensor:
     """:func:`kl_div` of ``hidden @ weight.T (+ bias)`` logits without materialising them.
 
     Args:
@@ -623,6 +788,10 @@ def fused_linear_kl_div(student_hidden: Tensor, student_weight: Tensor, teacher_
         chunk_size: tokens per chunk (default: the larger of about ``N / ceil(V / Hs)`` and what fits a
             budget of chunk temporaries, 384 MiB on CPU and 1.5 GiB on CUDA, at most N), so only
             ``chunk_size x V`` logits of each model exist at once. Masked tokens are skipped entirely.
+        student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap: the logit transforms of
+            :func:`kl_div` (as TRL's ``_chunked_divergence_loss``: scale, then soft cap, then temperature),
+            applied per chunk (fp32 chunk temporaries only when used).
+        labels, ignore_index: as :func:`kl_div` (``labels`` ``[...]`` like ``student_hidden`` without ``Hs``).
         Other arguments as :func:`kl_div`.
 
     Returns:
@@ -633,7 +802,10 @@ def fused_linear_kl_div(student_hidden: Tensor, student_weight: Tensor, teacher_
     """
     _validate_fused_args(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
                          mode, temperature, beta, reduction, mask, chunk_size)
+    _validate_transforms(student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap)
     lead = student_hidden.shape[:-1]
+    mask = _mask_from_labels(mask, labels, ignore_index, lead, student_hidden.device,
+                             "student_hidden's shape without the hidden axis")
     sh = student_hidden.reshape(-1, student_hidden.shape[-1])
     th = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
     weight = _token_weights(mask, lead, sh.device, reduction)
@@ -646,7 +818,9 @@ def fused_linear_kl_div(student_hidden: Tensor, student_weight: Tensor, teacher_
         x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias)))
     loss_tok, _, _, _ = torch.ops.minitron.fused_linear_kl_div_fwd(
         sh, student_weight, th, teacher_weight.detach(), student_bias, tb, weight, MODES[mode], float(temperature),
-        float(beta), scale, int(chunk_size), backend, need_grad)
+        float(beta), scale, int(chunk_size), backend, need_grad, float(student_logit_scale),
+        float(teacher_logit_scale), None if student_softcap is None else float(student_softcap),
+        None if teacher_softcap is None else float(teacher_softcap))
     if reduction == "none":
         out = loss_tok.reshape(lead)
         if out.requires_grad and not torch.compiler.is_compiling():
@@ -666,34 +840,46 @@ def fused_linear_kl_div_reference(student_hidden: Tensor, student_weight: Tensor
                                   teacher_weight: Tensor, *, student_bias: Optional[Tensor] = None,
                                   teacher_bias: Optional[Tensor] = None, mode: str = "forward",
                                   temperature: float = 1.0, beta: float = 0.5, reduction: str = "mean",
-                                  mask: Optional[Tensor] = None, scale_by_t2: bool = True) -> Tensor:
+                                  mask: Optional[Tensor] = None, scale_by_t2: bool = True,
+                                  student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
+                                  student_softcap: Optional[float] = None, teacher_softcap: Optional[float] = None,
+                                  labels: Optional[Tensor] = None, ignore_index: int = -100) -> Tensor:
     """Unfused plain-torch version of :func:`fused_linear_kl_div` (materialises both logits)."""
     s_logits = torch.nn.functional.linear(student_hidden, student_weight, student_bias)
     with torch.no_grad():
         t_logits = torch.nn.functional.linear(teacher_hidden, teacher_weight, teacher_bias)
     return kl_div_reference(s_logits, t_logits, mode=mode, temperature=temperature, beta=beta, reduction=reduction,
-                            mask=mask, scale_by_t2=scale_by_t2)
+                            mask=mask, scale_by_t2=scale_by_t2, student_logit_scale=student_logit_scale,
+                            teacher_logit_scale=teacher_logit_scale, student_softcap=student_softcap,
+                            teacher_softcap=teacher_softcap, labels=labels, ignore_index=ignore_index)
 
 
 class FusedLinearKLDivLoss(nn.Module):
     """``nn.Module`` form of :func:`fused_linear_kl_div`.
 
     ``forward(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=None,
-    teacher_bias=None, mask=None)``.
+    teacher_bias=None, mask=None, labels=None)``.
     """
 
     def __init__(self, *, mode: str = "forward", temperature: float = 1.0, beta: float = 0.5,
                  reduction: str = "mean", chunk_size: Optional[int] = None, scale_by_t2: bool = True,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
+                 student_softcap: Optional[float] = None, teacher_softcap: Optional[float] = None,
+                 ignore_index: int = -100) -> None:
         super().__init__()
         _validate_common(mode, temperature, beta, reduction)
+        _validate_transforms(student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap)
         self.mode, self.temperature, self.beta, self.reduction = mode, float(temperature), float(beta), reduction
         self.chunk_size, self.scale_by_t2, self.backend = chunk_size, scale_by_t2, backend
+        self.transforms = dict(student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+                               student_softcap=student_softcap, teacher_softcap=teacher_softcap)
+        self.ignore_index = ignore_index
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor,
                 student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None,
-                mask: Optional[Tensor] = None) -> Tensor:
+                mask: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> Tensor:
         return fused_linear_kl_div(student_hidden, student_weight, teacher_hidden, teacher_weight,
                                    student_bias=student_bias, teacher_bias=teacher_bias, mode=self.mode,
                                    temperature=self.temperature, beta=self.beta, reduction=self.reduction, mask=mask,
-                                   chunk_size=self.chunk_size, scale_by_t2=self.scale_by_t2, backend=self.backend)
+                                   chunk_size=self.chunk_size, scale_by_t2=self.scale_by_t2, backend=self.backend,
+                                   labels=labels, ignore_index=self.ignore_index, **self.transforms)

@@ -50,12 +50,12 @@ def reference(student, teacher, weight, mode, inv_t, beta, scale):
     s = student.detach().double().clone().requires_grad_(True)
     log_q = torch.log_softmax(s * inv_t, dim=-1)
     log_p = torch.log_softmax(teacher.double() * inv_t, dim=-1)
-    if mode == 0:
+    if mode == 0 or (mode == 2 and beta == 0.0):  # JSD ends: TRL convention, beta=0 forward, beta=1 reverse
         d = _kl_terms(log_p, log_q).sum(-1)
-    elif mode == 1:
+    elif mode == 1 or (mode == 2 and beta == 1.0):
         d = _kl_terms(log_q, log_p).sum(-1)
     else:
-        m = (1 - beta) * log_p.exp() + beta * log_q.exp()
+        m = beta * log_p.exp() + (1 - beta) * log_q.exp()
         pos = m > 0
         log_m = torch.where(pos, torch.log(torch.where(pos, m, torch.ones_like(m))),
                             torch.full_like(m, -INF))
@@ -195,7 +195,7 @@ def test_neg_inf_shared_mask(mode, beta):
 
 @pytest.mark.parametrize("mode,beta,which", [
     (0, 0.5, "teacher"), (1, 0.5, "student"), (2, 0.5, "teacher"), (2, 0.5, "student"),
-    (2, 1.0, "teacher"), (2, 0.0, "student"),
+    (2, 0.0, "teacher"), (2, 1.0, "student"),  # JSD ends: beta=0 forward, beta=1 reverse KL (TRL convention)
 ])
 def test_neg_inf_one_side_finite(mode, beta, which):
     """-inf only where the outer distribution has no mass: finite loss, matches the reference."""
@@ -212,7 +212,7 @@ def test_neg_inf_one_side_finite(mode, beta, which):
 
 
 @pytest.mark.parametrize("mode,beta,which", [
-    (0, 0.5, "student"), (1, 0.5, "teacher"), (2, 1.0, "student"), (2, 0.0, "teacher"),
+    (0, 0.5, "student"), (1, 0.5, "teacher"), (2, 0.0, "student"), (2, 1.0, "teacher"),
 ])
 def test_neg_inf_gives_pos_inf_loss(mode, beta, which):
     student, teacher, weight = make(3, 200, seed=11)
@@ -233,8 +233,10 @@ def test_nan_and_all_neg_inf_rows(mode, beta):
     student[0, 77] = float("nan")
     teacher[2, :] = -INF
     student[3, :] = -INF
-    loss, _ = kl_div_fwd(student, teacher, weight, mode, 1.0, beta, 1.0, block_v=64)
-    assert torch.isnan(loss[[0, 2, 3]]).all()
+    loss, grad = kl_div_fwd(student, teacher, weight, mode, 1.0, beta, 1.0, block_v=64)
+    assert torch.isnan(loss[[0, 3]]).all()
+    # an all -inf teacher row (no target distribution) counts like a masked token: 0, zero gradient
+    assert loss[2].item() == 0.0 and (grad[2] == 0).all()
     good_loss, _ = check(student[1:2], teacher[1:2], weight[1:2], mode, 1.0, beta, 1.0, block_v=64)
     torch.testing.assert_close(loss[1:2], good_loss)  # other rows of the launch are unaffected
 

@@ -222,9 +222,10 @@ def test_jsd_beta_limits(backend):
     s, t = torch.randn(4, 31, generator=g), torch.randn(4, 31, generator=g)
     fwd = kl_div(s, t, mode="forward", reduction="none", backend=backend)
     rev = kl_div(s, t, mode="reverse", reduction="none", backend=backend)
-    torch.testing.assert_close(kl_div(s, t, mode="jsd", beta=1.0, reduction="none", backend=backend), fwd,
+    # TRL / Liger convention: beta = 0 is the forward KL(P || Q), beta = 1 the reverse KL(Q || P)
+    torch.testing.assert_close(kl_div(s, t, mode="jsd", beta=0.0, reduction="none", backend=backend), fwd,
                                rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(kl_div(s, t, mode="jsd", beta=0.0, reduction="none", backend=backend), rev,
+    torch.testing.assert_close(kl_div(s, t, mode="jsd", beta=1.0, reduction="none", backend=backend), rev,
                                rtol=1e-5, atol=1e-6)
     mid = kl_div(s, t, mode="jsd", beta=0.5, reduction="none", backend=backend)
     assert torch.all(mid >= 0) and torch.all(mid <= math.log(2) + 1e-6)
@@ -554,7 +555,7 @@ def test_fused_linear_loss_only_under_no_grad():
                           test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.mark.parametrize("beta,same_as", [(1e-50, "reverse"), (1e-300, "reverse"), (1.0 - 1e-12, "forward")])
+@pytest.mark.parametrize("beta,same_as", [(1e-50, "forward"), (1e-300, "forward"), (1.0 - 1e-12, "reverse")])
 def test_jsd_beta_rounding_to_an_end_is_that_kl(backend, beta, same_as):
     """The kernels use a float32 beta: one that rounds to 0 or 1 must give that KL, not NaN (hypothesis found
     beta=1.9e-91 giving NaN)."""
@@ -576,7 +577,7 @@ def test_jsd_gradient_accurate_for_peaked_distributions():
     backends = [b for b in ("cpp", "triton") if b in _available()]
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(2, 106, generator=g) * 6, torch.randn(2, 106, generator=g) * 6
-    for beta in (1e-30, 1e-3, 0.1, 0.5):
+    for beta in (1e-30, 1e-3, 0.1, 0.5, 0.9, 1.0 - 1e-3, 1.0 - 1e-7):
         ref_s = s.double().requires_grad_(True)
         kl_div_reference(ref_s, t.double(), mode="jsd", beta=beta, temperature=0.5).backward()
         scale = ref_s.grad.abs().max().item()

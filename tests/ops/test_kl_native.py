@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(not _ext.has_native_op(OP), reason=f"extension w
 
 ISAS = ["avx512", "avx2", "scalar"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# (mode, beta): JSD at the interior betas, and at 0 / 1 where it equals reverse / forward KL.
+# (mode, beta): JSD at the interior betas, and at 0 / 1 where it equals forward / reverse KL (TRL convention).
 MODES = [(0, 0.5), (1, 0.5), (2, 0.5), (2, 0.3), (2, 0.0), (2, 1.0)]
 NEG_INF = float("-inf")
 
@@ -63,14 +63,14 @@ def divergence(a: torch.Tensor, b: torch.Tensor, mode: int, beta: float) -> torc
     """D per row for student logits a and teacher logits b (already divided by the temperature)."""
     la = torch.log_softmax(a, -1)  # log Q
     lb = torch.log_softmax(b, -1)  # log P
-    if mode == 0 or (mode == 2 and beta == 1.0):
+    if mode == 0 or (mode == 2 and beta == 0.0):
         return _kl(lb, la)
-    if mode == 1 or (mode == 2 and beta == 0.0):
+    if mode == 1 or (mode == 2 and beta == 1.0):
         return _kl(la, lb)
     both = (la == NEG_INF) & (lb == NEG_INF)
     zero = torch.zeros_like(la)
-    lm = torch.logaddexp(torch.where(both, zero, lb) + math.log(1.0 - beta),
-                         torch.where(both, zero, la) + math.log(beta))
+    lm = torch.logaddexp(torch.where(both, zero, lb) + math.log(beta),  # M = beta P + (1 - beta) Q
+                         torch.where(both, zero, la) + math.log1p(-beta))
     lm = torch.where(both, torch.full_like(lm, NEG_INF), lm)
     return beta * _kl(lb, lm) + (1.0 - beta) * _kl(la, lm)
 
@@ -268,8 +268,8 @@ def test_neg_inf_entries(isa, dtype, mode, beta):
     t[5, -3:] = NEG_INF
     w = torch.ones(n)
     loss, grad = check(s, t, w, mode, inv_t=1.0, beta=beta, scale=1.0)
-    fwd = mode == 0 or (mode == 2 and beta == 1.0)
-    rev = mode == 1 or (mode == 2 and beta == 0.0)
+    fwd = mode == 0 or (mode == 2 and beta == 0.0)
+    rev = mode == 1 or (mode == 2 and beta == 1.0)
     assert (loss[0].item() == math.inf) == fwd
     assert (loss[1].item() == math.inf) == rev
     assert torch.isfinite(loss[2:]).all()
@@ -281,7 +281,8 @@ def test_neg_inf_entries(isa, dtype, mode, beta):
 
 @pytest.mark.parametrize("mode,beta", MODES)
 def test_degenerate_rows(isa, mode, beta):
-    """All -inf student/teacher rows and NaN rows give NaN loss (no crash); weight-0 rows give exact zeros."""
+    """All -inf student rows and NaN rows give NaN loss (no crash); an all -inf teacher row (no target) and
+    weight-0 rows give exact zeros."""
     n, v = 7, 300
     s, t = logits(n, v, seed=31), logits(n, v, seed=32)
     s[0] = NEG_INF                  # whole student -inf
@@ -292,7 +293,8 @@ def test_degenerate_rows(isa, mode, beta):
     t[4, 3] = float("inf")
     w = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0])
     loss, grad = _op(s, t, w, mode, 1.0, beta, 1.0)
-    assert torch.isnan(loss[:4]).all(), loss
+    assert torch.isnan(loss[[0, 2, 3]]).all(), loss
+    assert loss[1].item() == 0.0 and (grad[1] == 0).all(), loss
     assert loss[4].item() == 0.0 and loss[6].item() == 0.0
     assert (grad[4] == 0).all() and (grad[6] == 0).all()
     check(s[4:], t[4:], w[4:], mode, beta=beta)
