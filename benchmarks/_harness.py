@@ -61,7 +61,9 @@ Measurement
   threads x the one-thread rate) and fp32
   matmul throughput; records carry achieved fractions of these.
 
-Records (one JSON object per line in ``benchmarks/results/<device>.jsonl``): see :func:`make_record`.
+Records (one JSON object per line in ``<results dir>/<device>.jsonl``): see :func:`make_record`. Ordinary runs
+write to the untracked ``.bench-out/results/``; only ``--save`` (refused on a dirty tree) appends to the committed
+``benchmarks/results/``, whose records the README's tables are generated from (:mod:`benchmarks.report`).
 Regression check: :func:`compare` (CPU: ratio of our time to the reference provider's time in the same run;
 CUDA: absolute median time per GPU name; both: peak memory).
 """
@@ -89,7 +91,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
-RESULTS_DIR = BENCH_DIR / "results"
+RESULTS_DIR = BENCH_DIR / "results"  # committed records: written only by an explicit ``--save``
+SCRATCH_DIR = REPO_ROOT / ".bench-out" / "results"  # untracked (.gitignore): where ordinary runs write
 MODES = ("forward", "backward", "full")
 RECORD_VERSION = 1
 
@@ -131,6 +134,7 @@ class Bench:
     prepare: Optional[Callable[[], Any]] = None
     reset: Optional[Callable[[], Any]] = None
     keep: Any = None  # anything that must stay alive while timing (inputs)
+    bytes_moved: Optional[float] = None  # overrides Case.bytes_moved when only setup knows it (e.g. masked rows)
 
 
 @dataclass
@@ -658,14 +662,15 @@ def make_record(case: Case, result: dict, env: dict, run_id: str, limits: Option
     for key in ("median_ms", "p20_ms", "p80_ms", "min_ms", "repeats", "samples_ms", "peak_bytes", "peak_method",
                 "input_bytes", "worker_s"):
         rec[key] = result.get(key)
-    rec["bytes_moved"] = case.bytes_moved
+    moved = result.get("bytes_moved", case.bytes_moved)
+    rec["bytes_moved"] = moved
     rec["exps"] = case.exps
     rec["flops"] = case.flops
     med = rec["median_ms"]
     if rec["status"] == "ok" and med and limits:
         sec = med / 1e3
-        if case.bytes_moved and limits.get("copy_gbps"):
-            rec["bw_frac"] = round(case.bytes_moved / sec / 1e9 / limits["copy_gbps"], 4)
+        if moved and limits.get("copy_gbps"):
+            rec["bw_frac"] = round(moved / sec / 1e9 / limits["copy_gbps"], 4)
         if case.exps and limits.get("exp_gps"):
             rec["exp_frac"] = round(case.exps / sec / 1e9 / limits["exp_gps"], 4)
         if case.flops and limits.get("matmul_gflops"):
@@ -791,7 +796,7 @@ CROSS_MACHINE_TOLERANCE = 2.0
 
 def compare(current: list[dict], baseline: list[dict], tolerance: float = 0.25,
             memory_tolerance: Optional[float] = None,
-            cross_machine_tolerance: float = CROSS_MACHINE_TOLERANCE) -> CompareReport:
+            cross_machine_tolerance: float = CROSS_MACHINE_TOLERANCE, gate_time: bool = True) -> CompareReport:
     """Compare our providers' records in ``current`` against ``baseline``.
 
     Time: on CPU (or when the GPU names differ) the ratio of our time to the reference provider's time in the
@@ -807,6 +812,10 @@ def compare(current: list[dict], baseline: list[dict], tolerance: float = 0.25,
     holds none, all of its records are used and a time ratio fails only past ``cross_machine_tolerance``
     (default +200%: catches a lost kernel or a fallback to a slow path, not a 25% slowdown). The report says
     which applied.
+
+    A case of ours in ``current`` that the baseline lacks fails against a baseline of the same machine class
+    (and is listed as skipped against another class). ``gate_time=False``: time findings are reported (their
+    verdict in the detail) but never fail; memory, status and missing cases still do.
     """
     mem_tol = tolerance if memory_tolerance is None else memory_tolerance
     add_ratios(current)
@@ -861,6 +870,20 @@ def compare(current: list[dict], baseline: list[dict], tolerance: float = 0.25,
         if bp is not None and cp is not None:
             limit = bp * (1.0 + mem_tol) + MEMORY_SLACK_BYTES
             rep.findings.append(Finding(key[0], key[1], "memory", bp, cp, "peak bytes", cp > limit))
+    for key, c in cur.items():
+        if not c.get("ours") or key in base:
+            continue
+        if cross:
+            rep.skipped.append(f"{key[0]} [{key[1]}]: no baseline entry (baseline of another machine class)")
+        else:
+            rep.findings.append(Finding(key[0], key[1], "missing", None, None, "baseline entry", True,
+                                        "no baseline entry for this case in a baseline of the same machine "
+                                        "class: record one (see docs/performance.md)"))
+    if not gate_time:
+        for f in rep.findings:
+            if f.kind == "time" and f.regressed:
+                f.regressed = False
+                f.detail = (f.detail + " (time is informational: over the tolerance, not gated)").strip()
     return rep
 
 
@@ -1132,6 +1155,8 @@ def run_case_inprocess(case: Case, device: str, warmup: int, repeats: int, max_t
                       repeats=case.repeats if case.repeats is not None else repeats,
                       max_time_s=case.max_time_s if case.max_time_s is not None else max_time_s)
         res["input_bytes"] = int(input_bytes)
+        if bench.bytes_moved is not None:
+            res["bytes_moved"] = float(bench.bytes_moved)
         res["status"] = "ok"
     except _unavailable_types() as exc:
         res = {"status": "unavailable", "error": f"{type(exc).__name__}: {exc}"}
@@ -1207,8 +1232,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="Run minitron's benchmarks (every benchmarks/bench_*.py): providers side by side, median time "
-                    "[p20, p80] and peak memory, results appended to benchmarks/results/<device>.jsonl, a markdown "
-                    "table and plots; --compare fails on regressions.")
+                    "[p20, p80] and peak memory, results appended to .bench-out/results/<device>.jsonl (untracked; "
+                    "--save: the committed benchmarks/results/<device>.jsonl), a markdown table and plots; "
+                    "--compare fails on regressions.")
     ap.add_argument("--only", default=None,
                     help="comma-separated benchmark names (file name without bench_), e.g. kl,fused_linear_kl")
     ap.add_argument("--quick", action="store_true", help="small shapes and few repeats (CI; a few minutes on CPU)")
@@ -1226,8 +1252,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--timeout", type=float, default=1800.0, help="kill a case's worker after this many seconds")
     ap.add_argument("--inprocess", action="store_true",
                     help="run cases in this process (faster; peak memory less trustworthy)")
-    ap.add_argument("--results-dir", default=str(RESULTS_DIR), help="where results, tables and plots go")
-    ap.add_argument("--no-save", action="store_true", help="do not append to the results file or write reports")
+    ap.add_argument("--results-dir", default=None,
+                    help="where results, tables and plots go (default: the untracked .bench-out/results; "
+                         "with --save: benchmarks/results)")
+    ap.add_argument("--save", action="store_true",
+                    help="append the records to the committed benchmarks/results/<device>.jsonl (and rewrite its "
+                         "-latest.md and plots); refused on a tree with uncommitted changes")
+    ap.add_argument("--allow-dirty", action="store_true",
+                    help="with --save: allow a tree with uncommitted changes (the records say -dirty)")
+    ap.add_argument("--no-save", action="store_true", help="do not write records, tables or plots anywhere")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
     ap.add_argument("--print-device-slug", action="store_true",
@@ -1240,6 +1273,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cross-machine-tolerance", type=float, default=CROSS_MACHINE_TOLERANCE,
                     help="allowed relative growth of a CPU time ratio when the baseline has no records of this "
                          "machine class (default 2.0 = +200%%)")
+    ap.add_argument("--time-informational", action="store_true",
+                    help="with --compare: report time findings but do not fail on them (memory, status and "
+                         "missing cases still fail); the CPU gate on time is benchmarks.instructions")
     ap.add_argument("--memory-tolerance", type=float, default=None,
                     help="allowed relative peak-memory growth (default: --tolerance)")
     ap.add_argument("--save-baseline", default=None, metavar="PATH",
@@ -1262,6 +1298,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.compare and not os.path.exists(args.compare):
         print(f"--compare: baseline file {args.compare} does not exist", file=sys.stderr)
         return 2
+    if args.save and args.no_save:
+        print("--save and --no-save contradict each other", file=sys.stderr)
+        return 2
+    if args.save and not args.allow_dirty and not args.list:
+        commit = git_commit()
+        if commit is None or commit.endswith("-dirty"):
+            print("--save: the tree has uncommitted changes (or is not a git checkout), so the records could not "
+                  "name the code they measured; commit first (or pass --allow-dirty)", file=sys.stderr)
+            return 2
 
     modules = discover(only)
     plan: list[tuple[str, Case]] = []
@@ -1320,7 +1365,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"# {len(records)} cases in {time.perf_counter() - t_start:.0f} s", flush=True)
 
     if not args.no_save:
-        results_dir = Path(args.results_dir)
+        results_dir = Path(args.results_dir) if args.results_dir else (RESULTS_DIR if args.save else SCRATCH_DIR)
         slug = env["device_slug"]
         append_jsonl(results_dir / f"{slug}.jsonl", [machine_rec] + records)
         (results_dir / f"{slug}-latest.md").write_text(table)
@@ -1337,7 +1382,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"# baseline written to {path}")
     if args.compare:
         rep = compare(records, load_jsonl(args.compare), args.tolerance, args.memory_tolerance,
-                      args.cross_machine_tolerance)
+                      args.cross_machine_tolerance, gate_time=not args.time_informational)
         by_id = {c.id: (m, c) for m, c in plan}
 
         def run(mod_name: str, case: Case) -> dict:
