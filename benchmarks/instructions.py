@@ -52,7 +52,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from benchmarks._harness import REPO_ROOT, Case, environment
+from benchmarks.cases import Case
+from benchmarks.machine import environment
+from benchmarks.paths import REPO_ROOT
 
 log = logging.getLogger("benchmarks.instructions")
 

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from benchmarks._harness import REPO_ROOT, RESULTS_DIR, load_jsonl
+from benchmarks.paths import REPO_ROOT, RESULTS_DIR
+from benchmarks.records import load_jsonl
 
 DOCS = (REPO_ROOT / "README.md", REPO_ROOT / "docs" / "performance.md")
 CPU_CODE = ("csrc/cpu", "csrc/common", "csrc/module.cpp", "csrc/kl_div_checks.h", "csrc/importance_checks.h",

@@ -251,7 +251,9 @@ def test_runs_write_to_an_ignored_directory_and_save_refuses_a_dirty_tree(monkey
         pytest.skip("not a git checkout")
     assert out.returncode == 0, f"{probe} is not ignored by git: check runs would dirty the tree"
     assert h.RESULTS_DIR != h.SCRATCH_DIR
-    monkeypatch.setattr(h, "git_commit", lambda: "0" * 40 + "-dirty")
+    from benchmarks import runner
+
+    monkeypatch.setattr(runner, "git_commit", lambda: "0" * 40 + "-dirty")
     assert h.main(["--only", "kl", "--quick", "--save", "--device", "cpu"]) == 2
     assert "uncommitted changes" in capsys.readouterr().err
 
