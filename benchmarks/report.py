@@ -50,7 +50,7 @@ class Row:
 @dataclass
 class TableSpec:
     name: str
-    results: str  # file name in benchmarks/results
+    results: str  # file name in benchmarks/results, or "cpu": the CPU records of every file there
     providers: list[str]  # columns, ours first (the run of a row is chosen by the first provider)
     rows: list[Row]
     code_paths: Sequence[str] = CPU_CODE
@@ -64,7 +64,7 @@ _SL = "{op}|forward|R={r},C=4096|{dtype}|block={b},dim={d},keep={k}"
 _FL = "fused_linear_kl_div|full|N={n},Hs={h},Ht={h},V={v}|{dtype}|T=1.0,{params}"
 
 CPU_KL_IMP = TableSpec(
-    "cpu-kl-importance", "amd-epyc.jsonl", ["minitron-cpp", "torch-eager", "torch-compile"],
+    "cpu-kl-importance", "cpu", ["minitron-cpp", "torch-eager", "torch-compile"],
     [Row("`kl_div` fwd+bwd N=1024 V=128256 fp32, forward KL", _KL.format(mode="full", dtype="float32",
                                                                           params="kl_mode=forward")),
      Row("same, bf16", _KL.format(mode="full", dtype="bfloat16", params="kl_mode=forward")),
@@ -82,7 +82,7 @@ CPU_KL_IMP = TableSpec(
     headers=["ours (CPU C++)", "torch eager", "torch.compile"])
 
 CPU_SLICING = TableSpec(
-    "cpu-slicing", "amd-epyc.jsonl", ["minitron-cpp", "torch-index_select"],
+    "cpu-slicing", "cpu", ["minitron-cpp", "torch-index_select"],
     [Row("`gather_slices` [14336, 4096] fp32, keep 1/2 rows", _SL.format(op="gather_slices", r=14336, dtype="float32",
                                                                           b=1, d=0, k=0.5)),
      Row("same, keep 3/4 columns", _SL.format(op="gather_slices", r=14336, dtype="float32", b=1, d=1, k=0.75)),
@@ -97,7 +97,7 @@ CPU_SLICING = TableSpec(
     headers=["ours (CPU C++)", "torch `index_select`"])
 
 CPU_FUSED = TableSpec(
-    "cpu-fused-linear", "amd-epyc.jsonl", ["minitron-cpp", "matmul+minitron-cpp", "torch-eager", "torch-compile",
+    "cpu-fused-linear", "cpu", ["minitron-cpp", "matmul+minitron-cpp", "torch-eager", "torch-compile",
                                            "trl"],
     [Row("`fused_linear_kl_div` fwd+bwd N=1024 H=1024 V=32000 fp32",
          _FL.format(n=1024, h=1024, v=32000, dtype="float32", params="kl_mode=forward")),
@@ -196,8 +196,9 @@ def _runs(records: list[dict]) -> tuple[dict, dict]:
 def _pick_run(spec: TableSpec, row: Row, results: dict) -> tuple[Optional[str], bool]:
     """(run id, traceable) for a row: the latest run with our provider ok at a clean commit, else the latest."""
     ours = spec.providers[0]
-    runs = [rid for (rid, case, prov), r in results.items() if case == row.case and prov == ours
-            and r.get("status") == "ok"]
+    runs = sorted((r.get("timestamp") or "", rid) for (rid, case, prov), r in results.items()
+                  if case == row.case and prov == ours and r.get("status") == "ok")
+    runs = [rid for _, rid in runs]
     clean = [rid for rid in runs if is_clean_commit(results[(rid, row.case, ours)].get("git_commit"))]
     if clean:
         return clean[-1], True
@@ -271,6 +272,12 @@ def render_table(spec: TableSpec, records: list[dict],
 
 
 def load_results(name: str, results_dir: Path = RESULTS_DIR) -> list[dict]:
+    """The records of ``results_dir/name``; ``name == "cpu"``: the CPU records of every ``*.jsonl`` there."""
+    if name == "cpu":
+        out: list[dict] = []
+        for path in sorted(results_dir.glob("*.jsonl")):
+            out += [r for r in load_jsonl(path) if r.get("device_type") == "cpu"]
+        return out
     path = results_dir / name
     return load_jsonl(path) if path.exists() else []
 
