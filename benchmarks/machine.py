@@ -45,7 +45,15 @@ def device_name(device: str) -> str:
     return cpu_model()
 
 
+GIT_COMMIT_ENV = "MINITRON_GIT_COMMIT"
+
+
 def git_commit() -> Optional[str]:
+    """HEAD's hash, with ``-dirty`` when tracked files have uncommitted changes; None outside a git checkout.
+
+    Where the tree is a copy without ``.git`` (a lent GPU machine), ``$MINITRON_GIT_COMMIT`` names the commit the
+    copy was made from (whoever copies it vouches that it is that commit's clean tree); without it, None.
+    """
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
         if out.returncode == 0:
@@ -55,6 +63,11 @@ def git_commit() -> Optional[str]:
             return commit + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         pass
+    given = os.environ.get(GIT_COMMIT_ENV, "").strip()
+    if given:
+        if not re.fullmatch(r"[0-9a-f]{40}(-dirty)?", given):
+            raise ValueError(f"${GIT_COMMIT_ENV} must be a full 40-hex commit hash (optionally -dirty), got {given!r}")
+        return given
     return None
 
 

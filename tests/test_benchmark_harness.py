@@ -489,3 +489,16 @@ def test_case_tolerance_overrides_run_tolerance():
     assert rep.ok and "case tolerance 100%" in h.format_compare(rep)
     cur[0]["median_ms"] = 250.0
     assert not h.compare(cur, base, 0.25).ok
+
+
+def test_git_commit_outside_a_checkout_comes_from_the_environment(monkeypatch, tmp_path):
+    from benchmarks import machine
+
+    monkeypatch.setattr(machine, "REPO_ROOT", tmp_path)  # not a git checkout
+    monkeypatch.delenv(machine.GIT_COMMIT_ENV, raising=False)
+    assert machine.git_commit() is None
+    monkeypatch.setenv(machine.GIT_COMMIT_ENV, "a" * 40)
+    assert machine.git_commit() == "a" * 40
+    monkeypatch.setenv(machine.GIT_COMMIT_ENV, "HEAD")
+    with pytest.raises(ValueError, match="40-hex"):
+        machine.git_commit()
