@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 # The lower bounds of requirements.txt that `make test-min-deps` tests (CI: .ci/run). torch is shared with the
 # main venv, so its bound is the version CI installs.
-MIN_DEPS ?= transformers==5.0.0 datasets==3.0.0
+MIN_DEPS ?= transformers==5.25.0 datasets==3.0.0
 VENV_MIN ?= .venv-min
 JOBS ?= 2
 
