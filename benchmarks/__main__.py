@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks._harness import main
+from benchmarks.runner import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,13 +10,17 @@ the teacher side is frozen, no bias)::
     torch-eager                 the same two matmuls + benchmarks.bench_kl.eager_kl_div (log_softmax x2 +
                                 F.kl_div(log_target=True)), autograd backward   <- the memory target (fused <= 1/8)
     torch-compile               torch.compile of the torch-eager function (not at the heavy CPU shape)
-    liger                       LigerFusedLinearJSD (CUDA, jsd mode, when liger_kernel is installed)
+    trl                         TRL 1.16's tiled fused-linear generalised JSD (DistillationTrainer's
+                                _chunked_divergence_loss; Triton on CUDA, its torch tile path on CPU), JSD
+                                beta=0.5 cases only (TRL's beta convention agrees with ours there; T=1)
+    liger                       LigerFusedLinearJSD (CUDA, JSD beta=0.5 cases, when liger_kernel is installed)
 
 So the fused op and ``matmul+minitron`` do the same four [N x V x H] matmuls (two forward, two backward) and
 the same KL math; the fused op's extra cost is whatever recomputation/chunking it does, its gain is never
 holding the [N, V] logits (and their gradient).
 
-Shapes: CPU ``--quick``: N=256, H=256, V=32000. CPU default: N=1024, H=1024, V=32000 and the heavy headline
+Shapes: CPU ``--quick``: N=256, H=256, V=32000. CPU default: N=1024, H=1024, V=32000 (forward KL, and JSD
+beta=0.5 with TRL) and the heavy headline
 N=4096, H_s=H_t=2048, V=128256 fp32 (8.6 TFLOP per fwd+bwd: one untimed-warmup-free call per provider,
 ~1-3 minutes each on 2 cores; the unfused torch version needs ~15 GiB and is skipped with a message when the
 machine has less available; ``--skip-heavy`` leaves the case out). CUDA: N=4096, H=4096, V=128256 in fp32 and
@@ -92,7 +96,30 @@ def loss_fn(provider: str, kl_mode: str, temperature: float, beta: float):
             raise Unavailable("LigerFusedLinearJSD is compared in jsd mode at beta=0.5 only")
         jsd = LigerFusedLinearJSD(jsd_beta=beta, temperature=temperature)
         return lambda h_s, w_s, h_t, w_t: jsd(h_s, w_s, h_t, w_t)
+    if provider == "trl":
+        return trl_loss_fn(kl_mode, temperature, beta)
     raise Unavailable(f"unknown provider {provider!r}")
+
+
+def trl_loss_fn(kl_mode: str, temperature: float, beta: float):
+    """TRL 1.16's tiled fused-linear generalised JSD (``DistillationTrainer``'s loss; Triton on GPUs, its torch
+    tile path on CPU) as ``f(h_s, w_s, h_t, w_t) -> mean loss``. Compared at JSD beta=0.5 only, where TRL's
+    mixture ``M = beta P + (1 - beta) Q`` and ours agree, and at T=1 (TRL has no ``T**2`` factor)."""
+    import torch
+
+    try:
+        from trl.trainer.distillation_trainer import _chunked_divergence_loss
+    except ImportError as exc:
+        raise Unavailable(f"trl (>= 1.16, with DistillationTrainer) is not installed ({exc})") from exc
+    if kl_mode != "jsd" or beta != 0.5 or temperature != 1.0:
+        raise Unavailable("TRL's chunked divergence is compared in jsd mode at beta=0.5, T=1 only")
+
+    def f(h_s, w_s, h_t, w_t):
+        mask = torch.ones(1, h_s.shape[0], dtype=torch.long, device=h_s.device)
+        loss, _entropy, _n = _chunked_divergence_loss(h_s.unsqueeze(0), h_t.unsqueeze(0), w_s, w_t, mask, beta)
+        return loss
+
+    return f
 
 
 def estimated_bytes(provider: str, n: int, v: int, elt: int) -> float:
@@ -120,13 +147,16 @@ def _setup(case: Case, device: str) -> Bench:
     return bench
 
 
-def providers(device: str, heavy: bool = False) -> list[str]:
+def providers(device: str, heavy: bool = False, jsd: bool = False) -> list[str]:
+    """Providers of a case; ``jsd``: a JSD beta=0.5 case, which TRL (and Liger on CUDA) join."""
     ours = our_backends(device)
     out = [f"minitron-{b}" for b in ours] + [f"matmul+minitron-{b}" for b in ours] + ["torch-eager"]
     if not heavy or device.startswith("cuda"):
         out.append("torch-compile")
-    if device.startswith("cuda"):
-        out.append("liger")
+    if jsd:
+        out.append("trl")
+        if device.startswith("cuda"):
+            out.append("liger")
     return out
 
 
@@ -155,7 +185,7 @@ def cases(cfg: BenchConfig) -> list[Case]:
             **kw: Any) -> None:
         for kl_mode in kl_modes:
             for mode in modes:
-                for prov in providers(dev, heavy):
+                for prov in providers(dev, heavy, jsd=kl_mode == "jsd"):
                     out.append(_case(prov, mode, n, hs, ht, v, dtype, kl_mode, **kw))
 
     if dev.startswith("cuda"):
@@ -175,6 +205,7 @@ def cases(cfg: BenchConfig) -> list[Case]:
         add(256, 256, 256, 32000, "float32", ("full",))
         return out
     add(1024, 1024, 1024, 32000, "float32", ("full",))
+    add(1024, 1024, 1024, 32000, "float32", ("full",), ("jsd",))
     if cfg.heavy:
         h = HEADLINE
         add(h["N"], h["Hs"], h["Ht"], h["V"], "float32", ("full",), heavy=True, warmup=0, repeats=1, timeout_s=3600,

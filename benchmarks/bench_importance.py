@@ -18,7 +18,8 @@ Shapes
 ------
 Headline (CPU default): x fp32 ``[8, 2048, 4096]``, sequence ``mean`` / batch ``l2``, channels
 (``group_size=1``) and heads (``group_size=128``: 32 heads); also bf16 channels and a ragged padding mask.
-``--quick``: ``[4, 512, 4096]``. ``bytes_moved`` is the compulsory traffic: reading ``x`` (and the mask) once,
+``--quick``: ``[4, 512, 4096]``. ``bytes_moved`` is the compulsory traffic: reading ``x`` (and the mask) once
+(with a mask, only the rows it keeps: the setup counts them, so no fraction exceeds 100% for bytes never read),
 so ``bw_frac`` is the achieved fraction of the copy bandwidth measured in the same run (the harness counts
 copy bandwidth as read + write bytes; ``bytes_moved / time`` here is read bandwidth).
 """
@@ -78,6 +79,14 @@ def _inputs(shape: dict, dtype: str, with_mask: bool, device: str, seed: int = 0
     return x, mask
 
 
+def _moved(x, mask, tensors: int) -> float:
+    """Compulsory bytes of one update: the activation rows the mask keeps (a kernel never reads the others) of
+    ``tensors`` tensors like ``x``, plus the mask itself."""
+    b, s, c = x.shape
+    rows = b * s if mask is None else int(mask.sum())
+    return float(tensors * rows * c * x.element_size() + (0 if mask is None else mask.numel() * mask.element_size()))
+
+
 def _setup_importance(case: Case, device: str) -> Bench:
     import torch
 
@@ -93,14 +102,14 @@ def _setup_importance(case: Case, device: str) -> Bench:
         acc = ImportanceAccumulator(units, group_size=g, seq_agg="mean", batch_agg="l2", device=device,
                                     backend=case.provider[len("minitron-"):])
         acc.update(x[:1, :1], None if mask is None else mask[:1, :1])  # backend check before timing
-        return Bench(fn=lambda: acc.update(x, mask), keep=[x])
+        return Bench(fn=lambda: acc.update(x, mask), keep=[x], bytes_moved=_moved(x, mask, 1))
     state = torch.zeros(units, dtype=torch.float32, device=device)
     fn = functools.partial(eager_importance_update, group_size=g)
     if case.provider == "torch-compile":
         fn = torch.compile(fn, dynamic=False)
     elif case.provider != "torch-eager":
         raise Unavailable(f"unknown provider {case.provider!r}")
-    return Bench(fn=lambda: fn(state, x, mask), keep=[x])
+    return Bench(fn=lambda: fn(state, x, mask), keep=[x], bytes_moved=_moved(x, mask, 1))
 
 
 def _setup_block_influence(case: Case, device: str) -> Bench:
@@ -116,14 +125,15 @@ def _setup_block_influence(case: Case, device: str) -> Bench:
 
         bi = BlockInfluence(2, device=device, backend=case.provider[len("minitron-"):])
         bi.update(0, h_in[:1, :1], h_out[:1, :1])
-        return Bench(fn=lambda: bi.update(1, h_in, h_out, mask), keep=[h_in, h_out])
+        return Bench(fn=lambda: bi.update(1, h_in, h_out, mask), keep=[h_in, h_out],
+                     bytes_moved=_moved(h_in, mask, 2))
     state = torch.zeros(2, dtype=torch.float64, device=device)
     fn = eager_block_influence
     if case.provider == "torch-compile":
         fn = torch.compile(fn, dynamic=False)
     elif case.provider != "torch-eager":
         raise Unavailable(f"unknown provider {case.provider!r}")
-    return Bench(fn=lambda: fn(state, 1, h_in, h_out, mask), keep=[h_in, h_out])
+    return Bench(fn=lambda: fn(state, 1, h_in, h_out, mask), keep=[h_in, h_out], bytes_moved=_moved(h_in, mask, 2))
 
 
 def providers(device: str) -> list[str]:

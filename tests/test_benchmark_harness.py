@@ -218,7 +218,63 @@ def test_compare_ignores_non_ours_and_reports_skips():
 def test_compare_with_nothing_in_common_fails():
     rep = h.compare(_pair(1.0, 2.0, case="a"), _pair(1.0, 2.0, run="b", case="b"), 0.25)
     assert not rep.ok
-    assert "nothing could be compared" in h.format_compare(rep)
+    assert "no baseline entry" in h.format_compare(rep)
+
+
+def test_compare_fails_cases_missing_from_a_same_class_baseline():
+    base = _classed(100.0, 1000.0, "A", run="b")
+    cur = _classed(100.0, 1000.0, "A") + _classed(100.0, 1000.0, "A", case="new")
+    rep = h.compare(cur, base, 0.25)
+    assert not rep.ok and [(f.case, f.kind) for f in rep.regressions] == [("new", "missing")]
+    # another class: reported as skipped, not failed
+    cur = _classed(100.0, 1000.0, "B") + _classed(100.0, 1000.0, "B", case="new")
+    rep = h.compare(cur, base, 0.25)
+    assert rep.ok and any("new" in s and "no baseline entry" in s for s in rep.skipped)
+
+
+def test_compare_time_informational_still_gates_memory():
+    base = _pair(100.0, 1000.0, run="b")
+    rep = h.compare(_pair(300.0, 1000.0), base, 0.25, gate_time=False)
+    assert rep.ok and "informational" in h.format_compare(rep)
+    cur = _pair(300.0, 1000.0)
+    cur[0]["peak_bytes"] *= 3
+    rep = h.compare(cur, base, 0.25, gate_time=False)
+    assert not rep.ok and [f.kind for f in rep.regressions] == ["memory"]
+
+
+def test_runs_write_to_an_ignored_directory_and_save_refuses_a_dirty_tree(monkeypatch, capsys):
+    import subprocess
+
+    probe = h.SCRATCH_DIR / "amd-epyc.jsonl"
+    out = subprocess.run(["git", "check-ignore", "-q", str(probe)], cwd=h.REPO_ROOT)
+    if out.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert out.returncode == 0, f"{probe} is not ignored by git: check runs would dirty the tree"
+    assert h.RESULTS_DIR != h.SCRATCH_DIR
+    from benchmarks import runner
+
+    monkeypatch.setattr(runner, "git_commit", lambda: "0" * 40 + "-dirty")
+    assert h.main(["--only", "kl", "--quick", "--save", "--device", "cpu"]) == 2
+    assert "uncommitted changes" in capsys.readouterr().err
+
+
+def test_make_record_prefers_the_setups_bytes_moved():
+    env = {"device": "X", "device_type": "cpu"}
+    res = {"status": "ok", "median_ms": 1000.0, "bytes_moved": 1e9}
+    rec = h.make_record(_case(bytes_moved=4e9), res, env, "r", {"copy_gbps": 2.0})
+    assert rec["bytes_moved"] == 1e9 and rec["bw_frac"] == pytest.approx(0.5)
+
+
+def test_masked_importance_counts_only_the_rows_it_reads():
+    from benchmarks import bench_importance as bi
+
+    case = bi._case("minitron-cpp", 2, 64, 128, "float32", 1, True)
+    bench = case.setup(case=case, device="cpu")
+    x = bench.keep[0]
+    assert bench.bytes_moved < case.bytes_moved  # the ragged mask drops rows
+    res = h.run_case_inprocess(case, "cpu", warmup=0, repeats=1, max_time_s=1.0)
+    assert res["status"] == "ok" and res["bytes_moved"] == bench.bytes_moved
+    assert bench.bytes_moved >= x.shape[-1] * 4 * 16  # at least a quarter of each sequence counts
 
 
 def test_compare_uses_median_over_baseline_runs():
@@ -433,3 +489,16 @@ def test_case_tolerance_overrides_run_tolerance():
     assert rep.ok and "case tolerance 100%" in h.format_compare(rep)
     cur[0]["median_ms"] = 250.0
     assert not h.compare(cur, base, 0.25).ok
+
+
+def test_git_commit_outside_a_checkout_comes_from_the_environment(monkeypatch, tmp_path):
+    from benchmarks import machine
+
+    monkeypatch.setattr(machine, "REPO_ROOT", tmp_path)  # not a git checkout
+    monkeypatch.delenv(machine.GIT_COMMIT_ENV, raising=False)
+    assert machine.git_commit() is None
+    monkeypatch.setenv(machine.GIT_COMMIT_ENV, "a" * 40)
+    assert machine.git_commit() == "a" * 40
+    monkeypatch.setenv(machine.GIT_COMMIT_ENV, "HEAD")
+    with pytest.raises(ValueError, match="40-hex"):
+        machine.git_commit()
