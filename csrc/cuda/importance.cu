@@ -22,6 +22,14 @@ __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 
+__device__ __forceinline__ unsigned is_nonfinite(float v) { return imp::nonfinite_bits(__float_as_uint(v)) ? 1u : 0u; }
+
+// Adds a thread's count of non-finite values to the 64-bit counter (only threads that saw one: no atomics
+// in the common, all-finite case).
+__device__ __forceinline__ void add_nonfinite(int64_t* counter, unsigned n) {
+  if (n != 0) atomicAdd(reinterpret_cast<unsigned long long*>(counter), static_cast<unsigned long long>(n));
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
@@ -70,6 +78,7 @@ struct SeqArgs {
   const int64_t* stats;
   float* partial;
   int64_t nch, chunk;
+  int64_t* nonfinite;  // &count[1]
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -86,6 +95,7 @@ __global__ void __launch_bounds__(kImpThreads) seq_g1_kernel(SeqArgs p) {
   const bool u_ok = u < p.U;
   const T* xb = static_cast<const T*>(p.x) + b * p.sxb;
   float K = 0.0f, a1 = 0.0f, a2 = 0.0f;
+  unsigned nf = 0;
   if (AGG == imp::kVar && u_ok) K = fabsf(to_float(xb[p.stats[p.B + b] * p.sxs + u]));
   const int64_t s_begin = c * p.chunk;
   const int64_t s_end = s_begin + p.chunk < p.S ? s_begin + p.chunk : p.S;
@@ -93,9 +103,11 @@ __global__ void __launch_bounds__(kImpThreads) seq_g1_kernel(SeqArgs p) {
     for (int64_t s = s_begin + warp; s < s_end; s += kWarps) {
       if (p.mask != nullptr && !p.mask[b * p.smb + s * p.sms]) continue;
       const float m = fabsf(to_float(xb[s * p.sxs + u]));
+      nf += is_nonfinite(m);
       imp::seq_accumulate<AGG>(m, K, a1, a2);
     }
   }
+  add_nonfinite(p.nonfinite, nf);
   __shared__ float sh1[kWarps][32];
   __shared__ float sh2[kWarps][32];
   sh1[warp][lane] = a1;
@@ -109,11 +121,16 @@ __global__ void __launch_bounds__(kImpThreads) seq_g1_kernel(SeqArgs p) {
   }
 }
 
-// Magnitude of unit row `g` (G channels) computed by one warp; every lane gets the result.
+// Magnitude of unit row `g` (G channels) computed by one warp; every lane gets the result. Each lane adds
+// its non-finite channel values to *nf.
 template <typename T>
-__device__ __forceinline__ float warp_group_magnitude(const T* __restrict__ g, int64_t G, int lane) {
+__device__ __forceinline__ float warp_group_magnitude(const T* __restrict__ g, int64_t G, int lane, unsigned* nf) {
   float ss = 0.0f;
-  for (int64_t k = lane; k < G; k += 32) ss = imp::sumsq_step(ss, to_float(g[k]));
+  for (int64_t k = lane; k < G; k += 32) {
+    const float v = to_float(g[k]);
+    *nf += is_nonfinite(v);
+    ss = imp::sumsq_step(ss, v);
+  }
   return imp::magnitude_from_sumsq(warp_sum(ss));
 }
 
@@ -130,14 +147,16 @@ __global__ void __launch_bounds__(kImpThreads) seq_grouped_kernel(SeqArgs p) {
   if (p.stats[b] == 0) return;  // uniform over the block
   const T* xu = static_cast<const T*>(p.x) + b * p.sxb + u * p.G;
   float K = 0.0f, a1 = 0.0f, a2 = 0.0f;
-  if (AGG == imp::kVar) K = warp_group_magnitude(xu + p.stats[p.B + b] * p.sxs, p.G, lane);
+  unsigned nf = 0, nf_shift = 0;  // the shift row is counted where its token is streamed, not here
+  if (AGG == imp::kVar) K = warp_group_magnitude(xu + p.stats[p.B + b] * p.sxs, p.G, lane, &nf_shift);
   const int64_t s_begin = c * p.chunk;
   const int64_t s_end = s_begin + p.chunk < p.S ? s_begin + p.chunk : p.S;
   for (int64_t s = s_begin + warp; s < s_end; s += kWarps) {
     if (p.mask != nullptr && !p.mask[b * p.smb + s * p.sms]) continue;  // uniform over the warp
-    const float m = warp_group_magnitude(xu + s * p.sxs, p.G, lane);
+    const float m = warp_group_magnitude(xu + s * p.sxs, p.G, lane, &nf);
     imp::seq_accumulate<AGG>(m, K, a1, a2);
   }
+  add_nonfinite(p.nonfinite, nf);
   __shared__ float sh1[kWarps];
   __shared__ float sh2[kWarps];
   if (lane == 0) {
@@ -238,6 +257,7 @@ __global__ void __launch_bounds__(kImpThreads) block_influence_kernel(BlockInflu
   const T* Bp = static_cast<const T*>(p.b);
   float acc = 0.0f;
   long long n = 0;
+  unsigned nf = 0;
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * kWarps + warp; t < T_;
        t += static_cast<int64_t>(gridDim.x) * kWarps) {
     const int64_t bi = t / p.S, si = t % p.S;
@@ -247,6 +267,7 @@ __global__ void __launch_bounds__(kImpThreads) block_influence_kernel(BlockInflu
     float dot = 0.0f, na = 0.0f, nb = 0.0f;
     for (int64_t k = lane; k < p.H; k += 32) {
       const float va = to_float(ra[k]), vb = to_float(rb[k]);
+      nf += is_nonfinite(va) + is_nonfinite(vb);
       dot += va * vb;
       na += va * va;
       nb += vb * vb;
@@ -257,6 +278,7 @@ __global__ void __launch_bounds__(kImpThreads) block_influence_kernel(BlockInflu
     acc += imp::one_minus_cos(dot, na, nb);
     ++n;
   }
+  add_nonfinite(p.count + p.num_layers + p.layer, nf);
   __shared__ float sh_acc[kWarps];
   __shared__ long long sh_n[kWarps];
   if (lane == 0) {
@@ -285,7 +307,8 @@ cudaError_t importance_update(const ImportanceLaunch& a, cudaStream_t stream) {
   if (a.B > kMaxGridYZ || a.nch > kMaxGridYZ || a.nch < 1 || a.G < 1) return cudaErrorInvalidValue;
   mask_stats_kernel<<<static_cast<unsigned>(a.B), kImpThreads, 0, stream>>>(a.mask, a.B, a.S, a.smb, a.sms,
                                                                              a.stats);
-  SeqArgs s{a.x, a.B, a.S, a.U, a.G, a.sxb, a.sxs, a.mask, a.smb, a.sms, a.stats, a.partial, a.nch, a.chunk};
+  SeqArgs s{a.x,     a.B,   a.S,       a.U,   a.G,     a.sxb,        a.sxs, a.mask,
+            a.smb,   a.sms, a.stats,   a.partial, a.nch, a.chunk, a.count + 1};
   switch (a.dtype) {
     case kElemBF16:
       launch_seq_agg<__nv_bfloat16>(s, a.seq_agg, stream);

@@ -7,7 +7,9 @@
 //   2. grid (unit blocks, sequence chunks, samples): stream the tokens, per-unit sequence
 //      accumulators of each chunk                                     -> partial [B, nch, 2, U]
 //   3. per unit, samples in order: combine chunks, finalise, fold into state [2, U]
-//   4. count += samples with at least one counted token
+//   4. count[0] += samples with at least one counted token
+// Non-finite values of x at counted positions are counted in stage 2 (threads that see one add to
+// count[1] atomically; none do in the all-finite case).
 // Block influence, one launch: warps per token, per-block partial sums added with atomics (float64
 // sum and uint64 count; the summation order, hence the last bits, may vary between runs).
 #pragma once
@@ -34,7 +36,7 @@ struct ImportanceLaunch {
   const uint8_t* mask = nullptr;  // bool [B, S] (nullptr: every token counts)
   int64_t smb = 0, sms = 0;       // element strides of mask
   float* state = nullptr;         // [2, U], contiguous
-  int64_t* count = nullptr;       // [1]
+  int64_t* count = nullptr;       // [2]: counted samples, non-finite values at counted positions
   int seq_agg = 0, batch_agg = 1;  // importance::Agg codes
   // device workspace: sizes from importance_workspace_floats / importance_workspace_int64s
   float* partial = nullptr;
@@ -75,7 +77,8 @@ struct BlockInfluenceLaunch {
   const uint8_t* mask = nullptr;
   int64_t smb = 0, sms = 0;
   double* state = nullptr;   // [L]
-  int64_t* count = nullptr;  // [L]
+  int64_t* count = nullptr;  // [2, L]: counted tokens; non-finite values of h_in and h_out at counted tokens
+  int64_t num_layers = 0;    // L
   int64_t layer = 0;
   int num_sms = 1;
 };

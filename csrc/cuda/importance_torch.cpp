@@ -112,6 +112,7 @@ void block_influence_update_cuda(const at::Tensor& state, const at::Tensor& coun
   a.sms = mask.has_value() ? mask->stride(1) : 0;
   a.state = state.data_ptr<double>();
   a.count = count.data_ptr<int64_t>();
+  a.num_layers = state.size(0);
   a.layer = layer;
   a.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const cudaError_t err = block_influence_update(a, at::cuda::getCurrentCUDAStream());
