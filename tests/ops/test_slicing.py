@@ -676,3 +676,24 @@ def test_kernel_layout_copy_matches_ops():
         assert K._col_major(t) == S._col_major(t), (shape, strides)
         for cm in (False, True):
             assert K._layout(shape, strides, cm) == S._layout(shape, strides, cm), (shape, strides, cm)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton interpreter unavailable")
+@pytest.mark.parametrize("dim", [0, 1])
+def test_triton_tiles_cross_boundaries(dim):
+    """Lines wider than one column tile (BLOCK_C <= 1024), line counts that are not multiples of BLOCK_L,
+    strided and column-major inputs, and one call mixing element sizes (one launch per size)."""
+    from minitron.kernels import slicing as K
+
+    shape = (37, 1100) if dim == 0 else (9, 2100)
+    t = _rand(shape, torch.float32, seed=11)
+    idx = _units(shape[dim], shape[dim] * 2 // 3, seed=12)
+    strided = _rand((shape[0], 2 * shape[1]), torch.float32, seed=13)[:, ::2]
+    col = _rand(shape[::-1], torch.bfloat16, seed=14).t()
+    small = _rand((5, 7), torch.int8, seed=15)
+    outs = gather_slices([t, strided, col, small], [idx, idx, idx, torch.tensor([4, 0])], [dim, dim, dim, 0],
+                         backend="triton")
+    for o, src, i, d in zip(outs, [t, strided, col, small], [idx, idx, idx, torch.tensor([4, 0])], [dim] * 3 + [0]):
+        _assert_same(o, _expected(src, i, d, 1))
+    block_l, block_c = K._tile(1100)
+    assert block_c == 1024 and block_l * block_c == K._TILE
