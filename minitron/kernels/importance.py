@@ -296,8 +296,9 @@ def block_influence_update(state: torch.Tensor, count: torch.Tensor, h_in: torch
     nonfinite = torch.empty(grid, dtype=torch.int32, device=h_in.device)
     mask_arg = mask if mask is not None else cnt
     smb, sms = (mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)
-    _bi_kernel[(grid,)](h_in, h_out, mask_arg, out, cnt, nonfinite, T, S, H, h_in.stride(0), h_in.stride(1), h_out.stride(0),
-                        h_out.stride(1), smb, sms, HAS_MASK=mask is not None, BLOCK_T=block_t, BLOCK_H=block_h)
+    _bi_kernel[(grid,)](h_in, h_out, mask_arg, out, cnt, nonfinite, T, S, H, h_in.stride(0), h_in.stride(1),
+                        h_out.stride(0), h_out.stride(1), smb, sms, HAS_MASK=mask is not None, BLOCK_T=block_t,
+                        BLOCK_H=block_h)
     state[layer] += out.to(torch.float64).sum()
     count[0, layer] += cnt.sum().to(torch.int64)
     count[1, layer] += nonfinite.sum(dtype=torch.int64)

@@ -47,8 +47,8 @@ constexpr cudaError_t cudaSuccess = 0;
 constexpr cudaError_t cudaErrorInvalidValue = 1;
 inline const char* cudaGetErrorString(cudaError_t) { return "emulated"; }
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
-inline thread_local dim3 threadIdx, blockIdx;
-inline dim3 gridDim, blockDim;
+static thread_local dim3 threadIdx, blockIdx;
+static dim3 gridDim, blockDim;
 #define __global__
 #define __device__
 #define __host__
@@ -59,8 +59,8 @@ template <class T> inline T __ldg(const T* p) { return *p; }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 namespace minitron_emu {
-inline std::barrier<>* bar = nullptr;
-inline std::mutex atomic_lock;
+static std::barrier<>* bar = nullptr;
+static std::mutex atomic_lock;
 inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
   gridDim = grid;
   blockDim = block;
@@ -96,7 +96,12 @@ SHIM_BF16 = r"""
 #pragma once
 #include <cstring>
 struct __nv_bfloat16 { unsigned short x = 0; };
-inline float __bfloat162float(__nv_bfloat16 h) { unsigned u = unsigned(h.x) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+inline float __bfloat162float(__nv_bfloat16 h) {
+  unsigned u = unsigned(h.x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
 """
 
 SHIM_FP16 = r"""
@@ -112,12 +117,13 @@ DRIVER = r"""
 #include <vector>
 using namespace minitron::cuda;
 // x: [B, S, U] with element strides sxb, sxs (channel stride 1); mask: uint8 [B, S] contiguous or null.
-extern "C" int emu_importance(const void* x, int dtype, int64_t B, int64_t S, int64_t U, int64_t sxb, int64_t sxs,
-                              const uint8_t* mask, float* state, int64_t* count, int seq_agg, int batch_agg,
-                              int num_sms, int64_t* nch_out) {
+extern "C" __attribute__((visibility("default"))) int emu_importance(
+    const void* x, int dtype, int64_t B, int64_t S, int64_t U, int64_t sxb, int64_t sxs, const uint8_t* mask,
+    float* state, int64_t* count, int seq_agg, int batch_agg, int num_sms, int64_t* nch_out) {
   ImportanceLaunch a;
   a.x = x; a.dtype = dtype; a.B = B; a.S = S; a.U = U; a.G = 1; a.sxb = sxb; a.sxs = sxs;
-  a.mask = mask; a.smb = S; a.sms = 1; a.state = state; a.count = count; a.seq_agg = seq_agg; a.batch_agg = batch_agg;
+  a.mask = mask; a.smb = S; a.sms = 1; a.state = state; a.count = count;
+  a.seq_agg = seq_agg; a.batch_agg = batch_agg;
   const int es = dtype == kElemF32 ? 4 : 2;
   importance_plan(B, S, U, 1, es, num_sms, &a.nch, &a.chunk);
   std::vector<float> partial(importance_workspace_floats(B, a.nch, U));
@@ -139,8 +145,10 @@ def emu(tmp_path_factory):
     (d / "cuda_fp16.h").write_text(SHIM_FP16)
     (d / "driver.cpp").write_text(DRIVER)
     lib = d / "libimportance_emu.so"
-    cmd = [GXX, "-O1", "-std=c++20", "-shared", "-fPIC", "-pthread", "-DMINITRON_CUDA_EMULATE", "-I", str(d), "-I",
-           str(ROOT / "csrc"), str(d / "driver.cpp"), "-o", str(lib)]
+    # private symbols (-fvisibility=hidden -fno-gnu-unique): the other emulation library loaded in the same
+    # process (tests/gpu/test_slicing_emulated.py) must never bind to this one's shim globals, or vice versa
+    cmd = [GXX, "-O1", "-std=c++20", "-shared", "-fPIC", "-fvisibility=hidden", "-fno-gnu-unique", "-pthread",
+           "-DMINITRON_CUDA_EMULATE", "-I", str(d), "-I", str(ROOT / "csrc"), str(d / "driver.cpp"), "-o", str(lib)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0 and "_Float16" in proc.stderr:
         pytest.skip("this g++ has no _Float16")

@@ -9,6 +9,7 @@ paths, aligned/misaligned, strided, multi-descriptor tables, slab offsets as com
 from __future__ import annotations
 
 import ctypes
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -29,7 +30,7 @@ struct uint4 { unsigned x, y, z, w; };
 typedef int cudaError_t;
 typedef void* cudaStream_t;
 constexpr cudaError_t cudaSuccess = 0;
-inline dim3 threadIdx, blockIdx, gridDim, blockDim;
+static dim3 threadIdx, blockIdx, gridDim, blockDim;
 #define __global__
 #define __device__
 #define __host__
@@ -44,7 +45,7 @@ DRIVER = r"""
 #include <vector>
 using namespace minitron::slicing_cuda;
 // params: n rows of 13 int64: src, dst, idx, out_lines, out_inner, so, si, dso, dsi, block, line0, es, select_inner
-extern "C" int emu_gather(const int64_t* params, int n) {
+extern "C" __attribute__((visibility("default"))) int emu_gather(const int64_t* params, int n) {
   std::vector<GatherDesc> descs;
   int64_t total = 0;
   for (int i = 0; i < n; ++i) {
@@ -72,8 +73,12 @@ def emu(tmp_path_factory):
     (d / "cuda_runtime.h").write_text(SHIM)
     (d / "driver.cpp").write_text(DRIVER)
     lib = d / "libslicing_emu.so"
-    cmd = [GXX, "-O1", "-std=c++17", "-shared", "-fPIC", "-DMINITRON_SLICING_EMULATE", "-I", str(d), "-I",
-           str(ROOT / "csrc"), str(d / "driver.cpp"), "-o", str(lib)]
+    extra = os.environ.get("MINITRON_EMU_CFLAGS", "").split()  # e.g. -fsanitize=address (with LD_PRELOAD)
+    # private symbols: the importance emulation library in the same process must not bind to our shim globals
+    # (inline variables are STB_GNU_UNIQUE: global even under RTLD_LOCAL; that crashed a full test run)
+    cmd = [GXX, "-O1", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-fno-gnu-unique",
+           "-DMINITRON_SLICING_EMULATE", *extra, "-I", str(d), "-I", str(ROOT / "csrc"), str(d / "driver.cpp"), "-o",
+           str(lib)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     fn = ctypes.CDLL(str(lib)).emu_gather
@@ -166,8 +171,9 @@ def test_emulated_kernel_matches_index_select(emu, dtype, dim, block, layout, al
 
 def test_emulated_multi_tensor_table(emu):
     """Several descriptors of different dtypes and work shapes in one launch (a layer's 7 matrices, small)."""
-    specs = [((64, 48), torch.bfloat16, 0, 8, 6), ((16, 48), torch.bfloat16, 0, 8, 1), ((48, 64), torch.bfloat16, 1, 8, 6),
-             ((200, 48), torch.float32, 0, 1, 130), ((48, 200), torch.float16, 1, 1, 130), ((33,), torch.int8, 0, 1, 20)]
+    specs = [((64, 48), torch.bfloat16, 0, 8, 6), ((16, 48), torch.bfloat16, 0, 8, 1),
+             ((48, 64), torch.bfloat16, 1, 8, 6), ((200, 48), torch.float32, 0, 1, 130),
+             ((48, 200), torch.float16, 1, 1, 130), ((33,), torch.int8, 0, 1, 20)]
     rows, outs, exps = [], [], []
     for i, (shape, dtype, dim, block, k) in enumerate(specs):
         t = _rand(shape, dtype, i)
