@@ -24,7 +24,7 @@ inline void check_importance_mask(const std::optional<at::Tensor>& mask, int64_t
   TORCH_CHECK_VALUE(mask->dim() == 2 && mask->size(0) == batch && mask->size(1) == seq, "mask must be [batch, seq]");
 }
 
-// state fp32 [2, units] (contiguous), count int64 [1], x [batch, seq, units * group_size] (float dtypes).
+// state fp32 [2, units] (contiguous), count int64 [2] (samples, non-finite values), x [batch, seq, units * group_size] (float dtypes).
 inline void check_importance_update_args(const at::Tensor& state, const at::Tensor& count, const at::Tensor& x,
                                          const std::optional<at::Tensor>& mask, int64_t group_size, int64_t seq_agg,
                                          int64_t batch_agg) {
@@ -37,21 +37,22 @@ inline void check_importance_update_args(const at::Tensor& state, const at::Tens
   TORCH_CHECK_TYPE(state.scalar_type() == at::kFloat, "state must be float32");
   TORCH_CHECK_VALUE(state.dim() == 2 && state.size(0) == 2 && state.is_contiguous(),
                     "state must be a contiguous [2, units] tensor");
-  TORCH_CHECK_TYPE(count.scalar_type() == at::kLong && count.numel() == 1, "count must be an int64 [1] tensor");
+  TORCH_CHECK_TYPE(count.scalar_type() == at::kLong && count.dim() == 1 && count.numel() == 2 && count.is_contiguous(),
+                   "count must be a contiguous int64 [2] tensor (counted samples, non-finite values)");
   TORCH_CHECK_VALUE(x.size(2) == state.size(1) * group_size, "x has ", x.size(2),
                     " channels, expected units * group_size = ", state.size(1), " * ", group_size);
   check_importance_float(x, "x");
   check_importance_mask(mask, x.size(0), x.size(1));
 }
 
-// state fp64 [layers], count int64 [layers] (both contiguous), h_in / h_out [batch, seq, hidden] alike.
+// state fp64 [layers], count int64 [2, layers] (tokens; non-finite values) (both contiguous), h_in / h_out [batch, seq, hidden] alike.
 inline void check_block_influence_args(const at::Tensor& state, const at::Tensor& count, const at::Tensor& h_in,
                                        const at::Tensor& h_out, const std::optional<at::Tensor>& mask, int64_t layer) {
   TORCH_CHECK_TYPE(state.scalar_type() == at::kDouble && state.dim() == 1 && state.is_contiguous(),
                    "state must be a contiguous float64 [num_layers] tensor");
-  TORCH_CHECK_TYPE(count.scalar_type() == at::kLong && count.dim() == 1 && count.is_contiguous() &&
-                       count.size(0) == state.size(0),
-                   "count must be a contiguous int64 [num_layers] tensor");
+  TORCH_CHECK_TYPE(count.scalar_type() == at::kLong && count.dim() == 2 && count.is_contiguous() &&
+                       count.size(0) == 2 && count.size(1) == state.size(0),
+                   "count must be a contiguous int64 [2, num_layers] tensor (counted tokens, non-finite values)");
   TORCH_CHECK_VALUE(layer >= 0 && layer < state.size(0), "layer_idx must be in [0, ", state.size(0), "), got ", layer);
   TORCH_CHECK_VALUE(h_in.dim() == 3, "h_in must be [batch, seq, hidden]");
   TORCH_CHECK_VALUE(h_in.sizes() == h_out.sizes(), "h_in and h_out must have the same shape");

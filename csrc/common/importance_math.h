@@ -22,6 +22,7 @@
 #pragma once
 
 #include <math.h>
+#include <stdint.h>
 
 #include "common/macros.h"
 
@@ -144,6 +145,14 @@ MINITRON_HD float batch_finalize(int agg, float A, float B, float n) {
       return A;
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Non-finite activations (NaN, +inf, -inf) at counted positions are counted, never skipped: the
+// kernels add their number to a counter in the state (count[1] for importance, count[1][layer] for
+// block influence) and the Python accumulators report it (minitron/ops/importance.py). A bit test,
+// immune to fast-math flags: exponent all ones.
+// ---------------------------------------------------------------------------------------------
+MINITRON_HD bool nonfinite_bits(uint32_t bits) { return (bits & 0x7f800000u) == 0x7f800000u; }
 
 // ---------------------------------------------------------------------------------------------
 // Block influence: per token, 1 - cos(h_in, h_out) from dot = <h_in, h_out>, na = |h_in|^2,

@@ -31,6 +31,16 @@ MINITRON_HD int64_t source_of(const int64_t* idx, int64_t j, int64_t block) {
   return idx[j / block] * block + j % block;
 }
 
+// Whether output positions [j, j + n) read n consecutive source positions (n >= 1). The index is sorted and
+// distinct, so source_of is strictly increasing in j and the run is contiguous exactly when its ends are
+// n - 1 apart. The GPU column gather uses it to turn a thread's n gathered elements into one vector load.
+MINITRON_HD bool sources_contiguous(const int64_t* idx, int64_t j, int64_t n, int64_t block) {
+  return source_of(idx, j + n - 1, block) - source_of(idx, j, block) == n - 1;
+}
+
+// ceil(a / b) for a >= 0, b >= 1.
+MINITRON_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 // Whether a 2-D tensor with sizes (n0, n1) and strides (s0, s1) is stored column-major, i.e. its
 // lines are its columns. Dimensions of size <= 1 never decide (their stride is meaningless).
 MINITRON_HD bool is_col_major(int64_t n0, int64_t n1, int64_t s0, int64_t s1) {

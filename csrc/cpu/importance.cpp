@@ -292,6 +292,47 @@ MINITRON_ALWAYS_INLINE void seq_block_grouped(const ImpParams& p, int64_t b, int
   }
 }
 
+// Non-finite values of x at the counted tokens of chunk c of sample b, units [u0, u1). A scalar rescan, run
+// only for work items whose sequence accumulators came out non-finite (every NaN/inf input makes them so;
+// an fp32 overflow of finite inputs does too, and then the rescan finds 0): the hot loop pays nothing.
+template <int DT>
+int64_t count_nonfinite_chunk(const ImpParams& p, int64_t b, int64_t c, int64_t u0, int64_t u1) {
+  constexpr int64_t ES = elem_size(DT);
+  const char* xb = p.x + b * p.sxb;
+  const int64_t s_begin = c * p.chunk;
+  const int64_t s_end = std::min(p.S, s_begin + p.chunk);
+  const bool* mrow = p.mask ? p.mask + b * p.smb : nullptr;
+  int64_t n = 0;
+  for (int64_t s = s_begin; s < s_end; ++s) {
+    if (mrow && !mrow[s * p.sms]) continue;
+    const char* row = xb + s * p.sxs;
+    for (int64_t k = u0 * p.G; k < u1 * p.G; ++k) {
+      uint32_t bits;
+      const float v = load_vec<1, DT>(row + k * ES)[0];
+      std::memcpy(&bits, &v, sizeof bits);
+      n += imp::nonfinite_bits(bits) ? 1 : 0;
+    }
+  }
+  return n;
+}
+
+int64_t count_nonfinite_chunk_dt(int dt, const ImpParams& p, int64_t b, int64_t c, int64_t u0, int64_t u1) {
+  if (dt == kBF16) return count_nonfinite_chunk<kBF16>(p, b, c, u0, u1);
+  if (dt == kF16) return count_nonfinite_chunk<kF16>(p, b, c, u0, u1);
+  return count_nonfinite_chunk<kF32>(p, b, c, u0, u1);
+}
+
+// True when any of the n floats at p is NaN or +-inf.
+bool any_nonfinite(const float* p, int64_t n) {
+  uint32_t acc = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, p + i, sizeof bits);
+    acc |= imp::nonfinite_bits(bits) ? 1u : 0u;
+  }
+  return acc != 0;
+}
+
 template <int W, int DT, int AGG>
 MINITRON_ALWAYS_INLINE void seq_block(const ImpParams& p, int64_t b, int64_t c, int64_t u0, int64_t u1) {
   if (p.G == 1)
@@ -434,6 +475,7 @@ void importance_update_cpu(const at::Tensor& state, const at::Tensor& count, con
 
   const SeqFn fn = pick_seq(detect_isa(), dt, static_cast<int>(seq_agg));
   const int64_t items = B * nch * nblk;
+  std::vector<int64_t> nonfinite(static_cast<size_t>(items), 0);
   at::parallel_for(0, items, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t w = lo; w < hi; ++w) {
       const int64_t blk = w % nblk;
@@ -442,7 +484,11 @@ void importance_update_cpu(const at::Tensor& state, const at::Tensor& count, con
       const int64_t b = bc / nch;
       if (counts[b] == 0) continue;
       const int64_t u0 = blk * ub;
-      fn(p, b, c, u0, std::min(U, u0 + ub));
+      const int64_t u1 = std::min(U, u0 + ub);
+      fn(p, b, c, u0, u1);
+      const float* out1 = p.partial + ((b * nch + c) * 2) * U + u0;
+      if (any_nonfinite(out1, u1 - u0) || any_nonfinite(out1 + U, u1 - u0))
+        nonfinite[w] = count_nonfinite_chunk_dt(dt, p, b, c, u0, u1);
     }
   });
 
@@ -476,6 +522,7 @@ void importance_update_cpu(const at::Tensor& state, const at::Tensor& count, con
   int64_t added = 0;
   for (int64_t b = 0; b < B; ++b) added += counts[b] > 0 ? 1 : 0;
   cnt[0] = n0 + added;
+  for (const int64_t n : nonfinite) cnt[1] += n;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -494,12 +541,13 @@ struct BiParams {
 };
 
 template <int W, int DT>
-MINITRON_ALWAYS_INLINE void bi_chunk(const BiParams& p, int64_t t0, int64_t t1, double* sum, int64_t* cnt) {
+MINITRON_ALWAYS_INLINE void bi_chunk(const BiParams& p, int64_t t0, int64_t t1, double* sum, int64_t* cnt,
+                                     int64_t* bad) {
   using V = typename VT<W>::f;
   constexpr int64_t ES = elem_size(DT);
   const int64_t H = p.H;
   double acc = 0.0;
-  int64_t n = 0;
+  int64_t n = 0, nbad = 0;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t bi = t / p.S, si = t % p.S;
     if (p.mask && !p.mask[bi * p.smb + si * p.sms]) continue;
@@ -531,26 +579,40 @@ MINITRON_ALWAYS_INLINE void bi_chunk(const BiParams& p, int64_t t0, int64_t t1, 
       na += va * va;
       nb += vb * vb;
     }
+    uint32_t ba, bb;
+    std::memcpy(&ba, &na, sizeof ba);
+    std::memcpy(&bb, &nb, sizeof bb);
+    if (imp::nonfinite_bits(ba) || imp::nonfinite_bits(bb)) {  // rare: count the row's NaN/inf values
+      for (int64_t j = 0; j < H; ++j) {
+        const float v[2] = {load_vec<1, DT>(ra + j * ES)[0], load_vec<1, DT>(rb + j * ES)[0]};
+        uint32_t bits[2];
+        std::memcpy(bits, v, sizeof bits);
+        nbad += (imp::nonfinite_bits(bits[0]) ? 1 : 0) + (imp::nonfinite_bits(bits[1]) ? 1 : 0);
+      }
+    }
     acc += static_cast<double>(imp::one_minus_cos(dot, na, nb));
     ++n;
   }
   *sum = acc;
   *cnt = n;
+  *bad = nbad;
 }
 
-using BiFn = void (*)(const BiParams&, int64_t, int64_t, double*, int64_t*);
+using BiFn = void (*)(const BiParams&, int64_t, int64_t, double*, int64_t*, int64_t*);
 
 template <int DT>
-MINITRON_TARGET_AVX512 void bi_chunk_avx512(const BiParams& p, int64_t t0, int64_t t1, double* s, int64_t* n) {
-  bi_chunk<16, DT>(p, t0, t1, s, n);
+MINITRON_TARGET_AVX512 void bi_chunk_avx512(const BiParams& p, int64_t t0, int64_t t1, double* s, int64_t* n,
+                                            int64_t* bad) {
+  bi_chunk<16, DT>(p, t0, t1, s, n, bad);
 }
 template <int DT>
-MINITRON_TARGET_AVX2 void bi_chunk_avx2(const BiParams& p, int64_t t0, int64_t t1, double* s, int64_t* n) {
-  bi_chunk<8, DT>(p, t0, t1, s, n);
+MINITRON_TARGET_AVX2 void bi_chunk_avx2(const BiParams& p, int64_t t0, int64_t t1, double* s, int64_t* n,
+                                        int64_t* bad) {
+  bi_chunk<8, DT>(p, t0, t1, s, n, bad);
 }
 template <int DT>
-void bi_chunk_scalar(const BiParams& p, int64_t t0, int64_t t1, double* s, int64_t* n) {
-  bi_chunk<1, DT>(p, t0, t1, s, n);
+void bi_chunk_scalar(const BiParams& p, int64_t t0, int64_t t1, double* s, int64_t* n, int64_t* bad) {
+  bi_chunk<1, DT>(p, t0, t1, s, n, bad);
 }
 
 template <int DT>
@@ -589,18 +651,22 @@ void block_influence_update_cpu(const at::Tensor& state, const at::Tensor& count
   const int64_t T = B * S;
   const int64_t nchunks = (T + kTokenChunk - 1) / kTokenChunk;
   std::vector<double> sums(nchunks);
-  std::vector<int64_t> ns(nchunks);
+  std::vector<int64_t> ns(nchunks), bads(nchunks);
   at::parallel_for(0, nchunks, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t c = lo; c < hi; ++c) fn(p, c * kTokenChunk, std::min(T, (c + 1) * kTokenChunk), &sums[c], &ns[c]);
+    for (int64_t c = lo; c < hi; ++c)
+      fn(p, c * kTokenChunk, std::min(T, (c + 1) * kTokenChunk), &sums[c], &ns[c], &bads[c]);
   });
   double total = 0.0;
-  int64_t n = 0;
+  int64_t n = 0, bad = 0;
   for (int64_t c = 0; c < nchunks; ++c) {
     total += sums[c];
     n += ns[c];
+    bad += bads[c];
   }
+  const int64_t L = state.size(0);
   state.data_ptr<double>()[layer] += total;
   count.data_ptr<int64_t>()[layer] += n;
+  count.data_ptr<int64_t>()[L + layer] += bad;
 }
 
 }  // namespace

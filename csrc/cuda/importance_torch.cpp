@@ -57,8 +57,8 @@ void importance_update_cuda(const at::Tensor& state, const at::Tensor& count, co
   const at::Tensor x = x_in.stride(2) == 1 ? x_in : x_in.contiguous();
 
   ImportanceLaunch a;
-  importance_plan(B, S, U, group_size, at::cuda::getCurrentDeviceProperties()->multiProcessorCount, &a.nch,
-                  &a.chunk);
+  importance_plan(B, S, U, group_size, static_cast<int>(x.element_size()),
+                  at::cuda::getCurrentDeviceProperties()->multiProcessorCount, &a.nch, &a.chunk);
   at::Tensor partial = at::empty({importance_workspace_floats(B, a.nch, U)}, x.options().dtype(at::kFloat));
   at::Tensor stats = at::empty({importance_workspace_int64s(B)}, x.options().dtype(at::kLong));
   a.x = x.data_ptr();
@@ -112,6 +112,7 @@ void block_influence_update_cuda(const at::Tensor& state, const at::Tensor& coun
   a.sms = mask.has_value() ? mask->stride(1) : 0;
   a.state = state.data_ptr<double>();
   a.count = count.data_ptr<int64_t>();
+  a.num_layers = state.size(0);
   a.layer = layer;
   a.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const cudaError_t err = block_influence_update(a, at::cuda::getCurrentCUDAStream());

@@ -1,10 +1,25 @@
 // CUDA launchers of the structured slicing ops (raw pointers; no torch headers, so this header and
 // slicing.cu build with the CUDA toolkit alone). The torch glue is csrc/cuda/slicing_torch.cpp.
 //
-// One launch copies the kept data of many tensors. Each tensor is described by a GatherDesc in
-// device memory (canonical [lines, elements] form of csrc/common/slicing_math.h, strides in
-// elements); virtual CTA c works on descriptor t with cta_start[t] <= c < cta_start[t + 1], copying
-// chunk (c - cta_start) % chunks_per_line of output line (c - cta_start) / chunks_per_line.
+// One launch copies the kept data of many tensors (the 7 matrices of a transformer layer: one launch).
+// Each tensor is described by a GatherDesc in device memory (canonical [lines, elements] form of
+// csrc/common/slicing_math.h, strides in elements); virtual CTA c works on the descriptor t with
+// cta_start[t] <= c < cta_start[t + 1] (binary search in the table, which is uploaded asynchronously
+// with the call: no host synchronisation). Two work shapes, chosen per descriptor:
+//
+//   * outer selection (whole lines kept: rows of a row-major matrix, head blocks of rows): a CTA copies
+//     one chunk of kChunkBytes of one output line; its source line is looked up once per CTA. With unit
+//     strides and 16-byte aligned lines every thread moves up to kRowUnroll 16-byte vectors, all loads
+//     issued before the stores (bytes in flight), no per-element index arithmetic.
+//   * inner selection (the same positions of every line kept: columns, head blocks of columns): a CTA
+//     owns a tile of kTileLines lines x (kThreads * vec) output positions, vec = 16 / element size.
+//     Each thread computes the source positions of its vec consecutive outputs ONCE (no divisions in the
+//     line loop), then walks the tile's lines: reads coalesce along the line (sorted index: neighbouring
+//     threads read neighbouring sources), writes are one 16-byte vector per thread and line; when the vec
+//     sources are contiguous and aligned (kept runs: heads, long runs of kept columns) the read is one
+//     vector too. No transpose, no shared memory.
+//
+// Non-unit strides and misaligned tensors take element-wise paths with the same work shapes.
 #pragma once
 
 #include <cstdint>
@@ -15,7 +30,9 @@ namespace minitron {
 namespace slicing_cuda {
 
 constexpr int kThreads = 256;
-constexpr int64_t kChunkElems = 4096;  // output elements per virtual CTA (a multiple of 16)
+constexpr int64_t kChunkBytes = 16384;  // per CTA and output line, outer selection (= kThreads * 16 * 4)
+constexpr int kRowUnroll = 4;           // 16-byte vectors per thread in flight, outer selection
+constexpr int64_t kTileLines = 16;      // lines per CTA, inner selection
 
 struct GatherDesc {
   const char* src;     // source data pointer
@@ -27,15 +44,25 @@ struct GatherDesc {
   int64_t dso, dsi;    // destination strides (elements), canonical
   int64_t block;       // positions per unit
   int64_t line0;       // first output line handled
-  int64_t chunks_per_line;
-  int64_t cta_start;   // first virtual CTA of this descriptor
-  int32_t es;          // element size in bytes: 1, 2, 4 or 8
-  int32_t select_inner;  // 0: lines are selected; 1: positions inside every line are selected
+  int64_t chunks_per_line;  // outer: chunks of kChunkBytes per line; inner: column tiles per line block
+  int64_t cta_start;        // first virtual CTA of this descriptor
+  int32_t es;               // element size in bytes: 1, 2, 4 or 8
+  int32_t select_inner;     // 0: lines are selected; 1: positions inside every line are selected
 };
 
 // Virtual CTAs a descriptor needs (fills chunks_per_line; cta_start is left to the caller).
 inline int64_t gather_ctas(GatherDesc& d) {
-  d.chunks_per_line = d.out_inner > 0 ? (d.out_inner + kChunkElems - 1) / kChunkElems : 0;
+  if (d.out_inner <= 0 || d.out_lines <= 0) {
+    d.chunks_per_line = 0;
+    return 0;
+  }
+  if (d.select_inner) {
+    const int64_t cols = static_cast<int64_t>(kThreads) * (16 / d.es);  // output positions per tile
+    d.chunks_per_line = (d.out_inner + cols - 1) / cols;
+    return ((d.out_lines + kTileLines - 1) / kTileLines) * d.chunks_per_line;
+  }
+  const int64_t chunk = kChunkBytes / d.es;
+  d.chunks_per_line = (d.out_inner + chunk - 1) / chunk;
   return d.out_lines * d.chunks_per_line;
 }
 

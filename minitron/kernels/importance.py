@@ -45,6 +45,12 @@ def _max_nan(a, b):
 
 
 @triton.jit
+def _nonfinite(v):
+    """1 where the fp32 ``v`` is NaN or +-inf (exponent bits all ones; importance_math.h: nonfinite_bits)."""
+    return ((v.to(tl.int32, bitcast=True) & 0x7F800000) == 0x7F800000).to(tl.int32)
+
+
+@triton.jit
 def _seq_finalize(a1, a2, n, SEQ_AGG: tl.constexpr):
     """importance_math.h: seq_finalize (n >= 1)."""
     if SEQ_AGG == 0:
@@ -61,7 +67,7 @@ def _seq_finalize(a1, a2, n, SEQ_AGG: tl.constexpr):
 
 
 @triton.jit
-def _imp_seq_kernel(x_ptr, mask_ptr, first_ptr, part_ptr, S, U, G, sxb, sxs, smb, sms, chunk, nch,
+def _imp_seq_kernel(x_ptr, mask_ptr, first_ptr, part_ptr, nf_ptr, S, U, G, sxb, sxs, smb, sms, chunk, nch,
                     HAS_MASK: tl.constexpr, AGG: tl.constexpr, GROUPED: tl.constexpr, BLOCK_S: tl.constexpr,
                     BLOCK_U: tl.constexpr, BLOCK_G: tl.constexpr):
     pid_u = tl.program_id(0)
@@ -85,6 +91,7 @@ def _imp_seq_kernel(x_ptr, mask_ptr, first_ptr, part_ptr, S, U, G, sxb, sxs, smb
 
     a1 = tl.zeros([BLOCK_U], dtype=tl.float32)
     a2 = tl.zeros([BLOCK_U], dtype=tl.float32)
+    nf = tl.zeros([BLOCK_U], dtype=tl.int32)  # non-finite values at counted positions (others load as 0)
     s_begin = c * chunk
     s_end = tl.minimum(S, s_begin + chunk)
     for s_start in range(s_begin, s_end, BLOCK_S):
@@ -95,6 +102,7 @@ def _imp_seq_kernel(x_ptr, mask_ptr, first_ptr, part_ptr, S, U, G, sxb, sxs, smb
             s_ok = s_ok & counted
         ptrs = xb + offs_s[:, None, None].to(tl.int64) * sxs + ch[None, :, :]
         v = tl.load(ptrs, mask=s_ok[:, None, None] & ch_ok[None, :, :], other=0.0).to(tl.float32)
+        nf += tl.sum(tl.sum(_nonfinite(v), axis=2), axis=0)
         if GROUPED:
             m = tl.sqrt(tl.sum(v * v, axis=2))  # [BLOCK_S, BLOCK_U]
         else:
@@ -114,6 +122,7 @@ def _imp_seq_kernel(x_ptr, mask_ptr, first_ptr, part_ptr, S, U, G, sxb, sxs, smb
     out = part_ptr + (b * nch + c) * 2 * U + offs_u
     tl.store(out, a1, mask=u_ok)
     tl.store(out + U, a2, mask=u_ok)
+    tl.store(nf_ptr + (b * nch + c) * tl.num_programs(0) + pid_u, tl.sum(nf, axis=0))
 
 
 @triton.jit
@@ -176,7 +185,8 @@ def importance_update(state: torch.Tensor, count: torch.Tensor, x: torch.Tensor,
     """Backend contract of ``minitron::importance_update`` (see :mod:`minitron.ops.importance`).
 
     Args:
-        state: fp32 ``[2, U]`` contiguous; count: int64 ``[1]`` (both updated in place).
+        state: fp32 ``[2, U]`` contiguous; count: int64 ``[2]`` (counted samples, non-finite values at
+            counted positions; both updated in place).
         x: ``[B, S, U * group_size]`` fp32/bf16/fp16 (any strides; copied if the channel stride is not 1).
         mask: ``None`` or bool ``[B, S]``. seq_agg, batch_agg: aggregation codes (0..4).
     """
@@ -202,16 +212,18 @@ def importance_update(state: torch.Tensor, count: torch.Tensor, x: torch.Tensor,
     if B * nch * 2 * U >= 2**31:
         raise ValueError(f"importance (triton): batch * chunks * 2 * units = {B * nch * 2 * U} must be < 2**31")
     part = torch.empty(B * nch * 2 * U, dtype=torch.float32, device=x.device)
+    nonfinite = torch.empty(B * nch * n_ub, dtype=torch.int32, device=x.device)
     mask_arg = mask if mask is not None else counts  # dummy pointer when HAS_MASK is False
     smb, sms = (mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)
     _imp_seq_kernel[(n_ub, nch, B)](
-        x, mask_arg, first, part, S, U, G, x.stride(0), x.stride(1), smb, sms, chunk, nch,
+        x, mask_arg, first, part, nonfinite, S, U, G, x.stride(0), x.stride(1), smb, sms, chunk, nch,
         HAS_MASK=mask is not None, AGG=seq_agg, GROUPED=grouped, BLOCK_S=block_s, BLOCK_U=block_u,
         BLOCK_G=block_g)
     block_ub = min(triton.next_power_of_2(U), 256)
     _imp_batch_kernel[(triton.cdiv(U, block_ub),)](
         part, counts, state, count, B, U, nch, SEQ_AGG=seq_agg, BATCH_AGG=batch_agg, BLOCK_U=block_ub)
-    count.add_((counts > 0).sum())
+    count[0] += (counts > 0).sum()
+    count[1] += nonfinite.sum(dtype=torch.int64)
 
 
 @triton.jit
@@ -229,7 +241,7 @@ def _one_minus_cos(dot, na, nb):
 
 
 @triton.jit
-def _bi_kernel(a_ptr, b_ptr, mask_ptr, out_ptr, cnt_ptr, T, S, H, sab, sas, sbb, sbs, smb, sms,
+def _bi_kernel(a_ptr, b_ptr, mask_ptr, out_ptr, cnt_ptr, nf_ptr, T, S, H, sab, sas, sbb, sbs, smb, sms,
                HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
     pid = tl.program_id(0)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -243,17 +255,20 @@ def _bi_kernel(a_ptr, b_ptr, mask_ptr, out_ptr, cnt_ptr, T, S, H, sab, sas, sbb,
     dot = tl.zeros([BLOCK_T], dtype=tl.float32)
     na = tl.zeros([BLOCK_T], dtype=tl.float32)
     nb = tl.zeros([BLOCK_T], dtype=tl.float32)
+    nf = tl.zeros([BLOCK_T], dtype=tl.int32)
     for h0 in range(0, H, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
         m2 = ok[:, None] & (offs_h[None, :] < H)
         va = tl.load(ra[:, None] + offs_h[None, :], mask=m2, other=0.0).to(tl.float32)
         vb = tl.load(rb[:, None] + offs_h[None, :], mask=m2, other=0.0).to(tl.float32)
+        nf += tl.sum(_nonfinite(va) + _nonfinite(vb), axis=1)
         dot += tl.sum(va * vb, axis=1)
         na += tl.sum(va * va, axis=1)
         nb += tl.sum(vb * vb, axis=1)
     r = tl.where(ok, _one_minus_cos(dot, na, nb), 0.0)
     tl.store(out_ptr + pid, tl.sum(r, axis=0))
     tl.store(cnt_ptr + pid, tl.sum(ok.to(tl.int32), axis=0))
+    tl.store(nf_ptr + pid, tl.sum(nf, axis=0))
 
 
 def block_influence_update(state: torch.Tensor, count: torch.Tensor, h_in: torch.Tensor, h_out: torch.Tensor,
@@ -261,7 +276,8 @@ def block_influence_update(state: torch.Tensor, count: torch.Tensor, h_in: torch
     """Backend contract of ``minitron::block_influence_update`` (see :mod:`minitron.ops.importance`).
 
     Args:
-        state: float64 ``[L]``; count: int64 ``[L]`` (entry ``layer`` updated in place).
+        state: float64 ``[L]``; count: int64 ``[2, L]`` (counted tokens; non-finite values of ``h_in`` and
+            ``h_out`` at counted tokens): column ``layer`` updated in place.
         h_in, h_out: ``[B, S, H]`` fp32/bf16/fp16. mask: ``None`` or bool ``[B, S]``.
     """
     B, S, H = h_in.shape
@@ -277,9 +293,12 @@ def block_influence_update(state: torch.Tensor, count: torch.Tensor, h_in: torch
     grid = triton.cdiv(T, block_t)
     out = torch.empty(grid, dtype=torch.float32, device=h_in.device)
     cnt = torch.empty(grid, dtype=torch.int32, device=h_in.device)
+    nonfinite = torch.empty(grid, dtype=torch.int32, device=h_in.device)
     mask_arg = mask if mask is not None else cnt
     smb, sms = (mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)
-    _bi_kernel[(grid,)](h_in, h_out, mask_arg, out, cnt, T, S, H, h_in.stride(0), h_in.stride(1), h_out.stride(0),
-                        h_out.stride(1), smb, sms, HAS_MASK=mask is not None, BLOCK_T=block_t, BLOCK_H=block_h)
+    _bi_kernel[(grid,)](h_in, h_out, mask_arg, out, cnt, nonfinite, T, S, H, h_in.stride(0), h_in.stride(1),
+                        h_out.stride(0), h_out.stride(1), smb, sms, HAS_MASK=mask is not None, BLOCK_T=block_t,
+                        BLOCK_H=block_h)
     state[layer] += out.to(torch.float64).sum()
-    count[layer] += cnt.sum().to(torch.int64)
+    count[0, layer] += cnt.sum().to(torch.int64)
+    count[1, layer] += nonfinite.sum(dtype=torch.int64)

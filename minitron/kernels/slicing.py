@@ -1,13 +1,20 @@
 """Triton kernels of the structured slicing ops (``minitron.ops.slicing``).
 
-One launch gathers the kept rows/columns of *all* tensors of a call. Every tensor gets a row of a
-descriptor table (int64: source/destination/index addresses, canonical extents and strides, see
-``csrc/common/slicing_math.h``); program ``p`` copies one chunk of one output line of the tensor
-``prog_tensor[p]``. The copy is bitwise: all tensors are addressed in *units* of the smallest
-element size of the call (an fp32 element is two 16-bit units next to bf16 tensors), so tensors of
-different dtypes share one compiled kernel and one launch. Addresses are passed as integers and
-turned into pointers inside the kernel (valid on GPUs; under ``TRITON_INTERPRET=1`` on CPU
-tensors).
+One launch per element size gathers the kept rows/columns of *all* tensors of a call (a transformer
+layer's matrices share one dtype: one launch). Every tensor gets a row of a descriptor table (int64:
+source/destination/index addresses, canonical extents and strides, see ``csrc/common/slicing_math.h``)
+uploaded asynchronously; program ``p`` finds its descriptor with one vector compare against the table's
+program starts and copies a tile of ``BLOCK_L`` output lines x ``BLOCK_C`` output positions:
+
+* outer selection (rows of a row-major matrix, head blocks): the ``BLOCK_L`` source lines are looked up
+  once per program; the tile is ``BLOCK_L`` contiguous runs;
+* inner selection (columns, head blocks of columns): the ``BLOCK_C`` source positions are computed once per
+  program (index load and division per position, not per element); every line of the tile reuses them, so
+  reads follow the sorted positions along each line and writes are contiguous -- no transpose.
+
+Addresses are passed as integers and turned into typed pointers inside the kernel (valid on GPUs; under
+``TRITON_INTERPRET=1`` on CPU tensors). ``UNIT_STRIDE`` compiles the common case (unit element strides
+everywhere) without the stride multiplications.
 
 ``compact_triton`` (in place) stages bounded slabs of the result: it gathers output lines
 ``[l0, l1)`` into a scratch buffer, then copies the slab to its final place. Slabs go in increasing
@@ -24,23 +31,47 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from minitron.ops.slicing import _col_major, _layout
-
 log = logging.getLogger(__name__)
 
 __all__ = ["gather_slices_triton", "compact_triton"]
 
 _NF = 16  # descriptor fields (int64), see _describe
-_BLOCK = 1024  # units per program
+
+
+# Canonical memory layout of csrc/common/slicing_math.h (make_layout / is_col_major). Defined here, not
+# imported from minitron.ops.slicing: kernels are the lower layer and never import the ops built on them.
+# tests/ops/test_slicing.py checks that this copy and the ops' copy agree on every layout.
+
+
+def _col_major(t: Tensor) -> bool:
+    """Whether a 2-D tensor's lines (memory rows) are its columns (extent-1 dims never decide)."""
+    return t.dim() == 2 and t.shape[0] > 1 and t.shape[1] > 1 and t.stride(0) < t.stride(1)
+
+
+def _layout(shape: Sequence[int], strides: Sequence[int], col_major: bool) -> tuple[int, int, int, int, int, int]:
+    """``(outer, inner, so, si, outer_dim, inner_dim)`` of slicing_math.h ``make_layout``."""
+    if len(shape) == 1:
+        outer, inner, so, si, od, idim = 1, shape[0], 0, strides[0], -1, 0
+    else:
+        od = 1 if col_major else 0
+        idim = 1 - od
+        outer, inner, so, si = shape[od], shape[idim], strides[od], strides[idim]
+    if inner <= 1:
+        si = 1
+    if outer <= 1:
+        so = inner * si
+    return outer, inner, so, si, od, idim
+_TILE = 4096  # elements per program: BLOCK_L lines x BLOCK_C positions
+_MAX_BLOCK_C = 1024
 
 
 @triton.jit
-def _as_ptr(addr, UNIT_BYTES: tl.constexpr):
-    if UNIT_BYTES == 1:
+def _as_ptr(addr, ELEM_BYTES: tl.constexpr):
+    if ELEM_BYTES == 1:
         p = addr.to(tl.pointer_type(tl.int8))
-    elif UNIT_BYTES == 2:
+    elif ELEM_BYTES == 2:
         p = addr.to(tl.pointer_type(tl.int16))
-    elif UNIT_BYTES == 4:
+    elif ELEM_BYTES == 4:
         p = addr.to(tl.pointer_type(tl.int32))
     else:
         p = addr.to(tl.pointer_type(tl.int64))
@@ -48,14 +79,25 @@ def _as_ptr(addr, UNIT_BYTES: tl.constexpr):
 
 
 @triton.jit
-def _gather_slices_kernel(desc_ptr, prog_ptr, NF: tl.constexpr, UNIT_BYTES: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(prog_ptr + pid).to(tl.int64)
+def _gather_slices_kernel(desc_ptr, n_desc, NF: tl.constexpr, NDESC: tl.constexpr, ELEM_BYTES: tl.constexpr,
+                          UNIT_STRIDE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program -> (descriptor, tile of BLOCK_L output lines x BLOCK_C output positions).
+
+    The descriptor is found from the programs' start table in one vector compare (no per-program map on the
+    host). Outer selection: BLOCK_L source lines looked up once, then a [BLOCK_L, BLOCK_C] tile of contiguous
+    runs. Inner selection: the BLOCK_C source positions are computed once (one index load and division per
+    position, not per element), then the same tile. UNIT_STRIDE: every descriptor of the launch has unit
+    element strides (addresses contiguous along a line: vectorisable loads/stores on GPUs).
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    offs_d = tl.arange(0, NDESC)
+    starts = tl.load(desc_ptr + offs_d * NF + 14, mask=offs_d < n_desc, other=2**62)
+    t = (tl.sum((starts <= pid).to(tl.int32), axis=0) - 1).to(tl.int64)
     d = desc_ptr + t * NF
-    src = _as_ptr(tl.load(d + 0), UNIT_BYTES)
-    dst = _as_ptr(tl.load(d + 1), UNIT_BYTES)
+    src = _as_ptr(tl.load(d + 0), ELEM_BYTES)
+    dst = _as_ptr(tl.load(d + 1), ELEM_BYTES)
     idx_ptr = tl.load(d + 2).to(tl.pointer_type(tl.int64))
-    lw = tl.load(d + 3)  # log2(units per element)
+    out_lines = tl.load(d + 4)
     out_inner = tl.load(d + 5)
     so = tl.load(d + 6)
     si = tl.load(d + 7)
@@ -64,61 +106,65 @@ def _gather_slices_kernel(desc_ptr, prog_ptr, NF: tl.constexpr, UNIT_BYTES: tl.c
     mode = tl.load(d + 10)  # 0: select lines, 1: select positions inside lines
     block = tl.load(d + 11)
     line0 = tl.load(d + 12)
-    cpl = tl.load(d + 13)  # programs per output line
+    col_tiles = tl.load(d + 13)
     pstart = tl.load(d + 14)
 
-    local = pid.to(tl.int64) - pstart
-    o = local // cpl
-    c = local - o * cpl
-    u = c * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    m = u < (out_inner << lw)
-    j = u >> lw
-    sub = u & ((1 << lw) - 1)
+    local = pid - pstart
+    a = local // col_tiles
+    c = local - a * col_tiles
+    o = a * BLOCK_L + tl.arange(0, BLOCK_L).to(tl.int64)  # local output lines
+    j = c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)  # output positions
+    lm = o < out_lines
+    jm = j < out_inner
     g = line0 + o
     if mode == 0:
-        sline = tl.load(idx_ptr + g // block) * block + g % block
+        sline = tl.load(idx_ptr + g // block, mask=lm, other=0) * block + g % block
         sj = j
     else:
         sline = g
-        sj = tl.load(idx_ptr + j // block, mask=m, other=0) * block + j % block
-    soff = ((sline * so + sj * si) << lw) + sub
-    doff = ((o * dso + j * dsi) << lw) + sub
-    v = tl.load(src + soff, mask=m)
-    tl.store(dst + doff, v, mask=m)
+        sj = tl.load(idx_ptr + j // block, mask=jm, other=0) * block + j % block
+    m = lm[:, None] & jm[None, :]
+    if UNIT_STRIDE:
+        v = tl.load(src + (sline * so)[:, None] + sj[None, :], mask=m)
+        tl.store(dst + (o * dso)[:, None] + j[None, :], v, mask=m)
+    else:
+        v = tl.load(src + (sline * so)[:, None] + sj[None, :] * si, mask=m)
+        tl.store(dst + (o * dso)[:, None] + j[None, :] * dsi, v, mask=m)
 
 
+def _tile(out_inner: int) -> tuple[int, int]:
+    """(BLOCK_L, BLOCK_C) for lines of ``out_inner`` output positions: ``_TILE`` elements per program."""
+    block_c = max(16, min(_MAX_BLOCK_C, triton.next_power_of_2(max(out_inner, 1))))
+    return _TILE // block_c, block_c
 
 
-def _describe(src: Tensor, idx: Tensor, dim: int, block: int, dst: Tensor, dso: int, dsi: int, unit: int,
-              line0: int, n_lines: int, pstart: int) -> tuple[list[int], int]:
+def _describe(src: Tensor, idx: Tensor, dim: int, block: int, dst: Tensor, dso: int, dsi: int,
+              line0: int, n_lines: int, pstart: int, tile: tuple[int, int]) -> tuple[list[int], int, bool]:
     """Descriptor row for copying output lines ``[line0, line0 + n_lines)`` of ``src`` (lines in the
     canonical orientation of ``src``) to ``dst``, whose line ``l - line0`` (line stride ``dso``,
-    element stride ``dsi``, in elements) receives output line ``l``. Returns the row and the number
-    of programs it needs."""
+    element stride ``dsi``, in elements) receives output line ``l``. Returns the row, the number
+    of programs it needs (tiles of ``tile = (BLOCK_L, BLOCK_C)``) and whether its element strides are 1."""
     cm = _col_major(src)
     outer, inner, so, si, od, idim = _layout(src.shape, src.stride(), cm)
     k = idx.numel()
     select_inner = dim == idim
     out_inner = k * block if select_inner else inner
-    es = src.element_size()
-    w = es // unit
-    lw = w.bit_length() - 1
-    cpl = triton.cdiv(out_inner * w, _BLOCK)
-    n_prog = n_lines * cpl
+    block_l, block_c = tile
+    col_tiles = max(1, triton.cdiv(out_inner, block_c))
+    n_prog = triton.cdiv(n_lines, block_l) * col_tiles if out_inner > 0 else 0
     row = [0] * _NF
     row[0] = src.data_ptr()
     row[1] = dst.data_ptr()
     row[2] = idx.data_ptr()
-    row[3] = lw
     row[4] = n_lines
     row[5] = out_inner
     row[6], row[7], row[8], row[9] = so, si, dso, dsi
     row[10] = 1 if select_inner else 0
     row[11] = block
     row[12] = line0
-    row[13] = max(cpl, 1)
+    row[13] = col_tiles
     row[14] = pstart
-    return row, n_prog
+    return row, n_prog, si == 1 and dsi == 1
 
 
 def _to_device(host: Tensor, device: torch.device) -> Tensor:
@@ -128,39 +174,43 @@ def _to_device(host: Tensor, device: torch.device) -> Tensor:
     return host.to(device)
 
 
-def _launch(rows: list[list[int]], counts: list[int], unit: int, device: torch.device) -> None:
-    total = sum(counts)
+def _launch(rows: list[list[int]], total: int, elem_bytes: int, unit_stride: bool, tile: tuple[int, int],
+            device: torch.device) -> None:
     if total == 0:
         return
     desc = _to_device(torch.tensor(rows, dtype=torch.int64), device)
-    prog = _to_device(torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32),
-                                              torch.tensor(counts, dtype=torch.int64)), device)
-    _gather_slices_kernel[(total,)](desc, prog, NF=_NF, UNIT_BYTES=unit, BLOCK=_BLOCK)
+    ndesc = max(2, triton.next_power_of_2(len(rows)))
+    _gather_slices_kernel[(total,)](desc, len(rows), NF=_NF, NDESC=ndesc, ELEM_BYTES=elem_bytes,
+                                    UNIT_STRIDE=unit_stride, BLOCK_L=tile[0], BLOCK_C=tile[1])
 
 
 def gather_slices_triton(tensors: Sequence[Tensor], indices: Sequence[Tensor], dims: Sequence[int],
                          blocks: Sequence[int], outs: Sequence[Tensor]) -> None:
-    """Fills ``outs[i]`` with the kept units of ``tensors[i]`` (one launch for all tensors).
+    """Fills ``outs[i]`` with the kept units of ``tensors[i]``: one launch per element size present (one
+    launch for a transformer layer's matrices), tiles sized for the widest output line of the group.
 
     ``indices[i]``: sorted, distinct, in-range int64 on the tensors' device (checked by the caller).
     ``outs[i]``: allocated by the caller with the output shape (any strides).
     """
-    if not tensors:
-        return
-    unit = min(t.element_size() for t in tensors)
-    rows, counts, pstart = [], [], 0
+    groups: dict[int, list[tuple[Tensor, Tensor, int, int, Tensor, int, int]]] = {}
     for t, i, d, b, o in zip(tensors, indices, dims, blocks, outs):
         if o.numel() == 0:
             continue
         cm = _col_major(t)
-        outer, _, _, _, _, idim = _layout(t.shape, t.stride(), cm)
+        outer, inner, _, _, _, idim = _layout(t.shape, t.stride(), cm)
         n_lines = outer if d == idim else i.numel() * b
-        _, _, dso, dsi, _, _ = _layout(o.shape, o.stride(), cm)
-        row, n = _describe(t, i, d, b, o, dso, dsi, unit, 0, n_lines, pstart)
-        rows.append(row)
-        counts.append(n)
-        pstart += n
-    _launch(rows, counts, unit, tensors[0].device)
+        out_inner = i.numel() * b if d == idim else inner
+        groups.setdefault(t.element_size(), []).append((t, i, d, b, o, n_lines, out_inner))
+    for es, items in groups.items():
+        tile = _tile(max(item[6] for item in items))
+        rows, pstart, unit_stride = [], 0, True
+        for t, i, d, b, o, n_lines, _ in items:
+            _, _, dso, dsi, _, _ = _layout(o.shape, o.stride(), _col_major(t))
+            row, n, unit = _describe(t, i, d, b, o, dso, dsi, 0, n_lines, pstart, tile)
+            rows.append(row)
+            pstart += n
+            unit_stride = unit_stride and unit
+        _launch(rows, pstart, es, unit_stride, tile, tensors[0].device)
 
 
 def compact_triton(tensor: Tensor, idx: Tensor, dim: int, block: int, shape: Sequence[int],
@@ -184,8 +234,9 @@ def compact_triton(tensor: Tensor, idx: Tensor, dim: int, block: int, shape: Seq
     for l0 in range(0, out_lines, per_slab):
         n = min(per_slab, out_lines - l0)
         scratch = torch.empty((n, out_inner), dtype=tensor.dtype, device=tensor.device)
-        row, count = _describe(tensor, idx, dim, block, scratch, out_inner, 1, es, l0, n, 0)
-        _launch([row], [count], es, tensor.device)
+        tile = _tile(out_inner)
+        row, count, unit = _describe(tensor, idx, dim, block, scratch, out_inner, 1, l0, n, 0, tile)
+        _launch([row], count, es, unit, tile, tensor.device)
         if od < 0:  # 1-D: a single line
             view.copy_(scratch.reshape(-1))
         elif od == 0:

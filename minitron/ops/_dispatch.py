@@ -1,7 +1,7 @@
 """Capability-based backend selection shared by every minitron op.
 
-Each op declares its backends with what they can handle (device types, dtypes, an availability
-check and optional shape limits). ``select`` picks the first capable backend in the op's automatic
+Each op declares its backends with what they can handle (device types, dtypes and an availability
+check). ``select`` picks the first capable backend in the op's automatic
 order for the device (CPU tensors: the C++ kernels; CUDA tensors: CUDA C++ when built, else Triton)
 or validates an explicit ``backend=`` request. When nothing fits it raises
 :class:`BackendUnavailableError` listing why each backend was rejected; it never falls back silently
@@ -60,20 +60,14 @@ class Backend:
     fn: Callable[..., Any]
     dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
     unavailable: Callable[[str], Reason] = lambda device_type: None
-    limits: Optional[Callable[..., Reason]] = None
 
-    def rejection(self, device_type: str, dtype: Optional[torch.dtype], **shape: Any) -> Reason:
+    def rejection(self, device_type: str, dtype: Optional[torch.dtype]) -> Reason:
         if device_type not in self.devices:
             return f"runs on {'/'.join(self.devices)} tensors, not {device_type}"
         if dtype is not None and dtype not in self.dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
             return f"dtype {str(dtype).replace('torch.', '')} not supported ({names})"
-        why = self.unavailable(device_type)
-        if why:
-            return why
-        if self.limits is not None:
-            return self.limits(**shape)
-        return None
+        return self.unavailable(device_type) or None
 
 
 @dataclass
@@ -84,19 +78,23 @@ class OpBackends:
     backends: dict[str, Backend] = field(default_factory=dict)
 
     def register(self, name: str, devices: tuple[str, ...], *, dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES,
-                 unavailable: Callable[[str], Reason] | None = None,
-                 limits: Callable[..., Reason] | None = None) -> Callable[[Callable], Callable]:
+                 unavailable: Callable[[str], Reason] | None = None) -> Callable[[Callable], Callable]:
         if name not in BACKENDS:
             raise ValueError(f"unknown backend name {name!r}")
 
         def deco(fn: Callable) -> Callable:
-            self.backends[name] = Backend(name, devices, fn, dtypes, unavailable or (lambda d: None), limits)
+            self.backends[name] = Backend(name, devices, fn, dtypes, unavailable or (lambda d: None))
             return fn
 
         return deco
 
     def select(self, backend: str, device: torch.device | str, dtype: torch.dtype | None = None,
-               **shape: Any) -> Backend:
+               **_unused_shape: Any) -> Backend:
+        """The backend that runs the op for ``backend`` (a name or ``"auto"``) on ``device``/``dtype``.
+
+        Keyword arguments beyond ``dtype`` are accepted and ignored (``minitron/ops/kl.py`` still passes the
+        vocabulary size from the days of per-backend shape limits, which no backend declares any more).
+        """
         device_type = torch.device(device).type
         if backend != "auto":
             if backend not in BACKENDS:
@@ -104,7 +102,7 @@ class OpBackends:
             impl = self.backends.get(backend)
             if impl is None:
                 raise BackendUnavailableError(f"{self.op}: backend {backend!r} is not implemented for this op")
-            why = impl.rejection(device_type, dtype, **shape)
+            why = impl.rejection(device_type, dtype)
             if why:
                 raise BackendUnavailableError(f"{self.op}: backend {backend!r} cannot run here: {why}")
             return impl
@@ -114,13 +112,13 @@ class OpBackends:
             if impl is None:
                 reasons.append(f"{name}: not implemented for this op")
                 continue
-            why = impl.rejection(device_type, dtype, **shape)
+            why = impl.rejection(device_type, dtype)
             if why is None:
                 return impl
             reasons.append(f"{name}: {why}")
         for name, impl in self.backends.items():
             if name not in AUTO_ORDER.get(device_type, ()) and name != "reference":
-                why = impl.rejection(device_type, dtype, **shape)
+                why = impl.rejection(device_type, dtype)
                 if why is None or not why.startswith("runs on"):
                     reasons.append(f"{name}: {why or 'not used automatically on ' + device_type}")
         raise BackendUnavailableError(

@@ -21,6 +21,15 @@ Masked tokens do not count; a sample with no counted token does not count at all
 the state nor :attr:`ImportanceAccumulator.num_samples`). Before any counted sample the importance is 0.
 NaN magnitudes propagate (also through ``max``).
 
+Non-finite activations (NaN, +inf, -inf) are *counted and reported*, never silently folded in: every
+backend counts, in the same fused pass (no extra pass over ``x``, no host synchronisation), the non-finite
+values of ``x`` at counted positions (masked tokens never count, whatever they hold) into the state
+(:attr:`ImportanceAccumulator.num_nonfinite`; for :class:`BlockInfluence` per block, values of ``h_in``
+and ``h_out`` together). :meth:`ImportanceAccumulator.value` and :meth:`BlockInfluence.value` then raise
+:class:`NonFiniteActivationError` naming the argument and how many values were non-finite (the affected
+scores would be NaN/inf and any ranking built on them meaningless); ``value(allow_nonfinite=True)``
+returns the raw scores anyway. The counter is merged, all-reduced, saved and restored with the state.
+
 Everything happens in one pass over ``x`` (magnitude, masking, sequence aggregation, batch aggregation)
 and is accumulated into fp32 state that persists across calibration batches; the state is mergeable
 (:meth:`ImportanceAccumulator.merge`, :meth:`ImportanceAccumulator.all_reduce`) and resumable
@@ -44,6 +53,7 @@ from minitron.ops._dispatch import BACKENDS, native_unavailable, op_backends, tr
 
 __all__ = [
     "AGGREGATIONS",
+    "NonFiniteActivationError",
     "ImportanceAccumulator",
     "BlockInfluence",
     "importance_reference",
@@ -57,7 +67,11 @@ log = logging.getLogger(__name__)
 #: Aggregation names and the codes the kernels use (``csrc/common/importance_math.h``: enum Agg).
 AGGREGATIONS = {"mean": 0, "l2": 1, "sum": 2, "max": 3, "var": 4}
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: non-finite counters ("nonfinite"); version-1 state dicts load with zero counters
+
+
+class NonFiniteActivationError(ValueError):
+    """Activations folded into an accumulator held NaN/inf values at counted positions (see the module doc)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,10 +312,19 @@ def _imp_triton(state: Tensor, count: Tensor, x: Tensor, mask: Optional[Tensor],
     triton_importance_update(state, count, x, mask, group_size, seq_agg, batch_agg)
 
 
+def _count_nonfinite(x: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """int64 scalar: non-finite values of ``x`` ``[B, S, C]`` at the tokens ``mask`` ``[B, S]`` counts."""
+    bad = ~torch.isfinite(x)
+    if mask is not None:
+        bad = bad & mask.unsqueeze(-1)
+    return bad.sum(dtype=torch.int64)
+
+
 @_imp_backends.register("reference", ("cpu", "cuda"))
 def _imp_reference(state: Tensor, count: Tensor, x: Tensor, mask: Optional[Tensor], group_size: int, seq_agg: int,
                    batch_agg: int) -> None:
     names = {v: k for k, v in AGGREGATIONS.items()}
+    count[1] += _count_nonfinite(x, mask)
     v, counts = _seq_aggregate(_magnitude(x, group_size, torch.float32), mask, names[seq_agg])
     v = v[counts > 0]
     nb = v.shape[0]
@@ -316,7 +339,7 @@ def _imp_reference(state: Tensor, count: Tensor, x: Tensor, mask: Optional[Tenso
     elif agg == "max":
         a.copy_(torch.maximum(a, v.amax(0)))
     else:  # Chan et al. merge of (n0, mean, M2) with this batch's statistics
-        n0 = count.to(torch.float64)
+        n0 = count[0].to(torch.float64)
         n1 = float(nb)
         mean1 = v.to(torch.float64).mean(0)
         m2_1 = (v.to(torch.float64) - mean1).square().sum(0)
@@ -326,7 +349,7 @@ def _imp_reference(state: Tensor, count: Tensor, x: Tensor, mask: Optional[Tenso
         delta = mean1 - mean0
         state[0].copy_(mean0 + delta * (n1 / n))
         state[1].copy_(m2_0 + m2_1 + delta.square() * (n0 * n1 / n))
-    count.add_(nb)
+    count[0] += nb
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,7 +364,8 @@ def importance_update(state: Tensor, count: Tensor, x: Tensor, mask: Optional[Te
 
     Args:
         state: fp32 ``[2, units]`` contiguous (rows A, B; see ``csrc/common/importance_math.h``).
-        count: int64 ``[1]``, the number of counted samples so far (incremented).
+        count: int64 ``[2]`` contiguous: ``count[0]`` the counted samples so far, ``count[1]`` the
+            non-finite values of ``x`` at counted positions so far (both incremented).
         x: ``[batch, seq, units * group_size]`` fp32/bf16/fp16, same device as ``state``.
         mask: ``None`` or bool ``[batch, seq]`` (True = the token counts).
         group_size: channels per unit (1: channels/neurons; head_dim: heads).
@@ -392,7 +416,8 @@ def _bi_reference(state: Tensor, count: Tensor, h_in: Tensor, h_out: Tensor, mas
     if mask is not None:
         d = d[mask]
     state[layer] += d.to(torch.float64).sum()
-    count[layer] += d.numel()
+    count[0, layer] += d.numel()
+    count[1, layer] += _count_nonfinite(h_in, mask) + _count_nonfinite(h_out, mask)
 
 
 @torch.library.custom_op("minitron::block_influence_update", mutates_args=("state", "count"))
@@ -401,7 +426,8 @@ def block_influence_update(state: Tensor, count: Tensor, h_in: Tensor, h_out: Te
     """Add ``sum(1 - cos(h_in, h_out))`` over counted tokens to ``state[layer_idx]``, in place.
 
     Args:
-        state: float64 ``[num_layers]`` running sums; count: int64 ``[num_layers]`` counted tokens.
+        state: float64 ``[num_layers]`` running sums; count: int64 ``[2, num_layers]`` contiguous:
+            row 0 the counted tokens, row 1 the non-finite values of ``h_in`` and ``h_out`` at counted tokens.
         h_in, h_out: ``[batch, seq, hidden]`` fp32/bf16/fp16, same shape and dtype.
         mask: ``None`` or bool ``[batch, seq]``.
         layer_idx: the block's index in ``[0, num_layers)``.
@@ -438,8 +464,9 @@ class ImportanceAccumulator:
         backend: kernel choice for every update: ``"auto"`` (CPU -> C++, CUDA -> CUDA C++ or Triton), or
             ``"cpp"``, ``"cuda"``, ``"triton"``, ``"reference"``.
 
-    State: fp32 ``[2, num_units]`` plus an int64 sample count (exact; the fp32 per-sample math treats the
-    count as fp32, exact up to 2**24 samples). See the module docstring for the definitions.
+    State: fp32 ``[2, num_units]`` plus int64 ``count`` ``[2]``: the counted samples (exact; the fp32
+    per-sample math treats it as fp32, exact up to 2**24 samples) and the non-finite activation values seen
+    at counted positions (:attr:`num_nonfinite`). See the module docstring for the definitions.
 
     Example::
 
@@ -458,7 +485,7 @@ class ImportanceAccumulator:
         self.backend = _check_backend(backend)
         self.state = torch.zeros(2, num_units, dtype=torch.float32, device=_device(device))
         self.device = self.state.device  # resolved ("cuda" -> "cuda:<current>")
-        self.count = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self.count = torch.zeros(2, dtype=torch.int64, device=self.device)  # [samples, non-finite values]
 
     def __repr__(self) -> str:
         return (f"ImportanceAccumulator(num_units={self.num_units}, group_size={self.group_size}, "
@@ -482,10 +509,25 @@ class ImportanceAccumulator:
         torch.ops.minitron.importance_update(self.state, self.count, x.detach(), mask, self.group_size,
                                              self.seq_agg, self.batch_agg, self.backend)
 
-    def value(self) -> Tensor:
-        """The importance of every unit: fp32 ``[num_units]`` (zeros before any counted sample)."""
+    def value(self, allow_nonfinite: bool = False) -> Tensor:
+        """The importance of every unit: fp32 ``[num_units]`` (zeros before any counted sample).
+
+        Raises:
+            NonFiniteActivationError: some update saw NaN/inf activations at counted positions (the
+                message says how many) and ``allow_nonfinite`` is False; with True the scores are returned
+                as they are (the affected units' scores are then NaN or inf).
+        """
+        if not allow_nonfinite:
+            bad = self.num_nonfinite
+            if bad:
+                raise NonFiniteActivationError(
+                    f"x held {bad} non-finite value(s) (NaN/+inf/-inf) at counted (unmasked) positions over the "
+                    f"{self.num_samples} counted samples of this accumulator ({self!r}); the scores of the units "
+                    "they belong to are NaN/inf and a ranking built on them is meaningless. Find the source (e.g. "
+                    "fp16 overflow in the model), mask those tokens, or call value(allow_nonfinite=True) to get "
+                    "the raw scores")
         a, b = self.state[0], self.state[1]
-        n = self.count.to(torch.float32).clamp(min=1.0)
+        n = self.count[0].to(torch.float32).clamp(min=1.0)
         if self.batch_agg == "mean":
             return a / n
         if self.batch_agg == "l2":
@@ -497,7 +539,12 @@ class ImportanceAccumulator:
     @property
     def num_samples(self) -> int:
         """Number of samples counted so far (samples with at least one counted token)."""
-        return int(self.count.item())
+        return int(self.count[0].item())
+
+    @property
+    def num_nonfinite(self) -> int:
+        """Number of non-finite values (NaN, +inf, -inf) of ``x`` at counted positions seen so far."""
+        return int(self.count[1].item())
 
     def reset(self) -> None:
         """Forget every update (state back to zero)."""
@@ -523,8 +570,8 @@ class ImportanceAccumulator:
         elif self.batch_agg == "max":
             torch.maximum(self.state[0], o_state[0], out=self.state[0])
         else:
-            na = self.count.to(torch.float64)
-            nb = o_count.to(torch.float64)
+            na = self.count[0].to(torch.float64)
+            nb = o_count[0].to(torch.float64)
             n = (na + nb).clamp(min=1.0)
             ma, mb = self.state[0].to(torch.float64), o_state[0].to(torch.float64)
             delta = mb - ma
@@ -554,26 +601,29 @@ class ImportanceAccumulator:
             dist.all_reduce(self.state, op=dist.ReduceOp.MAX, group=group)
             dist.all_reduce(self.count, op=dist.ReduceOp.SUM, group=group)
         else:
-            n = self.count.to(torch.float64)
+            counts = self.count.to(torch.float64)  # [samples, non-finite]: exact in float64 below 2**53
+            n = counts[:1]
             mean = self.state[0].to(torch.float64)
-            buf = torch.cat([n, n * mean])
+            buf = torch.cat([counts, n * mean])
             dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
             n_tot = buf[:1]
-            g_mean = buf[1:] / n_tot.clamp(min=1.0)
+            g_mean = buf[2:] / n_tot.clamp(min=1.0)
             m2 = self.state[1].to(torch.float64) + n * (mean - g_mean).square()
             dist.all_reduce(m2, op=dist.ReduceOp.SUM, group=group)
             self.state[0].copy_(g_mean)
             self.state[1].copy_(m2)
-            self.count.copy_(n_tot.round().to(torch.int64))
+            self.count.copy_(buf[:2].round().to(torch.int64))
         log.debug("importance state all-reduced: %d samples", self.num_samples)
         return self
 
     # -- checkpointing ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: the configuration, the fp32 state (CPU copy) and the count."""
+        """Everything needed to resume: the configuration, the fp32 state (CPU copy), the sample count and the
+        non-finite count (``"nonfinite"``; absent from version-1 state dicts, which load with 0)."""
+        counts = self.count.tolist()
         return {"version": _STATE_VERSION, **self._config(), "state": self.state.detach().cpu().clone(),
-                "count": int(self.count.item())}
+                "count": int(counts[0]), "nonfinite": int(counts[1])}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (configuration must match; the tensors are copied)."""
@@ -591,8 +641,11 @@ class ImportanceAccumulator:
         cnt = state_dict["count"]
         cnt = int(cnt.item()) if isinstance(cnt, Tensor) else cnt
         _check_int("state_dict['count']", cnt, 0)
+        bad = state_dict.get("nonfinite", 0)
+        bad = int(bad.item()) if isinstance(bad, Tensor) else bad
+        _check_int("state_dict['nonfinite']", bad, 0)
         self.state.copy_(st.to(torch.float32))
-        self.count.fill_(cnt)
+        self.count.copy_(torch.tensor([cnt, bad], dtype=torch.int64))
 
 
 class BlockInfluence:
@@ -603,7 +656,8 @@ class BlockInfluence:
         device: where the state lives (default CPU); hidden states must be on this device.
         backend: as in :class:`ImportanceAccumulator`.
 
-    State: float64 ``[num_layers]`` sums of ``1 - cos`` and int64 ``[num_layers]`` token counts.
+    State: float64 ``[num_layers]`` sums of ``1 - cos`` and int64 ``count`` ``[2, num_layers]``: the counted
+    tokens (row 0) and the non-finite values of ``h_in``/``h_out`` at counted tokens (row 1) of each block.
     """
 
     def __init__(self, num_layers: int, *, device: torch.device | str | None = None, backend: str = "auto") -> None:
@@ -611,7 +665,7 @@ class BlockInfluence:
         self.backend = _check_backend(backend)
         self.state = torch.zeros(num_layers, dtype=torch.float64, device=_device(device))
         self.device = self.state.device
-        self.count = torch.zeros(num_layers, dtype=torch.int64, device=self.device)
+        self.count = torch.zeros(2, num_layers, dtype=torch.int64, device=self.device)  # [tokens; non-finite]
 
     def __repr__(self) -> str:
         return f"BlockInfluence(num_layers={self.num_layers}, device={str(self.device)!r})"
@@ -639,15 +693,35 @@ class BlockInfluence:
         torch.ops.minitron.block_influence_update(self.state, self.count, h_in.detach(), h_out.detach(), mask,
                                                   layer_idx, self.backend)
 
-    def value(self) -> Tensor:
-        """fp32 ``[num_layers]``: mean ``1 - cos`` per block; NaN for blocks with no counted token yet."""
-        out = self.state / self.count.to(torch.float64)
-        return torch.where(self.count > 0, out, torch.full_like(out, float("nan"))).to(torch.float32)
+    def value(self, allow_nonfinite: bool = False) -> Tensor:
+        """fp32 ``[num_layers]``: mean ``1 - cos`` per block; NaN for blocks with no counted token yet.
+
+        Raises:
+            NonFiniteActivationError: some block's ``h_in``/``h_out`` held NaN/inf values at counted tokens
+                (the message names the blocks and counts) and ``allow_nonfinite`` is False; with True the
+                values are returned as they are (NaN for the affected blocks).
+        """
+        if not allow_nonfinite:
+            bad = self.num_nonfinite
+            if bool((bad > 0).any()):
+                which = {i: int(n) for i, n in enumerate(bad.tolist()) if n}
+                raise NonFiniteActivationError(
+                    f"h_in/h_out held non-finite values (NaN/+inf/-inf) at counted (unmasked) tokens of "
+                    f"{len(which)} block(s) ({{block: values}} = {which}); their influence is NaN. Find the source "
+                    "(e.g. fp16 overflow), mask those tokens, or call value(allow_nonfinite=True)")
+        tokens = self.count[0]
+        out = self.state / tokens.to(torch.float64)
+        return torch.where(tokens > 0, out, torch.full_like(out, float("nan"))).to(torch.float32)
 
     @property
     def num_tokens(self) -> Tensor:
         """int64 ``[num_layers]`` (CPU copy): counted tokens per block."""
-        return self.count.detach().cpu().clone()
+        return self.count[0].detach().cpu().clone()
+
+    @property
+    def num_nonfinite(self) -> Tensor:
+        """int64 ``[num_layers]`` (CPU copy): non-finite values of ``h_in`` and ``h_out`` at counted tokens."""
+        return self.count[1].detach().cpu().clone()
 
     def reset(self) -> None:
         """Forget every update."""
@@ -675,9 +749,10 @@ class BlockInfluence:
         return self
 
     def state_dict(self) -> dict[str, Any]:
-        """The configuration, the float64 sums and the int64 counts (CPU copies)."""
+        """The configuration, the float64 sums, the int64 token counts and the int64 non-finite counts
+        (``"nonfinite"``; absent from version-1 state dicts, which load with zeros), all CPU copies."""
         return {"version": _STATE_VERSION, "num_layers": self.num_layers, "state": self.state.detach().cpu().clone(),
-                "count": self.count.detach().cpu().clone()}
+                "count": self.num_tokens, "nonfinite": self.num_nonfinite}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (``num_layers`` must match)."""
@@ -689,8 +764,10 @@ class BlockInfluence:
         if state_dict["num_layers"] != self.num_layers:
             raise ValueError(f"state_dict has num_layers={state_dict['num_layers']}, expected {self.num_layers}")
         st, cnt = state_dict["state"], state_dict["count"]
-        for name, t in (("state", st), ("count", cnt)):
+        bad = state_dict.get("nonfinite", torch.zeros(self.num_layers, dtype=torch.int64))
+        for name, t in (("state", st), ("count", cnt), ("nonfinite", bad)):
             if not isinstance(t, Tensor) or tuple(t.shape) != (self.num_layers,):
                 raise ValueError(f"state_dict[{name!r}] must be a [{self.num_layers}] tensor")
         self.state.copy_(st.to(torch.float64))
-        self.count.copy_(cnt.to(torch.int64))
+        self.count[0].copy_(cnt.to(torch.int64))
+        self.count[1].copy_(bad.to(torch.int64))

@@ -244,11 +244,11 @@ def test_importance_opcheck(imp_backend):
     for m in (None, mask):
         for gsz, sa, ba in [(1, "mean", "l2"), (3, "var", "var")]:
             state = torch.zeros(2, 6 // gsz, device=DEV)
-            count = torch.zeros(1, dtype=torch.int64, device=DEV)
+            count = torch.zeros(2, dtype=torch.int64, device=DEV)
             torch.library.opcheck(torch.ops.minitron.importance_update.default,
                                   (state, count, x, m, gsz, sa, ba, imp_backend))
         state = torch.zeros(3, dtype=torch.float64, device=DEV)
-        count = torch.zeros(3, dtype=torch.int64, device=DEV)
+        count = torch.zeros(2, 3, dtype=torch.int64, device=DEV)
         torch.library.opcheck(torch.ops.minitron.block_influence_update.default,
                               (state, count, x, x.flip(-1), m, 1, imp_backend))
 
@@ -265,6 +265,35 @@ def test_block_influence(imp_backend, dtype):
     ref0 = block_influence_reference([hin.double()], [hout.double()], [mask])
     torch.testing.assert_close(bi.value()[0].double(), ref0.double().reshape(()), rtol=1e-4, atol=1e-5)
     assert abs(bi.value()[1].item()) < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group_size", [1, 64])
+def test_importance_nonfinite_counted(imp_backend, dtype, group_size):
+    """NaN/+inf/-inf at counted positions are counted exactly by the fused pass; masked ones never."""
+    from minitron.ops.importance import NonFiniteActivationError
+
+    g = _gen(9)
+    units = 5
+    x = torch.randn(3, 300, units * group_size, device=DEV, generator=g).to(dtype)
+    m = torch.ones(3, 300, dtype=torch.bool, device=DEV)
+    m[0, 250:] = False
+    m[2] = False
+    x[0, 0, 0] = float("nan")
+    x[0, 200, 2] = float("inf")
+    x[1, 299, -1] = -float("inf")
+    x[0, 260, 0] = float("nan")  # masked
+    x[2, 5] = float("inf")  # masked sample
+    for seq_agg in AGGS:
+        acc = ImportanceAccumulator(units, group_size=group_size, seq_agg=seq_agg, batch_agg="var", device=DEV,
+                                    backend=imp_backend)
+        acc.update(x, m)
+        assert acc.num_nonfinite == 3, seq_agg
+        with pytest.raises(NonFiniteActivationError, match="x held 3 non-finite"):
+            acc.value()
+    bi = BlockInfluence(2, device=DEV, backend=imp_backend)
+    bi.update(1, x, x.flip(-1), m)
+    assert bi.num_nonfinite.tolist() == [0, 6]
 
 
 # ---------------------------------------------------------------------------------------------- slicing

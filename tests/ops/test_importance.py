@@ -14,7 +14,7 @@ from minitron import _ext
 from minitron.ops import (BackendUnavailableError, BlockInfluence, ImportanceAccumulator, block_influence_reference,
                           importance_reference)
 from minitron.ops._dispatch import op_backends
-from minitron.ops.importance import AGGREGATIONS
+from minitron.ops.importance import AGGREGATIONS, NonFiniteActivationError
 
 AGGS = list(AGGREGATIONS)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -161,7 +161,9 @@ def test_half_conversion_every_bit_pattern(isa, dtype):
     bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
     x = bits.view(dtype).reshape(1, 1, -1)
     acc = _run(x.shape[-1], [x], None, "cpp", seq_agg="sum", batch_agg="sum")
-    torch.testing.assert_close(acc.value(), x.reshape(-1).float().abs(), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(acc.value(allow_nonfinite=True), x.reshape(-1).float().abs(), rtol=0, atol=0,
+                               equal_nan=True)
+    assert acc.num_nonfinite == int((~torch.isfinite(x)).sum())  # 2 infs + the NaN patterns
 
 
 def test_masks(backend):
@@ -190,8 +192,65 @@ def test_nan_propagates(backend):
     x[1, 2, 3] = float("nan")
     for seq_agg in AGGS:
         for batch_agg in ("l2", "max"):
-            v = _run(4, [x], None, backend, seq_agg=seq_agg, batch_agg=batch_agg).value()
+            acc = _run(4, [x], None, backend, seq_agg=seq_agg, batch_agg=batch_agg)
+            with pytest.raises(NonFiniteActivationError, match=r"x held 1 non-finite value"):
+                acc.value()
+            v = acc.value(allow_nonfinite=True)
             assert torch.isnan(v[3]) and torch.isfinite(v[:3]).all(), (seq_agg, batch_agg, v)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_nonfinite_counted_masked_ignored(backend, dtype, group_size):
+    """NaN, +inf and -inf at counted positions are counted exactly (in every aggregation, over several
+    chunks and units); the same values at masked positions never count; the score stays reportable."""
+    torch.manual_seed(40)
+    b, s, units = 3, 300, 5  # 300 tokens: several sequence chunks in the C++ kernel
+    x = torch.randn(b, s, units * group_size).to(dtype)
+    m = torch.ones(b, s, dtype=torch.bool)
+    m[0, 250:] = False
+    m[2, :] = False  # a sample with no counted token: nothing of it counts
+    bad_at = [(0, 0, 0, float("nan")), (0, 200, 2, float("inf")), (1, 299, units * group_size - 1, -float("inf")),
+              (1, 150, 1, float("nan")), (1, 151, 1, float("nan"))]
+    for i, j, k, v in bad_at:
+        x[i, j, k] = v
+    x[0, 260, 0] = float("nan")  # masked
+    x[0, 299, 3] = float("inf")  # masked
+    x[2, 5, :] = -float("inf")  # masked (whole sample)
+    for seq_agg in AGGS:
+        acc = _run(units, [x, x[:, :7]], [m, m[:, :7]], backend, group_size=group_size, seq_agg=seq_agg,
+                   batch_agg="var")
+        assert acc.num_nonfinite == len(bad_at) + 1, seq_agg  # + x[0, 0, 0] again in the second batch
+        with pytest.raises(NonFiniteActivationError, match=f"x held {len(bad_at) + 1} non-finite"):
+            acc.value()
+        clean = x.clone()
+        for i, j, k, _ in bad_at:
+            clean[i, j, k] = 0.0
+        ok = _run(units, [clean], [m], backend, group_size=group_size, seq_agg=seq_agg, batch_agg="l2")
+        assert ok.num_nonfinite == 0
+        _close(ok.value(), importance_reference([clean], [m], group_size, seq_agg, "l2"))
+
+
+def test_nonfinite_state_merge_resume(backend):
+    x = torch.randn(2, 4, 6)
+    x[1, 3, 5] = float("inf")
+    a = _run(6, [x], None, backend, seq_agg="mean", batch_agg="var")
+    b = _run(6, [x, x], None, backend, seq_agg="mean", batch_agg="var")
+    assert (a.num_nonfinite, b.num_nonfinite) == (1, 2)
+    assert a.merge(b).num_nonfinite == 3
+    sd = a.state_dict()
+    assert sd["nonfinite"] == 3 and sd["count"] == 6
+    resumed = ImportanceAccumulator(6, seq_agg="mean", batch_agg="var", backend=backend)
+    resumed.load_state_dict(sd)
+    assert resumed.num_nonfinite == 3 and resumed.num_samples == 6
+    # a version-1 state dict (no "nonfinite") loads with a zero counter
+    old = {k: v for k, v in sd.items() if k != "nonfinite"}
+    resumed.load_state_dict(dict(old, version=1))
+    assert resumed.num_nonfinite == 0 and resumed.num_samples == 6
+    with pytest.raises(ValueError, match="nonfinite"):
+        resumed.load_state_dict(dict(sd, nonfinite=-1))
+    resumed.reset()
+    assert resumed.num_nonfinite == 0
 
 
 def test_noncontiguous(backend):
@@ -376,7 +435,7 @@ def test_opcheck_importance(backend, with_mask):
     mask = _ragged_mask(2, 5) if with_mask else None
     for g, sa, ba in [(1, "mean", "l2"), (3, "var", "var")]:
         state = torch.zeros(2, 6 // g)
-        count = torch.zeros(1, dtype=torch.int64)
+        count = torch.zeros(2, dtype=torch.int64)
         torch.library.opcheck(torch.ops.minitron.importance_update.default,
                               (state, count, x, mask, g, sa, ba, backend))
 
@@ -386,7 +445,7 @@ def test_opcheck_block_influence(backend):
     a, b = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
     for mask in (None, _ragged_mask(2, 5)):
         state = torch.zeros(3, dtype=torch.float64)
-        count = torch.zeros(3, dtype=torch.int64)
+        count = torch.zeros(2, 3, dtype=torch.int64)
         torch.library.opcheck(torch.ops.minitron.block_influence_update.default,
                               (state, count, a, b, mask, 1, backend))
 
@@ -484,7 +543,7 @@ def test_bad_update_arguments(backend):
 
 def test_native_op_checks(cpp):
     op = torch.ops.minitron._importance_update_native
-    state, count = torch.zeros(2, 4), torch.zeros(1, dtype=torch.int64)
+    state, count = torch.zeros(2, 4), torch.zeros(2, dtype=torch.int64)
     with pytest.raises(ValueError, match="channels"):
         op(state, count, torch.ones(1, 2, 5), None, 1, 0, 1)
     with pytest.raises(ValueError, match="seq_agg"):
@@ -493,7 +552,13 @@ def test_native_op_checks(cpp):
         op(state.double(), count, torch.ones(1, 2, 4), None, 1, 0, 1)
     with pytest.raises(ValueError, match="mask"):
         op(state, count, torch.ones(1, 2, 4), torch.ones(2, 2, dtype=torch.bool), 1, 0, 1)
-    assert int(count) == 0 and not state.any()
+    with pytest.raises(TypeError, match=r"count must be a contiguous int64 \[2\]"):
+        op(state, torch.zeros(1, dtype=torch.int64), torch.ones(1, 2, 4), None, 1, 0, 1)
+    assert not count.any() and not state.any()
+    bi = torch.ops.minitron._block_influence_update_native
+    with pytest.raises(TypeError, match=r"count must be a contiguous int64 \[2, num_layers\]"):
+        bi(torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.int64), torch.ones(1, 2, 4),
+           torch.ones(1, 2, 4), None, 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -537,12 +602,14 @@ def test_block_influence_special_vectors(bi_backend):
         bi = BlockInfluence(1, backend=bi_backend)
         bi.update(0, a[:, i:i + 1], b[:, i:i + 1])
         torch.testing.assert_close(bi.value()[0], expect[i], rtol=0, atol=1e-6)
-    # NaN in a counted token -> NaN; in a masked token -> ignored
+    # NaN in a counted token -> counted and reported (NaN if asked for anyway); in a masked token -> ignored
     an = a.clone()
     an[0, 0, 0] = float("nan")
     bi = BlockInfluence(1, backend=bi_backend)
     bi.update(0, an, b)
-    assert torch.isnan(bi.value()[0])
+    with pytest.raises(NonFiniteActivationError, match=r"\{0: 1\}"):
+        bi.value()
+    assert torch.isnan(bi.value(allow_nonfinite=True)[0])
     bi = BlockInfluence(1, backend=bi_backend)
     m = torch.ones(1, 6, dtype=torch.bool)
     m[0, 0] = False
@@ -618,3 +685,37 @@ def test_block_influence_bad_input():
         bi.merge(BlockInfluence(3))
     with pytest.raises(ValueError, match="num_layers"):
         BlockInfluence(3).load_state_dict(bi.state_dict())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_block_influence_nonfinite(bi_backend, dtype):
+    """NaN/+inf/-inf in h_in or h_out at counted tokens are counted per block; masked tokens never count."""
+    torch.manual_seed(41)
+    a = torch.randn(2, 40, 70).to(dtype)
+    b = torch.randn(2, 40, 70).to(dtype)
+    m = torch.ones(2, 40, dtype=torch.bool)
+    m[1, 30:] = False
+    a[0, 3, 5] = float("nan")
+    b[0, 3, 6] = float("inf")  # same token, both inputs
+    b[1, 10, 69] = -float("inf")
+    a[1, 35, :] = float("nan")  # masked
+    b[1, 39, 0] = float("inf")  # masked
+    bi = BlockInfluence(3, backend=bi_backend)
+    bi.update(1, a, b, m)
+    bi.update(2, a[:, 11:], b[:, 11:], m[:, 11:])  # only the masked ones remain
+    assert bi.num_nonfinite.tolist() == [0, 3, 0]
+    assert bi.num_tokens.tolist() == [0, 70, 48]
+    with pytest.raises(NonFiniteActivationError, match=r"1 block\(s\) \(\{block: values\} = \{1: 3\}\)"):
+        bi.value()
+    v = bi.value(allow_nonfinite=True)
+    assert torch.isnan(v[0]) and torch.isnan(v[1]) and torch.isfinite(v[2])
+    other = BlockInfluence(3, backend=bi_backend)
+    other.update(1, a[:1], b[:1])
+    sd = bi.merge(other).state_dict()
+    assert sd["nonfinite"].tolist() == [0, 5, 0] and sd["count"].tolist() == [0, 110, 48]
+    resumed = BlockInfluence(3)
+    resumed.load_state_dict(sd)
+    assert resumed.num_nonfinite.tolist() == [0, 5, 0]
+    resumed.load_state_dict({k: v for k, v in sd.items() if k != "nonfinite"})  # version 1
+    assert resumed.num_nonfinite.tolist() == [0, 0, 0]
+    torch.testing.assert_close(resumed.value(), bi.value(allow_nonfinite=True), equal_nan=True)  # no raise now

@@ -63,6 +63,38 @@ def _single_process(backend: str) -> dict[str, torch.Tensor]:
         bi.update(i % 3, x, x.roll(1, dims=-1), m)
     out["block_influence"] = bi.value()
     out["block_influence-n"] = bi.num_tokens
+    out.update(_nonfinite_counts(backend, list(range(WORLD)), reduce=False))
+    return out
+
+
+def _nonfinite_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank r's batch: r + 1 NaN/inf values at counted tokens and more at masked ones."""
+    x = torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(rank))
+    m = torch.ones(2, 6, dtype=torch.bool)
+    m[1, 4:] = False
+    for k in range(rank + 1):
+        x[0, k, k % 4] = float("nan") if k % 2 else float("inf")
+    x[1, 4:] = float("nan")  # masked
+    return x, m
+
+
+def _nonfinite_counts(backend: str, ranks: list[int], reduce: bool) -> dict[str, torch.Tensor]:
+    """Non-finite counters after updating with the batches of ``ranks`` (then all-reduced when ``reduce``)."""
+    out = {}
+    for batch_agg in ("l2", "max", "var"):
+        acc = ImportanceAccumulator(4, seq_agg="mean", batch_agg=batch_agg, backend=backend)
+        for r in ranks:
+            acc.update(*_nonfinite_batch(r))
+        if reduce:
+            acc.all_reduce()
+        out[f"nonfinite-{batch_agg}-n"] = torch.tensor([acc.num_samples, acc.num_nonfinite])
+    bi = BlockInfluence(2, backend=backend)
+    for r in ranks:
+        x, m = _nonfinite_batch(r)
+        bi.update(1, x, x.flip(-1), m)
+    if reduce:
+        bi.all_reduce()
+    out["nonfinite-block_influence-n"] = bi.num_nonfinite
     return out
 
 
@@ -91,6 +123,7 @@ def _worker(rank: int, store_file: str, backend: str, out_dir: str) -> None:
         bi.all_reduce()
         out["block_influence"] = bi.value()
         out["block_influence-n"] = bi.num_tokens
+        out.update(_nonfinite_counts(backend, [rank], reduce=True))
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
         # Leave together: a rank that tears its gloo pairs down while the other still drains the last
         # collective aborted that process ("terminate called without an active exception", seen once in CI).

@@ -610,3 +610,90 @@ def test_cuda_kernel_compiles(tmp_path):
            "-o", str(tmp_path / "slicing.o")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# host path: index cache, layering
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_index_cache_follows_changes(backend):
+    """The same unmodified index tensor is prepared once; an in-place change, another size or a new tensor at
+    the same address is checked again (the cache can never serve a stale or unchecked index)."""
+    S._INDEX_CACHE.clear()
+    t = _rand((12, 5), torch.float32, seed=3)
+    idx = torch.tensor([7, 1, 4])
+    _assert_same(gather_slices([t], idx, 0, backend=backend)[0], _expected(t, idx, 0, 1))
+    assert id(idx) in S._INDEX_CACHE
+    prepared = S._INDEX_CACHE[id(idx)][-1]
+    _assert_same(gather_slices([t], idx, 0, backend=backend)[0], _expected(t, idx, 0, 1))
+    assert S._INDEX_CACHE[id(idx)][-1] is prepared  # reused
+    idx[0] = 11  # in place: version bump -> checked and sorted again
+    _assert_same(gather_slices([t], idx, 0, backend=backend)[0], _expected(t, idx, 0, 1))
+    idx[1] = 11  # now a duplicate: must raise although the tensor was cached before
+    with pytest.raises(ValueError, match="duplicate"):
+        gather_slices([t], idx, 0, backend=backend)
+    idx[1] = 2
+    with pytest.raises(ValueError, match="outside"):  # fine for 12 rows, not for 6 units of 2
+        gather_slices([t], idx, 0, block=2, backend=backend)
+    # compact_ shares the cache and bumps the compacted tensor's version like the custom op would
+    w = t.clone()
+    v0 = w._version
+    out = compact_(w, idx, 0, backend=backend)
+    _assert_same(out, _expected(t, idx, 0, 1))
+    assert w._version > v0
+
+
+def test_index_cache_bounded():
+    S._INDEX_CACHE.clear()
+    t = _rand((4, 3), torch.float32)
+    keep = [torch.tensor([i % 4]) for i in range(S._INDEX_CACHE_MAX + 10)]
+    for i in keep:
+        gather_slices([t], i, 0, backend="reference")
+    assert len(S._INDEX_CACHE) <= S._INDEX_CACHE_MAX
+
+
+def test_kernels_do_not_import_ops():
+    """Layering: minitron.kernels.* never imports minitron.ops.* (no import cycle)."""
+    code = ("import sys, minitron.kernels.slicing, minitron.kernels.importance; "
+            "bad = [m for m in sys.modules if m.startswith('minitron.ops')]; "
+            "assert not bad, bad")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([os.sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton unavailable")
+def test_kernel_layout_copy_matches_ops():
+    from minitron.kernels import slicing as K
+
+    base = torch.zeros(64)
+    for shape, strides in [((5,), (1,)), ((5,), (3,)), ((1,), (7,)), ((4, 6), (6, 1)), ((4, 6), (1, 4)),
+                           ((1, 6), (1, 1)), ((4, 1), (1, 1)), ((3, 4), (8, 2)), ((0, 3), (3, 1))]:
+        t = base.as_strided(shape, strides)
+        assert K._col_major(t) == S._col_major(t), (shape, strides)
+        for cm in (False, True):
+            assert K._layout(shape, strides, cm) == S._layout(shape, strides, cm), (shape, strides, cm)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton interpreter unavailable")
+@pytest.mark.parametrize("dim", [0, 1])
+def test_triton_tiles_cross_boundaries(dim):
+    """Lines wider than one column tile (BLOCK_C <= 1024), line counts that are not multiples of BLOCK_L,
+    strided and column-major inputs, and one call mixing element sizes (one launch per size)."""
+    from minitron.kernels import slicing as K
+
+    shape = (37, 1100) if dim == 0 else (9, 2100)
+    t = _rand(shape, torch.float32, seed=11)
+    idx = _units(shape[dim], shape[dim] * 2 // 3, seed=12)
+    strided = _rand((shape[0], 2 * shape[1]), torch.float32, seed=13)[:, ::2]
+    col = _rand(shape[::-1], torch.bfloat16, seed=14).t()
+    small = _rand((5, 7), torch.int8, seed=15)
+    outs = gather_slices([t, strided, col, small], [idx, idx, idx, torch.tensor([4, 0])], [dim, dim, dim, 0],
+                         backend="triton")
+    for o, src, i, d in zip(outs, [t, strided, col, small], [idx, idx, idx, torch.tensor([4, 0])], [dim] * 3 + [0]):
+        _assert_same(o, _expected(src, i, d, 1))
+    block_l, block_c = K._tile(1100)
+    assert block_c == 1024 and block_l * block_c == K._TILE
