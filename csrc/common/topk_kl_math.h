@@ -8,6 +8,7 @@
 //
 //   tail = true:   p_t = 1 - sum_k p_k (clamped at 0), q_t = tail_sum / total
 //                  D = sum_k p_k (lp_k - log q_{i_k}) + p_t (log p_t - log q_t)        (0 log 0 = 0)
+//                  (k == V: no tail, p_t = 0)
 //                  dD/da_l = q_l - p_l                 (l in I)
 //                          = e_l (1/total - p_t/tail_sum)   (l not in I)
 //   tail = false:  p'_k = p_k / sum_k p_k
@@ -34,10 +35,11 @@ struct TopkRow {
 };
 
 // lp[k]: teacher log-probabilities (-inf allowed: p = 0); ak[k]: a at the indices (a_{i_k}, same rounding as
-// the a the kernel exponentiated); m: the row max of a; tail_sum: sum of e_j over j not in I.
+// the a the kernel exponentiated); m: the row max of a; tail_sum: sum of e_j over j not in I; v: the vocabulary
+// size (k == v: there is no complement and p_tail is 0 by definition, whatever the rounding of sum_k p_k).
 // Writes gidx[k] = dD/da at the indices. Returns D, log(total) and the coefficient of the complement.
-MINITRON_HD TopkRow topk_row_finish(const float* lp, const float* ak, int64_t k, float m, double tail_sum, bool tail,
-                                    float* gidx) {
+MINITRON_HD TopkRow topk_row_finish(const float* lp, const float* ak, int64_t k, int64_t v, float m, double tail_sum,
+                                    bool tail, float* gidx) {
   const double ninf = -HUGE_VAL;
   double total = tail_sum;
   double sp = 0.0;
@@ -59,7 +61,7 @@ MINITRON_HD TopkRow topk_row_finish(const float* lp, const float* ak, int64_t k,
       }
       gidx[i] = static_cast<float>(exp(lq) - p);
     }
-    const double pt = 1.0 - sp;
+    const double pt = k < v ? 1.0 - sp : 0.0;
     r.rest_coef = 1.0 / total;
     if (pt > 0.0) {
       const double lqt = log(tail_sum) - r.log_total;  // -inf when the student has no tail mass: D = +inf

@@ -216,7 +216,7 @@ void process_row(const Problem& pb, int64_t i, float* ex, float* ak, float* gidx
     b = j + 1;
   }
   if (b < pb.v) tail_sum += P::exp_store(z, ex, b, pb.v, it, m);
-  const topk::TopkRow row = topk::topk_row_finish(lp, ak, pb.k, m, tail_sum, pb.tail, gidx);
+  const topk::TopkRow row = topk::topk_row_finish(lp, ak, pb.k, pb.v, m, tail_sum, pb.tail, gidx);
   double loss = w != 0.f ? static_cast<double>(w) * row.loss : 0.0;
   // CE at temperature 1
   float lse1 = 0.f;

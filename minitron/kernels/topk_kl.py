@@ -104,7 +104,7 @@ def _topk_kl_fwd_kernel(
             p = tl.where(lpk > float("-inf"), tl.exp(lpk), 0.0)
             p = tl.where(lpk != lpk, lpk, p)  # NaN propagates
             terms = tl.where(p != 0.0, p * (lpk - lq), 0.0)
-            pt = 1.0 - tl.sum(p, axis=0)
+            pt = tl.where(K < V, 1.0 - tl.sum(p, axis=0), 0.0)  # K == V: no tail
             pt_pos = pt > 0.0
             pt_safe = tl.where(pt_pos, pt, 1.0)
             d = tl.sum(terms, axis=0) + tl.where(pt_pos, pt * (tl.log(pt_safe) - (tl.log(tail_sum) - log_total)),

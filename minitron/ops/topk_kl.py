@@ -7,7 +7,7 @@ Per token (``T`` = ``temperature``; the student is full-vocabulary)::
 
     tail=True  (default): the mass the teacher did not store is one extra bucket against the student's
                remaining mass:
-        p_tail = 1 - sum_k p_k  (clamped at 0),   q_tail = sum_{j not in I} q_j
+        p_tail = 1 - sum_k p_k  (clamped at 0; 0 when k == V),   q_tail = sum_{j not in I} q_j
         D = sum_k p_k (lp_k - log q_{i_k}) + p_tail (log p_tail - log q_tail)
     tail=False: the teacher renormalised over its k entries (DistillKit's sparse KL):
         p'_k = p_k / sum_k p_k
@@ -82,7 +82,7 @@ def _divergence_reference(student: Tensor, indices: Tensor, logprobs: Tensor, te
     if tail:
         p = lp.exp()
         terms = torch.where(p > 0, p * (lp - lqk), zero).sum(-1)
-        pt = torch.clamp(1.0 - p.sum(-1), min=0.0)
+        pt = torch.clamp(1.0 - p.sum(-1), min=0.0) * float(idx.shape[-1] < lq.shape[-1])
         comp = lq.scatter(-1, idx, float("-inf"))
         lqt = torch.logsumexp(comp, dim=-1)
         safe_pt = torch.where(pt > 0, pt, torch.ones_like(pt))
@@ -294,7 +294,7 @@ def _fwd_reference(s: Tensor, idx: Tensor, lp: Tensor, w: Tensor, labels: Tensor
     if tail:
         p = lpd.exp()
         d = torch.where(p > 0, p * (lpd - lqk), zero).sum(-1)
-        pt = torch.clamp(1.0 - p.sum(-1), min=0.0)
+        pt = torch.clamp(1.0 - p.sum(-1), min=0.0) * float(idx.shape[-1] < lq.shape[-1])
         lqt = torch.logsumexp(lq.scatter(-1, idx, float("-inf")), dim=-1)
         safe_pt = torch.where(pt > 0, pt, torch.ones_like(pt))
         d = d + torch.where(pt > 0, pt * (safe_pt.log() - lqt), zero)
