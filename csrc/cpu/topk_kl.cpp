@@ -189,9 +189,10 @@ struct Problem {
   bool tail;
 };
 
-// Everything about one row, given the O(V) passes P.
+// Everything about one row, given the O(V) passes P. always_inline: it must be compiled inside the
+// target-attributed row_avx512 / row_avx2 below (a separate baseline-x86-64 copy would run the vector code on SSE2).
 template <class E, class P>
-void process_row(const Problem& pb, int64_t i, float* ex, float* ak, float* gidx) {
+MINITRON_SIMD_INLINE void process_row(const Problem& pb, int64_t i, float* ex, float* ak, float* gidx) {
   const float w = pb.w[i];
   const float cw = pb.labels != nullptr ? pb.cw[i] : 0.f;
   E* g = pb.g != nullptr ? reinterpret_cast<E*>(pb.g + i * pb.v * pb.elem) : nullptr;
