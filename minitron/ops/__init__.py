@@ -32,12 +32,15 @@ _EXPORTS = {
     "gather_slices": "slicing",
     "compact_": "slicing",
     "gather_slices_reference": "slicing",
+    **{name: "topk_kl" for name in ("topk_kl_div", "fused_linear_topk_kl_div", "TopKKLDivLoss",
+                                    "FusedLinearTopKKLDivLoss", "topk_kl_div_reference",
+                                    "fused_linear_topk_kl_div_reference")},
 }
 
 __all__ = sorted(_EXPORTS) + ["BackendUnavailableError", "load_all"]
 
 # Every op module, imported by load_all() so all torch.ops.minitron.* schemas are registered.
-OP_MODULES = ("kl", "importance", "slicing")
+OP_MODULES = ("kl", "importance", "slicing", "topk_kl")
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,789 @@
+"""Sparse (top-k teacher) KL distillation losses: the teacher is given only at ``k`` vocabulary entries.
+
+Per token (``T`` = ``temperature``; the student is full-vocabulary)::
+
+    log q_j = z_j / T - logsumexp(z / T)            # student log-probabilities over all V entries
+    i_1..i_k  teacher_indices (distinct),  lp_k = teacher_logprobs,  p_k = exp(lp_k)
+
+    tail=True  (default): the mass the teacher did not store is one extra bucket against the student's
+               remaining mass:
+        p_tail = 1 - sum_k p_k  (clamped at 0; 0 when k == V),   q_tail = sum_{j not in I} q_j
+        D = sum_k p_k (lp_k - log q_{i_k}) + p_tail (log p_tail - log q_tail)
+    tail=False: the teacher renormalised over its k entries (DistillKit's sparse KL):
+        p'_k = p_k / sum_k p_k
+        D = sum_k p'_k (log p'_k - log q_{i_k})
+
+Terms with zero probability are 0 (``0 log 0 = 0``; ``-inf`` teacher log-probabilities are legal). ``q_tail``
+is summed directly over the complement of the index set (``log q_tail = logsumexp_{j not in I}(z_j/T) -
+logsumexp(z/T)``), never as ``1 - sum_k q_{i_k}``, so it keeps full relative precision when the student puts
+almost all its mass on the k entries. ``D`` is ``+inf`` where the math is (the student gives zero probability
+to an entry, or to the tail, that the teacher gives mass to).
+
+The gradient with respect to the student logits is ``(1/T) dD/da`` with ``a = z / T``::
+
+    tail=True:  dD/da_l = q_l - p_l (l in I),   q_l (1 - p_tail / q_tail) (l not in I)
+    tail=False: dD/da_l = q_l - p'_l (l in I),  q_l (l not in I)
+
+With ``scale_by_t2=True`` (default) the loss is multiplied by ``T**2``, as :func:`minitron.ops.kl.kl_div` does.
+
+``fused_linear_topk_kl_div`` computes the same from hidden states and the LM head without materialising the
+``[tokens x V]`` logits, optionally mixed with the LM cross-entropy on ``labels`` (at temperature 1) from the
+same logits chunk: ``ce_weight * CE + kl_weight * KL``.
+
+Implementation: every backend computes, in one launch, the per-token loss and its gradient with respect to
+the student logits (max pass, exp pass summing the complement of the index set, gradient pass). Backward only
+rescales that gradient by the incoming gradient, in place.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from minitron.ops._dispatch import native_unavailable, op_backends, triton_unavailable
+
+__all__ = [
+    "REDUCTIONS",
+    "topk_kl_div",
+    "topk_kl_div_reference",
+    "fused_linear_topk_kl_div",
+    "fused_linear_topk_kl_div_reference",
+    "TopKKLDivLoss",
+    "FusedLinearTopKKLDivLoss",
+]
+
+REDUCTIONS = ("mean", "sum", "none")
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+_NATIVE = "_topk_kl_div_fwd_native"
+
+
+def _tol(dtype: torch.dtype) -> float:
+    """Rounding allowance for stored teacher log-probabilities (positive values, total mass above 1)."""
+    return 1e-3 if dtype in (torch.float32, torch.float64) else 1e-2
+
+
+# ----------------------------------------------------------------------------------------------
+# torch reference (dense; the test oracle; differentiable, any float dtype incl. float64)
+# ----------------------------------------------------------------------------------------------
+
+
+def _divergence_reference(student: Tensor, indices: Tensor, logprobs: Tensor, temperature: float,
+                          tail: bool) -> Tensor:
+    """Per-row ``D`` for ``student [..., V]``, ``indices``/``logprobs [..., k]`` in plain torch (>= fp32)."""
+    dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    lq = torch.log_softmax(student.to(dtype) / temperature, dim=-1)
+    idx = indices.long()
+    lqk = lq.gather(-1, idx)
+    lp = logprobs.to(dtype)
+    zero = torch.zeros((), dtype=dtype, device=student.device)
+    if tail:
+        p = lp.exp()
+        terms = torch.where(p > 0, p * (lp - lqk), zero).sum(-1)
+        pt = torch.clamp(1.0 - p.sum(-1), min=0.0) * float(idx.shape[-1] < lq.shape[-1])
+        comp = lq.scatter(-1, idx, float("-inf"))
+        lqt = torch.logsumexp(comp, dim=-1)
+        safe_pt = torch.where(pt > 0, pt, torch.ones_like(pt))
+        tterm = torch.where(pt > 0, pt * (safe_pt.log() - lqt), zero)
+        return terms + tterm
+    lpn = lp - torch.logsumexp(lp, dim=-1, keepdim=True)
+    pn = lpn.exp()
+    return torch.where(pn > 0, pn * (lpn - lqk), zero).sum(-1)
+
+
+def topk_kl_div_reference(student_logits: Tensor, teacher_indices: Tensor, teacher_logprobs: Tensor, *,
+                          temperature: float = 1.0, mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+                          ignore_index: int = -100, reduction: str = "mean", tail: bool = True,
+                          scale_by_t2: bool = True) -> Tensor:
+    """Plain-torch :func:`topk_kl_div` (same arguments and result, computed densely); the tests' oracle.
+
+    Differentiable w.r.t. ``student_logits`` through autograd; materialises ``[..., V]`` temporaries.
+    """
+    _validate_topk_args(student_logits, teacher_indices, teacher_logprobs, temperature, reduction, mask, labels,
+                        allowed_dtypes=_KERNEL_DTYPES + (torch.float64,))
+    per_token = _divergence_reference(student_logits, teacher_indices, teacher_logprobs.detach(), temperature, tail)
+    if scale_by_t2:
+        per_token = per_token * (temperature * temperature)
+    counted = _counted(mask, labels, ignore_index)
+    if counted is not None:
+        per_token = torch.where(counted, per_token, torch.zeros_like(per_token))
+    return _reduce(per_token, counted, reduction)
+
+
+def _reduce(per_token: Tensor, counted: Optional[Tensor], reduction: str) -> Tensor:
+    if reduction == "none":
+        return per_token
+    if reduction == "sum":
+        return per_token.sum()
+    count = per_token.numel() if counted is None else counted.sum()
+    return per_token.sum() / torch.clamp(torch.as_tensor(count, device=per_token.device), min=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_float_tensor(name: str, t: object, allowed: tuple[torch.dtype, ...]) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"{name} must have a floating dtype in ({names}), got {t.dtype}")
+
+
+def _validate_common(temperature: float, reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+
+
+def _concrete(t: Tensor) -> bool:
+    """True for a plain tensor in eager mode (value checks are skipped under torch.compile / fake tensors)."""
+    if torch.compiler.is_compiling() or type(t) is not torch.Tensor:
+        return False
+    modes = torch._C._TorchDispatchModeKey
+    return all(torch._C._get_dispatch_mode(k) is None for k in (modes.PROXY, modes.FAKE, modes.FUNCTIONAL))
+
+
+def _validate_teacher(indices: Tensor, logprobs: Tensor, lead: torch.Size, vocab: int, device: torch.device,
+                      lead_what: str) -> None:
+    if not isinstance(indices, Tensor):
+        raise TypeError(f"teacher_indices must be a torch.Tensor, got {type(indices).__name__}")
+    if indices.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"teacher_indices must be int32 or int64, got {indices.dtype}")
+    _check_float_tensor("teacher_logprobs", logprobs, _KERNEL_DTYPES + (torch.float64,))
+    if indices.shape != logprobs.shape:
+        raise ValueError(f"teacher_indices shape {tuple(indices.shape)} != teacher_logprobs shape "
+                         f"{tuple(logprobs.shape)}")
+    if indices.dim() < 1 or indices.shape[:-1] != lead:
+        raise ValueError(f"teacher_indices/teacher_logprobs must have shape [{', '.join(map(str, lead))}, k] "
+                         f"({lead_what}), got {tuple(indices.shape)}")
+    k = indices.shape[-1]
+    if k < 1:
+        raise ValueError("teacher_indices has k = 0 entries per token (need k >= 1)")
+    if k > vocab:
+        raise ValueError(f"teacher_indices has k = {k} entries per token, larger than the vocabulary ({vocab})")
+    for name, t in (("teacher_indices", indices), ("teacher_logprobs", logprobs)):
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the student is on {device}")
+    if not (_concrete(indices) and _concrete(logprobs)) or indices.numel() == 0:
+        return
+    # value checks on the small [N, k] tensors
+    lo, hi = int(indices.min()), int(indices.max())
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"teacher_indices must be in [0, {vocab}) (the vocabulary), got values in [{lo}, {hi}]")
+    if k > 1:
+        srt = indices.reshape(-1, k).sort(-1).values
+        if bool((srt[:, 1:] == srt[:, :-1]).any()):
+            raise ValueError("teacher_indices must be distinct within each token's k entries (found a repeat)")
+    lp = logprobs.detach()
+    if bool(torch.isnan(lp).any()):
+        raise ValueError("teacher_logprobs contains NaN (expected log-probabilities)")
+    tol = _tol(lp.dtype)
+    mx = float(lp.max())
+    if mx > tol:
+        raise ValueError(f"teacher_logprobs must be log-probabilities (<= 0), got a value of {mx:.4g}")
+    mass = float(lp.reshape(-1, k).double().exp().sum(-1).max())  # every lp <= tol here: no overflow
+    if mass > 1.0 + tol:
+        raise ValueError(f"teacher_logprobs are not log-probabilities: one token's k probabilities sum to "
+                         f"{mass:.6g} > 1")
+
+
+def _validate_tokens(mask: Optional[Tensor], labels: Optional[Tensor], lead: torch.Size, device: torch.device,
+                     what: str, allow_both: bool = False) -> None:
+    if mask is not None and labels is not None and not allow_both:
+        raise ValueError("pass either mask or labels (with ignore_index) to select the counted tokens, not both")
+    if mask is not None:
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+        if mask.shape != lead:
+            raise ValueError(f"mask must have shape {tuple(lead)} ({what}), got {tuple(mask.shape)}")
+        if mask.device != device:
+            raise ValueError(f"mask is on {mask.device} but the student is on {device}")
+    if labels is not None:
+        if not isinstance(labels, Tensor) or labels.dtype not in _INDEX_DTYPES:
+            raise TypeError(f"labels must be an int32/int64 tensor, got {getattr(labels, 'dtype', type(labels))}")
+        if labels.shape != lead:
+            raise ValueError(f"labels must have shape {tuple(lead)} ({what}), got {tuple(labels.shape)}")
+        if labels.device != device:
+            raise ValueError(f"labels is on {labels.device} but the student is on {device}")
+
+
+def _validate_topk_args(student: Tensor, indices: Tensor, logprobs: Tensor, temperature: float, reduction: str,
+                        mask: Optional[Tensor], labels: Optional[Tensor],
+                        allowed_dtypes: tuple[torch.dtype, ...] = _KERNEL_DTYPES) -> None:
+    _check_float_tensor("student_logits", student, allowed_dtypes)
+    if student.dim() < 1:
+        raise ValueError("student_logits must have at least one dimension (the vocabulary)")
+    if student.shape[-1] == 0:
+        raise ValueError("student_logits has an empty vocabulary dimension (V = 0)")
+    _validate_common(temperature, reduction)
+    lead = student.shape[:-1]
+    what = "student_logits' shape without the vocabulary axis"
+    _validate_teacher(indices, logprobs, lead, student.shape[-1], student.device, what)
+    _validate_tokens(mask, labels, lead, student.device, what)
+
+
+def _counted(mask: Optional[Tensor], labels: Optional[Tensor], ignore_index: int) -> Optional[Tensor]:
+    """bool ``[...]`` of the tokens that count (None: all)."""
+    c = mask
+    if labels is not None:
+        lc = labels != ignore_index
+        c = lc if c is None else (c & lc)
+    return c
+
+
+def _token_weights(counted: Optional[Tensor], n: int, device: torch.device, reduction: str) -> Tensor:
+    """fp32 ``[N]`` per-token weights: 0 for tokens that do not count, 1/count for 'mean', else 1."""
+    if counted is None:
+        w = torch.ones(n, dtype=torch.float32, device=device)
+        if reduction == "mean" and n > 0:
+            w.mul_(1.0 / n)
+        return w
+    w = counted.reshape(n).to(torch.float32)
+    if reduction == "mean":
+        w = w / torch.clamp(w.sum(), min=1.0)
+    return w.contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# backends of the fused forward (+gradient) kernel. Every backend gets the indices sorted ascending per
+# row (int64, contiguous) and the log-probabilities permuted alike (fp32, contiguous).
+# ----------------------------------------------------------------------------------------------
+
+_backends = op_backends("topk_kl_div")
+
+
+@_backends.register("cpp", ("cpu",), unavailable=lambda d: native_unavailable(_NATIVE, d))
+def _fwd_cpp(s: Tensor, idx: Tensor, lp: Tensor, w: Tensor, labels: Tensor, cw: Tensor, inv_t: float, tail: bool,
+             need_grad: bool = True):
+    return torch.ops.minitron._topk_kl_div_fwd_native(s, idx, lp, w, labels, cw, inv_t, tail, need_grad)
+
+
+@_backends.register("cuda", ("cuda",), unavailable=lambda d: native_unavailable(_NATIVE, d))
+def _fwd_cuda(s: Tensor, idx: Tensor, lp: Tensor, w: Tensor, labels: Tensor, cw: Tensor, inv_t: float, tail: bool,
+              need_grad: bool = True):
+    return torch.ops.minitron._topk_kl_div_fwd_native(s, idx, lp, w, labels, cw, inv_t, tail, need_grad)
+
+
+@_backends.register("triton", ("cuda", "cpu"), unavailable=triton_unavailable)
+def _fwd_triton(s: Tensor, idx: Tensor, lp: Tensor, w: Tensor, labels: Tensor, cw: Tensor, inv_t: float,
+                tail: bool, need_grad: bool = True):
+    from minitron.kernels.topk_kl import topk_kl_div_fwd as triton_fwd
+
+    return triton_fwd(s, idx, lp, w, labels, cw, inv_t, tail, need_grad=need_grad)
+
+
+@_backends.register("reference", ("cpu", "cuda"), dtypes=_KERNEL_DTYPES + (torch.float64,))
+def _fwd_reference(s: Tensor, idx: Tensor, lp: Tensor, w: Tensor, labels: Tensor, cw: Tensor, inv_t: float,
+                   tail: bool, need_grad: bool = True):
+    """Torch version of the fused kernel: dense, closed-form gradients (no autograd inside a custom op)."""
+    dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
+    z = s.to(dtype)
+    lq = torch.log_softmax(z * inv_t, dim=-1)
+    q = lq.exp()
+    lqk = lq.gather(-1, idx)
+    lpd = lp.to(dtype)
+    zero = torch.zeros((), dtype=dtype, device=s.device)
+    if tail:
+        p = lpd.exp()
+        d = torch.where(p > 0, p * (lpd - lqk), zero).sum(-1)
+        pt = torch.clamp(1.0 - p.sum(-1), min=0.0) * float(idx.shape[-1] < lq.shape[-1])
+        lqt = torch.logsumexp(lq.scatter(-1, idx, float("-inf")), dim=-1)
+        safe_pt = torch.where(pt > 0, pt, torch.ones_like(pt))
+        d = d + torch.where(pt > 0, pt * (safe_pt.log() - lqt), zero)
+        ratio = torch.where((pt > 0).unsqueeze(-1), pt.unsqueeze(-1) * torch.exp(lq - lqt.unsqueeze(-1)), zero)
+        g = (q - ratio).scatter(-1, idx, q.gather(-1, idx) - p)
+    else:
+        lpn = lpd - torch.logsumexp(lpd, dim=-1, keepdim=True)
+        pn = lpn.exp()
+        d = torch.where(pn > 0, pn * (lpn - lqk), zero).sum(-1)
+        g = q.scatter(-1, idx, q.gather(-1, idx) - pn)
+    wd = w.to(dtype)
+    loss = torch.where(wd != 0, wd * d, zero)
+    grad = g * (wd * inv_t).unsqueeze(-1)
+    if labels.numel() > 0:
+        cwd = cw.to(dtype)
+        lab = labels.clamp(0, s.shape[-1] - 1).unsqueeze(-1)
+        lse1 = torch.logsumexp(z, dim=-1)
+        ce = lse1 - z.gather(-1, lab).squeeze(-1)
+        loss = loss + torch.where(cwd != 0, cwd * ce, zero)
+        gce = torch.softmax(z, dim=-1)
+        gce = gce.scatter(-1, lab, gce.gather(-1, lab) - 1.0)
+        grad = grad + gce * cwd.unsqueeze(-1)
+        active = (wd != 0) | (cwd != 0)
+    else:
+        active = wd != 0
+    grad = torch.where(active.unsqueeze(-1), grad, zero)
+    if not need_grad:
+        return loss.to(torch.float32), s.new_empty((0, s.shape[-1]))
+    return loss.to(torch.float32), grad.to(s.dtype).contiguous()
+
+
+def _as_rows(x: Tensor) -> Tensor:
+    """``[..., V] -> [N, V]`` with unit stride along V."""
+    v = x.shape[-1]
+    x2 = x.reshape(-1, v)
+    if x2.stride(-1) != 1 and x2.numel() > 0:
+        x2 = x2.contiguous()
+    return x2
+
+
+def _sorted_teacher(indices: Tensor, logprobs: Tensor) -> tuple[Tensor, Tensor]:
+    """Indices sorted ascending per row (int64) and the log-probabilities permuted alike (fp32), contiguous."""
+    idx, perm = indices.to(torch.int64).sort(dim=-1)
+    lp = logprobs.to(torch.float32).gather(-1, perm)
+    return idx.contiguous(), lp.contiguous()
+
+
+def _run(s: Tensor, idx: Tensor, lp: Tensor, w: Tensor, labels: Tensor, cw: Tensor, temperature: float, tail: bool,
+         backend: str, need_grad: bool) -> tuple[Tensor, Tensor]:
+    """Select the backend and run it on sorted teacher entries."""
+    impl = _backends.select(backend, s.device, s.dtype, vocab=s.shape[-1])
+    if s.shape[0] == 0:
+        return (torch.zeros(0, dtype=torch.float32, device=s.device),
+                torch.empty((s.shape[0] if need_grad else 0, s.shape[1]), dtype=s.dtype, device=s.device))
+    return impl.fn(s, idx, lp, w, labels, cw, 1.0 / temperature, tail, need_grad)
+
+
+# ----------------------------------------------------------------------------------------------
+# custom op: loss per token and its gradient, in one launch
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("minitron::topk_kl_div_fwd", mutates_args=())
+def topk_kl_div_fwd(student: Tensor, indices: Tensor, teacher_logprobs: Tensor, weight: Tensor, labels: Tensor,
+                    ce_weight: Tensor, temperature: float, tail: bool, backend: str,
+                    need_grad: bool = True) -> tuple[Tensor, Tensor]:
+    """Weighted per-token sparse KL (plus optional CE) and its gradient w.r.t. ``student``.
+
+    Args:
+        student: ``[N, V]`` logits (fp32/bf16/fp16, unit stride along V).
+        indices: ``[N, k]`` int32/int64, distinct per row, any order. teacher_logprobs: ``[N, k]`` float.
+        weight: ``[N]`` fp32 KL coefficient per token (0: no KL for that token).
+        labels: ``[N]`` int64 CE targets (valid indices) or an empty tensor (no CE); ce_weight: ``[N]`` fp32
+            CE coefficient (or empty). Tokens with both coefficients 0 are skipped (loss 0, gradient 0).
+        temperature: > 0 (the KL's; the CE is at temperature 1). tail: see the module docstring.
+        need_grad: False computes the loss only (no gradient pass, no [N, V] output).
+    Returns:
+        ``loss [N]`` fp32 = weight * D + ce_weight * CE and ``grad [N, V]`` (student dtype) = d loss / d student
+        (an empty ``[0, V]`` tensor when ``need_grad`` is False).
+    """
+    idx, lp = _sorted_teacher(indices, teacher_logprobs)
+    return _run(student, idx, lp, weight, labels, ce_weight, temperature, tail, backend, need_grad)
+
+
+@topk_kl_div_fwd.register_fake
+def _(student, indices, teacher_logprobs, weight, labels, ce_weight, temperature, tail, backend, need_grad=True):
+    grad_rows = student.shape[0] if need_grad else 0
+    return (student.new_empty((student.shape[0],), dtype=torch.float32),
+            torch.empty((grad_rows, student.shape[1]), dtype=student.dtype, device=student.device))
+
+
+@torch.library.custom_op("minitron::_topk_scale_rows_", mutates_args=("grad",))
+def _topk_scale_rows_(grad: Tensor, row_scale: Tensor) -> None:
+    """In place ``grad[i, ...] *= row_scale[i]`` (``row_scale`` fp32 ``[N]`` or ``[1]``)."""
+    if row_scale.numel() == 1:
+        grad.mul_(row_scale.reshape(()).to(grad.dtype))
+    else:
+        grad.mul_(row_scale.reshape((-1,) + (1,) * (grad.dim() - 1)).to(grad.dtype))
+
+
+@_topk_scale_rows_.register_fake
+def _(grad, row_scale):
+    return None
+
+
+def _is_one(g: Tensor) -> bool:
+    return _concrete(g) and bool((g == 1).all())
+
+
+def _setup_context(ctx, inputs, output):
+    _, grad = output
+    ctx.need_grad = inputs[9] if len(inputs) > 9 else True
+    ctx.save_for_backward(grad)
+    ctx.mark_non_differentiable(grad)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_loss: Optional[Tensor], _unused: Optional[Tensor]):
+    (grad,) = ctx.saved_tensors
+    none = (None,) * 9
+    if grad_loss is None:
+        return (None,) + none
+    if not ctx.need_grad:
+        raise RuntimeError("minitron::topk_kl_div_fwd was called with need_grad=False: it computed no gradient "
+                           "(topk_kl_div passes need_grad=True whenever the student requires grad)")
+    if grad.numel() > 0 and not _is_one(grad_loss):
+        if not _concrete(grad):
+            grad = grad * grad_loss.to(grad.dtype).unsqueeze(-1)
+        else:  # in place: the gradient buffer belongs to this graph node and is handed out once
+            _topk_scale_rows_(grad, grad_loss.to(torch.float32))
+    return (grad,) + none
+
+
+topk_kl_div_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# functional API
+# ----------------------------------------------------------------------------------------------
+
+
+def topk_kl_div(student_logits: Tensor, teacher_indices: Tensor, teacher_logprobs: Tensor, *,
+                temperature: float = 1.0, mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+                ignore_index: int = -100, reduction: str = "mean", tail: bool = True, scale_by_t2: bool = True,
+                backend: str = "auto") -> Tensor:
+    """Forward KL from a sparse (top-k) teacher to the full-vocabulary student.
+
+    Args:
+        student_logits: ``[..., V]`` fp32/bf16/fp16 (non-contiguous allowed). The only differentiable input.
+        teacher_indices: ``[..., k]`` int32/int64, distinct within a token, any order, in ``[0, V)``.
+        teacher_logprobs: ``[..., k]`` float: the teacher's log-probabilities at those indices (at the
+            temperature the store recorded). Constant.
+        temperature: divides the student logits; finite and > 0.
+        mask: bool ``[...]``, True for tokens that count; or ``labels`` ``[...]`` int with ``ignore_index``
+            marking tokens that do not count (not both).
+        reduction: ``"mean"`` over counted tokens, ``"sum"``, or ``"none"`` (per-token ``[...]``, 0 where not
+            counted).
+        tail: True: the teacher's missing mass is one bucket against the student's; False: the teacher is
+            renormalised over its k entries (see the module docstring for both formulas).
+        scale_by_t2: multiply the loss by ``temperature**2``.
+        backend: ``"auto"`` (CPU -> C++, CUDA -> CUDA C++ or Triton), ``"cpp"``, ``"cuda"``, ``"triton"``,
+            ``"reference"``.
+
+    Returns:
+        fp32 scalar (``mean``/``sum``) or fp32 ``[...]`` (``none``). The gradient has the input dtype.
+
+    Raises:
+        TypeError / ValueError naming the argument for bad dtypes, shapes, out-of-range or repeated indices,
+        values that are not log-probabilities (checked in eager mode only).
+    """
+    _validate_topk_args(student_logits, teacher_indices, teacher_logprobs, temperature, reduction, mask, labels)
+    lead = student_logits.shape[:-1]
+    k = teacher_indices.shape[-1]
+    s2 = _as_rows(student_logits)
+    n = s2.shape[0]
+    weight = _token_weights(_counted(mask, labels, ignore_index), n, s2.device, reduction)
+    if scale_by_t2:
+        weight = weight * float(temperature) ** 2
+    need_grad = bool(torch.is_grad_enabled() and student_logits.requires_grad)
+    empty_l = torch.empty(0, dtype=torch.int64, device=s2.device)
+    empty_w = torch.empty(0, dtype=torch.float32, device=s2.device)
+    loss_tok, _ = torch.ops.minitron.topk_kl_div_fwd(s2, teacher_indices.reshape(n, k),
+                                                     teacher_logprobs.detach().reshape(n, k), weight, empty_l,
+                                                     empty_w, float(temperature), bool(tail), backend, need_grad)
+    if reduction == "none":
+        return loss_tok.reshape(lead)
+    return loss_tok.sum()
+
+
+class TopKKLDivLoss(nn.Module):
+    """``nn.Module`` form of :func:`topk_kl_div`;
+    ``forward(student_logits, teacher_indices, teacher_logprobs, mask=None, labels=None)``."""
+
+    def __init__(self, *, temperature: float = 1.0, reduction: str = "mean", tail: bool = True,
+                 ignore_index: int = -100, scale_by_t2: bool = True, backend: str = "auto") -> None:
+        super().__init__()
+        _validate_common(temperature, reduction)
+        self.temperature, self.reduction, self.tail = float(temperature), reduction, bool(tail)
+        self.ignore_index, self.scale_by_t2, self.backend = ignore_index, scale_by_t2, backend
+
+    def forward(self, student_logits: Tensor, teacher_indices: Tensor, teacher_logprobs: Tensor,
+                mask: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> Tensor:
+        return topk_kl_div(student_logits, teacher_indices, teacher_logprobs, temperature=self.temperature,
+                           mask=mask, labels=labels, ignore_index=self.ignore_index, reduction=self.reduction,
+                           tail=self.tail, scale_by_t2=self.scale_by_t2, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, reduction={self.reduction!r}, tail={self.tail}, "
+                f"backend={self.backend!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# fused linear + sparse KL (+ CE): logits are produced chunk by chunk and never exist in full
+# ----------------------------------------------------------------------------------------------
+
+_CHUNK_BYTES = 384 << 20
+_CHUNK_BYTES_CUDA = 1536 << 20
+
+
+def _default_chunk_size(n: int, vocab: int, hidden: int, device_type: str = "cpu") -> int:
+    """Tokens per chunk: the larger of ``ceil(N / ceil(V / H))`` and what fits the device's budget of chunk
+    temporaries (logits + gradient, fp32-sized), at most N."""
+    if n <= 0:
+        return 1
+    budget = _CHUNK_BYTES_CUDA if device_type == "cuda" else _CHUNK_BYTES
+    inc = max(1, -(-vocab // max(hidden, 1)))
+    by_hidden = max(1, -(-n // inc))
+    by_budget = max(16, budget // (2 * 4 * max(vocab, 1)))
+    return max(1, min(max(by_hidden, by_budget), n))
+
+
+def _fused_impl(sh: Tensor, sw: Tensor, sb: Optional[Tensor], idx: Tensor, lp: Tensor, weight: Tensor,
+                labels: Tensor, cw: Tensor, temperature: float, tail: bool, chunk_size: int, backend: str,
+                need_grads: bool):
+    n = sh.shape[0]
+    device = sh.device
+    loss = torch.zeros(n, dtype=torch.float32, device=device)
+    grad_h = torch.zeros_like(sh) if need_grads else None
+    grad_w = torch.zeros(sw.shape, dtype=torch.float32, device=device) if need_grads else None
+    grad_b = torch.zeros(sw.shape[0], dtype=torch.float32, device=device) if (need_grads and sb is not None) else None
+    has_ce = labels.numel() > 0
+    active = (weight != 0) | (cw != 0) if has_ce else (weight != 0)
+    counted = torch.nonzero(active).flatten() if n else weight.new_zeros(0, dtype=torch.long)
+    chunk = max(1, int(chunk_size))
+    for start in range(0, counted.numel(), chunk):
+        rows = counted[start:start + chunk]
+        contiguous_rows = int(rows[-1]) - int(rows[0]) + 1 == rows.numel()
+        if contiguous_rows:
+            lo, hi = int(rows[0]), int(rows[-1]) + 1
+            sel = slice(lo, hi)
+            h, i_c, l_c, w_c = sh[sel], idx[sel], lp[sel], weight[sel]
+            lab_c, cw_c = (labels[sel], cw[sel]) if has_ce else (labels, cw)
+        else:
+            h, i_c, l_c, w_c = (t.index_select(0, rows) for t in (sh, idx, lp, weight))
+            lab_c, cw_c = (labels.index_select(0, rows), cw.index_select(0, rows)) if has_ce else (labels, cw)
+        logits = h @ sw.t()
+        if sb is not None:
+            logits += sb
+        loss_c, g = _run(logits, i_c, l_c, w_c.contiguous(), lab_c.contiguous(), cw_c.contiguous(), temperature,
+                         tail, backend, need_grads)
+        del logits
+        if contiguous_rows:
+            loss[lo:hi] = loss_c
+        else:
+            loss.index_copy_(0, rows, loss_c)
+        if need_grads:
+            gh = g @ sw
+            if contiguous_rows:
+                grad_h[lo:hi] = gh
+            else:
+                grad_h.index_copy_(0, rows, gh)
+            if g.dtype == torch.float32:
+                grad_w.addmm_(g.t(), h)
+            else:
+                grad_w.add_((g.t() @ h).to(torch.float32))
+            if grad_b is not None:
+                grad_b.add_(g.sum(0, dtype=torch.float32))
+        del g
+    return loss, grad_h, grad_w, grad_b
+
+
+@torch.library.custom_op("minitron::fused_linear_topk_kl_div_fwd", mutates_args=())
+def fused_linear_topk_kl_div_fwd(student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],
+                                 indices: Tensor, teacher_logprobs: Tensor, weight: Tensor, labels: Tensor,
+                                 ce_weight: Tensor, temperature: float, tail: bool, chunk_size: int, backend: str,
+                                 need_grad: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-token weighted loss (``weight * D + ce_weight * CE``) of ``hidden @ weight.T (+ bias)`` and the
+    gradients w.r.t. hidden ``[N, H]``, weight ``[V, H]`` and bias ``[V]`` (empty when there is no bias),
+    computed chunk by chunk over tokens. ``need_grad=False``: loss only (the gradients are empty tensors)."""
+    idx, lp = _sorted_teacher(indices, teacher_logprobs)
+    loss, gh, gw, gb = _fused_impl(student_hidden, student_weight, student_bias, idx, lp, weight, labels, ce_weight,
+                                   temperature, tail, chunk_size, backend, need_grad)
+    if not need_grad:
+        return (loss, student_hidden.new_empty((0, student_hidden.shape[1])),
+                student_weight.new_empty((0, student_weight.shape[1])), student_hidden.new_zeros(0))
+    gw = gw.to(student_weight.dtype)
+    gb = gb.to(student_bias.dtype) if gb is not None else student_hidden.new_zeros(0)
+    return loss, gh, gw, gb
+
+
+@fused_linear_topk_kl_div_fwd.register_fake
+def _(student_hidden, student_weight, student_bias, indices, teacher_logprobs, weight, labels, ce_weight,
+      temperature, tail, chunk_size, backend, need_grad=True):
+    n = student_hidden.shape[0]
+    loss = student_hidden.new_empty((n,), dtype=torch.float32)
+    if not need_grad:
+        return (loss, student_hidden.new_empty((0, student_hidden.shape[1])),
+                student_weight.new_empty((0, student_weight.shape[1])), student_hidden.new_empty(0))
+    gb = torch.empty_like(student_bias) if student_bias is not None else student_hidden.new_empty(0)
+    return loss, torch.empty_like(student_hidden), torch.empty_like(student_weight), gb
+
+
+def _fl_setup_context(ctx, inputs, output):
+    _, gh, gw, gb = output
+    ctx.has_bias = inputs[2] is not None
+    ctx.need_grad = inputs[12] if len(inputs) > 12 else True
+    ctx.save_for_backward(gh, gw, gb)
+    ctx.mark_non_differentiable(gh, gw, gb)
+    ctx.set_materialize_grads(False)
+
+
+def _fl_backward(ctx, grad_loss: Optional[Tensor], *_unused):
+    gh, gw, gb = ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * 13
+    if not ctx.need_grad:
+        raise RuntimeError("minitron::fused_linear_topk_kl_div_fwd was called with need_grad=False: it computed "
+                           "no gradient (fused_linear_topk_kl_div passes need_grad=True whenever a student input "
+                           "requires grad)")
+    # the wrapper reduces with a sum (weights carry the mean): the upstream gradient is uniform
+    if grad_loss.numel() > 0 and not _is_one(grad_loss):
+        c = grad_loss.reshape(-1)[0]
+        gh, gw, gb = gh * c.to(gh.dtype), gw * c.to(gw.dtype), gb * c.to(gb.dtype)
+    return (gh, gw, (gb if ctx.has_bias else None)) + (None,) * 10
+
+
+fused_linear_topk_kl_div_fwd.register_autograd(_fl_backward, setup_context=_fl_setup_context)
+
+
+def _validate_fused_args(sh, sw, sb, indices, logprobs, temperature, reduction, mask, labels, chunk_size,
+                         ce_weight, kl_weight, ignore_index=-100) -> None:
+    _check_float_tensor("student_hidden", sh, _KERNEL_DTYPES)
+    _check_float_tensor("student_weight", sw, _KERNEL_DTYPES)
+    if sb is not None:
+        _check_float_tensor("student_bias", sb, _KERNEL_DTYPES)
+    if sw.dim() != 2:
+        raise ValueError(f"student_weight must be 2-D [V, H], got shape {tuple(sw.shape)}")
+    if sh.dim() < 1 or sh.shape[-1] != sw.shape[1]:
+        raise ValueError(f"student_hidden's last dimension ({sh.shape[-1] if sh.dim() else None}) must equal "
+                         f"student_weight.shape[1] ({sw.shape[1]})")
+    if sb is not None and tuple(sb.shape) != (sw.shape[0],):
+        raise ValueError(f"student_bias must have shape ({sw.shape[0]},), got {tuple(sb.shape)}")
+    if sh.dtype != sw.dtype or (sb is not None and sb.dtype != sh.dtype):
+        raise TypeError(f"student_hidden ({sh.dtype}), student_weight ({sw.dtype}) and student_bias must share a dtype")
+    devices = {t.device for t in (sh, sw, sb) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"student_hidden, student_weight and student_bias must be on one device, got "
+                         f"{sorted(map(str, devices))}")
+    if sw.shape[0] == 0:
+        raise ValueError("student_weight has an empty vocabulary dimension (V = 0)")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    for name, x in (("ce_weight", ce_weight), ("kl_weight", kl_weight)):
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
+            raise ValueError(f"{name} must be a finite float >= 0, got {x!r}")
+    if ce_weight > 0 and labels is None:
+        raise ValueError("ce_weight > 0 needs labels (the next-token ids for the cross-entropy term)")
+    _validate_common(temperature, reduction)
+    lead = sh.shape[:-1]
+    what = "student_hidden's shape without the hidden axis"
+    _validate_teacher(indices, logprobs, lead, sw.shape[0], sh.device, what)
+    _validate_tokens(mask, labels, lead, sh.device, what, allow_both=True)
+    if labels is not None and _concrete(labels) and labels.numel() > 0:
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= sw.shape[0]))
+        if bool(bad.any()):
+            raise ValueError(f"labels must be in [0, {sw.shape[0]}) or the ignore_index")
+
+
+def fused_linear_topk_kl_div(student_hidden: Tensor, student_weight: Tensor, teacher_indices: Tensor,
+                             teacher_logprobs: Tensor, *, student_bias: Optional[Tensor] = None,
+                             labels: Optional[Tensor] = None, ignore_index: int = -100, ce_weight: float = 0.0,
+                             kl_weight: float = 1.0, temperature: float = 1.0, mask: Optional[Tensor] = None,
+                             reduction: str = "mean", tail: bool = True, chunk_size: Optional[int] = None,
+                             scale_by_t2: bool = True, backend: str = "auto") -> Tensor:
+    """``ce_weight * CE + kl_weight * topk_kl_div`` of the logits ``hidden @ weight.T (+ bias)``, without
+    materialising them.
+
+    Args:
+        student_hidden: ``[..., H]``; student_weight: ``[V, H]``; student_bias: ``[V]`` or None (fp32/bf16/fp16,
+            one dtype).
+        teacher_indices, teacher_logprobs: ``[..., k]`` as in :func:`topk_kl_div`.
+        labels: ``[...]`` int next-token ids for the cross-entropy term (at temperature 1; tokens equal to
+            ``ignore_index`` count for neither term). Needed when ``ce_weight > 0``.
+        mask: bool ``[...]``; counted tokens are those of ``mask`` (when given) whose label is not
+            ``ignore_index`` (when labels are given). Both terms are averaged over the same tokens for
+            ``reduction="mean"``.
+        ce_weight, kl_weight: the mix; ``scale_by_t2`` multiplies only the KL term by ``temperature**2``.
+        chunk_size: tokens per chunk (default: about ``N / ceil(V / H)`` or what fits a 384 MiB (CPU) /
+            1.5 GiB (CUDA) budget of chunk logits + gradient, at most N).
+        Other arguments as :func:`topk_kl_div`.
+
+    Returns:
+        fp32 scalar, or fp32 ``[...]`` for ``reduction="none"``. Gradients w.r.t. hidden, weight and bias are
+        computed in the forward pass (backward only scales them); with ``reduction="none"`` the upstream gradient
+        must be uniform across tokens. Extra memory: the fp32 weight gradient, O(N k) and one chunk of logits.
+    """
+    _validate_fused_args(student_hidden, student_weight, student_bias, teacher_indices, teacher_logprobs,
+                         temperature, reduction, mask, labels, chunk_size, ce_weight, kl_weight, ignore_index)
+    lead = student_hidden.shape[:-1]
+    k = teacher_indices.shape[-1]
+    sh = student_hidden.reshape(-1, student_hidden.shape[-1])
+    n = sh.shape[0]
+    w = _token_weights(_counted(mask, labels, ignore_index), n, sh.device, reduction)
+    scale = float(temperature) ** 2 if scale_by_t2 else 1.0
+    kl_w = w * (float(kl_weight) * scale)
+    if labels is not None and ce_weight > 0:
+        lab = labels.reshape(n).to(torch.int64)
+        lab = torch.where(lab == ignore_index, torch.zeros_like(lab), lab).contiguous()
+        cw = (w * float(ce_weight)).contiguous()
+    else:
+        lab = torch.empty(0, dtype=torch.int64, device=sh.device)
+        cw = torch.empty(0, dtype=torch.float32, device=sh.device)
+    if chunk_size is None:
+        chunk_size = _default_chunk_size(n, student_weight.shape[0], sh.shape[1], sh.device.type)
+    need_grad = bool(torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias)))
+    loss_tok, _, _, _ = torch.ops.minitron.fused_linear_topk_kl_div_fwd(
+        sh, student_weight, student_bias, teacher_indices.reshape(n, k), teacher_logprobs.detach().reshape(n, k),
+        kl_w, lab, cw, float(temperature), bool(tail), int(chunk_size), backend, need_grad)
+    if reduction == "none":
+        out = loss_tok.reshape(lead)
+        if out.requires_grad and not torch.compiler.is_compiling():
+            out.register_hook(_require_uniform_grad)
+        return out
+    return loss_tok.sum()
+
+
+def _require_uniform_grad(grad: Tensor) -> Tensor:
+    if grad.numel() > 1 and not bool((grad == grad.reshape(-1)[0]).all()):
+        raise RuntimeError("fused_linear_topk_kl_div(reduction='none'): the gradient of the per-token loss must be "
+                           "uniform across tokens (reduce it with .sum()/.mean(), or use per-token weights via mask)")
+    return grad
+
+
+def fused_linear_topk_kl_div_reference(student_hidden: Tensor, student_weight: Tensor, teacher_indices: Tensor,
+                                       teacher_logprobs: Tensor, *, student_bias: Optional[Tensor] = None,
+                                       labels: Optional[Tensor] = None, ignore_index: int = -100,
+                                       ce_weight: float = 0.0, kl_weight: float = 1.0, temperature: float = 1.0,
+                                       mask: Optional[Tensor] = None, reduction: str = "mean", tail: bool = True,
+                                       scale_by_t2: bool = True) -> Tensor:
+    """Unfused plain-torch :func:`fused_linear_topk_kl_div` (materialises the logits; differentiable)."""
+    logits = torch.nn.functional.linear(student_hidden, student_weight, student_bias)
+    counted = _counted(mask, labels, ignore_index)
+    d = _divergence_reference(logits, teacher_indices, teacher_logprobs.detach(), temperature, tail)
+    per_token = d * (float(kl_weight) * (temperature * temperature if scale_by_t2 else 1.0))
+    if labels is not None and ce_weight > 0:
+        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        lab = torch.where(labels == ignore_index, torch.zeros_like(labels), labels).long()
+        lz = torch.log_softmax(logits.to(dtype), dim=-1)
+        ce = -lz.gather(-1, lab.unsqueeze(-1)).squeeze(-1)
+        per_token = per_token + float(ce_weight) * ce
+    if counted is not None:
+        per_token = torch.where(counted, per_token, torch.zeros_like(per_token))
+    return _reduce(per_token, counted, reduction)
+
+
+class FusedLinearTopKKLDivLoss(nn.Module):
+    """``nn.Module`` form of :func:`fused_linear_topk_kl_div`; ``forward(student_hidden, student_weight,
+    teacher_indices, teacher_logprobs, student_bias=None, labels=None, mask=None)``."""
+
+    def __init__(self, *, temperature: float = 1.0, reduction: str = "mean", tail: bool = True,
+                 ce_weight: float = 0.0, kl_weight: float = 1.0, ignore_index: int = -100,
+                 chunk_size: Optional[int] = None, scale_by_t2: bool = True, backend: str = "auto") -> None:
+        super().__init__()
+        _validate_common(temperature, reduction)
+        self.temperature, self.reduction, self.tail = float(temperature), reduction, bool(tail)
+        self.ce_weight, self.kl_weight, self.ignore_index = float(ce_weight), float(kl_weight), ignore_index
+        self.chunk_size, self.scale_by_t2, self.backend = chunk_size, scale_by_t2, backend
+
+    def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_indices: Tensor,
+                teacher_logprobs: Tensor, student_bias: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+                mask: Optional[Tensor] = None) -> Tensor:
+        return fused_linear_topk_kl_div(student_hidden, student_weight, teacher_indices, teacher_logprobs,
+                                        student_bias=student_bias, labels=labels, ignore_index=self.ignore_index,
+                                        ce_weight=self.ce_weight, kl_weight=self.kl_weight,
+                                        temperature=self.temperature, mask=mask, reduction=self.reduction,
+                                        tail=self.tail, chunk_size=self.chunk_size, scale_by_t2=self.scale_by_t2,
+                                        backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, reduction={self.reduction!r}, tail={self.tail}, "
+                f"ce_weight={self.ce_weight}, kl_weight={self.kl_weight}, backend={self.backend!r}")
