@@ -75,13 +75,14 @@ def test_generalized_jsd_loss_matches_trl(beta: float, temperature: float, vocab
             # TRL's function run in fp64 is the oracle; its fp32 run is itself off by ~1e-4 of the largest
             # gradient entry on peaked (T = 0.5) rows, so ours (fp32) is held to fp64 TRL tightly, to fp32 TRL loosely.
             ref, ref_grad = _value_and_grad(_trl_jsd, student.double(), 1, **dict(kw, teacher_logits=teacher.double()))
-            ref32, ref32_grad = _value_and_grad(_trl_jsd, student, 1, **kw)
             ours, our_grad = _value_and_grad(_ours_jsd, student, 1, **kw)
             assert torch.isfinite(ref).all() and ref.abs().sum() > 0, what  # a meaningful comparison
             _close(ours, ref, what + " (value)")
             _close(our_grad, ref_grad, what + " (student gradient)")
-            _close(ours, ref32, what + " (value vs TRL fp32)", rtol=1e-4)
-            _close(our_grad, ref32_grad, what + " (student gradient vs TRL fp32)", rtol=1e-3)
+            if vocab <= 1000:  # TRL's fp32 run too (slow at V = 32003: ~0.5 s a call on this CPU)
+                ref32, ref32_grad = _value_and_grad(_trl_jsd, student, 1, **kw)
+                _close(ours, ref32, what + " (value vs TRL fp32)", rtol=1e-4)
+                _close(our_grad, ref32_grad, what + " (student gradient vs TRL fp32)", rtol=1e-3)
 
 
 @pytest.mark.parametrize("num_items", [7, torch.tensor(7)])
