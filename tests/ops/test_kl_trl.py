@@ -238,3 +238,53 @@ def test_bad_transform_and_label_arguments(kwargs, exc, words):
             call()
         for w in words:
             assert w in str(info.value), (w, str(info.value))
+
+
+# ------------------------------------------------------------------------------------------------
+# custom-op rules with the new arguments: opcheck and torch.compile(fullgraph=True)
+# ------------------------------------------------------------------------------------------------
+def test_fused_linear_opcheck_with_transforms():
+    g = torch.Generator().manual_seed(11)
+    sh, th = torch.randn(6, 8, generator=g), torch.randn(6, 12, generator=g)
+    sw, tw = torch.randn(33, 8, generator=g), torch.randn(33, 12, generator=g)
+    weight = torch.full((6,), 1 / 6)
+    for backend in [b for b in ("cpp", "reference") if _available(b)]:
+        torch.library.opcheck(torch.ops.minitron.fused_linear_kl_div_fwd.default,
+                              (sh.clone().requires_grad_(True), sw.clone().requires_grad_(True), th, tw, None, None,
+                               weight, 2, 1.3, 0.3, 1.0, 4, backend, True, 0.7, 1.2, 3.0, None),
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_torch_compile_fullgraph_with_transforms_and_labels(backend):
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(12)
+    s, t = torch.randn(3, 5, 29, generator=g) * 3, torch.randn(3, 5, 29, generator=g) * 3
+    labels = torch.randint(0, 29, (3, 5), generator=g)
+    labels[1, 2:] = -100
+    kw = dict(mode="jsd", beta=0.3, temperature=1.5, student_logit_scale=0.8, teacher_softcap=4.0,
+              student_softcap=5.0)
+
+    cf = torch.compile(lambda a, b, lab: kl_div(a, b, labels=lab, backend=backend, **kw), fullgraph=True,
+                       backend="aot_eager")
+    a = s.clone().requires_grad_(True)
+    out = cf(a, t, labels)
+    out.backward()
+    r = s.clone().requires_grad_(True)
+    ref = kl_div_reference(r, t, labels=labels, **kw)
+    ref.backward()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(a.grad, r.grad, rtol=1e-4, atol=1e-6)
+
+    torch._dynamo.reset()
+    sh, th = torch.randn(3, 5, 8, generator=g), torch.randn(3, 5, 12, generator=g)
+    sw, tw = torch.randn(29, 8, generator=g), torch.randn(29, 12, generator=g)
+    cfl = torch.compile(lambda h, w: fused_linear_kl_div(h, w, th, tw, labels=labels, chunk_size=4, backend=backend,
+                                                         **kw), fullgraph=True, backend="aot_eager")
+    h = sh.clone().requires_grad_(True)
+    out = cfl(h, sw)
+    out.backward()
+    h2 = sh.clone().requires_grad_(True)
+    ref = fused_linear_kl_div_reference(h2, sw, th, tw, labels=labels, **kw)
+    ref.backward()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(h.grad, h2.grad, rtol=1e-4, atol=1e-6)
