@@ -117,9 +117,11 @@ def _divergence_reference(student: Tensor, teacher: Tensor, mode: str, temperatu
         lm = _log_mixture(lp, lq, beta)
         d = beta * kl(lp, lm) + (1.0 - beta) * kl(lq, lm)
     # an all -inf teacher row: log_softmax gives NaN everywhere; the row has no target and contributes 0. A
-    # student row without a distribution (all -inf, +inf, NaN) is NaN (KL terms weighted by NaN would read 0).
-    no_student = ~torch.isfinite(torch.logsumexp(student.detach().to(dtype), dim=-1))
-    d = torch.where(no_student, torch.full_like(d, float("nan")), d)
+    # student row without a distribution (all -inf, +inf, NaN), or a teacher row with a NaN or +inf, is NaN (KL
+    # terms weighted by a NaN probability would otherwise read 0).
+    bad = ~torch.isfinite(torch.logsumexp(student.detach().to(dtype), dim=-1)) | \
+        ~torch.isfinite(torch.logsumexp(teacher.to(dtype), dim=-1))
+    d = torch.where(bad, torch.full_like(d, float("nan")), d)
     return torch.where(empty, torch.zeros_like(d), d)
 
 

@@ -159,3 +159,14 @@ def test_temperature_above_the_bound_is_refused():
         with pytest.raises(ValueError, match="temperature must be <="):
             call()
     assert torch.isfinite(kl_div(s, t, temperature=MAX_TEMPERATURE))
+
+
+@pytest.mark.parametrize("mode,beta", MODES, ids=MODE_IDS)
+def test_nan_in_either_input_is_nan_everywhere(backend, mode, beta):
+    s, t = torch.randn(3, 40), torch.randn(3, 40)
+    s[0, 3] = float("nan")
+    t[1, 7] = float("nan")
+    for fn in (lambda: kl_div(s, t, mode=mode, beta=beta, reduction="none", backend=backend),
+               lambda: kl_div_reference(s, t, mode=mode, beta=beta, reduction="none")):
+        loss = fn()
+        assert torch.isnan(loss[:2]).all() and torch.isfinite(loss[2]), loss
