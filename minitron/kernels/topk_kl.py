@@ -62,16 +62,16 @@ def _topk_kl_fwd_kernel(
     lp_row = lp_ptr + row * K
     g_row = g_ptr + row * V
     w = tl.load(w_ptr + row)
+    active = w != 0.0
     if HAS_CE:
         cw = tl.load(cw_ptr + row)
-    else:
-        cw = 0.0
+        active = active | (cw != 0.0)
     offs = tl.arange(0, BLOCK_V)
-    if (w != 0.0) | (cw != 0.0):
+    if active:
         # pass 1: max over the row, complement sum relative to it (and lse of the raw logits for CE)
-        m = float("-inf")
+        m = tl.full((), float("-inf"), tl.float32)
         st = tl.zeros([BLOCK_V], dtype=tl.float32)
-        m1 = float("-inf")
+        m1 = tl.full((), float("-inf"), tl.float32)
         s1 = tl.zeros([BLOCK_V], dtype=tl.float32)
         for start in range(0, V, BLOCK_V):
             j = start + offs
