@@ -16,7 +16,7 @@
 #
 # Usage: bash tools/gpu_check.sh [--dry-run]      (--dry-run: print the steps and their limits, run nothing)
 # Knobs (environment): OUT, PYTHON, TOTAL_S, BUILD_S, TEST_S, BENCH_S, XDIST (pytest-xdist workers; 0 = off),
-#   TESTS (pytest paths), BENCH_ONLY, BENCH_FILTERS (';'-separated case-id substrings; any match runs),
+#   TESTS (pytest paths), TEST_ARGS (extra pytest arguments), BENCH_ONLY, BENCH_FILTERS (';'-separated case-id substrings; any match runs),
 #   BENCH_PROVIDERS, REPEATS, MAX_TIME, BENCH_ARGS, TORCH_CUDA_ARCH_LIST, MAX_JOBS.
 set -u
 DRY=0
@@ -35,6 +35,8 @@ PY=${PYTHON:-python3}
 TOTAL_S=${TOTAL_S:-470}
 BUILD_S=${BUILD_S:-150}; TEST_S=${TEST_S:-130}; BENCH_S=${BENCH_S:-210}
 TESTS=${TESTS:-tests/gpu tests/kernels}
+# the CPU emulations of the CUDA kernels (tests/gpu/test_*_emulated.py) already run on CPU machines: not here
+TEST_ARGS=${TEST_ARGS:--k "not emulated"}
 BENCH_ONLY=${BENCH_ONLY:-slicing,importance}
 BENCH_FILTERS=${BENCH_FILTERS:-gather_slices;compact_;group_size=1,mask=False;block_influence}
 BENCH_PROVIDERS=${BENCH_PROVIDERS:-minitron-cuda,minitron-triton,torch-index_select,torch-eager}
@@ -109,7 +111,8 @@ fi
 xdist=()
 if [ "${XDIST:-6}" != 0 ] && $PY -c "import xdist" >/dev/null 2>&1; then xdist=(-n "${XDIST:-6}"); fi
 # shellcheck disable=SC2086
-step tests "$TEST_S" "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" $TESTS \
+eval "test_args=($TEST_ARGS)"
+step tests "$TEST_S" "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" "${test_args[@]}" $TESTS \
   --junitxml="$OUT/junit.xml"
 [ "$DRY" = 0 ] && grep -E "^(FAILED|ERROR)|passed|failed|error" "$OUT/tests.log" | tail -40 | tee -a "$SUMMARY"
 
