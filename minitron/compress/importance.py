@@ -496,6 +496,18 @@ class _Collector:
         return hook
 
 
+def _scores(acc: Any, where: str) -> torch.Tensor:
+    """``acc.value()`` as fp32 on the CPU; non-finite activations are reported with the module they came from."""
+    from minitron.ops.importance import NonFiniteActivationError
+
+    try:
+        return acc.value().float().cpu()
+    except NonFiniteActivationError as exc:
+        raise NonFiniteActivationError(
+            f"non-finite activations in the {where} during importance estimation ({exc}); the model or the "
+            "calibration data produces NaN/inf: check the checkpoint's weights and the data") from exc
+
+
 def estimate_importance(
     model: nn.Module,
     batches: Iterable[Mapping[str, torch.Tensor]],
@@ -606,12 +618,13 @@ def estimate_importance(
     finally:
         model.train(was_training)
 
-    heads = torch.stack([a.value().float().cpu() for a in collector.heads])
+    heads = torch.stack([_scores(a, f"attention heads of layer {i}") for i, a in enumerate(collector.heads)])
     kv = heads.view(dims.num_hidden_layers, dims.num_key_value_heads, dims.heads_per_group).sum(-1)
-    neurons = torch.stack([a.value().float().cpu() for a in collector.neurons])
-    channels = torch.stack([a.value().float().cpu() for a in collector.channels]).sum(0)
+    neurons = torch.stack([_scores(a, f"MLP neurons of layer {i}") for i, a in enumerate(collector.neurons)])
+    channels = torch.stack([_scores(a, f"embedding channels at layer {i}")
+                            for i, a in enumerate(collector.channels)]).sum(0)
     if collector.bi is not None:
-        bi = collector.bi.value().float().cpu()
+        bi = _scores(collector.bi, "block influence")
     else:
         bi = torch.full((dims.num_hidden_layers,), float("nan"))
     meta = {

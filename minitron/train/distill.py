@@ -38,7 +38,7 @@ class DistillConfig:
     Attributes:
         mode: "forward" (KL(teacher || student), the Minitron default), "reverse" or "jsd".
         temperature: softmax temperature of both models (the loss is scaled by T^2).
-        beta: JSD mixing weight (mode="jsd" only).
+        beta: JSD mixing weight (mode="jsd" only; TRL/Liger convention: 0 = forward KL, 1 = reverse KL).
         kl_weight: weight of the KL term.
         lm_loss_weight: weight of the student's next-token cross-entropy (0: pure distillation).
         chunk_size: tokens per chunk in the fused KL (None: the op's default).
