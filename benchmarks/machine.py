@@ -49,7 +49,8 @@ GIT_COMMIT_ENV = "MINITRON_GIT_COMMIT"
 
 
 def git_commit() -> Optional[str]:
-    """HEAD's hash, with ``-dirty`` when tracked files have uncommitted changes; None outside a git checkout.
+    """HEAD's hash, with ``-dirty`` when tracked files (other than ``benchmarks/results/``) have uncommitted
+    changes; None outside a git checkout.
 
     Where the tree is a copy without ``.git`` (a lent GPU machine), ``$MINITRON_GIT_COMMIT`` names the commit the
     copy was made from (whoever copies it vouches that it is that commit's clean tree); without it, None.
@@ -58,8 +59,10 @@ def git_commit() -> Optional[str]:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
         if out.returncode == 0:
             commit = out.stdout.strip()
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                                   capture_output=True, text=True, timeout=10)
+            # the committed results themselves do not change what is measured: several --save runs in a row
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                    ":(exclude)benchmarks/results"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                   timeout=10)
             return commit + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         pass

@@ -502,3 +502,31 @@ def test_git_commit_outside_a_checkout_comes_from_the_environment(monkeypatch, t
     monkeypatch.setenv(machine.GIT_COMMIT_ENV, "HEAD")
     with pytest.raises(ValueError, match="40-hex"):
         machine.git_commit()
+
+
+def test_git_commit_ignores_the_committed_results_only(monkeypatch, tmp_path):
+    import shutil
+    import subprocess
+
+    from benchmarks import machine
+
+    if shutil.which("git") is None:
+        pytest.skip("git not installed")
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "cpu.jsonl").write_text("{}\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "init")
+    monkeypatch.setattr(machine, "REPO_ROOT", tmp_path)
+    clean = machine.git_commit()
+    assert clean and not clean.endswith("-dirty")
+    (tmp_path / "benchmarks" / "results" / "cpu.jsonl").write_text("{}\n{}\n")  # a previous --save
+    assert machine.git_commit() == clean
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert machine.git_commit() == clean + "-dirty"
