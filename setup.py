@@ -77,8 +77,8 @@ setup(
     package_data={"minitron.resources": ["data/README.md", "data/*/*.txt"]},
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4,<2.15",
-        "transformers>=4.57",
+        "torch>=2.13,<2.15",
+        "transformers>=5.25",
         "datasets>=3.0",
         "tokenizers>=0.20",
         "safetensors>=0.4",

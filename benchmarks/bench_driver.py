@@ -1,11 +1,11 @@
 """End-to-end driver timings on a small Llama built from a config (random weights, random token batches):
 
-* ``importance``: ``minitron.importance.estimate_importance`` (activation importance, block-influence layer
+* ``importance``: ``minitron.compress.estimate_importance`` (activation importance, block-influence layer
   metric) over the calibration batches;
-* ``prune_width``: ``minitron.prune.prune_width`` of a fresh copy of the model (the copy is made untimed) to
+* ``prune_width``: ``minitron.compress.prune_width`` of a fresh copy of the model (the copy is made untimed) to
   3/4 hidden, 1/2 MLP, 3/4 heads, 3/4 KV groups;
 * ``distill_step``: one distillation step of the pruned student against the teacher: the
-  ``minitron.distill.make_distillation_loss`` loss (fused linear KL), backward, AdamW step.
+  ``minitron.train.make_distillation_loss`` loss (fused linear KL), backward, AdamW step.
 
 Providers: ``minitron-<backend>`` (the kernels' backend for the device) against ``minitron-reference`` (the
 same driver code on the plain-torch reference ops). Each case reports "unavailable" cleanly when the driver
@@ -41,9 +41,9 @@ def _imports():
     except ImportError as exc:
         raise Unavailable(f"transformers is not available ({exc})") from exc
     try:
-        from minitron.distill import DistillConfig, make_distillation_loss
-        from minitron.importance import estimate_importance
-        from minitron.prune import prune_width
+        from minitron.train.distill import DistillConfig, make_distillation_loss
+        from minitron.compress import estimate_importance
+        from minitron.compress import prune_width
     except ImportError as exc:
         raise Unavailable(f"minitron driver not available ({exc})") from exc
     return LlamaConfig, LlamaForCausalLM, estimate_importance, prune_width, DistillConfig, make_distillation_loss
