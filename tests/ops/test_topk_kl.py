@@ -18,6 +18,9 @@ from minitron.ops import (BackendUnavailableError, FusedLinearTopKKLDivLoss, Top
                           fused_linear_topk_kl_div_reference, topk_kl_div, topk_kl_div_reference)
 from minitron.ops._dispatch import op_backends
 
+# The Triton interpreter evaluates both sides of tl.where (e.g. -inf - -inf on masked lanes) in numpy.
+pytestmark = pytest.mark.filterwarnings("ignore:(invalid value|divide by zero) encountered:RuntimeWarning")
+
 ALL_BACKENDS = ["cpp", "triton", "reference"]
 ISAS = ["avx512", "avx2", "scalar"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -492,7 +495,7 @@ def test_fused_linear_module_empty_and_no_grad(backend):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-6)
     h0 = torch.randn(0, 24, requires_grad=True)
     out0 = fused_linear_topk_kl_div(h0, weight, idx.reshape(-1, 7)[:0], lp.reshape(-1, 7)[:0], backend=backend)
-    assert float(out0) == 0.0
+    assert float(out0.detach()) == 0.0
     out0.backward()
     assert h0.grad.shape == (0, 24)
 
