@@ -5,6 +5,9 @@ KL divergence family (``minitron.ops.kl``):
     fused_linear_kl_div_reference
 Importance reduction (``minitron.ops.importance``):
     ImportanceAccumulator, BlockInfluence, importance_reference, block_influence_reference
+Sparse top-k KL (``minitron.ops.topk_kl``):
+    topk_kl_div, fused_linear_topk_kl_div, TopKKLDivLoss, FusedLinearTopKKLDivLoss, topk_kl_div_reference,
+    fused_linear_topk_kl_div_reference
 Structured slicing (``minitron.ops.slicing``):
     gather_slices, compact_, gather_slices_reference
 
