@@ -31,36 +31,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from minitron.kernels._layout import col_major as _col_major
+from minitron.kernels._layout import layout as _layout
+
 log = logging.getLogger(__name__)
 
 __all__ = ["gather_slices_triton", "compact_triton"]
 
 _NF = 16  # descriptor fields (int64), see _describe
-
-
-# Canonical memory layout of csrc/common/slicing_math.h (make_layout / is_col_major). Defined here, not
-# imported from minitron.ops.slicing: kernels are the lower layer and never import the ops built on them.
-# tests/ops/test_slicing.py checks that this copy and the ops' copy agree on every layout.
-
-
-def _col_major(t: Tensor) -> bool:
-    """Whether a 2-D tensor's lines (memory rows) are its columns (extent-1 dims never decide)."""
-    return t.dim() == 2 and t.shape[0] > 1 and t.shape[1] > 1 and t.stride(0) < t.stride(1)
-
-
-def _layout(shape: Sequence[int], strides: Sequence[int], col_major: bool) -> tuple[int, int, int, int, int, int]:
-    """``(outer, inner, so, si, outer_dim, inner_dim)`` of slicing_math.h ``make_layout``."""
-    if len(shape) == 1:
-        outer, inner, so, si, od, idim = 1, shape[0], 0, strides[0], -1, 0
-    else:
-        od = 1 if col_major else 0
-        idim = 1 - od
-        outer, inner, so, si = shape[od], shape[idim], strides[od], strides[idim]
-    if inner <= 1:
-        si = 1
-    if outer <= 1:
-        so = inner * si
-    return outer, inner, so, si, od, idim
 _TILE = 4096  # elements per program: BLOCK_L lines x BLOCK_C positions
 _MAX_BLOCK_C = 1024
 

@@ -43,6 +43,10 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from minitron.ops._common import as_rows as _as_rows
+from minitron.ops._common import check_float_tensor as _check_float_tensor
+from minitron.ops._common import default_chunk_size, register_row_loss_autograd, token_weights, uniform_grad_hook
+from minitron.ops._common import is_one as _is_one
 from minitron.ops._dispatch import native_unavailable, op_backends, triton_unavailable
 
 __all__ = [
@@ -171,14 +175,6 @@ def kl_div_reference(student_logits: Tensor, teacher_logits: Tensor, *, mode: st
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_float_tensor(name: str, t: object, allowed: tuple[torch.dtype, ...]) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in allowed:
-        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
-        raise TypeError(f"{name} must have a floating dtype in ({names}), got {t.dtype}")
-
-
 def _validate_common(mode: str, temperature: float, beta: float, reduction: str) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
@@ -270,20 +266,6 @@ def _validate_kl_args(student: Tensor, teacher: Tensor, mode: str, temperature: 
     _validate_mask(mask, student.shape[:-1], student.device, "the logits' shape without the vocabulary axis")
 
 
-def _token_weights(mask: Optional[Tensor], lead_shape: torch.Size, device: torch.device, reduction: str) -> Tensor:
-    """fp32 ``[N]`` per-token weights: 0 for masked tokens, 1/count for 'mean', else 1."""
-    n = int(math.prod(lead_shape))
-    if mask is None:
-        w = torch.ones(n, dtype=torch.float32, device=device)
-        if reduction == "mean" and n > 0:
-            w.mul_(1.0 / n)
-        return w
-    w = mask.reshape(n).to(torch.float32)
-    if reduction == "mean":
-        w = w / torch.clamp(w.sum(), min=1.0)
-    return w.contiguous()
-
-
 # ----------------------------------------------------------------------------------------------
 # backends of the fused forward (+gradient) kernel
 # ----------------------------------------------------------------------------------------------
@@ -346,15 +328,6 @@ def _kl_fwd_reference(s: Tensor, t: Tensor, w: Tensor, mode: int, inv_t: float, 
     return loss.to(torch.float32), grad.to(in_dtype).contiguous()
 
 
-def _as_rows(x: Tensor) -> Tensor:
-    """``[..., V] -> [N, V]`` with unit stride along V (row stride may be anything)."""
-    v = x.shape[-1]
-    x2 = x.reshape(-1, v)
-    if x2.stride(-1) != 1 and x2.numel() > 0:
-        x2 = x2.contiguous()
-    return x2
-
-
 # ----------------------------------------------------------------------------------------------
 # custom op: loss per token and its gradient, in one launch
 # ----------------------------------------------------------------------------------------------
@@ -389,61 +362,7 @@ def _(student, teacher, weight, mode, temperature, beta, scale, backend, need_gr
             torch.empty((grad_rows, student.shape[1]), dtype=student.dtype, device=student.device))
 
 
-@torch.library.custom_op("minitron::_scale_rows_", mutates_args=("grad",))
-def _scale_rows_(grad: Tensor, row_scale: Tensor) -> None:
-    """In place ``grad[i, ...] *= row_scale[i]`` (``row_scale`` fp32 ``[N]`` or ``[1]``)."""
-    if row_scale.numel() == 1:
-        grad.mul_(row_scale.reshape(()).to(grad.dtype))
-    else:
-        grad.mul_(row_scale.reshape((-1,) + (1,) * (grad.dim() - 1)).to(grad.dtype))
-
-
-@_scale_rows_.register_fake
-def _(grad, row_scale):
-    return None
-
-
-def _is_one(g: Tensor) -> bool:
-    """Whether every element of ``g`` is exactly 1 (host check; skipped while compiling)."""
-    if not _eager(g):
-        return False
-    return bool((g == 1).all())
-
-
-def _eager(t: Tensor) -> bool:
-    """True when ``t`` is a plain tensor in eager mode (not traced by dynamo/AOT/make_fx)."""
-    if torch.compiler.is_compiling() or type(t) is not torch.Tensor:
-        return False
-    modes = torch._C._TorchDispatchModeKey
-    return all(torch._C._get_dispatch_mode(k) is None for k in (modes.PROXY, modes.FAKE, modes.FUNCTIONAL))
-
-
-def _kl_setup_context(ctx, inputs, output):
-    _, grad = output
-    ctx.need_grad = inputs[8] if len(inputs) > 8 else True
-    ctx.save_for_backward(grad)
-    ctx.mark_non_differentiable(grad)
-    # The gradient output is never differentiated: don't let autograd fill an [N, V] zero tensor for it.
-    ctx.set_materialize_grads(False)
-
-
-def _kl_backward(ctx, grad_loss: Tensor, _unused: Optional[Tensor]):
-    (grad,) = ctx.saved_tensors
-    if grad_loss is None:  # the loss was not used: no gradient
-        return None, None, None, None, None, None, None, None, None
-    if not ctx.need_grad:
-        raise RuntimeError("minitron::kl_div_fwd was called with need_grad=False: it computed no gradient "
-                           "(kl_div passes need_grad=True whenever the student requires grad)")
-    if grad.numel() > 0 and not _is_one(grad_loss):
-        # In place: the gradient buffer belongs to this graph node and is handed out once.
-        if not _eager(grad):
-            grad = grad * grad_loss.to(grad.dtype).unsqueeze(-1)
-        else:
-            _scale_rows_(grad, grad_loss.to(torch.float32))
-    return grad, None, None, None, None, None, None, None, None
-
-
-kl_div_fwd.register_autograd(_kl_backward, setup_context=_kl_setup_context)
+register_row_loss_autograd(kl_div_fwd, num_inputs=9, need_grad_input=8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -504,7 +423,7 @@ def kl_div(student_logits: Tensor, teacher_logits: Tensor, *, mode: str = "forwa
         teacher = _kernel_transform(teacher, teacher_logit_scale, teacher_softcap)
     s2 = _as_rows(student)
     t2 = _as_rows(teacher)
-    weight = _token_weights(mask, lead, student_logits.device, reduction)
+    weight = token_weights(mask, int(math.prod(lead)), student_logits.device, reduction)
     scale = float(temperature) ** 2 if scale_by_t2 else 1.0
     # Loss only when no gradient can flow (evaluation, torch.no_grad): no gradient pass, no [N, V] output.
     need_grad = bool(torch.is_grad_enabled() and student_logits.requires_grad)
@@ -546,28 +465,6 @@ class KLDivLoss(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # fused linear + KL: logits are produced chunk by chunk and never exist in full
 # ----------------------------------------------------------------------------------------------
-
-
-# Budget for one chunk's student logits, teacher logits and logit gradient (fp32-sized). Small chunks
-# turn the logit matmuls into skinny GEMMs that re-read the whole [V, H] weight per chunk, which is slow
-# on CPUs; this keeps chunks large while their temporaries stay a small fraction of the full logits.
-# GPUs get a larger budget: every chunk also pays one pass over the fp32 [V, H] weight-gradient
-# accumulator, and skinny GEMMs under-fill the SMs (measured on an H200: 261-token chunks at V=128256,
-# H=4096 made the fused op 1.27x (fp32) to 3x (bf16) slower than two plain matmuls plus kl_div).
-_CHUNK_BYTES = 384 << 20
-_CHUNK_BYTES_CUDA = 1536 << 20
-
-
-def _default_chunk_size(n: int, vocab: int, hidden: int, device_type: str = "cpu") -> int:
-    """Tokens per chunk: the larger of ``ceil(N / ceil(V / H))`` (logits about the size of the hidden
-    states) and what fits the device's chunk budget of temporaries, at most N."""
-    if n <= 0:
-        return 1
-    budget = _CHUNK_BYTES_CUDA if device_type == "cuda" else _CHUNK_BYTES
-    inc = max(1, -(-vocab // max(hidden, 1)))
-    by_hidden = max(1, -(-n // inc))
-    by_budget = max(16, budget // (3 * 4 * max(vocab, 1)))
-    return max(1, min(max(by_hidden, by_budget), n))
 
 
 # Whether torch.addmm(..., out_dtype=float32, out=acc) works for 16-bit inputs on CUDA (cuBLAS writes
@@ -810,9 +707,9 @@ def fused_linear_kl_div(student_hidden: Tensor, student_weight: Tensor, teacher_
                              "student_hidden's shape without the hidden axis")
     sh = student_hidden.reshape(-1, student_hidden.shape[-1])
     th = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
-    weight = _token_weights(mask, lead, sh.device, reduction)
+    weight = token_weights(mask, int(math.prod(lead)), sh.device, reduction)
     if chunk_size is None:
-        chunk_size = _default_chunk_size(sh.shape[0], student_weight.shape[0], sh.shape[1], sh.device.type)
+        chunk_size = default_chunk_size(sh.shape[0], student_weight.shape[0], sh.shape[1], sh.device.type, 3)
     scale = float(temperature) ** 2 if scale_by_t2 else 1.0
     tb = teacher_bias.detach() if teacher_bias is not None else None
     # Loss only when no gradient can flow (evaluation, torch.no_grad): no gradient GEMMs, no [V, H] accumulator.
@@ -826,16 +723,9 @@ def fused_linear_kl_div(student_hidden: Tensor, student_weight: Tensor, teacher_
     if reduction == "none":
         out = loss_tok.reshape(lead)
         if out.requires_grad and not torch.compiler.is_compiling():
-            out.register_hook(_require_uniform_grad)
+            out.register_hook(uniform_grad_hook("fused_linear_kl_div"))
         return out
     return loss_tok.sum()
-
-
-def _require_uniform_grad(grad: Tensor) -> Tensor:
-    if grad.numel() > 1 and not bool((grad == grad.reshape(-1)[0]).all()):
-        raise RuntimeError("fused_linear_kl_div(reduction='none'): the gradient of the per-token loss must be "
-                           "uniform across tokens (reduce it with .sum()/.mean(), or use per-token weights via mask)")
-    return grad
 
 
 def fused_linear_kl_div_reference(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,

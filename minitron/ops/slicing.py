@@ -43,6 +43,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from minitron.kernels._layout import col_major as _col_major
+from minitron.kernels._layout import layout as _layout
 from minitron.ops._dispatch import native_unavailable, op_backends, triton_unavailable
 
 log = logging.getLogger(__name__)
@@ -62,28 +64,8 @@ DEFAULT_COMPACT_SCRATCH_BYTES = 64 << 20
 IntOrInts = Union[int, Sequence[int]]
 
 # ----------------------------------------------------------------------------------------------
-# canonical memory layout (mirrors csrc/common/slicing_math.h; the kernels rely on the same rule)
+# canonical memory layout (csrc/common/slicing_math.h; one copy in minitron.kernels._layout)
 # ----------------------------------------------------------------------------------------------
-
-
-def _col_major(t: Tensor) -> bool:
-    """Whether a 2-D tensor's lines (memory rows) are its columns (extent-1 dims never decide)."""
-    return t.dim() == 2 and t.shape[0] > 1 and t.shape[1] > 1 and t.stride(0) < t.stride(1)
-
-
-def _layout(shape: Sequence[int], strides: Sequence[int], col_major: bool) -> tuple[int, int, int, int, int, int]:
-    """``(outer, inner, so, si, outer_dim, inner_dim)`` of slicing_math.h ``make_layout``."""
-    if len(shape) == 1:
-        outer, inner, so, si, od, idim = 1, shape[0], 0, strides[0], -1, 0
-    else:
-        od = 1 if col_major else 0
-        idim = 1 - od
-        outer, inner, so, si = shape[od], shape[idim], strides[od], strides[idim]
-    if inner <= 1:
-        si = 1
-    if outer <= 1:
-        so = inner * si
-    return outer, inner, so, si, od, idim
 
 
 def _packed_strides(shape: Sequence[int], col_major: bool) -> tuple[int, ...]:

@@ -42,6 +42,11 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from minitron.ops._common import as_rows as _as_rows
+from minitron.ops._common import check_float_tensor as _check_float_tensor
+from minitron.ops._common import default_chunk_size, register_row_loss_autograd, token_weights, uniform_grad_hook
+from minitron.ops._common import eager as _eager
+from minitron.ops._common import is_one as _is_one
 from minitron.ops._dispatch import native_unavailable, op_backends, triton_unavailable
 
 __all__ = [
@@ -126,14 +131,6 @@ def _reduce(per_token: Tensor, counted: Optional[Tensor], reduction: str) -> Ten
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_float_tensor(name: str, t: object, allowed: tuple[torch.dtype, ...]) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in allowed:
-        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
-        raise TypeError(f"{name} must have a floating dtype in ({names}), got {t.dtype}")
-
-
 def _validate_common(temperature: float, reduction: str) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
@@ -141,14 +138,6 @@ def _validate_common(temperature: float, reduction: str) -> None:
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
     if not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-
-
-def _concrete(t: Tensor) -> bool:
-    """True for a plain tensor in eager mode (value checks are skipped under torch.compile / fake tensors)."""
-    if torch.compiler.is_compiling() or type(t) is not torch.Tensor:
-        return False
-    modes = torch._C._TorchDispatchModeKey
-    return all(torch._C._get_dispatch_mode(k) is None for k in (modes.PROXY, modes.FAKE, modes.FUNCTIONAL))
 
 
 def _validate_teacher(indices: Tensor, logprobs: Tensor, lead: torch.Size, vocab: int, device: torch.device,
@@ -172,7 +161,7 @@ def _validate_teacher(indices: Tensor, logprobs: Tensor, lead: torch.Size, vocab
     for name, t in (("teacher_indices", indices), ("teacher_logprobs", logprobs)):
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but the student is on {device}")
-    if not (_concrete(indices) and _concrete(logprobs)) or indices.numel() == 0:
+    if not (_eager(indices) and _eager(logprobs)) or indices.numel() == 0:
         return
     # value checks on the small [N, k] tensors
     lo, hi = int(indices.min()), int(indices.max())
@@ -237,19 +226,6 @@ def _counted(mask: Optional[Tensor], labels: Optional[Tensor], ignore_index: int
         lc = labels != ignore_index
         c = lc if c is None else (c & lc)
     return c
-
-
-def _token_weights(counted: Optional[Tensor], n: int, device: torch.device, reduction: str) -> Tensor:
-    """fp32 ``[N]`` per-token weights: 0 for tokens that do not count, 1/count for 'mean', else 1."""
-    if counted is None:
-        w = torch.ones(n, dtype=torch.float32, device=device)
-        if reduction == "mean" and n > 0:
-            w.mul_(1.0 / n)
-        return w
-    w = counted.reshape(n).to(torch.float32)
-    if reduction == "mean":
-        w = w / torch.clamp(w.sum(), min=1.0)
-    return w.contiguous()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,15 +302,6 @@ def _fwd_reference(s: Tensor, idx: Tensor, lp: Tensor, w: Tensor, labels: Tensor
     return loss.to(torch.float32), grad.to(s.dtype).contiguous()
 
 
-def _as_rows(x: Tensor) -> Tensor:
-    """``[..., V] -> [N, V]`` with unit stride along V."""
-    v = x.shape[-1]
-    x2 = x.reshape(-1, v)
-    if x2.stride(-1) != 1 and x2.numel() > 0:
-        x2 = x2.contiguous()
-    return x2
-
-
 def _sorted_teacher(indices: Tensor, logprobs: Tensor) -> tuple[Tensor, Tensor]:
     """Indices sorted ascending per row (int64) and the log-probabilities permuted alike (fp32), contiguous."""
     idx, perm = indices.to(torch.int64).sort(dim=-1)
@@ -386,49 +353,7 @@ def _(student, indices, teacher_logprobs, weight, labels, ce_weight, temperature
             torch.empty((grad_rows, student.shape[1]), dtype=student.dtype, device=student.device))
 
 
-@torch.library.custom_op("minitron::_topk_scale_rows_", mutates_args=("grad",))
-def _topk_scale_rows_(grad: Tensor, row_scale: Tensor) -> None:
-    """In place ``grad[i, ...] *= row_scale[i]`` (``row_scale`` fp32 ``[N]`` or ``[1]``)."""
-    if row_scale.numel() == 1:
-        grad.mul_(row_scale.reshape(()).to(grad.dtype))
-    else:
-        grad.mul_(row_scale.reshape((-1,) + (1,) * (grad.dim() - 1)).to(grad.dtype))
-
-
-@_topk_scale_rows_.register_fake
-def _(grad, row_scale):
-    return None
-
-
-def _is_one(g: Tensor) -> bool:
-    return _concrete(g) and bool((g == 1).all())
-
-
-def _setup_context(ctx, inputs, output):
-    _, grad = output
-    ctx.need_grad = inputs[9] if len(inputs) > 9 else True
-    ctx.save_for_backward(grad)
-    ctx.mark_non_differentiable(grad)
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, grad_loss: Optional[Tensor], _unused: Optional[Tensor]):
-    (grad,) = ctx.saved_tensors
-    none = (None,) * 9
-    if grad_loss is None:
-        return (None,) + none
-    if not ctx.need_grad:
-        raise RuntimeError("minitron::topk_kl_div_fwd was called with need_grad=False: it computed no gradient "
-                           "(topk_kl_div passes need_grad=True whenever the student requires grad)")
-    if grad.numel() > 0 and not _is_one(grad_loss):
-        if not _concrete(grad):
-            grad = grad * grad_loss.to(grad.dtype).unsqueeze(-1)
-        else:  # in place: the gradient buffer belongs to this graph node and is handed out once
-            _topk_scale_rows_(grad, grad_loss.to(torch.float32))
-    return (grad,) + none
-
-
-topk_kl_div_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_row_loss_autograd(topk_kl_div_fwd, num_inputs=10, need_grad_input=9)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -470,7 +395,7 @@ def topk_kl_div(student_logits: Tensor, teacher_indices: Tensor, teacher_logprob
     k = teacher_indices.shape[-1]
     s2 = _as_rows(student_logits)
     n = s2.shape[0]
-    weight = _token_weights(_counted(mask, labels, ignore_index), n, s2.device, reduction)
+    weight = token_weights(_counted(mask, labels, ignore_index), n, s2.device, reduction)
     if scale_by_t2:
         weight = weight * float(temperature) ** 2
     need_grad = bool(torch.is_grad_enabled() and student_logits.requires_grad)
@@ -510,20 +435,6 @@ class TopKKLDivLoss(nn.Module):
 # fused linear + sparse KL (+ CE): logits are produced chunk by chunk and never exist in full
 # ----------------------------------------------------------------------------------------------
 
-_CHUNK_BYTES = 384 << 20
-_CHUNK_BYTES_CUDA = 1536 << 20
-
-
-def _default_chunk_size(n: int, vocab: int, hidden: int, device_type: str = "cpu") -> int:
-    """Tokens per chunk: the larger of ``ceil(N / ceil(V / H))`` and what fits the device's budget of chunk
-    temporaries (logits + gradient, fp32-sized), at most N."""
-    if n <= 0:
-        return 1
-    budget = _CHUNK_BYTES_CUDA if device_type == "cuda" else _CHUNK_BYTES
-    inc = max(1, -(-vocab // max(hidden, 1)))
-    by_hidden = max(1, -(-n // inc))
-    by_budget = max(16, budget // (2 * 4 * max(vocab, 1)))
-    return max(1, min(max(by_hidden, by_budget), n))
 
 
 def _fused_impl(sh: Tensor, sw: Tensor, sb: Optional[Tensor], idx: Tensor, lp: Tensor, weight: Tensor,
@@ -667,7 +578,7 @@ def _validate_fused_args(sh, sw, sb, indices, logprobs, temperature, reduction, 
     what = "student_hidden's shape without the hidden axis"
     _validate_teacher(indices, logprobs, lead, sw.shape[0], sh.device, what)
     _validate_tokens(mask, labels, lead, sh.device, what, allow_both=True)
-    if labels is not None and _concrete(labels) and labels.numel() > 0:
+    if labels is not None and _eager(labels) and labels.numel() > 0:
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= sw.shape[0]))
         if bool(bad.any()):
             raise ValueError(f"labels must be in [0, {sw.shape[0]}) or the ignore_index")
@@ -707,7 +618,7 @@ def fused_linear_topk_kl_div(student_hidden: Tensor, student_weight: Tensor, tea
     k = teacher_indices.shape[-1]
     sh = student_hidden.reshape(-1, student_hidden.shape[-1])
     n = sh.shape[0]
-    w = _token_weights(_counted(mask, labels, ignore_index), n, sh.device, reduction)
+    w = token_weights(_counted(mask, labels, ignore_index), n, sh.device, reduction)
     scale = float(temperature) ** 2 if scale_by_t2 else 1.0
     kl_w = w * (float(kl_weight) * scale)
     if labels is not None and ce_weight > 0:
@@ -718,7 +629,7 @@ def fused_linear_topk_kl_div(student_hidden: Tensor, student_weight: Tensor, tea
         lab = torch.empty(0, dtype=torch.int64, device=sh.device)
         cw = torch.empty(0, dtype=torch.float32, device=sh.device)
     if chunk_size is None:
-        chunk_size = _default_chunk_size(n, student_weight.shape[0], sh.shape[1], sh.device.type)
+        chunk_size = default_chunk_size(n, student_weight.shape[0], sh.shape[1], sh.device.type, 2)
     need_grad = bool(torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias)))
     loss_tok, _, _, _ = torch.ops.minitron.fused_linear_topk_kl_div_fwd(
@@ -727,16 +638,9 @@ def fused_linear_topk_kl_div(student_hidden: Tensor, student_weight: Tensor, tea
     if reduction == "none":
         out = loss_tok.reshape(lead)
         if out.requires_grad and not torch.compiler.is_compiling():
-            out.register_hook(_require_uniform_grad)
+            out.register_hook(uniform_grad_hook("fused_linear_topk_kl_div"))
         return out
     return loss_tok.sum()
-
-
-def _require_uniform_grad(grad: Tensor) -> Tensor:
-    if grad.numel() > 1 and not bool((grad == grad.reshape(-1)[0]).all()):
-        raise RuntimeError("fused_linear_topk_kl_div(reduction='none'): the gradient of the per-token loss must be "
-                           "uniform across tokens (reduce it with .sum()/.mean(), or use per-token weights via mask)")
-    return grad
 
 
 def fused_linear_topk_kl_div_reference(student_hidden: Tensor, student_weight: Tensor, teacher_indices: Tensor,
