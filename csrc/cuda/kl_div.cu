@@ -19,6 +19,7 @@
 
 #include "common/kl_math.h"
 #include "cuda/kl_div.cuh"
+#include "cuda/elem_convert.cuh"
 
 namespace minitron {
 namespace cuda {
@@ -39,26 +40,8 @@ constexpr int64_t kSplitMinSegment = 4096;  // entries per block at least, when 
 constexpr int kMaxSplits = 256;
 
 // ------------------------------------------------------------------------------------------------
-// element conversion
+// element conversion: cuda/elem_convert.cuh
 // ------------------------------------------------------------------------------------------------
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-
-template <class T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) {
-  return x;
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) {
-  return __float2half_rn(x);
-}
 
 // 16 bytes of elements, for vector loads/stores.
 template <class T>

@@ -13,6 +13,7 @@
 
 #include "common/topk_kl_math.h"
 #include "cuda/topk_kl.cuh"
+#include "cuda/elem_convert.cuh"
 
 namespace minitron {
 namespace cuda {
@@ -21,24 +22,6 @@ namespace {
 constexpr int kBlock = 256;
 constexpr int kWarps = kBlock / 32;
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-
-template <class T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) {
-  return x;
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) {
-  return __float2half_rn(x);
-}
 
 // block-wide max / sum (every thread gets the result)
 __device__ float block_max(float x, float* red) {
