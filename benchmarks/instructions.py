@@ -92,6 +92,7 @@ def gate_cases() -> list[Case]:
     from benchmarks import bench_importance as imp
     from benchmarks import bench_kl as kl
     from benchmarks import bench_slicing as sl
+    from benchmarks import bench_topk_kl as tk
 
     p = "minitron-cpp"
     out = [
@@ -104,6 +105,7 @@ def gate_cases() -> list[Case]:
         imp._case(p, 2, 128, 1024, "float32", 1, False),
         imp._case(p, 2, 128, 1024, "float32", 128, True),
         imp._bi_case(p, 2, 128, 1024, "float32", True),
+        tk._case(p, "full", 32, 64, 2048, 16, "float32"),
     ]
     for op, setup in (("gather_slices", sl._setup_gather), ("compact_", sl._setup_compact)):
         for dim, keep in ((0, 0.5), (1, 0.75)):
