@@ -379,8 +379,18 @@ def write_teacher_logits(
     }
     shards: List[Dict[str, Any]] = []
     manifest_path = out / MANIFEST_NAME
+    if resume and out.is_dir() and not manifest_path.is_file() and \
+            any(not p.name.startswith(".") for p in out.iterdir()):
+        raise StoreError(f"cannot resume {str(out)!r}: it is not a teacher-logit store (no {MANIFEST_NAME}) and is "
+                         "not empty; choose another output directory")
     if resume and manifest_path.is_file():
-        old = read_json(manifest_path, "store manifest")
+        try:
+            old = read_json(manifest_path, "store manifest")
+        except ValueError as e:
+            raise StoreError(f"cannot resume: {e}; use overwrite=True (--overwrite) to start again") from None
+        if not isinstance(old, dict) or old.get("format") != FORMAT:
+            raise StoreError(f"cannot resume {str(out)!r}: {MANIFEST_NAME} is not a teacher-logit store manifest; "
+                             "choose another output directory")
         diffs = [f"{key}: {old.get(key)!r} (stored) vs {identity[key]!r} (now)" for key in identity
                  if key not in ("teacher", "tokenizer", "data") and old.get(key) != identity[key]]
         for key, sub in (("teacher", "config_sha256"), ("tokenizer", "sha256"), ("data", "input_ids_sha256"),

@@ -311,6 +311,13 @@ def test_output_safety(tmp_path, teacher):
                              on_shard=lambda i, e: (_ for _ in ()).throw(RuntimeError("fail")))
     assert (mine / "precious.txt").read_text() == "keep"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    # resume never writes into a directory that is not a store
+    with pytest.raises(StoreError, match="not a teacher-logit store"):
+        write_teacher_logits(teacher, data, mine, top_k=2, resume=True, progress=False)
+    (mine / MANIFEST_NAME).write_text('{"format": "something else"}')
+    with pytest.raises(StoreError, match="not a teacher-logit store manifest"):
+        write_teacher_logits(teacher, data, mine, top_k=2, resume=True, progress=False)
+    assert sorted(p.name for p in mine.iterdir()) == [MANIFEST_NAME, "precious.txt"]
     write_teacher_logits(teacher, data, mine, top_k=2, overwrite=True, progress=False)
     assert not (mine / "precious.txt").exists() and TeacherLogitStore(mine).k == 2
 
