@@ -9,7 +9,7 @@
 
    - ``random``: V=128256 logits ``sigma * randn`` with ``sigma`` uniform in [2, 5] per token (entropies from
      about 1 to 10 nats);
-   - ``tiny-lm``: a small Llama trained here for a few minutes on WikiText-2 valid (byte-level BPE vocabulary
+   - ``tiny-lm``: a small Llama (0.9M parameters) trained here for a few minutes on WikiText-2 valid (byte-level BPE vocabulary
      4096), its next-token distributions on WikiText-2 test text.
 
 3. **Throughput**: encode+pack and unpack+decode of one training batch (8 x 2048 tokens, k=64, V=128256).
@@ -133,8 +133,8 @@ def tiny_lm_chunks(steps: int, eval_tokens: int, seed: int = 0) -> tuple[Iterabl
     train_data = load_packed(valid, tok, seq_len=seq, max_tokens=steps * 16 * seq)
     eval_data = load_packed(test, tok, seq_len=seq, max_tokens=eval_tokens + seq)
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=192, intermediate_size=512, num_hidden_layers=3,
-                      num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=seq,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=seq,
                       tie_word_embeddings=True)
     model = LlamaForCausalLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
@@ -150,7 +150,7 @@ def tiny_lm_chunks(steps: int, eval_tokens: int, seed: int = 0) -> tuple[Iterabl
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        loss = float(out.loss)
+        loss = float(out.loss.detach())
         if step % 50 == 0:
             log.info("tiny LM step %d loss %.3f", step, loss)
     model.eval()
@@ -204,6 +204,8 @@ def main(argv=None) -> Dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer tokens and training steps")
     p.add_argument("--out", default=str(SCRATCH_DIR / "logit_store.json"))
+    p.add_argument("--lm-steps", type=int, default=None, help="training steps of the tiny LM (default 200, quick 40)")
+    p.add_argument("--random-tokens", type=int, default=None, help="tokens of random logits (default 1024, quick 256)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -218,9 +220,10 @@ def main(argv=None) -> Dict[str, Any]:
         pass
     record["size"] = size_figures()
     log.info("size done (%.0fs)", time.time() - t0)
-    record["distortion_random"] = distortion(random_chunks(256 if args.quick else 2048))
+    record["distortion_random"] = distortion(random_chunks(args.random_tokens or (256 if args.quick else 1024)))
     log.info("random distortion done (%.0fs)", time.time() - t0)
-    chunks, info = tiny_lm_chunks(steps=40 if args.quick else 400, eval_tokens=1024 if args.quick else 8192)
+    chunks, info = tiny_lm_chunks(steps=args.lm_steps or (40 if args.quick else 200),
+                                  eval_tokens=1024 if args.quick else 4096)
     record["distortion_tiny_lm"] = distortion(chunks)
     record["distortion_tiny_lm"]["model"] = info
     log.info("tiny-LM distortion done (%.0fs)", time.time() - t0)
