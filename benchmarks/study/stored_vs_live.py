@@ -37,7 +37,7 @@ def _evaluate(model, eval_data, batch_size: int) -> Dict[str, float]:
 
 
 def run_study(output: Path, *, quick: bool, ks: List[int], encodings: List[str], demo_dir: Optional[Path],
-              steps: Optional[int], backend: str = "auto", seed: int = 0) -> Dict[str, Any]:
+              steps: Optional[int], tails: tuple = (True,), backend: str = "auto", seed: int = 0) -> Dict[str, Any]:
     from minitron.demo import PRESETS, run_demo
     from minitron.io.checkpoint import load_model
     from minitron.io.data import load_packed
@@ -93,7 +93,7 @@ def run_study(output: Path, *, quick: bool, ks: List[int], encodings: List[str],
                                  teacher_path=teacher_dir, progress=False, device="cpu", overwrite=sdir.exists())
             extract_s = round(time.time() - t1, 2)
             store = TeacherLogitStore(sdir)
-            for tail in (True,):
+            for tail in tails:
                 student, _ = load_model(pruned_dir)
                 res = distill_from_store(student, store, train_data, TrainConfig.from_dict(tcfg_d),
                                          StoredDistillConfig(tail=tail, backend=backend),
@@ -132,6 +132,7 @@ def main(argv=None) -> None:
     p.add_argument("--ks", default="16,64")
     p.add_argument("--encodings", default="u8")
     p.add_argument("--steps", type=int, default=None, help="override the preset's distillation steps")
+    p.add_argument("--tails", default="tail", help="comma list of tail (tail=True) and renorm (tail=False)")
     p.add_argument("--backend", default="auto")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
@@ -139,7 +140,8 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     run_study(args.output, quick=args.quick, ks=[int(x) for x in args.ks.split(",")],
-              encodings=args.encodings.split(","), demo_dir=args.demo_dir, steps=args.steps, backend=args.backend)
+              encodings=args.encodings.split(","), demo_dir=args.demo_dir, steps=args.steps,
+              tails=tuple(t == "tail" for t in args.tails.split(",")), backend=args.backend)
 
 
 if __name__ == "__main__":
