@@ -435,7 +435,7 @@ def write_teacher_logits(
         n = len(data)
         for start in range(done_seq, n, shard_sequences):
             stop = min(n, start + shard_sequences)
-            idx_parts, lp_parts = [], []
+            parts: Dict[str, List[torch.Tensor]] = {}
             for b in range(start, stop, batch_size):
                 sel = torch.arange(b, min(stop, b + batch_size))
                 batch = {k: v.to(dev) for k, v in data.select(sel).items()}
@@ -443,11 +443,14 @@ def write_teacher_logits(
                     hidden, weight, bias = final_hidden_and_head(teacher, batch)
                     bsz, s = hidden.shape[:2]
                     idx, lp = topk_logprobs(hidden.reshape(bsz * s, -1), weight, bias, top_k, float(temperature))
-                idx_parts.append(idx.reshape(bsz, s, top_k).cpu())
-                lp_parts.append(lp.reshape(bsz, s, top_k).cpu())
+                # encoded batch by batch (rows are independent): only the shard's encoded bytes accumulate
+                enc = _encode_shard(idx.reshape(bsz, s, top_k).cpu(), lp.reshape(bsz, s, top_k).cpu(), bits,
+                                    value_encoding)
+                for key, t in enc.items():
+                    parts.setdefault(key, []).append(t)
                 bar.update(bsz)
-            tensors = _encode_shard(torch.cat(idx_parts), torch.cat(lp_parts), bits, value_encoding)
-            del idx_parts, lp_parts
+            tensors = {key: torch.cat(ts) for key, ts in parts.items()}
+            del parts
             name = _shard_name(len(shards))
             # one metadata key: safetensors orders several keys at random, one keeps the bytes reproducible
             meta = json.dumps({"format": FORMAT, "start": start, "stop": stop, "value_encoding": value_encoding},
