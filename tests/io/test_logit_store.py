@@ -414,3 +414,44 @@ def test_tokenizer_hash_recorded(tmp_path, teacher):
     assert TeacherLogitStore(out).tokenizer_hash == h
     (tdir / "tokenizer.json").write_text('{"a": 2}')
     assert tokenizer_hash(tdir) != h
+
+
+# ---------------------------------------------------------------------------------------------- properties
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.integers(1, 32), n=st.integers(1, 4), m=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_pack_bits_property(bits, n, m, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.rand(n, m, generator=g, dtype=torch.float64) * (2**bits)).long().clamp_max(2**bits - 1)
+    assert torch.equal(unpack_bits(pack_bits(x, bits), bits, m), x)
+
+
+@settings(max_examples=40, deadline=None)
+@given(k=st.integers(1, 50), scale=st.floats(0.01, 20.0), seed=st.integers(0, 2**16),
+       encoding=st.sampled_from(sorted(VALUE_ENCODINGS)))
+def test_decoded_values_are_valid_teacher_logprobs(k, scale, seed, encoding):
+    """Whatever the distribution, decoded entries are sorted, <= 0, of mass <= 1, accepted by the sparse KL op."""
+    from minitron.ops import topk_kl_div
+
+    g = torch.Generator().manual_seed(seed)
+    lp = torch.log_softmax(torch.randn(6, 64, generator=g, dtype=torch.float64) * scale, -1).topk(k)
+    dec = decode_values(encode_values(lp.values.float(), encoding), encoding)
+    assert (dec <= 0).all() and (torch.logsumexp(dec, -1) <= 1e-6).all()
+    assert (dec[:, :-1] >= dec[:, 1:]).all()
+    loss = topk_kl_div(torch.randn(6, 64, generator=g), lp.indices, dec, backend="reference")
+    assert torch.isfinite(loss) and loss >= -1e-6
+
+
+def test_bf16_teacher(tmp_path):
+    teacher = make_model("llama", seed=1).to(torch.bfloat16)
+    data = make_data(n=3)
+    store = TeacherLogitStore(write_teacher_logits(teacher, data, tmp_path / "s", top_k=8, progress=False))
+    idx, lp = store.get(range(3))
+    with torch.no_grad():
+        logits = teacher(input_ids=data.input_ids, attention_mask=data.attention_mask).logits.float()
+    ref = torch.log_softmax(logits, -1).topk(8)
+    assert (idx == ref.indices).float().mean() > 0.95
+    assert next(teacher.parameters()).dtype == torch.bfloat16  # the teacher is left as it was
