@@ -1,0 +1,212 @@
+"""Layer-streamed importance (minitron.compress.streaming) equals the in-memory path, on every family."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from minitron.compress.importance import estimate_importance
+from minitron.compress.streaming import CheckpointReader, estimate_importance_streaming, should_stream
+from tests.driver.conftest import BACKEND, make_batches, make_model
+
+FIELDS = ("heads", "kv_groups", "neurons", "channels", "block_influence", "lm_loss_drop")
+
+
+def assert_same_scores(ref, got, *, exact: bool = True) -> None:
+    for name in FIELDS:
+        a, b = getattr(ref, name), getattr(got, name)
+        assert (a is None) == (b is None), name
+        if a is None:
+            continue
+        if exact:
+            assert torch.equal(a, b), f"{name}: max |diff| {(a - b).abs().max().item()}"
+        else:
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
+    for key in ("num_samples", "num_tokens", "num_batches", "base_lm_loss", "shape_signature", "config_fingerprint"):
+        assert ref.meta[key] == got.meta[key], key
+
+
+def save(model, path: Path, shards: bool) -> Path:
+    model.save_pretrained(str(path), max_shard_size="20KB" if shards else "5GB")
+    has_index = (path / "model.safetensors.index.json").is_file()
+    assert has_index == shards
+    if shards:
+        files = set(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values())
+        assert len(files) > 4
+    return path
+
+
+@pytest.mark.parametrize("shards", [False, True], ids=["one-file", "sharded"])
+def test_streamed_equals_in_memory(family, shards, tmp_path):
+    """Bitwise equality (same kernels, same per-accumulator order), with the exact LM-loss-drop scores."""
+    model = make_model(family)
+    ckpt = save(model, tmp_path / "ckpt", shards)
+    batches = make_batches(n=3)
+    ref = estimate_importance(model, batches, progress=False, backend=BACKEND)
+    got = estimate_importance_streaming(ckpt, batches, progress=False, backend=BACKEND)
+    assert got.meta["streamed"] is True and got.meta["hidden_states_spilled"] is False
+    assert_same_scores(ref, got)
+    assert got.lm_loss_drop is not None and bool(torch.isfinite(got.lm_loss_drop).all())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])
+def test_spilled_hidden_states_tied_embeddings(family, tmp_path):
+    """max_hidden_bytes=0 forces the memory-mapped spill files; they are removed afterwards."""
+    model = make_model(family, tie=True)
+    ckpt = save(model, tmp_path / "ckpt", True)
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    batches = make_batches(n=2) + make_batches(n=1, seq=11, batch=2, seed=3)  # batches of different shapes
+    ref = estimate_importance(model, batches, progress=False, backend=BACKEND)
+    seen = []
+    orig = torch.from_file
+
+    def spy(path, *a, **k):
+        seen.append(path)
+        return orig(path, *a, **k)
+
+    torch.from_file = spy
+    try:
+        got = estimate_importance_streaming(ckpt, batches, progress=False, backend=BACKEND, spill_dir=spill,
+                                            max_hidden_bytes=0)
+    finally:
+        torch.from_file = orig
+    assert got.meta["hidden_states_spilled"] is True
+    assert seen and all(str(p).startswith(str(spill)) for p in seen)
+    assert list(spill.iterdir()) == []  # cleaned up
+    assert_same_scores(ref, got)
+
+
+def test_block_influence_only_and_aggregations(tmp_path):
+    model = make_model("qwen3")
+    ckpt = save(model, tmp_path / "ckpt", False)
+    batches = [{"input_ids": b["input_ids"]} for b in make_batches(n=2, pad=False)]  # no attention mask
+    for seq_agg, batch_agg in (("max", "var"), ("l2", "mean")):
+        kw = dict(seq_agg=seq_agg, batch_agg=batch_agg, layer_metrics=("block_influence",), progress=False,
+                  backend=BACKEND, max_batches=1)
+        ref = estimate_importance(model, batches, **kw)
+        got = estimate_importance_streaming(ckpt, batches, **kw)
+        assert got.lm_loss_drop is None and got.meta["num_batches"] == 1
+        assert_same_scores(ref, got)
+
+
+def test_bf16_checkpoint_computed_in_fp32(tmp_path):
+    """A bf16 checkpoint streamed in fp32 equals the in-memory model loaded from it in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    model = make_model("mistral").to(torch.bfloat16)
+    ckpt = save(model, tmp_path / "ckpt", True)
+    loaded = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+    batches = make_batches(n=2)
+    ref = estimate_importance(loaded, batches, progress=False, backend=BACKEND)
+    got = estimate_importance_streaming(ckpt, batches, progress=False, backend=BACKEND)
+    assert got.meta["compute_dtype"] == "float32"
+    assert_same_scores(ref, got)
+
+
+def test_one_layer_in_memory_at_a_time(tmp_path, monkeypatch):
+    """While a layer runs, every other decoder layer is still (or again) on the meta device."""
+    from minitron.compress import streaming
+
+    model = make_model("llama")
+    ckpt = save(model, tmp_path / "ckpt", True)
+    loaded_counts = []
+    orig = streaming._load_module
+
+    def spy(module, prefix, reader, dtype, aliases=None):
+        orig(module, prefix, reader, dtype, aliases)
+        skel_layers = spy.layers
+        if skel_layers is not None:
+            loaded_counts.append(sum(1 for l in skel_layers if not next(l.parameters()).is_meta))
+
+    spy.layers = None
+    orig_build = streaming._build_skeleton
+
+    def build(config, dtype):
+        m = orig_build(config, dtype)
+        spy.layers = list(m.model.layers)
+        return m
+
+    monkeypatch.setattr(streaming, "_load_module", spy)
+    monkeypatch.setattr(streaming, "_build_skeleton", build)
+    estimate_importance_streaming(ckpt, make_batches(), progress=False, backend=BACKEND)
+    assert loaded_counts and max(loaded_counts) == 1
+    assert all(next(l.parameters()).is_meta for l in spy.layers)
+
+
+# ----------------------------------------------------------------------------------------- should_stream
+def test_should_stream(tmp_path):
+    ckpt = save(make_model("llama"), tmp_path / "ckpt", False)
+    yes, why = should_stream(ckpt, fraction=1e-9)
+    assert yes and "layer-streamed" in why and "GiB" in why
+    no, why = should_stream(ckpt)
+    assert not no and "in-memory" in why
+
+
+# ----------------------------------------------------------------------------------------- bad input
+def test_bad_checkpoints(tmp_path):
+    model = make_model("llama")
+    ckpt = save(model, tmp_path / "ckpt", True)
+    batches = make_batches(n=1)
+    index = ckpt / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    shard = sorted(set(data["weight_map"].values()))[1]
+
+    # a missing shard is named
+    moved = tmp_path / "moved"
+    os.replace(ckpt / shard, moved)
+    with pytest.raises(FileNotFoundError, match=shard):
+        estimate_importance_streaming(ckpt, batches, progress=False)
+    os.replace(moved, ckpt / shard)
+
+    # a truncated shard is named
+    raw = (ckpt / shard).read_bytes()
+    (ckpt / shard).write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        CheckpointReader(ckpt).get(next(k for k, v in data["weight_map"].items() if v == shard))
+    (ckpt / shard).write_bytes(raw)
+
+    # the index names a tensor no shard holds
+    bad = dict(data, weight_map=dict(data["weight_map"], **{"model.layers.0.extra.weight": shard}))
+    index.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="model.layers.0.extra.weight"):
+        estimate_importance_streaming(ckpt, batches, progress=False)
+    index.write_text(json.dumps(data))
+
+    # shapes that do not match the config name the tensor and the file
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps(dict(cfg, intermediate_size=cfg["intermediate_size"] + 8)))
+    with pytest.raises(ValueError, match=r"mlp\.(gate|up|down)_proj.weight.*has shape"):
+        estimate_importance_streaming(ckpt, batches, progress=False)
+    # an unsupported family
+    (ckpt / "config.json").write_text(json.dumps(dict(cfg, model_type="gpt2")))
+    with pytest.raises(ValueError, match="unsupported model type"):
+        estimate_importance_streaming(ckpt, batches, progress=False)
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        estimate_importance_streaming(tmp_path, batches, progress=False)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FileNotFoundError, match="neither"):
+        estimate_importance_streaming(tmp_path / "empty", batches, progress=False)
+
+
+def test_bad_arguments(tmp_path):
+    ckpt = save(make_model("llama"), tmp_path / "ckpt", False)
+    batches = make_batches(n=1)
+    with pytest.raises(TypeError, match="compute_dtype"):
+        estimate_importance_streaming(ckpt, batches, compute_dtype=torch.int32, progress=False)
+    with pytest.raises(ValueError, match="spill_dir"):
+        estimate_importance_streaming(ckpt, batches, spill_dir=tmp_path / "nope", progress=False)
+    with pytest.raises(ValueError, match="max_hidden_bytes"):
+        estimate_importance_streaming(ckpt, batches, max_hidden_bytes=-1, progress=False)
+    with pytest.raises(ValueError, match="layer_metrics"):
+        estimate_importance_streaming(ckpt, batches, layer_metrics=("nope",), progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        estimate_importance_streaming(ckpt, [], progress=False)
+    with pytest.raises(ValueError, match="batch 0: token ids"):
+        estimate_importance_streaming(ckpt, [{"input_ids": torch.full((1, 4), 10_000)}], progress=False)
