@@ -35,6 +35,7 @@ import logging
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -289,9 +290,12 @@ def _build_skeleton(config: Any, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
-def _load_module(module: nn.Module, prefix: str, reader: Any, dtype: torch.dtype,
-                 aliases: Optional[Mapping[str, str]] = None) -> None:
-    """Materialise every parameter/persistent buffer of ``module`` from the checkpoint (cast to ``dtype``)."""
+def _read_state(module: nn.Module, prefix: str, reader: Any, dtype: torch.dtype,
+                aliases: Optional[Mapping[str, str]] = None) -> dict[str, torch.Tensor]:
+    """Read (and cast to ``dtype``) every parameter/persistent buffer of ``module`` from the checkpoint.
+
+    Checks each tensor's presence and shape against the skeleton; errors name the tensor and its file.
+    """
     aliases = aliases or {}
     state: dict[str, torch.Tensor] = {}
     for name, ref in module.state_dict(keep_vars=True).items():
@@ -306,10 +310,21 @@ def _load_module(module: nn.Module, prefix: str, reader: Any, dtype: torch.dtype
             raise ValueError(f"checkpoint tensor {src_key!r} in {str(where)!r} has shape {tuple(t.shape)}, but the "
                              f"config makes it {tuple(ref.shape)}")
         state[name] = t.to(dtype) if t.is_floating_point() else t
+    return state
+
+
+def _assign_state(module: nn.Module, prefix: str, state: dict[str, torch.Tensor]) -> None:
+    """Put ``state`` (from :func:`_read_state`) into the meta ``module`` without copying."""
     module.load_state_dict(state, strict=True, assign=True)
     left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
     if left:
         raise RuntimeError(f"{prefix or 'module'}: tensors {left} have no value after loading (not in the checkpoint)")
+
+
+def _load_module(module: nn.Module, prefix: str, reader: Any, dtype: torch.dtype,
+                 aliases: Optional[Mapping[str, str]] = None) -> None:
+    """Materialise every parameter/persistent buffer of ``module`` from the checkpoint (cast to ``dtype``)."""
+    _assign_state(module, prefix, _read_state(module, prefix, reader, dtype, aliases))
 
 
 def _free_module(module: nn.Module) -> None:
@@ -351,6 +366,7 @@ def estimate_importance_streaming(
     spill_dir: Optional[str | os.PathLike] = None,
     max_hidden_bytes: Optional[int] = None,
     reader: Any = None,
+    prefetch: bool = True,
 ) -> ImportanceScores:
     """Importance of a safetensors checkpoint computed one decoder layer at a time (see the module docstring).
 
@@ -371,6 +387,8 @@ def estimate_importance_streaming(
             available at the start); ``0`` always spills.
         reader: an object with ``config``, ``keys()``, ``get(name)`` and ``__contains__`` reading the
             checkpoint (default :class:`CheckpointReader` of ``checkpoint_dir``).
+        prefetch: read and cast layer ``l + 1`` in a helper thread while layer ``l`` runs (hides the
+            read/cast time; at most two decoder layers in memory). ``False``: one layer at a time.
     Returns:
         :class:`~minitron.compress.importance.ImportanceScores` (fp32 CPU tensors), equal to the in-memory
         scores of the same checkpoint loaded in ``compute_dtype``. Under ``torch.distributed`` the batches
@@ -488,15 +506,29 @@ def estimate_importance_streaming(
     loss_counts: list[int] = []
     base_loss: Optional[float] = None
     lm_loss_drop: Optional[torch.Tensor] = None
+    pool: Optional[ThreadPoolExecutor] = None
     try:
         for i, h in enumerate(first):
             store.put(MAIN, i, h)
         first.clear()
         collector.attach()
+        # layer l + 1 is read and cast by a helper thread while layer l runs (at most two layers in memory)
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minitron-prefetch") if prefetch else None
+
+        def read_args(l: int) -> tuple:
+            return (layers[l], prefix_of[id(layers[l])], reader, compute_dtype)
+
         with torch.no_grad():
+            pending = pool.submit(_read_state, *read_args(0)) if pool is not None and n_layers else None
             for l in range(n_layers):
                 layer = layers[l]
-                _load_module(layer, prefix_of[id(layer)], reader, compute_dtype)
+                if pool is not None:
+                    state = pending.result()
+                    pending = pool.submit(_read_state, *read_args(l + 1)) if l + 1 < n_layers else None
+                else:
+                    state = _read_state(*read_args(l))
+                _assign_state(layer, prefix_of[id(layer)], state)
+                del state
                 try:
                     for i, (ids, mask) in enumerate(own):
                         args, kwargs = calls[i][l]
@@ -542,6 +574,8 @@ def estimate_importance_streaming(
             if head is not None:
                 _free_module(head)
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
         collector.detach()
         collector.mask = None

@@ -107,34 +107,50 @@ def test_bf16_checkpoint_computed_in_fp32(tmp_path):
     assert_same_scores(ref, got)
 
 
-def test_one_layer_in_memory_at_a_time(tmp_path, monkeypatch):
-    """While a layer runs, every other decoder layer is still (or again) on the meta device."""
+@pytest.mark.parametrize("prefetch,most", [(False, 1), (True, 2)])
+def test_layers_in_memory_at_a_time(prefetch, most, tmp_path, monkeypatch):
+    """One decoder layer materialised at a time (two with the prefetch thread reading the next one)."""
     from minitron.compress import streaming
 
     model = make_model("llama")
     ckpt = save(model, tmp_path / "ckpt", True)
-    loaded_counts = []
-    orig = streaming._load_module
-
-    def spy(module, prefix, reader, dtype, aliases=None):
-        orig(module, prefix, reader, dtype, aliases)
-        skel_layers = spy.layers
-        if skel_layers is not None:
-            loaded_counts.append(sum(1 for l in skel_layers if not next(l.parameters()).is_meta))
-
-    spy.layers = None
-    orig_build = streaming._build_skeleton
+    counts = []
+    skel = {}
+    orig_build, orig_read, orig_assign = streaming._build_skeleton, streaming._read_state, streaming._assign_state
 
     def build(config, dtype):
         m = orig_build(config, dtype)
-        spy.layers = list(m.model.layers)
+        skel["layers"] = list(m.model.layers)
+        skel["reading"] = 0
         return m
 
-    monkeypatch.setattr(streaming, "_load_module", spy)
+    def read(module, *a, **k):
+        is_layer = any(module is l for l in skel["layers"])
+        state = orig_read(module, *a, **k)
+        if is_layer:
+            skel["reading"] += 1  # a layer's tensors exist from here until it is freed
+            counts.append(skel["reading"])
+        return state
+
+    def assign(module, prefix, state):
+        orig_assign(module, prefix, state)
+
+    orig_free = streaming._free_module
+
+    def free(module):
+        orig_free(module)
+        if any(module is l for l in skel["layers"]):
+            skel["reading"] -= 1
+
     monkeypatch.setattr(streaming, "_build_skeleton", build)
-    estimate_importance_streaming(ckpt, make_batches(), progress=False, backend=BACKEND)
-    assert loaded_counts and max(loaded_counts) == 1
-    assert all(next(l.parameters()).is_meta for l in spy.layers)
+    monkeypatch.setattr(streaming, "_read_state", read)
+    monkeypatch.setattr(streaming, "_assign_state", assign)
+    monkeypatch.setattr(streaming, "_free_module", free)
+    ref = estimate_importance(model, make_batches(), progress=False, backend=BACKEND)
+    got = estimate_importance_streaming(ckpt, make_batches(), progress=False, backend=BACKEND, prefetch=prefetch)
+    assert_same_scores(ref, got)
+    assert len(counts) == 4 and max(counts) <= most and (prefetch or max(counts) == 1), counts
+    assert all(next(l.parameters()).is_meta for l in skel["layers"])
 
 
 # ----------------------------------------------------------------------------------------- should_stream

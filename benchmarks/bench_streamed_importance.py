@@ -1,0 +1,144 @@
+"""Throughput of layer-streamed importance vs in-memory importance, and vs the machine's fp32 matmul rate.
+
+Writes a random-weight bf16 Llama-shaped checkpoint (default hidden 2048, MLP 5632, 16 heads / 4 KV heads,
+4 layers, vocabulary 8192) to a temporary directory, then times on the same calibration batches
+(block-influence depth metric, no LM-loss pass):
+
+* ``streamed-fp32``: :func:`minitron.compress.streaming.estimate_importance_streaming` (``compute_dtype``
+  fp32; the bf16 shards are read memory-mapped, one layer at a time);
+* ``in-memory-fp32``: :func:`minitron.compress.importance.estimate_importance` on the model loaded in fp32;
+* ``in-memory-bf16`` (``--bf16``): the same on the model loaded in bf16 (the path the issue measured at
+  ~20 GFLOP/s on CPUs without bf16 units).
+
+and the machine's fp32 GEMM rate (``torch.mm`` on ``[tokens, hidden] x [hidden, mlp]``, best of several)
+in the same run. Reported per provider: seconds, tokens/s per layer (``tokens * layers / seconds``), the
+GFLOP/s of the decoder layers' linear layers (``2 * tokens * linear weights``; attention score FLOPs are
+left out, so the figure is a lower bound) and that rate as a fraction of the measured matmul rate.
+
+Usage::
+
+    python benchmarks/bench_streamed_importance.py [--layers 4] [--hidden 2048] [--tokens 1024] [--seq 256]
+        [--threads N] [--bf16] [--json results.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:  # run as a file: make `minitron` importable from the checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+
+def matmul_gflops(m: int, k: int, n: int, *, repeats: int = 5) -> float:
+    """Best-of-``repeats`` fp32 ``torch.mm`` rate for ``[m, k] x [k, n]`` in GFLOP/s."""
+    a = torch.randn(m, k)
+    b = torch.randn(k, n)
+    torch.mm(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * m * k * n / best / 1e9
+
+
+def write_checkpoint(path: Path, *, hidden: int, mlp: int, heads: int, kv_heads: int, layers: int, vocab: int) -> int:
+    """A random bf16 Llama checkpoint (sharded at 200 MB); returns the number of linear weights per layer."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=mlp, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      num_hidden_layers=layers, vocab_size=vocab, max_position_embeddings=4096, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(str(path), max_shard_size="200MB")
+    layer = model.model.layers[0]
+    linear = sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear))
+    del model
+    return linear
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--mlp", type=int, default=5632)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--tokens", type=int, default=1024, help="calibration tokens in all (multiple of --seq)")
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: stable figures on a shared machine; GEMM is measured with the same)")
+    ap.add_argument("--bf16", action="store_true", help="also time the in-memory path computing in bf16")
+    ap.add_argument("--repeats", type=int, default=2, help="runs per provider (the best is reported)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+
+    from transformers import AutoModelForCausalLM
+
+    from minitron.compress.importance import estimate_importance
+    from minitron.compress.streaming import estimate_importance_streaming
+
+    n_batches = max(1, args.tokens // args.seq)
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, args.vocab, (1, args.seq), generator=g)} for _ in range(n_batches)]
+    tokens = n_batches * args.seq
+    kw = dict(layer_metrics=("block_influence",), progress=False)
+    results: dict = {"shape": {k: getattr(args, k) for k in ("hidden", "mlp", "heads", "kv_heads", "layers", "vocab")},
+                     "tokens": tokens, "threads": args.threads, "providers": {}}
+    with tempfile.TemporaryDirectory(prefix="minitron-bench-stream-") as tmp:
+        ckpt = Path(tmp) / "ckpt"
+        linear = write_checkpoint(ckpt, hidden=args.hidden, mlp=args.mlp, heads=args.heads, kv_heads=args.kv_heads,
+                                  layers=args.layers, vocab=args.vocab)
+        flops = 2.0 * tokens * linear * args.layers
+        mm = matmul_gflops(args.seq, args.hidden, args.mlp)  # the GEMM shape of one batch's MLP
+        results["matmul_fp32_gflops"] = mm
+        results["layer_linear_gflop"] = flops / 1e9
+
+        def timed(name: str, fn) -> None:
+            best = float("inf")
+            for _ in range(args.repeats):
+                t = time.perf_counter()
+                fn()
+                best = min(best, time.perf_counter() - t)
+            rate = flops / best / 1e9
+            results["providers"][name] = {"seconds": best, "tokens_per_s_per_layer": tokens * args.layers / best,
+                                          "gflops": rate, "fraction_of_matmul": rate / mm}
+
+        timed("streamed-fp32", lambda: estimate_importance_streaming(ckpt, batches, **kw))
+        model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+        timed("in-memory-fp32", lambda: estimate_importance(model, batches, **kw))
+        del model
+        if args.bf16:
+            model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.bfloat16).eval()
+            timed("in-memory-bf16", lambda: estimate_importance(model, batches, **kw))
+            del model
+        # the GEMM rate again after the runs (the machine may be shared): the best of both measurements
+        mm = max(mm, matmul_gflops(args.seq, args.hidden, args.mlp))
+        results["matmul_fp32_gflops"] = mm
+        for r in results["providers"].values():
+            r["fraction_of_matmul"] = r["gflops"] / mm
+
+    print(f"shape {results['shape']}, {tokens} tokens ({n_batches} x {args.seq}), {args.threads} thread(s)")
+    print(f"fp32 matmul: {mm:.1f} GFLOP/s; decoder linear work {flops / 1e9:.1f} GFLOP")
+    print(f"{'provider':<16} {'seconds':>8} {'tok/s/layer':>12} {'GFLOP/s':>8} {'of matmul':>10}")
+    for name, r in results["providers"].items():
+        print(f"{name:<16} {r['seconds']:8.2f} {r['tokens_per_s_per_layer']:12.0f} {r['gflops']:8.1f} "
+              f"{r['fraction_of_matmul']:10.0%}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
