@@ -7,8 +7,9 @@ Writes a random-weight bf16 Llama-shaped checkpoint (default hidden 2048, MLP 56
 * ``streamed-fp32``: :func:`minitron.compress.streaming.estimate_importance_streaming` (``compute_dtype``
   fp32; the bf16 shards are read memory-mapped, one layer at a time);
 * ``in-memory-fp32``: :func:`minitron.compress.importance.estimate_importance` on the model loaded in fp32;
-* ``in-memory-bf16`` (``--bf16``): the same on the model loaded in bf16 (the path the issue measured at
-  ~20 GFLOP/s on CPUs without bf16 units).
+* ``streamed-bf16`` / ``in-memory-bf16`` (``--bf16``): the same computing in bf16 (the path the issue
+  measured at ~20 GFLOP/s on a CPU without bf16 units; fast on CPUs with AMX-BF16), as a fraction of the
+  bf16 matmul rate.
 
 and the machine's fp32 GEMM rate (``torch.mm`` on ``[tokens, hidden] x [hidden, mlp]``, best of several)
 in the same run. Reported per provider: seconds, tokens/s per layer (``tokens * layers / seconds``), the
@@ -37,10 +38,10 @@ if __name__ == "__main__" and not __package__:  # run as a file: make `minitron`
 import torch
 
 
-def matmul_gflops(m: int, k: int, n: int, *, repeats: int = 5) -> float:
-    """Best-of-``repeats`` fp32 ``torch.mm`` rate for ``[m, k] x [k, n]`` in GFLOP/s."""
-    a = torch.randn(m, k)
-    b = torch.randn(k, n)
+def matmul_gflops(m: int, k: int, n: int, *, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """Best-of-``repeats`` ``torch.mm`` rate for ``[m, k] x [k, n]`` in ``dtype``, in GFLOP/s."""
+    a = torch.randn(m, k).to(dtype)
+    b = torch.randn(k, n).to(dtype)
     torch.mm(a, b)  # warm-up
     best = float("inf")
     for _ in range(repeats):
@@ -120,17 +121,23 @@ def main(argv: list[str] | None = None) -> dict:
         timed("in-memory-fp32", lambda: estimate_importance(model, batches, **kw))
         del model
         if args.bf16:
+            timed("streamed-bf16", lambda: estimate_importance_streaming(ckpt, batches, compute_dtype=torch.bfloat16,
+                                                                          **kw))
             model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.bfloat16).eval()
             timed("in-memory-bf16", lambda: estimate_importance(model, batches, **kw))
             del model
         # the GEMM rate again after the runs (the machine may be shared): the best of both measurements
         mm = max(mm, matmul_gflops(args.seq, args.hidden, args.mlp))
         results["matmul_fp32_gflops"] = mm
-        for r in results["providers"].values():
-            r["fraction_of_matmul"] = r["gflops"] / mm
+        mm_bf16 = matmul_gflops(args.seq, args.hidden, args.mlp, dtype=torch.bfloat16) if args.bf16 else None
+        results["matmul_bf16_gflops"] = mm_bf16
+        for name, r in results["providers"].items():
+            ref = mm_bf16 if name.endswith("bf16") else mm
+            r["fraction_of_matmul"] = r["gflops"] / ref
 
     print(f"shape {results['shape']}, {tokens} tokens ({n_batches} x {args.seq}), {args.threads} thread(s)")
-    print(f"fp32 matmul: {mm:.1f} GFLOP/s; decoder linear work {flops / 1e9:.1f} GFLOP")
+    print(f"fp32 matmul: {mm:.1f} GFLOP/s" + (f", bf16 matmul: {mm_bf16:.1f} GFLOP/s" if mm_bf16 else "")
+          + f"; decoder linear work {flops / 1e9:.1f} GFLOP (bf16 providers: fraction of the bf16 matmul rate)")
     print(f"{'provider':<16} {'seconds':>8} {'tok/s/layer':>12} {'GFLOP/s':>8} {'of matmul':>10}")
     for name, r in results["providers"].items():
         print(f"{name:<16} {r['seconds']:8.2f} {r['tokens_per_s_per_layer']:12.0f} {r['gflops']:8.1f} "

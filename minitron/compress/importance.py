@@ -775,10 +775,15 @@ def estimate_importance(
 
     if info.distributed:
         collector.all_reduce()
-    return _assemble_scores(collector, adapter, model.config, signature, seq_agg=seq_agg, batch_agg=batch_agg,
+    scores = _assemble_scores(collector, adapter, model.config, signature, seq_agg=seq_agg, batch_agg=batch_agg,
                             layer_metrics=layer_metrics, num_samples=num_samples, num_tokens=num_tokens,
                             num_batches=num_batches, base_loss=base_loss, lm_loss_drop=lm_loss_drop,
                             extra_meta={"world_size": info.world} if info.distributed else None)
+    if info.distributed:
+        from minitron.compress.distributed import barrier
+
+        barrier("barrier at the end of importance estimation")
+    return scores
 
 
 def _layer_loss_sums(model: nn.Module, adapter: ModelAdapter, batches: list, as_tuple: Optional[bool],

@@ -50,7 +50,8 @@ from minitron.models import get_adapter
 
 log = logging.getLogger(__name__)
 
-__all__ = ["estimate_importance_streaming", "should_stream", "CheckpointReader", "STREAM_MEMORY_FRACTION"]
+__all__ = ["estimate_importance_streaming", "should_stream", "choose_compute_dtype", "CheckpointReader",
+           "STREAM_MEMORY_FRACTION"]
 
 #: :func:`should_stream` streams when the compute copy of the weights exceeds this fraction of MemAvailable.
 STREAM_MEMORY_FRACTION = 0.5
@@ -198,6 +199,62 @@ def should_stream(checkpoint_dir: str | os.PathLike, *, compute_dtype: torch.dty
               f"{'more' if verdict else 'not more'} than {fraction:.0%} of the {avail / gib:.2f} GiB available "
               f"({limit / gib:.2f} GiB): {'layer-streamed' if verdict else 'in-memory'} importance")
     return verdict, reason
+
+
+def _checkpoint_float_dtype(reader: Any) -> torch.dtype:
+    """The dtype of the checkpoint's floating-point weights (from its config, else its first float tensor)."""
+    d = getattr(reader.config, "dtype", None) or getattr(reader.config, "torch_dtype", None)
+    if isinstance(d, str):
+        d = getattr(torch, d, None)
+    if isinstance(d, torch.dtype) and d.is_floating_point:
+        return d
+    for name in reader.keys():
+        t = reader.get(name)
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+def _mm_rate(dtype: torch.dtype, m: int, k: int, n: int, repeats: int = 3) -> float:
+    """Best-of-``repeats`` ``torch.mm`` rate in GFLOP/s for ``[m, k] x [k, n]`` in ``dtype`` (CPU)."""
+    import time
+
+    a = torch.randn(m, k).to(dtype)
+    b = torch.randn(k, n).to(dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * m * k * n / best / 1e9
+
+
+def choose_compute_dtype(checkpoint_dir: str | os.PathLike, *, reader: Any = None,
+                         speedup: float = 1.5) -> tuple[torch.dtype, str]:
+    """Pick the dtype streamed layers are computed in: where this CPU is fast.
+
+    A checkpoint stored in bf16/fp16 is computed in that dtype when a GEMM in it runs at least ``speedup``
+    times faster than in fp32 on this machine (CPUs with AMX / AVX512-BF16 units; measured now, a few tens
+    of milliseconds), else in fp32 (CPUs without such units run bf16 GEMMs several times slower than fp32).
+    An fp32 checkpoint is computed in fp32. The accumulators are fp32 in every case.
+
+    Returns:
+        ``(dtype, reason)`` with the measured rates in the reason (for the log).
+    """
+    reader = reader if reader is not None else CheckpointReader(checkpoint_dir)
+    stored = _checkpoint_float_dtype(reader)
+    name = str(stored).replace("torch.", "")
+    if stored == torch.float32 or stored == torch.float64:
+        return torch.float32, f"the checkpoint is {name}: computing in float32"
+    k = min(int(getattr(reader.config, "hidden_size", 1024)), 2048)
+    fp32 = _mm_rate(torch.float32, 256, k, k)
+    low = _mm_rate(stored, 256, k, k)
+    if low >= speedup * fp32:
+        return stored, (f"{name} GEMM runs at {low:.0f} GFLOP/s vs {fp32:.0f} in float32 on this CPU: "
+                        f"computing in {name}")
+    return torch.float32, (f"{name} GEMM runs at {low:.0f} GFLOP/s vs {fp32:.0f} in float32 on this CPU: "
+                           "computing in float32")
 
 
 # ---------------------------------------------------------------------------------------------- hidden states
@@ -594,9 +651,14 @@ def estimate_importance_streaming(
         lm_loss_drop = _drops_from_sums(skip_sums, skip_cnts, base_loss)
     if info.distributed:
         collector.all_reduce()
-    return _assemble_scores(collector, adapter, config, signature, seq_agg=seq_agg, batch_agg=batch_agg,
+    scores = _assemble_scores(collector, adapter, config, signature, seq_agg=seq_agg, batch_agg=batch_agg,
                             layer_metrics=layer_metrics, num_samples=num_samples, num_tokens=num_tokens,
                             num_batches=num_batches, base_loss=base_loss, lm_loss_drop=lm_loss_drop,
                             extra_meta={"streamed": True, "compute_dtype": str(compute_dtype).replace("torch.", ""),
                                         "hidden_states_spilled": spill_root is not None,
                                         **({"world_size": info.world} if info.distributed else {})})
+    if info.distributed:
+        from minitron.compress.distributed import barrier
+
+        barrier("barrier at the end of streamed importance estimation")
+    return scores

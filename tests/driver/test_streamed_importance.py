@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from minitron.compress.importance import estimate_importance
-from minitron.compress.streaming import CheckpointReader, estimate_importance_streaming, should_stream
+from minitron.compress.streaming import (CheckpointReader, choose_compute_dtype, estimate_importance_streaming,
+                                         should_stream)
 from tests.driver.conftest import BACKEND, make_batches, make_model
 
 FIELDS = ("heads", "kv_groups", "neurons", "channels", "block_influence", "lm_loss_drop")
@@ -160,6 +161,29 @@ def test_should_stream(tmp_path):
     assert yes and "layer-streamed" in why and "GiB" in why
     no, why = should_stream(ckpt)
     assert not no and "in-memory" in why
+
+
+def test_choose_compute_dtype(tmp_path, monkeypatch):
+    from minitron.compress import streaming
+
+    fp32 = save(make_model("llama"), tmp_path / "fp32", False)
+    assert choose_compute_dtype(fp32)[0] == torch.float32
+    bf16 = save(make_model("llama").to(torch.bfloat16), tmp_path / "bf16", False)
+    rates = {torch.float32: 100.0, torch.bfloat16: 400.0}
+    monkeypatch.setattr(streaming, "_mm_rate", lambda dtype, *a, **k: rates[dtype])
+    dtype, why = choose_compute_dtype(bf16)
+    assert dtype == torch.bfloat16 and "400 GFLOP/s vs 100" in why
+    rates[torch.bfloat16] = 20.0  # a CPU without bf16 units
+    dtype, why = choose_compute_dtype(bf16)
+    assert dtype == torch.float32 and "computing in float32" in why
+    # the chosen dtype streams and equals the in-memory model loaded in that dtype
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(bf16), dtype=torch.bfloat16).eval()
+    ref = estimate_importance(loaded, make_batches(), progress=False, backend=BACKEND)
+    got = estimate_importance_streaming(bf16, make_batches(), progress=False, backend=BACKEND,
+                                        compute_dtype=torch.bfloat16)
+    assert_same_scores(ref, got)
 
 
 # ----------------------------------------------------------------------------------------- bad input
