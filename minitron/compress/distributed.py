@@ -25,7 +25,11 @@ import torch
 log = logging.getLogger(__name__)
 
 __all__ = ["DistributedImportanceError", "RankInfo", "rank_info", "owns_batch", "BatchDigest",
-           "check_same_on_all_ranks", "collective", "all_reduce_sum_", "barrier"]
+           "check_same_on_all_ranks", "collective", "all_reduce_sum_", "barrier", "init_from_env", "shutdown",
+           "DEFAULT_TIMEOUT_S"]
+
+#: Default process-group timeout of :func:`init_from_env`: a dead or stuck rank fails the others after this.
+DEFAULT_TIMEOUT_S = 600.0
 
 T = TypeVar("T")
 
@@ -147,3 +151,54 @@ def barrier(what: str) -> None:
 
     if rank_info().distributed:
         collective(what, dist.barrier)
+
+
+def init_from_env(*, backend: Optional[str] = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                  threads_per_rank: Optional[int] = None) -> RankInfo:
+    """Join the process group ``torchrun`` describes in the environment (no-op when not launched by it).
+
+    Reads ``WORLD_SIZE`` / ``RANK`` (and ``MASTER_ADDR`` / ``MASTER_PORT`` through ``env://``). With
+    ``WORLD_SIZE`` unset or 1, or a group already initialised, nothing is done.
+
+    Args:
+        backend: ``"gloo"`` or ``"nccl"``; default ``"nccl"`` when CUDA is available, else ``"gloo"``.
+        timeout_s: the process group's timeout: a collective waiting longer (a rank died or hangs) fails
+            with :class:`DistributedImportanceError` on the other ranks.
+        threads_per_rank: ``torch.set_num_threads`` for this process (default: the CPU count divided by
+            ``LOCAL_WORLD_SIZE``, at least 1), so that the ranks of one machine do not oversubscribe it.
+    Returns:
+        this process's :class:`RankInfo`.
+    """
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    if not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool) or timeout_s <= 0:
+        raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1 or (dist.is_available() and dist.is_initialized()):
+        return rank_info()
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    threads = threads_per_rank if threads_per_rank is not None else max(1, (os.cpu_count() or 1) // local)
+    torch.set_num_threads(int(threads))
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=float(timeout_s)))
+    info = rank_info()
+    log.info("joined the %s process group as %s (%d thread(s))", backend, info, threads)
+    return info
+
+
+def shutdown() -> None:
+    """Destroy the default process group if one is initialised (call once at the end, on every rank)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -535,6 +535,10 @@ def estimate_importance_streaming(
                 if len(sink) != n_layers or [s[0] for s in sink] != list(range(n_layers)):
                     raise RuntimeError(f"streaming: the {adapter.model_type} base model called its layers "
                                        f"{[s[0] for s in sink]}, expected 0..{n_layers - 1} in order")
+                if any(rec[1] is not sink[0][1] for rec in sink):
+                    raise RuntimeError(f"streaming: the {adapter.model_type} base model does not pass each layer's "
+                                       "output on as the next layer's input unchanged (tuple outputs?); layer "
+                                       "streaming does not support this transformers version for this family")
                 first.append(sink[0][1])
                 calls.append([(s[2], s[3]) for s in sink])
     finally:

@@ -150,3 +150,44 @@ def test_dead_rank_fails_the_others_within_the_timeout(tmp_path):
     err = (tmp_path / "error0.txt").read_text()
     assert "DistributedImportanceError" in err and "another rank probably died" in err, err
     assert elapsed < JOIN_TIMEOUT_S
+
+
+TORCHRUN_SCRIPT = """
+import sys
+import torch
+from minitron.compress.distributed import init_from_env, shutdown, rank_info
+from minitron.compress.streaming import estimate_importance_streaming
+from tests.driver.conftest import make_batches, BACKEND
+
+info = init_from_env(timeout_s=30, threads_per_rank=1)
+assert info.world == 2, info
+try:
+    scores = estimate_importance_streaming(sys.argv[1], make_batches(n=3), progress=False, backend=BACKEND)
+    scores.save(sys.argv[2])
+    torch.save(scores.heads, f"{sys.argv[2]}.rank{info.rank}.pt")
+finally:
+    shutdown()
+"""
+
+
+def test_torchrun_launch(tmp_path):
+    """The way the CLI runs under ``torchrun``: init_from_env, estimate, rank-0 save, shutdown."""
+    import subprocess
+    import sys
+
+    model = make_model("mistral")
+    model.save_pretrained(str(tmp_path / "ckpt"))
+    ref = estimate_importance(model, make_batches(n=3), progress=False, backend=BACKEND)
+    script = tmp_path / "run.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), str(tmp_path / "ckpt"), str(tmp_path / "out")],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=JOIN_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = ImportanceScores.load(tmp_path / "out")
+    torch.testing.assert_close(saved.heads, ref.heads, rtol=1e-5, atol=1e-6)
+    assert saved.meta["world_size"] == 2
+    for r in range(2):
+        assert torch.equal(torch.load(tmp_path / f"out.rank{r}.pt"), saved.heads)
