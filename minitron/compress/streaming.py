@@ -1,6 +1,7 @@
 """Layer-streamed importance: estimate importance of a checkpoint larger than memory, one decoder layer at a time.
 
-:func:`estimate_importance_streaming` never holds more than one decoder layer's weights:
+:func:`estimate_importance_streaming` holds one decoder layer's weights at a time (two while a helper
+thread reads and casts the next layer, ``prefetch=True``):
 
 1. the model skeleton is built on the ``meta`` device from the checkpoint's config (no memory); the
    embedding and the final norm are loaded from the memory-mapped safetensors shards, the rotary
@@ -347,18 +348,32 @@ def _build_skeleton(config: Any, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
+def _key_set(reader: Any) -> frozenset:
+    """The reader's tensor names (cached on the reader object when it allows attributes)."""
+    keys = getattr(reader, "_minitron_key_set", None)
+    if keys is None:
+        keys = frozenset(reader.keys())
+        try:
+            reader._minitron_key_set = keys
+        except AttributeError:
+            pass
+    return keys
+
+
 def _read_state(module: nn.Module, prefix: str, reader: Any, dtype: torch.dtype,
                 aliases: Optional[Mapping[str, str]] = None) -> dict[str, torch.Tensor]:
     """Read (and cast to ``dtype``) every parameter/persistent buffer of ``module`` from the checkpoint.
 
-    Checks each tensor's presence and shape against the skeleton; errors name the tensor and its file.
+    Uses only ``reader.keys()`` and ``reader.get(name)``. Checks each tensor's presence and shape against
+    the skeleton; errors name the tensor and its file.
     """
     aliases = aliases or {}
+    available = _key_set(reader)
     state: dict[str, torch.Tensor] = {}
     for name, ref in module.state_dict(keep_vars=True).items():
         key = prefix + name
-        src_key = key if key in reader else aliases.get(key, key)
-        if src_key not in reader:
+        src_key = key if key in available else aliases.get(key, key)
+        if src_key not in available:
             raise ValueError(f"the checkpoint {str(getattr(reader, 'path', '?'))!r} has no tensor {key!r}, which "
                              f"the {type(module).__name__} of this config needs")
         t = reader.get(src_key)
@@ -442,8 +457,9 @@ def estimate_importance_streaming(
             (default: the system temporary directory). A private subdirectory is created and removed.
         max_hidden_bytes: keep hidden states in memory up to this many bytes (default 25% of the memory
             available at the start); ``0`` always spills.
-        reader: an object with ``config``, ``keys()``, ``get(name)`` and ``__contains__`` reading the
-            checkpoint (default :class:`CheckpointReader` of ``checkpoint_dir``).
+        reader: an object with ``config`` (transformers config), ``keys()`` and ``get(name) -> Tensor``
+            reading the checkpoint (default :class:`CheckpointReader` of ``checkpoint_dir``, which is
+            then not used otherwise).
         prefetch: read and cast layer ``l + 1`` in a helper thread while layer ``l`` runs (hides the
             read/cast time; at most two decoder layers in memory). ``False``: one layer at a time.
     Returns:
@@ -550,7 +566,7 @@ def estimate_importance_streaming(
     elem = torch.empty((), dtype=compute_dtype).element_size()
     streams_needed = (n_layers + 1) if want_loss else 1
     need = sum(b * s * h for b, s, h in shapes) * elem * streams_needed
-    limit = max_hidden_bytes if max_hidden_bytes is not None else int(_mem_available() * 0.25)
+    limit = max_hidden_bytes if max_hidden_bytes is not None else int(_mem_available() * HIDDEN_MEMORY_FRACTION)
     spill_root: Optional[Path] = None
     if need > limit:
         spill_root = Path(tempfile.mkdtemp(prefix="minitron-hidden-", dir=None if spill_dir is None else str(spill_dir)))

@@ -154,6 +154,30 @@ def test_layers_in_memory_at_a_time(prefetch, most, tmp_path, monkeypatch):
     assert all(next(l.parameters()).is_meta for l in skel["layers"])
 
 
+def test_any_reader_with_the_shared_interface(tmp_path):
+    """Only ``reader.config``, ``reader.keys()`` and ``reader.get(name)`` are used (the sharded reader's interface)."""
+
+    class Minimal:
+        def __init__(self, inner):
+            self.config, self._inner, self.gets = inner.config, inner, 0
+
+        def keys(self):
+            return list(self._inner.keys())
+
+        def get(self, name):
+            self.gets += 1
+            return self._inner.get(name)
+
+    model = make_model("phi3")
+    ckpt = save(model, tmp_path / "ckpt", True)
+    reader = Minimal(CheckpointReader(ckpt))
+    ref = estimate_importance(model, make_batches(), progress=False, backend=BACKEND)
+    got = estimate_importance_streaming(tmp_path / "unused", make_batches(), progress=False, backend=BACKEND,
+                                        reader=reader)
+    assert reader.gets == len(model.state_dict())
+    assert_same_scores(ref, got)
+
+
 # ----------------------------------------------------------------------------------------- should_stream
 def test_should_stream(tmp_path):
     ckpt = save(make_model("llama"), tmp_path / "ckpt", False)
