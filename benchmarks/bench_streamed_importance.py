@@ -19,7 +19,11 @@ left out, so the figure is a lower bound) and that rate as a fraction of the mea
 Usage::
 
     python benchmarks/bench_streamed_importance.py [--layers 4] [--hidden 2048] [--tokens 1024] [--seq 256]
-        [--threads N] [--bf16] [--json results.json]
+        [--threads N] [--bf16] [--ranks 2] [--json results.json]
+
+``--ranks N`` adds the torch.distributed figure (issue 12): in-memory importance on 1 and N gloo processes
+with one thread each (the batches sharded over the ranks), the speedup and scaling efficiency, and the
+bytes each rank all-reduces (once per run, computed from the shapes).
 """
 from __future__ import annotations
 
@@ -66,6 +70,60 @@ def write_checkpoint(path: Path, *, hidden: int, mlp: int, heads: int, kv_heads:
     return linear
 
 
+def _rank_worker(rank: int, world: int, tmp: str, ckpt: str, n_batches: int, seq: int, vocab: int) -> None:
+    """One rank of the ``--ranks`` measurement: in-memory importance on this rank's share of the batches."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from minitron.compress.importance import estimate_importance
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous-{world}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=300))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+        g = torch.Generator().manual_seed(0)
+        batches = [{"input_ids": torch.randint(0, vocab, (1, seq), generator=g)} for _ in range(n_batches)]
+        kw = dict(layer_metrics=("block_influence",), progress=False)
+        estimate_importance(model, batches[:world], **kw)  # warm-up (one batch per rank)
+        dist.barrier()
+        t = time.perf_counter()
+        estimate_importance(model, batches, **kw)
+        dist.barrier()
+        if rank == 0:
+            Path(tmp, f"time-{world}").write_text(str(time.perf_counter() - t))
+    finally:
+        dist.destroy_process_group()
+
+
+def rank_scaling(ckpt: Path, tmp: str, ranks: int, n_batches: int, seq: int, vocab: int) -> dict:
+    """Seconds of in-memory importance on 1 and ``ranks`` gloo processes (one thread each), and the efficiency."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    out = {}
+    for world in (1, ranks):
+        procs = [ctx.Process(target=_rank_worker, args=(r, world, tmp, str(ckpt), n_batches, seq, vocab))
+                 for r in range(world)]
+        for pr in procs:
+            pr.start()
+        for pr in procs:
+            pr.join()
+        if any(pr.exitcode != 0 for pr in procs):
+            raise RuntimeError(f"a rank of the {world}-process run failed: exit codes {[pr.exitcode for pr in procs]}")
+        out[world] = float(Path(tmp, f"time-{world}").read_text())
+    speedup = out[1] / out[ranks]
+    return {"seconds": out, "speedup": speedup, "efficiency": speedup / ranks}
+
+
+def allreduce_bytes(hidden: int, mlp: int, heads: int, layers: int) -> int:
+    """Bytes each rank all-reduces once per run: fp32 [2, units] states + int64 [2] counts of every
+    accumulator, the float64 block-influence sums and int64 [2, layers] counts, the 3 int64 totals."""
+    acc = lambda units: 2 * units * 4 + 2 * 8  # noqa: E731
+    return (layers * (acc(heads) + acc(mlp)) + (2 * layers + 1) * acc(hidden)
+            + layers * 8 + 2 * layers * 8 + 3 * 8)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=2048)
@@ -81,6 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--bf16", action="store_true", help="also time the in-memory path computing in bf16")
     ap.add_argument("--repeats", type=int, default=2, help="runs per provider (the best is reported)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    ap.add_argument("--ranks", type=int, default=0,
+                    help="also time in-memory importance on 1 and RANKS gloo processes (one thread each)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -126,6 +186,10 @@ def main(argv: list[str] | None = None) -> dict:
             model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.bfloat16).eval()
             timed("in-memory-bf16", lambda: estimate_importance(model, batches, **kw))
             del model
+        if args.ranks > 1:
+            results["ranks"] = rank_scaling(ckpt, tmp, args.ranks, n_batches, args.seq, args.vocab)
+            results["ranks"]["allreduce_bytes_per_rank"] = allreduce_bytes(args.hidden, args.mlp, args.heads,
+                                                                           args.layers)
         # the GEMM rate again after the runs (the machine may be shared): the best of both measurements
         mm = max(mm, matmul_gflops(args.seq, args.hidden, args.mlp))
         results["matmul_fp32_gflops"] = mm
@@ -142,6 +206,12 @@ def main(argv: list[str] | None = None) -> dict:
     for name, r in results["providers"].items():
         print(f"{name:<16} {r['seconds']:8.2f} {r['tokens_per_s_per_layer']:12.0f} {r['gflops']:8.1f} "
               f"{r['fraction_of_matmul']:10.0%}")
+    if "ranks" in results:
+        r = results["ranks"]
+        print(f"in-memory importance on 1 vs {args.ranks} processes (1 thread each): "
+              + ", ".join(f"{w}: {t:.2f} s" for w, t in r["seconds"].items())
+              + f"; speedup {r['speedup']:.2f}, efficiency {r['efficiency']:.0%}; all-reduced once per run: "
+              f"{r['allreduce_bytes_per_rank']} bytes per rank")
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return results
