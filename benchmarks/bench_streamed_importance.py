@@ -19,7 +19,10 @@ left out, so the figure is a lower bound) and that rate as a fraction of the mea
 Usage::
 
     python benchmarks/bench_streamed_importance.py [--layers 4] [--hidden 2048] [--tokens 1024] [--seq 256]
-        [--threads N] [--bf16] [--ranks 2] [--json results.json]
+        [--threads N] [--bf16] [--memory] [--ranks 2] [--json results.json]
+
+``--memory`` adds the peak anonymous memory (sampled every 5 ms, above the level after the imports) and the peak
+resident file pages of streamed and in-memory fp32 importance, each in a fresh process.
 
 ``--ranks N`` adds the torch.distributed figure (issue 12): in-memory importance on 1 and N gloo processes
 with one thread each (the batches sharded over the ranks), the speedup and scaling efficiency, and the
@@ -124,6 +127,62 @@ def allreduce_bytes(hidden: int, mlp: int, heads: int, layers: int) -> int:
             + layers * 8 + 2 * layers * 8 + 3 * 8)
 
 
+_MEMORY_CHILD = """
+import sys, threading, time, torch
+torch.set_num_threads(1)
+from pathlib import Path
+mode, ckpt, n, seq, vocab = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+peak = {"RssAnon": 0, "RssFile": 0}
+stop = False
+def status():
+    out = {}
+    for line in open("/proc/self/status"):
+        k, _, v = line.partition(":")
+        if k in peak:
+            out[k] = int(v.split()[0]) * 1024
+    return out
+def sample():
+    while not stop:
+        for k, v in status().items():
+            peak[k] = max(peak[k], v)
+        time.sleep(0.005)
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+from minitron.compress.importance import estimate_importance
+from minitron.compress.streaming import estimate_importance_streaming
+g = torch.Generator().manual_seed(0)
+batches = [{"input_ids": torch.randint(0, vocab, (1, seq), generator=g)} for _ in range(n)]
+kw = dict(layer_metrics=("block_influence",), progress=False)
+base = status()  # after the imports: the figures are what the run itself allocates
+th = threading.Thread(target=sample, daemon=True); th.start()
+if mode == "streamed":
+    estimate_importance_streaming(ckpt, batches, **kw)
+else:
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    estimate_importance(model, batches, **kw)
+stop = True; th.join()
+print("PEAK", peak["RssAnon"] - base["RssAnon"], peak["RssFile"])
+"""
+
+
+def peak_memory(ckpt: Path, n_batches: int, seq: int, vocab: int) -> dict:
+    """Peak anonymous memory (above the level after the imports, sampled every 5 ms) and peak resident file pages
+    of streamed vs in-memory fp32 importance, each in a fresh process."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    out = {}
+    for mode in ("streamed", "in-memory"):
+        proc = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, mode, str(ckpt), str(n_batches), str(seq),
+                               str(vocab)], capture_output=True, text=True, env=env, cwd=root)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("PEAK ")]
+        if proc.returncode != 0 or not line:
+            raise RuntimeError(f"memory measurement of {mode} failed: {proc.stderr[-2000:]}")
+        anon, file = (int(v) for v in line[0].split()[1:])
+        out[mode] = {"peak_anon_bytes": anon, "peak_file_bytes": file}
+    return out
+
+
 def cases(cfg: object) -> list:
     """No harness cases: this is a standalone script (``python benchmarks/bench_streamed_importance.py``),
     discovered by ``python -m benchmarks`` only to be skipped quietly."""
@@ -145,6 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--bf16", action="store_true", help="also time the in-memory path computing in bf16")
     ap.add_argument("--repeats", type=int, default=2, help="runs per provider (the best is reported)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    ap.add_argument("--memory", action="store_true",
+                    help="also measure peak anonymous memory of streamed vs in-memory importance (fresh processes)")
     ap.add_argument("--ranks", type=int, default=0,
                     help="also time in-memory importance on 1 and RANKS gloo processes (one thread each)")
     args = ap.parse_args(argv)
@@ -192,6 +253,9 @@ def main(argv: list[str] | None = None) -> dict:
             model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.bfloat16).eval()
             timed("in-memory-bf16", lambda: estimate_importance(model, batches, **kw))
             del model
+        if args.memory:
+            results["memory"] = peak_memory(ckpt, n_batches, args.seq, args.vocab)
+            results["checkpoint_bytes"] = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
         if args.ranks > 1:
             results["ranks"] = rank_scaling(ckpt, tmp, args.ranks, n_batches, args.seq, args.vocab)
             results["ranks"]["allreduce_bytes_per_rank"] = allreduce_bytes(args.hidden, args.mlp, args.heads,
@@ -212,6 +276,11 @@ def main(argv: list[str] | None = None) -> dict:
     for name, r in results["providers"].items():
         print(f"{name:<16} {r['seconds']:8.2f} {r['tokens_per_s_per_layer']:12.0f} {r['gflops']:8.1f} "
               f"{r['fraction_of_matmul']:10.0%}")
+    if "memory" in results:
+        mib = 2 ** 20
+        print(f"peak memory (checkpoint {results['checkpoint_bytes'] / mib:.0f} MiB on disk, bf16): "
+              + "; ".join(f"{m}: anonymous +{v['peak_anon_bytes'] / mib:.0f} MiB, resident file pages "
+                          f"{v['peak_file_bytes'] / mib:.0f} MiB" for m, v in results["memory"].items()))
     if "ranks" in results:
         r = results["ranks"]
         print(f"in-memory importance on 1 vs {args.ranks} processes (1 thread each): "

@@ -191,3 +191,21 @@ def test_torchrun_launch(tmp_path):
     assert saved.meta["world_size"] == 2
     for r in range(2):
         assert torch.equal(torch.load(tmp_path / f"out.rank{r}.pt"), saved.heads)
+
+
+def test_init_from_env_without_torchrun(monkeypatch):
+    """Not launched by torchrun (WORLD_SIZE unset or 1): nothing is initialised, rank 0 of 1."""
+    import torch.distributed as dist
+
+    from minitron.compress.distributed import init_from_env, rank_info, shutdown
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert init_from_env() == rank_info() and rank_info().world == 1 and not dist.is_initialized()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert init_from_env().world == 1 and not dist.is_initialized()
+    shutdown()  # no-op
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="timeout_s"):
+        init_from_env(timeout_s=0)
+    with pytest.raises(ValueError, match="backend"):
+        init_from_env(backend="mpi")
