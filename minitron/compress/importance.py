@@ -678,7 +678,7 @@ def estimate_importance(
         layer_metrics: any of ``"block_influence"`` and ``"lm_loss"``. ``"lm_loss"`` costs one extra
             pass over the batches per layer (the layer is swapped for an identity module).
         max_batches: use at most this many batches (counted over all ranks).
-        progress: show a tqdm progress bar (stderr).
+        progress: show a tqdm progress bar (stderr; rank 0 only under torch.distributed).
         backend: kernel backend for the accumulators (``"auto"``, ``"cpp"``, ``"cuda"``, ``"triton"``,
             ``"reference"``).
     Returns:
@@ -697,6 +697,7 @@ def estimate_importance(
     want_bi = "block_influence" in layer_metrics
     want_loss = "lm_loss" in layer_metrics
     info = rank_info()
+    progress = bool(progress) and info.rank == 0  # one progress bar per run, not one per rank
     signature = shape_signature(model)
     check_same_on_all_ranks(
         _args_fingerprint(adapter, model.config, signature, seq_agg=seq_agg, batch_agg=batch_agg,

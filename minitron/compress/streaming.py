@@ -36,6 +36,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
@@ -218,8 +219,6 @@ def _checkpoint_float_dtype(reader: Any) -> torch.dtype:
 
 def _mm_rate(dtype: torch.dtype, m: int, k: int, n: int, repeats: int = 3) -> float:
     """Best-of-``repeats`` ``torch.mm`` rate in GFLOP/s for ``[m, k] x [k, n]`` in ``dtype`` (CPU)."""
-    import time
-
     a = torch.randn(m, k).to(dtype)
     b = torch.randn(k, n).to(dtype)
     torch.mm(a, b)
@@ -491,6 +490,8 @@ def estimate_importance_streaming(
     want_bi = "block_influence" in layer_metrics
     want_loss = "lm_loss" in layer_metrics
     info = rank_info()
+    progress = bool(progress) and info.rank == 0
+    started = time.perf_counter()
 
     model = _build_skeleton(config, compute_dtype)
     adapter.check_model(model)
@@ -681,4 +682,7 @@ def estimate_importance_streaming(
         from minitron.compress.distributed import barrier
 
         barrier("barrier at the end of streamed importance estimation")
+    log.info("streamed importance: %d layers, %d batch(es) on %s, computed in %s%s, %.1f s", n_layers, len(own),
+             info, str(compute_dtype).replace("torch.", ""), ", hidden states spilled" if spill_root else "",
+             time.perf_counter() - started)
     return scores
