@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DistributedImportanceError", "RankInfo", "rank_info", "owns_batch", "BatchDigest",
            "check_same_on_all_ranks", "collective", "all_reduce_sum_", "barrier", "init_from_env", "shutdown",
-           "DEFAULT_TIMEOUT_S"]
+           "DEFAULT_TIMEOUT_S", "group_for"]
 
 #: Default process-group timeout of :func:`init_from_env`: a dead or stuck rank fails the others after this.
 DEFAULT_TIMEOUT_S = 600.0
@@ -120,8 +120,9 @@ def check_same_on_all_ranks(fingerprint: Mapping[str, Any], *, stage: str) -> No
     if not info.distributed:
         return
     gathered: list[Any] = [None] * info.world
+    group = group_for(torch.device("cpu"))
     collective(f"{stage}: argument check (all_gather_object)",
-               lambda: dist.all_gather_object(gathered, dict(fingerprint)))
+               lambda: dist.all_gather_object(gathered, dict(fingerprint), group=group))
     ref = gathered[0]
     diffs = []
     for key in sorted({k for g in gathered for k in g}):
@@ -136,12 +137,36 @@ def check_same_on_all_ranks(fingerprint: Mapping[str, Any], *, stage: str) -> No
         )
 
 
+_CPU_GROUP: list[Any] = []
+
+
+def _default_backend() -> str:
+    import torch.distributed as dist
+
+    return str(dist.get_backend())
+
+
+def group_for(device: torch.device) -> Any:
+    """The process group to reduce tensors on ``device`` with: ``None`` (the default group) unless the default
+    backend cannot handle them (CPU tensors under NCCL), then a gloo group over the same ranks, created once
+    (a collective: every rank reaches this call at the same point of the run)."""
+    import torch.distributed as dist
+
+    if not rank_info().distributed or device.type != "cpu" or _default_backend() == "gloo":
+        return None
+    if not _CPU_GROUP:
+        _CPU_GROUP.append(collective("creation of a gloo group for CPU tensors",
+                                     lambda: dist.new_group(backend="gloo")))
+    return _CPU_GROUP[0]
+
+
 def all_reduce_sum_(t: torch.Tensor, what: str) -> torch.Tensor:
-    """SUM-all-reduce ``t`` in place across the default group (no-op on one rank); returns ``t``."""
+    """SUM-all-reduce ``t`` in place across the default group's ranks (no-op on one rank); returns ``t``."""
     import torch.distributed as dist
 
     if rank_info().distributed:
-        collective(what, lambda: dist.all_reduce(t, op=dist.ReduceOp.SUM))
+        group = group_for(t.device)
+        collective(what, lambda: dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group))
     return t
 
 
@@ -150,7 +175,8 @@ def barrier(what: str) -> None:
     import torch.distributed as dist
 
     if rank_info().distributed:
-        collective(what, dist.barrier)
+        group = group_for(torch.device("cpu"))
+        collective(what, lambda: dist.barrier(group=group))
 
 
 def init_from_env(*, backend: Optional[str] = None, timeout_s: float = DEFAULT_TIMEOUT_S,
@@ -201,4 +227,5 @@ def shutdown() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        _CPU_GROUP.clear()
         dist.destroy_process_group()

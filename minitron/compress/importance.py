@@ -197,7 +197,7 @@ class ImportanceScores:
         writes, the outcome is broadcast, and every rank returns after the files are in place (or raises
         when rank 0 failed to write them).
         """
-        from minitron.compress.distributed import collective, rank_info
+        from minitron.compress.distributed import collective, group_for, rank_info
 
         info = rank_info()
         if not info.distributed:
@@ -212,7 +212,9 @@ class ImportanceScores:
             except Exception as exc:  # reported to every rank below, then re-raised here
                 error = exc
         box: list[Any] = [None if error is None else f"{type(error).__name__}: {error}"]
-        collective("broadcast of the save result from rank 0", lambda: dist.broadcast_object_list(box, src=0))
+        group = group_for(torch.device("cpu"))
+        collective("broadcast of the save result from rank 0",
+                   lambda: dist.broadcast_object_list(box, src=0, group=group))
         if error is not None:
             raise error
         if box[0] is not None:
@@ -503,15 +505,16 @@ class _Collector:
 
     def all_reduce(self) -> None:
         """Combine every accumulator across the ranks of the default process group (collective)."""
-        from minitron.compress.distributed import collective
+        from minitron.compress.distributed import collective, group_for
 
+        group = group_for(self.heads[0].device if self.heads else torch.device("cpu"))
         for i, (h, n) in enumerate(zip(self.heads, self.neurons)):
-            collective(f"all_reduce of the head accumulator of layer {i}", h.all_reduce)
-            collective(f"all_reduce of the neuron accumulator of layer {i}", n.all_reduce)
+            collective(f"all_reduce of the head accumulator of layer {i}", lambda: h.all_reduce(group))
+            collective(f"all_reduce of the neuron accumulator of layer {i}", lambda: n.all_reduce(group))
         for j, c in enumerate(self.channels):
-            collective(f"all_reduce of channel accumulator {j}", c.all_reduce)
+            collective(f"all_reduce of channel accumulator {j}", lambda: c.all_reduce(group))
         if self.bi is not None:
-            collective("all_reduce of the block influence", self.bi.all_reduce)
+            collective("all_reduce of the block influence", lambda: self.bi.all_reduce(group))
 
     def _pre(self, acc: Any) -> Any:
         def hook(module: nn.Module, args: tuple) -> None:

@@ -36,6 +36,12 @@ def _run(rank: int, world: int, tmp: str, scenario: str, family: str, n_batches:
         try:
             model = make_model(family)
             batches = make_batches(n=n_batches)
+            if scenario.endswith("-cpu-group"):
+                # as under NCCL: CPU tensors go through a separate gloo group (created by group_for)
+                import minitron.compress.distributed as mdist
+
+                mdist._default_backend = lambda: "nccl"
+                scenario = scenario[: -len("-cpu-group")]
             if scenario in ("memory", "streamed"):
                 orig = ImportanceScores._save_local
 
@@ -51,6 +57,10 @@ def _run(rank: int, world: int, tmp: str, scenario: str, family: str, n_batches:
                                                            max_hidden_bytes=0 if rank == 1 else None)
                 scores.save(out / "scores")
                 torch.save({n: getattr(scores, n) for n in FIELDS} | {"meta": scores.meta}, out / f"rank{rank}.pt")
+                import minitron.compress.distributed as mdist
+
+                if mdist._CPU_GROUP:
+                    (out / f"used_cpu_group_rank{rank}").touch()
             elif scenario == "mismatch":
                 msgs = []
                 try:  # different arguments
@@ -108,6 +118,7 @@ def errors(tmp_path: Path, world: int) -> str:
     ("memory", 3, 5, "phi3"),       # 2 + 2 + 1
     ("streamed", 2, 5, "llama"),    # rank 1 also spills its hidden states
     ("streamed", 3, 2, "qwen3"),    # rank 2 gets no batch at all
+    ("streamed-cpu-group", 2, 3, "mistral"),  # CPU reductions through a gloo subgroup, as under NCCL
 ])
 def test_equals_single_process(scenario, world, n_batches, family, tmp_path):
     model = make_model(family)
@@ -124,6 +135,8 @@ def test_equals_single_process(scenario, world, n_batches, family, tmp_path):
     for key in ("num_samples", "num_tokens", "num_batches"):
         assert results[0]["meta"][key] == ref.meta[key], key
     assert results[0]["meta"]["world_size"] == world
+    used = sorted(p.name for p in tmp_path.glob("used_cpu_group_rank*"))
+    assert used == ([f"used_cpu_group_rank{r}" for r in range(world)] if "cpu-group" in scenario else [])
     # only rank 0 wrote; every rank returned after the files were in place
     assert sorted(p.name for p in tmp_path.glob("saved_by_rank*")) == ["saved_by_rank0"]
     saved = ImportanceScores.load(tmp_path / "scores")
