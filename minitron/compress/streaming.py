@@ -151,6 +151,10 @@ class CheckpointReader:
         except Exception as e:
             raise ValueError(f"could not read tensor {name!r} from {str(shard)!r} ({type(e).__name__}: {e})") from None
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of tensor ``name`` from its shard's header (nothing is read)."""
+        return tuple(int(v) for v in self._open(self.file_of(name)).get_slice(name).get_shape())
+
     def numel(self) -> int:
         """Total elements of every tensor (from the shard headers; nothing is read)."""
         total = 0
@@ -398,6 +402,32 @@ def _load_module(module: nn.Module, prefix: str, reader: Any, dtype: torch.dtype
     _assign_state(module, prefix, _read_state(module, prefix, reader, dtype, aliases))
 
 
+def _check_checkpoint(model: nn.Module, reader: Any, aliases: Mapping[str, str]) -> None:
+    """Before any work: every tensor the skeleton needs is in the checkpoint, with the config's shape.
+
+    Shapes are compared when the reader offers ``shape(name)`` (header only); otherwise each tensor's shape
+    is checked when its layer is loaded.
+    """
+    available = _key_set(reader)
+    shape_of = getattr(reader, "shape", None)
+    missing, wrong = [], []
+    for name, ref in model.state_dict(keep_vars=True).items():
+        src = name if name in available else aliases.get(name, name)
+        if src not in available:
+            missing.append(name)
+        elif callable(shape_of):
+            got = tuple(shape_of(src))
+            if got != tuple(ref.shape):
+                where = getattr(reader, "file_of", lambda n: "?")(src)
+                wrong.append(f"{src!r} in {str(where)!r} has shape {got}, the config makes it {tuple(ref.shape)}")
+    where = str(getattr(reader, "path", "the checkpoint"))
+    if missing:
+        raise ValueError(f"the checkpoint {where!r} lacks tensors this config needs: {', '.join(missing[:5])}"
+                         f"{' ...' if len(missing) > 5 else ''}")
+    if wrong:
+        raise ValueError(f"checkpoint tensor {wrong[0]}" + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""))
+
+
 def _free_module(module: nn.Module) -> None:
     """Send the module's tensors back to the meta device (frees their memory; hooks stay attached)."""
     module.to("meta")
@@ -497,6 +527,12 @@ def estimate_importance_streaming(
     adapter.check_model(model)
     dims = adapter.dims(config)
     signature = shape_signature(model)
+    prefix_of = {id(m): n + "." for n, m in model.named_modules() if n}
+    head = adapter.lm_head(model)
+    embed = adapter.embedding(model)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    head_aliases = {prefix_of[id(head)] + "weight": prefix_of[id(embed)] + "weight"} if tied else {}
+    _check_checkpoint(model, reader, head_aliases)
     check_same_on_all_ranks(
         _args_fingerprint(adapter, config, signature, seq_agg=seq_agg, batch_agg=batch_agg,
                           layer_metrics=layer_metrics, max_batches=max_batches, mode="streamed"),
@@ -520,12 +556,10 @@ def estimate_importance_streaming(
     layers = adapter.layers(model)
     n_layers = dims.num_hidden_layers
     base = adapter.base_model(model)
-    prefix_of = {id(m): n + "." for n, m in model.named_modules() if n}
-    embed = adapter.embedding(model)
     norm = adapter.final_norm(model)
     _load_module(embed, prefix_of[id(embed)], reader, compute_dtype)
     _load_module(norm, prefix_of[id(norm)], reader, compute_dtype)
-    _materialise_buffers(model, skip=[layers, adapter.lm_head(model), embed, norm])
+    _materialise_buffers(model, skip=[layers, head, embed, norm])
     leftovers = [n for n, t in list(base.named_parameters()) + list(base.named_buffers())
                  if t.is_meta and not n.startswith("layers.")]
     if leftovers:
@@ -629,11 +663,10 @@ def estimate_importance_streaming(
                     collector.active = True
                     _free_module(layer)
             # final norm (its channel accumulator) and, for lm_loss, the LM head on every stream
-            head = adapter.lm_head(model) if want_loss else None
-            if head is not None:
-                tied = bool(getattr(config, "tie_word_embeddings", False))
-                aliases = {prefix_of[id(head)] + "weight": prefix_of[id(embed)] + "weight"} if tied else {}
-                _load_module(head, prefix_of[id(head)], reader, compute_dtype, aliases=aliases)
+            if not want_loss:
+                head = None
+            else:
+                _load_module(head, prefix_of[id(head)], reader, compute_dtype, aliases=head_aliases)
             main_sum, main_cnt = 0.0, 0
             skip_sums = [0.0] * n_layers
             skip_cnts = [0] * n_layers

@@ -243,7 +243,12 @@ def test_bad_checkpoints(tmp_path):
     # shapes that do not match the config name the tensor and the file
     cfg = json.loads((ckpt / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps(dict(cfg, intermediate_size=cfg["intermediate_size"] + 8)))
-    with pytest.raises(ValueError, match=r"mlp\.(gate|up|down)_proj.weight.*has shape"):
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp\.(gate|up|down)_proj.weight.*model-.*safetensors.*has shape"):
+        estimate_importance_streaming(ckpt, batches, progress=False)
+    # a tensor the config needs is absent (found before any layer runs)
+    cfg_extra = dict(cfg, num_hidden_layers=cfg["num_hidden_layers"] + 1)
+    (ckpt / "config.json").write_text(json.dumps(cfg_extra))
+    with pytest.raises(ValueError, match="lacks tensors.*model.layers.4"):
         estimate_importance_streaming(ckpt, batches, progress=False)
     # an unsupported family
     (ckpt / "config.json").write_text(json.dumps(dict(cfg, model_type="gpt2")))
