@@ -19,7 +19,7 @@ left out, so the figure is a lower bound) and that rate as a fraction of the mea
 Usage::
 
     python benchmarks/bench_streamed_importance.py [--layers 4] [--hidden 2048] [--tokens 1024] [--seq 256]
-        [--threads N] [--bf16] [--memory] [--ranks 2] [--json results.json]
+        [--threads N] [--bf16] [--lm-loss] [--memory] [--ranks 2] [--json results.json]
 
 ``--memory`` adds the peak anonymous memory (sampled every 5 ms, above the level after the imports) and the peak
 resident file pages of streamed and in-memory fp32 importance, each in a fresh process.
@@ -204,6 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--bf16", action="store_true", help="also time the in-memory path computing in bf16")
     ap.add_argument("--repeats", type=int, default=2, help="runs per provider (the best is reported)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    ap.add_argument("--lm-loss", action="store_true",
+                    help="also time both fp32 paths with the LM-loss-drop depth metric (seconds only)")
     ap.add_argument("--memory", action="store_true",
                     help="also measure peak anonymous memory of streamed vs in-memory importance (fresh processes)")
     ap.add_argument("--ranks", type=int, default=0,
@@ -253,6 +255,17 @@ def main(argv: list[str] | None = None) -> dict:
             model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.bfloat16).eval()
             timed("in-memory-bf16", lambda: estimate_importance(model, batches, **kw))
             del model
+        if args.lm_loss:
+            kw_loss = dict(layer_metrics=("block_influence", "lm_loss"), progress=False)
+            t = time.perf_counter()
+            estimate_importance_streaming(ckpt, batches, **kw_loss)
+            t_stream = time.perf_counter() - t
+            model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+            t = time.perf_counter()
+            estimate_importance(model, batches, **kw_loss)
+            t_mem = time.perf_counter() - t
+            del model
+            results["lm_loss_seconds"] = {"streamed-fp32": t_stream, "in-memory-fp32": t_mem}
         if args.memory:
             results["memory"] = peak_memory(ckpt, n_batches, args.seq, args.vocab)
             results["checkpoint_bytes"] = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
@@ -276,6 +289,10 @@ def main(argv: list[str] | None = None) -> dict:
     for name, r in results["providers"].items():
         print(f"{name:<16} {r['seconds']:8.2f} {r['tokens_per_s_per_layer']:12.0f} {r['gflops']:8.1f} "
               f"{r['fraction_of_matmul']:10.0%}")
+    if "lm_loss_seconds" in results:
+        r = results["lm_loss_seconds"]
+        print(f"with the LM-loss-drop metric: streamed-fp32 {r['streamed-fp32']:.2f} s (L(L+1)/2 layer passes per "
+              f"batch), in-memory-fp32 {r['in-memory-fp32']:.2f} s (L(L+1) layer passes per batch)")
     if "memory" in results:
         mib = 2 ** 20
         print(f"peak memory (checkpoint {results['checkpoint_bytes'] / mib:.0f} MiB on disk, bf16): "
