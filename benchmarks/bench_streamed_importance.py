@@ -11,8 +11,9 @@ Writes a random-weight bf16 Llama-shaped checkpoint (default hidden 2048, MLP 56
   measured at ~20 GFLOP/s on a CPU without bf16 units; fast on CPUs with AMX-BF16), as a fraction of the
   bf16 matmul rate.
 
-and the machine's fp32 GEMM rate (``torch.mm`` on ``[tokens, hidden] x [hidden, mlp]``, best of several)
-in the same run. Reported per provider: seconds, tokens/s per layer (``tokens * layers / seconds``), the
+and the machine's fp32 GEMM rate (``torch.mm`` on ``[seq, hidden] x [hidden, mlp]``, best of 5) in the same
+run, sampled before every timed run and at the end; the best sample is the reference (a shared machine's
+busy moments lower single samples). Reported per provider: seconds, tokens/s per layer (``tokens * layers / seconds``), the
 GFLOP/s of the decoder layers' linear layers (``2 * tokens * linear weights``; attention score FLOPs are
 left out, so the figure is a lower bound) and that rate as a fraction of the measured matmul rate.
 
@@ -231,13 +232,24 @@ def main(argv: list[str] | None = None) -> dict:
         linear = write_checkpoint(ckpt, hidden=args.hidden, mlp=args.mlp, heads=args.heads, kv_heads=args.kv_heads,
                                   layers=args.layers, vocab=args.vocab)
         flops = 2.0 * tokens * linear * args.layers
-        mm = matmul_gflops(args.seq, args.hidden, args.mlp)  # the GEMM shape of one batch's MLP
+        # the machine's GEMM rate (the shape of one batch's MLP), sampled before every timed run and at the
+        # end: the best sample is the reference (on a shared machine a single sample may catch a busy moment)
+        rates = {torch.float32: [], torch.bfloat16: []}
+
+        def sample_rates() -> None:
+            rates[torch.float32].append(matmul_gflops(args.seq, args.hidden, args.mlp))
+            if args.bf16:
+                rates[torch.bfloat16].append(matmul_gflops(args.seq, args.hidden, args.mlp, dtype=torch.bfloat16))
+
+        sample_rates()
+        mm = max(rates[torch.float32])
         results["matmul_fp32_gflops"] = mm
         results["layer_linear_gflop"] = flops / 1e9
 
         def timed(name: str, fn) -> None:
             best = float("inf")
             for _ in range(args.repeats):
+                sample_rates()
                 t = time.perf_counter()
                 fn()
                 best = min(best, time.perf_counter() - t)
@@ -274,9 +286,12 @@ def main(argv: list[str] | None = None) -> dict:
             results["ranks"]["allreduce_bytes_per_rank"] = allreduce_bytes(args.hidden, args.mlp, args.heads,
                                                                            args.layers)
         # the GEMM rate again after the runs (the machine may be shared): the best of both measurements
-        mm = max(mm, matmul_gflops(args.seq, args.hidden, args.mlp))
+        sample_rates()
+        mm = max(rates[torch.float32])
         results["matmul_fp32_gflops"] = mm
-        mm_bf16 = matmul_gflops(args.seq, args.hidden, args.mlp, dtype=torch.bfloat16) if args.bf16 else None
+        results["matmul_fp32_samples"] = rates[torch.float32]
+        mm_bf16 = max(rates[torch.bfloat16]) if args.bf16 else None
+        results["matmul_bf16_samples"] = rates[torch.bfloat16]
         results["matmul_bf16_gflops"] = mm_bf16
         for name, r in results["providers"].items():
             ref = mm_bf16 if name.endswith("bf16") else mm
