@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: stable figures on a shared machine; GEMM is measured with the same)")
     ap.add_argument("--bf16", action="store_true", help="also time the in-memory path computing in bf16")
-    ap.add_argument("--repeats", type=int, default=2, help="runs per provider (the best is reported)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timed rounds over the providers, after one warm-up round (the best time is reported)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     ap.add_argument("--lm-loss", action="store_true",
                     help="also time both fp32 paths with the LM-loss-drop depth metric (seconds only)")
@@ -246,27 +247,29 @@ def main(argv: list[str] | None = None) -> dict:
         results["matmul_fp32_gflops"] = mm
         results["layer_linear_gflop"] = flops / 1e9
 
-        def timed(name: str, fn) -> None:
-            best = float("inf")
-            for _ in range(args.repeats):
+        providers = {"streamed-fp32": lambda: estimate_importance_streaming(ckpt, batches, **kw)}
+        models = {"fp32": AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()}
+        providers["in-memory-fp32"] = lambda: estimate_importance(models["fp32"], batches, **kw)
+        if args.bf16:
+            providers["streamed-bf16"] = lambda: estimate_importance_streaming(ckpt, batches,
+                                                                               compute_dtype=torch.bfloat16, **kw)
+            models["bf16"] = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.bfloat16).eval()
+            providers["in-memory-bf16"] = lambda: estimate_importance(models["bf16"], batches, **kw)
+        # round robin (one untimed warm-up round first), so that a busy spell of a shared machine does not
+        # land on one provider only; the best time of each is reported
+        best = {name: float("inf") for name in providers}
+        for round_ in range(args.repeats + 1):
+            for name, fn in providers.items():
                 sample_rates()
                 t = time.perf_counter()
                 fn()
-                best = min(best, time.perf_counter() - t)
-            rate = flops / best / 1e9
-            results["providers"][name] = {"seconds": best, "tokens_per_s_per_layer": tokens * args.layers / best,
-                                          "gflops": rate, "fraction_of_matmul": rate / mm}
-
-        timed("streamed-fp32", lambda: estimate_importance_streaming(ckpt, batches, **kw))
-        model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
-        timed("in-memory-fp32", lambda: estimate_importance(model, batches, **kw))
-        del model
-        if args.bf16:
-            timed("streamed-bf16", lambda: estimate_importance_streaming(ckpt, batches, compute_dtype=torch.bfloat16,
-                                                                          **kw))
-            model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.bfloat16).eval()
-            timed("in-memory-bf16", lambda: estimate_importance(model, batches, **kw))
-            del model
+                if round_:
+                    best[name] = min(best[name], time.perf_counter() - t)
+        models.clear()
+        for name, secs in best.items():
+            rate = flops / secs / 1e9
+            results["providers"][name] = {"seconds": secs, "tokens_per_s_per_layer": tokens * args.layers / secs,
+                                          "gflops": rate}
         if args.lm_loss:
             kw_loss = dict(layer_metrics=("block_influence", "lm_loss"), progress=False)
             t = time.perf_counter()
