@@ -192,7 +192,35 @@ class ImportanceScores:
         Each file is written to a temporary name and renamed into place, the JSON last; the safetensors
         metadata repeats the JSON so a mismatched pair is detected on load. Refuses to replace existing
         score files unless ``overwrite``.
+
+        Under ``torch.distributed`` (default group of more than one rank) this is a collective: only rank 0
+        writes, the outcome is broadcast, and every rank returns after the files are in place (or raises
+        when rank 0 failed to write them).
         """
+        from minitron.compress.distributed import collective, group_for, rank_info
+
+        info = rank_info()
+        if not info.distributed:
+            self._save_local(directory, overwrite=overwrite)
+            return
+        import torch.distributed as dist
+
+        error: Optional[BaseException] = None
+        if info.rank == 0:
+            try:
+                self._save_local(directory, overwrite=overwrite)
+            except Exception as exc:  # reported to every rank below, then re-raised here
+                error = exc
+        box: list[Any] = [None if error is None else f"{type(error).__name__}: {error}"]
+        group = group_for(torch.device("cpu"))
+        collective("broadcast of the save result from rank 0",
+                   lambda: dist.broadcast_object_list(box, src=0, group=group))
+        if error is not None:
+            raise error
+        if box[0] is not None:
+            raise RuntimeError(f"rank 0 failed to save the importance scores to {str(directory)!r}: {box[0]}")
+
+    def _save_local(self, directory: str | os.PathLike, *, overwrite: bool) -> None:
         from safetensors.torch import save_file
 
         if not isinstance(directory, (str, os.PathLike)):
@@ -459,6 +487,8 @@ class _Collector:
         self.mask: Optional[torch.Tensor] = None
         self.layer_returns_tuple: Optional[bool] = None
         self.handles: list[Any] = []
+        #: hooks record only while True (the streamed path runs layers on skip streams with it False)
+        self.active = True
 
     def attach(self) -> None:
         for i, layer in enumerate(self.layers):
@@ -473,15 +503,30 @@ class _Collector:
             h.remove()
         self.handles.clear()
 
+    def all_reduce(self) -> None:
+        """Combine every accumulator across the ranks of the default process group (collective)."""
+        from minitron.compress.distributed import collective, group_for
+
+        group = group_for(self.heads[0].device if self.heads else torch.device("cpu"))
+        for i, (h, n) in enumerate(zip(self.heads, self.neurons)):
+            collective(f"all_reduce of the head accumulator of layer {i}", lambda: h.all_reduce(group))
+            collective(f"all_reduce of the neuron accumulator of layer {i}", lambda: n.all_reduce(group))
+        for j, c in enumerate(self.channels):
+            collective(f"all_reduce of channel accumulator {j}", lambda: c.all_reduce(group))
+        if self.bi is not None:
+            collective("all_reduce of the block influence", lambda: self.bi.all_reduce(group))
+
     def _pre(self, acc: Any) -> Any:
         def hook(module: nn.Module, args: tuple) -> None:
-            acc.update(args[0], self.mask)
+            if self.active:
+                acc.update(args[0], self.mask)
 
         return hook
 
     def _post(self, acc: Any) -> Any:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            acc.update(_output_tensor(output), self.mask)
+            if self.active:
+                acc.update(_output_tensor(output), self.mask)
 
         return hook
 
@@ -489,7 +534,7 @@ class _Collector:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if self.layer_returns_tuple is None:
                 self.layer_returns_tuple = isinstance(output, (tuple, list))
-            if self.bi is not None:
+            if self.bi is not None and self.active:
                 h_in = _first_tensor(args, kwargs, "hidden_states")
                 self.bi.update(index, h_in, _output_tensor(output), self.mask)
 
@@ -508,41 +553,9 @@ def _scores(acc: Any, where: str) -> torch.Tensor:
             "calibration data produces NaN/inf: check the checkpoint's weights and the data") from exc
 
 
-def estimate_importance(
-    model: nn.Module,
-    batches: Iterable[Mapping[str, torch.Tensor]],
-    *,
-    seq_agg: str = "mean",
-    batch_agg: str = "l2",
-    layer_metrics: Sequence[str] = ("block_influence", "lm_loss"),
-    max_batches: Optional[int] = None,
-    progress: bool = True,
-    backend: str = "auto",
-) -> ImportanceScores:
-    """Estimate the importance of every prunable unit of ``model`` on calibration batches.
-
-    Args:
-        model: a supported transformers ``*ForCausalLM`` model (any dtype/device). It is run in eval
-            mode under ``torch.no_grad`` and left as it was (training flag restored, hooks removed).
-        batches: iterable of dicts with ``"input_ids"`` [B, S] int64 and optional ``"attention_mask"``
-            [B, S] (1 = real token, 0 = padding; padding is masked out of every score). Batches may
-            differ in shape. Read once (kept on CPU when the ``lm_loss`` metric needs more passes).
-        seq_agg: aggregation over the tokens of one sample (default ``"mean"``, the papers' best).
-        batch_agg: aggregation over samples (default ``"l2"``, the papers' best).
-        layer_metrics: any of ``"block_influence"`` and ``"lm_loss"``. ``"lm_loss"`` costs one extra
-            pass over the batches per layer (the layer is swapped for an identity module).
-        max_batches: use at most this many batches.
-        progress: show a tqdm progress bar (stderr).
-        backend: kernel backend for the accumulators (``"auto"``, ``"cpp"``, ``"cuda"``, ``"triton"``,
-            ``"reference"``).
-    Returns:
-        :class:`ImportanceScores` (fp32 CPU tensors).
-    Raises:
-        ValueError / TypeError: bad arguments (before any forward pass) or a malformed batch (before
-            that batch is run).
-    """
-    adapter = get_adapter(model)
-    adapter.check_model(model)
+def _check_estimation_args(seq_agg: Any, batch_agg: Any, layer_metrics: Any, max_batches: Any, backend: Any,
+                           batches: Any) -> None:
+    """Type/value checks shared by the in-memory and the streamed estimation (before any work)."""
     for name, value in (("seq_agg", seq_agg), ("batch_agg", batch_agg), ("backend", backend)):
         if not isinstance(value, str):
             raise TypeError(f"{name} must be a string, got {type(value).__name__}")
@@ -557,8 +570,142 @@ def estimate_importance(
         raise TypeError(
             f"batches must be an iterable of dicts with 'input_ids', got {type(batches).__name__}"
         )
+
+
+def _args_fingerprint(adapter: ModelAdapter, config: Any, signature: str, *, seq_agg: str, batch_agg: str,
+                      layer_metrics: Sequence[str], max_batches: Optional[int], mode: str) -> dict:
+    """The arguments every rank of a distributed run must share (compared by an all-gather)."""
+    return {"seq_agg": seq_agg, "batch_agg": batch_agg, "layer_metrics": list(layer_metrics),
+            "max_batches": max_batches, "model (config fingerprint)": adapter.fingerprint(config),
+            "model (shape signature)": signature, "mode": mode}
+
+
+def _data_fingerprint(digest: Any) -> dict:
+    return {"number of calibration batches": digest.count, "calibration data (sha256 of all batches)": digest.hexdigest()}
+
+
+def _reduce_counts(num_samples: int, num_tokens: int, num_batches: int) -> tuple[int, int, int]:
+    """Sum the sample/token/batch counters over the ranks (identity on one process)."""
+    from minitron.compress.distributed import all_reduce_sum_, rank_info
+
+    if not rank_info().distributed:
+        return num_samples, num_tokens, num_batches
+    t = all_reduce_sum_(torch.tensor([num_samples, num_tokens, num_batches], dtype=torch.int64),
+                        "all_reduce of the sample/token/batch counts")
+    a, b, c = (int(v) for v in t.tolist())
+    return a, b, c
+
+
+def _reduce_loss_sums(sums: list[float], counts: list[int]) -> tuple[list[float], list[int]]:
+    """Sum LM-loss (NLL sum, target count) pairs over the ranks (identity on one process)."""
+    from minitron.compress.distributed import all_reduce_sum_, rank_info
+
+    if not rank_info().distributed:
+        return sums, counts
+    s = all_reduce_sum_(torch.tensor(sums, dtype=torch.float64), "all_reduce of the LM-loss sums")
+    c = all_reduce_sum_(torch.tensor(counts, dtype=torch.int64), "all_reduce of the LM-loss target counts")
+    return [float(v) for v in s.tolist()], [int(v) for v in c.tolist()]
+
+
+def _assemble_scores(collector: "_Collector", adapter: ModelAdapter, config: Any, signature: str, *,
+                     seq_agg: str, batch_agg: str, layer_metrics: Sequence[str], num_samples: int, num_tokens: int,
+                     num_batches: int, base_loss: Optional[float], lm_loss_drop: Optional[torch.Tensor],
+                     extra_meta: Optional[dict] = None) -> ImportanceScores:
+    """Turn the (reduced) accumulators into :class:`ImportanceScores`."""
+    dims = adapter.dims(config)
+    heads = torch.stack([_scores(a, f"attention heads of layer {i}") for i, a in enumerate(collector.heads)])
+    kv = heads.view(dims.num_hidden_layers, dims.num_key_value_heads, dims.heads_per_group).sum(-1)
+    neurons = torch.stack([_scores(a, f"MLP neurons of layer {i}") for i, a in enumerate(collector.neurons)])
+    channels = torch.stack([_scores(a, f"embedding channels at layer {i}")
+                            for i, a in enumerate(collector.channels)]).sum(0)
+    if collector.bi is not None:
+        bi = _scores(collector.bi, "block influence")
+    else:
+        bi = torch.full((dims.num_hidden_layers,), float("nan"))
+    meta = {
+        "model_type": adapter.model_type,
+        "config_fingerprint": adapter.fingerprint(config),
+        "shape_signature": signature,
+        "seq_agg": seq_agg,
+        "batch_agg": batch_agg,
+        "layer_metrics": list(layer_metrics),
+        "num_samples": num_samples,
+        "num_tokens": num_tokens,
+        "num_batches": num_batches,
+        "base_lm_loss": base_loss,
+        "kv_group_aggregation": "sum of the group's query-head scores",
+        "channel_sources": "outputs of input_layernorm, post_attention_layernorm (every layer) and the final norm, "
+                           "aggregated per norm then summed",
+    }
+    meta.update(extra_meta or {})
+    log.info("importance estimated on %d samples (%d tokens)", num_samples, num_tokens)
+    return ImportanceScores(heads=heads, kv_groups=kv, neurons=neurons, channels=channels, block_influence=bi,
+                            lm_loss_drop=lm_loss_drop, meta=meta)
+
+
+def _drops_from_sums(sums: list[float], counts: list[int], base_loss: float) -> torch.Tensor:
+    drops = torch.empty(len(sums), dtype=torch.float32)
+    for l, (s_sum, s_cnt) in enumerate(zip(sums, counts)):
+        drops[l] = s_sum / s_cnt - base_loss
+    return drops
+
+
+def estimate_importance(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    *,
+    seq_agg: str = "mean",
+    batch_agg: str = "l2",
+    layer_metrics: Sequence[str] = ("block_influence", "lm_loss"),
+    max_batches: Optional[int] = None,
+    progress: bool = True,
+    backend: str = "auto",
+) -> ImportanceScores:
+    """Estimate the importance of every prunable unit of ``model`` on calibration batches.
+
+    Under ``torch.distributed`` (an initialised default process group, e.g. launched by ``torchrun``) this
+    is a collective: rank ``r`` of ``world`` runs the batches ``i`` with ``i % world == r``, every rank
+    checks that all ranks got the same arguments and data (``ValueError`` naming the mismatch), and the
+    accumulators, block-influence and LM-loss sums are all-reduced, so every rank returns the scores of all
+    batches (equal to the single-process scores up to fp32 reduction order). See
+    :mod:`minitron.compress.distributed`.
+
+    Args:
+        model: a supported transformers ``*ForCausalLM`` model (any dtype/device). It is run in eval
+            mode under ``torch.no_grad`` and left as it was (training flag restored, hooks removed).
+        batches: iterable of dicts with ``"input_ids"`` [B, S] int64 and optional ``"attention_mask"``
+            [B, S] (1 = real token, 0 = padding; padding is masked out of every score). Batches may
+            differ in shape. Read once (kept on CPU when the ``lm_loss`` metric needs more passes).
+        seq_agg: aggregation over the tokens of one sample (default ``"mean"``, the papers' best).
+        batch_agg: aggregation over samples (default ``"l2"``, the papers' best).
+        layer_metrics: any of ``"block_influence"`` and ``"lm_loss"``. ``"lm_loss"`` costs one extra
+            pass over the batches per layer (the layer is swapped for an identity module).
+        max_batches: use at most this many batches (counted over all ranks).
+        progress: show a tqdm progress bar (stderr; rank 0 only under torch.distributed).
+        backend: kernel backend for the accumulators (``"auto"``, ``"cpp"``, ``"cuda"``, ``"triton"``,
+            ``"reference"``).
+    Returns:
+        :class:`ImportanceScores` (fp32 CPU tensors).
+    Raises:
+        ValueError / TypeError: bad arguments (before any forward pass) or a malformed batch (before
+            that batch is run).
+        minitron.compress.distributed.DistributedImportanceError: a collective failed (another rank died
+            or the process group timed out).
+    """
+    from minitron.compress.distributed import BatchDigest, check_same_on_all_ranks, owns_batch, rank_info
+
+    adapter = get_adapter(model)
+    adapter.check_model(model)
+    _check_estimation_args(seq_agg, batch_agg, layer_metrics, max_batches, backend, batches)
     want_bi = "block_influence" in layer_metrics
     want_loss = "lm_loss" in layer_metrics
+    info = rank_info()
+    progress = bool(progress) and info.rank == 0  # one progress bar per run, not one per rank
+    signature = shape_signature(model)
+    check_same_on_all_ranks(
+        _args_fingerprint(adapter, model.config, signature, seq_agg=seq_agg, batch_agg=batch_agg,
+                          layer_metrics=layer_metrics, max_batches=max_batches, mode="in-memory"),
+        stage="arguments")
 
     device = _model_device(model)
     dims = adapter.dims(model.config)
@@ -572,8 +719,11 @@ def estimate_importance(
         total = len(batches)  # type: ignore[arg-type]
         if max_batches is not None:
             total = min(total, max_batches)
+        if info.distributed:
+            total = len(range(info.rank, total, info.world))
     was_training = model.training
     kept: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = []
+    digest = BatchDigest()
     num_samples = num_tokens = num_batches = 0
     loss_sum, loss_count = 0.0, 0
     lm_loss_drop: Optional[torch.Tensor] = None
@@ -589,6 +739,10 @@ def estimate_importance(
                     if max_batches is not None and i >= max_batches:
                         break
                     ids, mask = _validate_batch(batch, i, dims.vocab_size)
+                    if info.distributed:
+                        digest.update(ids, mask)
+                        if not owns_batch(i, info):
+                            continue
                     if want_loss:
                         kept.append((ids, mask))
                     ids_d = ids.to(device)
@@ -607,54 +761,44 @@ def estimate_importance(
             bar.close()
             collector.detach()
             collector.mask = None
+        if info.distributed:
+            check_same_on_all_ranks(_data_fingerprint(digest), stage="calibration data")
+            num_samples, num_tokens, num_batches = _reduce_counts(num_samples, num_tokens, num_batches)
         if num_samples == 0:
             raise ValueError("batches is empty: importance needs at least one calibration batch")
         if want_loss:
+            (loss_sum,), (loss_count,) = _reduce_loss_sums([loss_sum], [loss_count])
             if loss_count == 0:
                 raise ValueError("the calibration batches hold no next-token targets (sequences of length >= 2 needed)")
             base_loss = loss_sum / loss_count
-            lm_loss_drop = _layer_loss_drops(model, adapter, kept, base_loss, collector.layer_returns_tuple,
-                                             device, progress)
+            sums, counts = _layer_loss_sums(model, adapter, kept, collector.layer_returns_tuple, device, progress)
+            sums, counts = _reduce_loss_sums(sums, counts)
+            lm_loss_drop = _drops_from_sums(sums, counts, base_loss)
     finally:
         model.train(was_training)
 
-    heads = torch.stack([_scores(a, f"attention heads of layer {i}") for i, a in enumerate(collector.heads)])
-    kv = heads.view(dims.num_hidden_layers, dims.num_key_value_heads, dims.heads_per_group).sum(-1)
-    neurons = torch.stack([_scores(a, f"MLP neurons of layer {i}") for i, a in enumerate(collector.neurons)])
-    channels = torch.stack([_scores(a, f"embedding channels at layer {i}")
-                            for i, a in enumerate(collector.channels)]).sum(0)
-    if collector.bi is not None:
-        bi = _scores(collector.bi, "block influence")
-    else:
-        bi = torch.full((dims.num_hidden_layers,), float("nan"))
-    meta = {
-        "model_type": adapter.model_type,
-        "config_fingerprint": adapter.fingerprint(model.config),
-        "shape_signature": shape_signature(model),
-        "seq_agg": seq_agg,
-        "batch_agg": batch_agg,
-        "layer_metrics": list(layer_metrics),
-        "num_samples": num_samples,
-        "num_tokens": num_tokens,
-        "num_batches": num_batches,
-        "base_lm_loss": base_loss,
-        "kv_group_aggregation": "sum of the group's query-head scores",
-        "channel_sources": "outputs of input_layernorm, post_attention_layernorm (every layer) and the final norm, "
-                           "aggregated per norm then summed",
-    }
-    log.info("importance estimated on %d samples (%d tokens)", num_samples, num_tokens)
-    return ImportanceScores(heads=heads, kv_groups=kv, neurons=neurons, channels=channels, block_influence=bi,
-                            lm_loss_drop=lm_loss_drop, meta=meta)
+    if info.distributed:
+        collector.all_reduce()
+    scores = _assemble_scores(collector, adapter, model.config, signature, seq_agg=seq_agg, batch_agg=batch_agg,
+                            layer_metrics=layer_metrics, num_samples=num_samples, num_tokens=num_tokens,
+                            num_batches=num_batches, base_loss=base_loss, lm_loss_drop=lm_loss_drop,
+                            extra_meta={"world_size": info.world} if info.distributed else None)
+    if info.distributed:
+        from minitron.compress.distributed import barrier
+
+        barrier("barrier at the end of importance estimation")
+    return scores
 
 
-def _layer_loss_drops(model: nn.Module, adapter: ModelAdapter, batches: list, base_loss: float,
-                      as_tuple: Optional[bool], device: torch.device, progress: bool) -> torch.Tensor:
-    """[num_layers] fp32: LM loss with each layer replaced by the identity, minus ``base_loss``."""
+def _layer_loss_sums(model: nn.Module, adapter: ModelAdapter, batches: list, as_tuple: Optional[bool],
+                     device: torch.device, progress: bool) -> tuple[list[float], list[int]]:
+    """Per layer: the summed next-token NLL and the target count with that layer replaced by the identity."""
     from tqdm.auto import tqdm
 
     layers = adapter.layers(model)
     n = adapter.dims(model.config).num_hidden_layers
-    drops = torch.empty(n, dtype=torch.float32)
+    sums: list[float] = []
+    counts: list[int] = []
     bar = tqdm(total=n * len(batches), desc="layer skip loss", unit="batch", disable=not progress)
     with torch.no_grad():
         for l in range(n):
@@ -672,6 +816,7 @@ def _layer_loss_drops(model: nn.Module, adapter: ModelAdapter, batches: list, ba
                     bar.update(1)
             finally:
                 layers[l] = original
-            drops[l] = s_sum / s_cnt - base_loss
+            sums.append(s_sum)
+            counts.append(s_cnt)
     bar.close()
-    return drops
+    return sums, counts

@@ -1,0 +1,721 @@
+"""Layer-streamed importance: estimate importance of a checkpoint larger than memory, one decoder layer at a time.
+
+:func:`estimate_importance_streaming` holds one decoder layer's weights at a time (two while a helper
+thread reads and casts the next layer, ``prefetch=True``):
+
+1. the model skeleton is built on the ``meta`` device from the checkpoint's config (no memory); the
+   embedding and the final norm are loaded from the memory-mapped safetensors shards, the rotary
+   embedding is rebuilt on the CPU (its buffers are not in the checkpoint);
+2. every calibration batch is run once through the *base model's own forward* with recorders in place of
+   the decoder layers: each recorder keeps the arguments that layer gets (rotary ``position_embeddings``,
+   the causal / sliding-window mask of that layer's type, ``position_ids``, ...), and layer 0's recorder
+   keeps the embedding output. This is family-independent: whatever the family's forward passes its layers
+   is what the streamed layers get;
+3. each decoder layer in turn is loaded (tensors cast to ``compute_dtype``), run on every batch with the
+   same hooks and fused accumulators as :func:`~minitron.compress.importance.estimate_importance`
+   (heads, neurons, embedding channels, block influence), its outputs replace its inputs, and it is freed;
+4. the final norm (and, for the ``lm_loss`` metric, the LM head) runs on the last hidden states.
+
+LM-loss-drop depth scores stay exact: besides the main stream, the streamed path keeps one *skip stream*
+per layer ``d`` (the hidden states of the model with layer ``d`` replaced by the identity), started at
+layer ``d`` from the main stream's input and run through every later layer while that layer is loaded
+(hooks off). At the end each stream goes through the final norm and the LM head. That is one load per
+layer and ``L (L + 1) / 2`` layer passes per batch (the in-memory path does ``L**2``), at the cost of up
+to ``L + 1`` sets of hidden states (spilled to disk when they do not fit).
+
+Hidden states stay in memory while they fit in ``max_hidden_bytes``; otherwise they live in memory-mapped
+files in ``spill_dir`` (removed at the end).
+
+With the same data and ``compute_dtype`` equal to the in-memory model's dtype the scores are bitwise those
+of the in-memory path (same kernels, same order of accumulation per accumulator).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from minitron.compress.importance import (ImportanceScores, _activation_dtype, _args_fingerprint, _assemble_scores,
+                                          _check_estimation_args, _Collector, _data_fingerprint, _drops_from_sums,
+                                          _first_tensor, _lm_loss_sums, _output_tensor, _reduce_counts,
+                                          _reduce_loss_sums, _validate_batch, shape_signature)
+from minitron.models import get_adapter
+
+log = logging.getLogger(__name__)
+
+__all__ = ["estimate_importance_streaming", "should_stream", "choose_compute_dtype", "CheckpointReader",
+           "STREAM_MEMORY_FRACTION"]
+
+#: :func:`should_stream` streams when the compute copy of the weights exceeds this fraction of MemAvailable.
+STREAM_MEMORY_FRACTION = 0.5
+#: Default ``max_hidden_bytes``: this fraction of MemAvailable at the start of the run.
+HIDDEN_MEMORY_FRACTION = 0.25
+
+_SINGLE = "model.safetensors"
+_INDEX = "model.safetensors.index.json"
+
+
+# ---------------------------------------------------------------------------------------------- reader
+class CheckpointReader:
+    """Tensor-by-tensor reader of a Hugging Face safetensors checkpoint (memory-mapped).
+
+    Interface shared with the sharded reader of :mod:`minitron.io.shards` (so either can be used):
+    ``reader.config`` (the transformers config), ``reader.keys()``, ``reader.get(name) -> torch.Tensor``.
+    Reads ``model.safetensors`` or the shards listed by ``model.safetensors.index.json``; every shard is
+    opened with ``safetensors.safe_open`` (memory-mapped) on first use.
+
+    Raises (at construction, before any tensor is read):
+        FileNotFoundError: no directory, no ``config.json``, no weights, or a shard named by the index is missing.
+        ValueError: an unreadable index or shard (truncated / not safetensors), the index names a tensor its
+            shard does not hold.
+    """
+
+    def __init__(self, checkpoint_dir: str | os.PathLike) -> None:
+        from transformers import AutoConfig
+
+        if not isinstance(checkpoint_dir, (str, os.PathLike)):
+            raise TypeError(f"checkpoint_dir must be a path, got {type(checkpoint_dir).__name__}")
+        self.path = Path(checkpoint_dir)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"checkpoint_dir {str(self.path)!r} is not a directory")
+        if not (self.path / "config.json").is_file():
+            raise FileNotFoundError(f"checkpoint_dir {str(self.path)!r} has no config.json")
+        self.config = AutoConfig.from_pretrained(str(self.path))
+        self._where: dict[str, Path] = {}
+        self._handles: dict[Path, Any] = {}
+        index = self.path / _INDEX
+        single = self.path / _SINGLE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                if not isinstance(weight_map, dict):
+                    raise TypeError("weight_map is not an object")
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+                raise ValueError(f"checkpoint index {str(index)!r} is unreadable ({type(e).__name__}: {e})") from None
+            for name, shard in weight_map.items():
+                self._where[name] = self.path / shard
+            missing = sorted({str(p) for p in self._where.values() if not p.is_file()})
+            if missing:
+                raise FileNotFoundError(f"checkpoint shard(s) named by {str(index)!r} are missing: {', '.join(missing)}")
+            for shard in sorted(set(self._where.values())):
+                held = set(self._open(shard).keys())
+                absent = sorted(n for n, p in self._where.items() if p == shard and n not in held)
+                if absent:
+                    raise ValueError(f"checkpoint index {str(index)!r} names tensors that shard {str(shard)!r} does "
+                                     f"not hold: {', '.join(absent[:5])}{' ...' if len(absent) > 5 else ''}")
+        elif single.is_file():
+            for name in self._open(single).keys():
+                self._where[name] = single
+        else:
+            raise FileNotFoundError(f"checkpoint_dir {str(self.path)!r} holds neither {_SINGLE} nor {_INDEX}")
+
+    def _open(self, shard: Path) -> Any:
+        from safetensors import safe_open
+
+        h = self._handles.get(shard)
+        if h is None:
+            try:
+                h = safe_open(str(shard), framework="pt", device="cpu")
+            except Exception as e:  # SafetensorError on truncated / foreign files
+                raise ValueError(f"checkpoint shard {str(shard)!r} is unreadable or truncated ({type(e).__name__}: {e})") from None
+            self._handles[shard] = h
+        return h
+
+    def keys(self) -> list[str]:
+        """Every tensor name in the checkpoint."""
+        return list(self._where)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._where
+
+    def file_of(self, name: str) -> Path:
+        """The shard holding ``name``."""
+        if name not in self._where:
+            raise KeyError(f"tensor {name!r} is not in the checkpoint {str(self.path)!r}")
+        return self._where[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` (a CPU tensor in the checkpoint's dtype, read from the memory-mapped shard)."""
+        shard = self.file_of(name)
+        try:
+            return self._open(shard).get_tensor(name)
+        except Exception as e:
+            raise ValueError(f"could not read tensor {name!r} from {str(shard)!r} ({type(e).__name__}: {e})") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of tensor ``name`` from its shard's header (nothing is read)."""
+        return tuple(int(v) for v in self._open(self.file_of(name)).get_slice(name).get_shape())
+
+    def numel(self) -> int:
+        """Total elements of every tensor (from the shard headers; nothing is read)."""
+        total = 0
+        for name, shard in self._where.items():
+            shape = self._open(shard).get_slice(name).get_shape()
+            n = 1
+            for s in shape:
+                n *= int(s)
+            total += n
+        return total
+
+    def nbytes_on_disk(self) -> int:
+        """Size of the weight files in bytes."""
+        return sum(p.stat().st_size for p in set(self._where.values()))
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def _mem_available() -> int:
+    """MemAvailable from /proc/meminfo in bytes (psutil-free), or total physical memory as a fallback."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def should_stream(checkpoint_dir: str | os.PathLike, *, compute_dtype: torch.dtype = torch.float32,
+                  fraction: float = STREAM_MEMORY_FRACTION) -> tuple[bool, str]:
+    """Decide whether importance should be layer-streamed for this checkpoint.
+
+    Streams when the in-memory compute copy of the weights (every tensor in ``compute_dtype``) would exceed
+    ``fraction`` of the memory available now (``MemAvailable``).
+
+    Returns:
+        ``(stream, reason)``: the decision and a one-line reason with the figures (for the log).
+    """
+    reader = CheckpointReader(checkpoint_dir)
+    elem = torch.empty((), dtype=compute_dtype).element_size()
+    need = reader.numel() * elem
+    avail = _mem_available()
+    limit = int(avail * fraction)
+    gib = 1024 ** 3
+    verdict = need > limit
+    reason = (f"the {str(compute_dtype).replace('torch.', '')} copy of the weights needs {need / gib:.2f} GiB, "
+              f"{'more' if verdict else 'not more'} than {fraction:.0%} of the {avail / gib:.2f} GiB available "
+              f"({limit / gib:.2f} GiB): {'layer-streamed' if verdict else 'in-memory'} importance")
+    return verdict, reason
+
+
+def _checkpoint_float_dtype(reader: Any) -> torch.dtype:
+    """The dtype of the checkpoint's floating-point weights (from its config, else its first float tensor)."""
+    d = getattr(reader.config, "dtype", None) or getattr(reader.config, "torch_dtype", None)
+    if isinstance(d, str):
+        d = getattr(torch, d, None)
+    if isinstance(d, torch.dtype) and d.is_floating_point:
+        return d
+    for name in reader.keys():
+        t = reader.get(name)
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+def _mm_rate(dtype: torch.dtype, m: int, k: int, n: int, repeats: int = 3) -> float:
+    """Best-of-``repeats`` ``torch.mm`` rate in GFLOP/s for ``[m, k] x [k, n]`` in ``dtype`` (CPU)."""
+    a = torch.randn(m, k).to(dtype)
+    b = torch.randn(k, n).to(dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * m * k * n / best / 1e9
+
+
+def choose_compute_dtype(checkpoint_dir: str | os.PathLike, *, reader: Any = None,
+                         speedup: float = 1.5) -> tuple[torch.dtype, str]:
+    """Pick the dtype streamed layers are computed in: where this CPU is fast.
+
+    A checkpoint stored in bf16/fp16 is computed in that dtype when a GEMM in it runs at least ``speedup``
+    times faster than in fp32 on this machine (CPUs with AMX / AVX512-BF16 units; measured now, a few tens
+    of milliseconds), else in fp32 (CPUs without such units run bf16 GEMMs several times slower than fp32).
+    An fp32 checkpoint is computed in fp32. The accumulators are fp32 in every case.
+
+    Returns:
+        ``(dtype, reason)`` with the measured rates in the reason (for the log).
+    """
+    reader = reader if reader is not None else CheckpointReader(checkpoint_dir)
+    stored = _checkpoint_float_dtype(reader)
+    name = str(stored).replace("torch.", "")
+    if stored == torch.float32 or stored == torch.float64:
+        return torch.float32, f"the checkpoint is {name}: computing in float32"
+    k = min(int(getattr(reader.config, "hidden_size", 1024)), 2048)
+    fp32 = _mm_rate(torch.float32, 256, k, k)
+    low = _mm_rate(stored, 256, k, k)
+    if low >= speedup * fp32:
+        return stored, (f"{name} GEMM runs at {low:.0f} GFLOP/s vs {fp32:.0f} in float32 on this CPU: "
+                        f"computing in {name}")
+    return torch.float32, (f"{name} GEMM runs at {low:.0f} GFLOP/s vs {fp32:.0f} in float32 on this CPU: "
+                           "computing in float32")
+
+
+# ---------------------------------------------------------------------------------------------- hidden states
+class _HiddenStore:
+    """Hidden states ``[B, S, H]`` of every batch, for several streams (main + skip streams).
+
+    In memory (a dict of tensors) or, when ``spill_dir`` is given, in one memory-mapped file per stream.
+    """
+
+    def __init__(self, shapes: list[tuple[int, int, int]], dtype: torch.dtype, spill_dir: Optional[Path]) -> None:
+        self.shapes = shapes
+        self.dtype = dtype
+        self.spill_dir = spill_dir
+        self.offsets: list[int] = []
+        total = 0
+        for s in shapes:
+            self.offsets.append(total)
+            total += s[0] * s[1] * s[2]
+        self.total = total
+        self._mem: dict[tuple[int, int], torch.Tensor] = {}
+        self._files: dict[int, torch.Tensor] = {}
+
+    @property
+    def spilled(self) -> bool:
+        return self.spill_dir is not None
+
+    def _file(self, stream: int) -> torch.Tensor:
+        t = self._files.get(stream)
+        if t is None:
+            assert self.spill_dir is not None
+            path = self.spill_dir / f"stream{stream}.bin"
+            t = torch.from_file(str(path), shared=True, size=max(self.total, 1), dtype=self.dtype)
+            self._files[stream] = t
+        return t
+
+    def get(self, stream: int, i: int) -> torch.Tensor:
+        if not self.spilled:
+            return self._mem[(stream, i)]
+        b, s, h = self.shapes[i]
+        off = self.offsets[i]
+        return self._file(stream)[off: off + b * s * h].view(b, s, h)
+
+    def put(self, stream: int, i: int, value: torch.Tensor) -> None:
+        if not self.spilled:
+            self._mem[(stream, i)] = value.contiguous()
+        else:
+            self.get(stream, i).copy_(value)
+
+    def drop(self, stream: int) -> None:
+        for key in [k for k in self._mem if k[0] == stream]:
+            del self._mem[key]
+        t = self._files.pop(stream, None)
+        if t is not None:
+            del t
+            assert self.spill_dir is not None
+            (self.spill_dir / f"stream{stream}.bin").unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self._mem.clear()
+        self._files.clear()
+
+
+class _Stop(Exception):
+    """Raised by the last layer recorder: the rest of the base model's forward is not needed."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for decoder layer ``index``: records the arguments it gets and passes hidden states on."""
+
+    def __init__(self, index: int, last: bool, sink: list) -> None:
+        super().__init__()
+        self.index, self.last, self.sink = index, last, sink
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        h = _first_tensor(args, kwargs, "hidden_states")
+        rest_args = tuple(args[1:]) if args and isinstance(args[0], torch.Tensor) else tuple(args)
+        rest_kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        self.sink.append((self.index, h, rest_args, rest_kwargs))
+        if self.last:
+            raise _Stop
+        return h
+
+
+# ---------------------------------------------------------------------------------------------- model skeleton
+def _build_skeleton(config: Any, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def _key_set(reader: Any) -> frozenset:
+    """The reader's tensor names (cached on the reader object when it allows attributes)."""
+    keys = getattr(reader, "_minitron_key_set", None)
+    if keys is None:
+        keys = frozenset(reader.keys())
+        try:
+            reader._minitron_key_set = keys
+        except AttributeError:
+            pass
+    return keys
+
+
+def _read_state(module: nn.Module, prefix: str, reader: Any, dtype: torch.dtype,
+                aliases: Optional[Mapping[str, str]] = None) -> dict[str, torch.Tensor]:
+    """Read (and cast to ``dtype``) every parameter/persistent buffer of ``module`` from the checkpoint.
+
+    Uses only ``reader.keys()`` and ``reader.get(name)``. Checks each tensor's presence and shape against
+    the skeleton; errors name the tensor and its file.
+    """
+    aliases = aliases or {}
+    available = _key_set(reader)
+    state: dict[str, torch.Tensor] = {}
+    for name, ref in module.state_dict(keep_vars=True).items():
+        key = prefix + name
+        src_key = key if key in available else aliases.get(key, key)
+        if src_key not in available:
+            raise ValueError(f"the checkpoint {str(getattr(reader, 'path', '?'))!r} has no tensor {key!r}, which "
+                             f"the {type(module).__name__} of this config needs")
+        t = reader.get(src_key)
+        if tuple(t.shape) != tuple(ref.shape):
+            where = getattr(reader, "file_of", lambda n: "?")(src_key)
+            raise ValueError(f"checkpoint tensor {src_key!r} in {str(where)!r} has shape {tuple(t.shape)}, but the "
+                             f"config makes it {tuple(ref.shape)}")
+        state[name] = t.to(dtype) if t.is_floating_point() else t
+    return state
+
+
+def _assign_state(module: nn.Module, prefix: str, state: dict[str, torch.Tensor]) -> None:
+    """Put ``state`` (from :func:`_read_state`) into the meta ``module`` without copying."""
+    module.load_state_dict(state, strict=True, assign=True)
+    left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"{prefix or 'module'}: tensors {left} have no value after loading (not in the checkpoint)")
+
+
+def _load_module(module: nn.Module, prefix: str, reader: Any, dtype: torch.dtype,
+                 aliases: Optional[Mapping[str, str]] = None) -> None:
+    """Materialise every parameter/persistent buffer of ``module`` from the checkpoint (cast to ``dtype``)."""
+    _assign_state(module, prefix, _read_state(module, prefix, reader, dtype, aliases))
+
+
+def _check_checkpoint(model: nn.Module, reader: Any, aliases: Mapping[str, str]) -> None:
+    """Before any work: every tensor the skeleton needs is in the checkpoint, with the config's shape.
+
+    Shapes are compared when the reader offers ``shape(name)`` (header only); otherwise each tensor's shape
+    is checked when its layer is loaded.
+    """
+    available = _key_set(reader)
+    shape_of = getattr(reader, "shape", None)
+    missing, wrong = [], []
+    for name, ref in model.state_dict(keep_vars=True).items():
+        src = name if name in available else aliases.get(name, name)
+        if src not in available:
+            missing.append(name)
+        elif callable(shape_of):
+            got = tuple(shape_of(src))
+            if got != tuple(ref.shape):
+                where = getattr(reader, "file_of", lambda n: "?")(src)
+                wrong.append(f"{src!r} in {str(where)!r} has shape {got}, the config makes it {tuple(ref.shape)}")
+    where = str(getattr(reader, "path", "the checkpoint"))
+    if missing:
+        raise ValueError(f"the checkpoint {where!r} lacks tensors this config needs: {', '.join(missing[:5])}"
+                         f"{' ...' if len(missing) > 5 else ''}")
+    if wrong:
+        raise ValueError(f"checkpoint tensor {wrong[0]}" + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""))
+
+
+def _free_module(module: nn.Module) -> None:
+    """Send the module's tensors back to the meta device (frees their memory; hooks stay attached)."""
+    module.to("meta")
+
+
+def _materialise_buffers(model: nn.Module, skip: Sequence[nn.Module]) -> None:
+    """Rebuild on the CPU the parameter-less modules whose buffers are computed from the config (rotary)."""
+    skip_names = [n for n, m in model.named_modules() if n and any(m is k for k in skip)]
+    for name, module in list(model.named_modules()):
+        if not name or any(name == k or name.startswith(k + ".") for k in skip_names):
+            continue
+        own_buffers = [b for b in module.buffers(recurse=False)]
+        if not own_buffers or not any(b.is_meta for b in own_buffers) or any(True for _ in module.parameters(recurse=False)):
+            continue
+        try:
+            with torch.device("cpu"):
+                fresh = type(module)(config=model.config)
+        except TypeError as e:
+            raise TypeError(f"cannot rebuild the buffers of {name} ({type(module).__name__}) for streaming: {e}") from None
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, fresh)
+
+
+# ---------------------------------------------------------------------------------------------- estimation
+def estimate_importance_streaming(
+    checkpoint_dir: str | os.PathLike,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    *,
+    seq_agg: str = "mean",
+    batch_agg: str = "l2",
+    layer_metrics: Sequence[str] = ("block_influence", "lm_loss"),
+    max_batches: Optional[int] = None,
+    progress: bool = True,
+    backend: str = "auto",
+    compute_dtype: torch.dtype = torch.float32,
+    spill_dir: Optional[str | os.PathLike] = None,
+    max_hidden_bytes: Optional[int] = None,
+    reader: Any = None,
+    prefetch: bool = True,
+) -> ImportanceScores:
+    """Importance of a safetensors checkpoint computed one decoder layer at a time (see the module docstring).
+
+    Args:
+        checkpoint_dir: a Hugging Face checkpoint directory (``config.json`` and ``model.safetensors`` or
+            sharded ``model.safetensors.index.json``) of a supported family.
+        batches: as in :func:`~minitron.compress.importance.estimate_importance`: dicts with
+            ``"input_ids"`` [B, S] int64 and optional ``"attention_mask"`` [B, S]; read once, up front
+            (they are small next to the hidden states).
+        seq_agg, batch_agg, layer_metrics, max_batches, progress, backend: as in
+            :func:`~minitron.compress.importance.estimate_importance`. ``"lm_loss"`` is exact here too
+            (skip streams; up to ``num_layers + 1`` sets of hidden states).
+        compute_dtype: dtype of each loaded layer and of the hidden states (default fp32: fast on CPUs
+            without bf16 units; the accumulators are fp32 in any case). Floating-point dtypes only.
+        spill_dir: directory for memory-mapped hidden-state files when they exceed ``max_hidden_bytes``
+            (default: the system temporary directory). A private subdirectory is created and removed.
+        max_hidden_bytes: keep hidden states in memory up to this many bytes (default 25% of the memory
+            available at the start); ``0`` always spills.
+        reader: an object with ``config`` (transformers config), ``keys()`` and ``get(name) -> Tensor``
+            reading the checkpoint (default :class:`CheckpointReader` of ``checkpoint_dir``, which is
+            then not used otherwise).
+        prefetch: read and cast layer ``l + 1`` in a helper thread while layer ``l`` runs (hides the
+            read/cast time; at most two decoder layers in memory). ``False``: one layer at a time.
+    Returns:
+        :class:`~minitron.compress.importance.ImportanceScores` (fp32 CPU tensors), equal to the in-memory
+        scores of the same checkpoint loaded in ``compute_dtype``. Under ``torch.distributed`` the batches
+        are sharded over the ranks and the sums all-reduced, as in the in-memory path.
+    Raises:
+        ValueError / TypeError / FileNotFoundError: bad arguments, a bad checkpoint (naming the file or
+            tensor) or a malformed batch, all before any layer is run.
+    """
+    from tqdm.auto import tqdm
+
+    from minitron.compress.distributed import BatchDigest, check_same_on_all_ranks, owns_batch, rank_info
+
+    _check_estimation_args(seq_agg, batch_agg, layer_metrics, max_batches, backend, batches)
+    if not isinstance(compute_dtype, torch.dtype) or not compute_dtype.is_floating_point:
+        raise TypeError(f"compute_dtype must be a floating-point torch.dtype, got {compute_dtype!r}")
+    if max_hidden_bytes is not None and (isinstance(max_hidden_bytes, bool) or not isinstance(max_hidden_bytes, int)
+                                         or max_hidden_bytes < 0):
+        raise ValueError(f"max_hidden_bytes must be a non-negative int or None, got {max_hidden_bytes!r}")
+    if spill_dir is not None and not isinstance(spill_dir, (str, os.PathLike)):
+        raise TypeError(f"spill_dir must be a path or None, got {type(spill_dir).__name__}")
+    if spill_dir is not None and not Path(spill_dir).is_dir():
+        raise ValueError(f"spill_dir {str(spill_dir)!r} is not an existing directory")
+    if reader is None:
+        reader = CheckpointReader(checkpoint_dir)
+    config = reader.config
+    adapter = get_adapter(config)
+    want_bi = "block_influence" in layer_metrics
+    want_loss = "lm_loss" in layer_metrics
+    info = rank_info()
+    progress = bool(progress) and info.rank == 0
+    started = time.perf_counter()
+
+    model = _build_skeleton(config, compute_dtype)
+    adapter.check_model(model)
+    dims = adapter.dims(config)
+    signature = shape_signature(model)
+    prefix_of = {id(m): n + "." for n, m in model.named_modules() if n}
+    head = adapter.lm_head(model)
+    embed = adapter.embedding(model)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    head_aliases = {prefix_of[id(head)] + "weight": prefix_of[id(embed)] + "weight"} if tied else {}
+    _check_checkpoint(model, reader, head_aliases)
+    check_same_on_all_ranks(
+        _args_fingerprint(adapter, config, signature, seq_agg=seq_agg, batch_agg=batch_agg,
+                          layer_metrics=layer_metrics, max_batches=max_batches, mode="streamed"),
+        stage="arguments")
+
+    # -- the batches (validated, this rank's share) --------------------------------------------------
+    own: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = []
+    digest = BatchDigest()
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        ids, mask = _validate_batch(batch, i, dims.vocab_size)
+        digest.update(ids, mask)
+        if owns_batch(i, info):
+            own.append((ids, mask))
+    check_same_on_all_ranks(_data_fingerprint(digest), stage="calibration data")
+    if digest.count == 0:
+        raise ValueError("batches is empty: importance needs at least one calibration batch")
+
+    # -- skeleton: embedding, final norm, rotary ------------------------------------------------------
+    layers = adapter.layers(model)
+    n_layers = dims.num_hidden_layers
+    base = adapter.base_model(model)
+    norm = adapter.final_norm(model)
+    _load_module(embed, prefix_of[id(embed)], reader, compute_dtype)
+    _load_module(norm, prefix_of[id(norm)], reader, compute_dtype)
+    _materialise_buffers(model, skip=[layers, head, embed, norm])
+    leftovers = [n for n, t in list(base.named_parameters()) + list(base.named_buffers())
+                 if t.is_meta and not n.startswith("layers.")]
+    if leftovers:
+        raise RuntimeError(f"streaming: base-model tensors {leftovers} are not in the checkpoint nor rebuildable")
+
+    collector = _Collector(model, adapter, seq_agg=seq_agg, batch_agg=batch_agg, block_influence=want_bi,
+                           backend=backend, device=torch.device("cpu"), dtype=compute_dtype)
+
+    # -- capture every layer's call arguments per batch ----------------------------------------------
+    calls: list[list[tuple[tuple, dict]]] = []  # [batch][layer] -> (args, kwargs)
+    first: list[torch.Tensor] = []
+    originals = nn.ModuleList(list(layers))
+    sink: list = []
+    recorders = nn.ModuleList([_Recorder(l, l == n_layers - 1, sink) for l in range(n_layers)])
+    adapter.set_layers(model, recorders)
+    try:
+        with torch.no_grad():
+            for ids, mask in own:
+                sink.clear()
+                try:
+                    base(input_ids=ids, attention_mask=None if mask is None else mask.long(), use_cache=False)
+                except _Stop:
+                    pass
+                if len(sink) != n_layers or [s[0] for s in sink] != list(range(n_layers)):
+                    raise RuntimeError(f"streaming: the {adapter.model_type} base model called its layers "
+                                       f"{[s[0] for s in sink]}, expected 0..{n_layers - 1} in order")
+                if any(rec[1] is not sink[0][1] for rec in sink):
+                    raise RuntimeError(f"streaming: the {adapter.model_type} base model does not pass each layer's "
+                                       "output on as the next layer's input unchanged (tuple outputs?); layer "
+                                       "streaming does not support this transformers version for this family")
+                first.append(sink[0][1])
+                calls.append([(s[2], s[3]) for s in sink])
+    finally:
+        adapter.set_layers(model, originals)
+        sink.clear()
+
+    # -- hidden-state store ----------------------------------------------------------------------------
+    shapes = [tuple(h.shape) for h in first]
+    elem = torch.empty((), dtype=compute_dtype).element_size()
+    streams_needed = (n_layers + 1) if want_loss else 1
+    need = sum(b * s * h for b, s, h in shapes) * elem * streams_needed
+    limit = max_hidden_bytes if max_hidden_bytes is not None else int(_mem_available() * HIDDEN_MEMORY_FRACTION)
+    spill_root: Optional[Path] = None
+    if need > limit:
+        spill_root = Path(tempfile.mkdtemp(prefix="minitron-hidden-", dir=None if spill_dir is None else str(spill_dir)))
+        log.info("streamed importance: hidden states need %.1f MiB > %.1f MiB: spilling to %s",
+                 need / 2 ** 20, limit / 2 ** 20, spill_root)
+    store = _HiddenStore(shapes, compute_dtype, spill_root)
+    MAIN = n_layers  # stream ids 0..n_layers-1 = skip streams (layer d replaced by the identity)
+
+    total_passes = len(own) * (n_layers * (n_layers + 1) // 2 if want_loss else n_layers)
+    bar = tqdm(total=total_passes, desc="importance (streamed)", unit="layer-batch", disable=not progress)
+    num_samples = sum(ids.shape[0] for ids, _ in own)
+    num_tokens = sum(int(m.sum()) if m is not None else ids.numel() for ids, m in own)
+    loss_sums: list[float] = []
+    loss_counts: list[int] = []
+    base_loss: Optional[float] = None
+    lm_loss_drop: Optional[torch.Tensor] = None
+    pool: Optional[ThreadPoolExecutor] = None
+    try:
+        for i, h in enumerate(first):
+            store.put(MAIN, i, h)
+        first.clear()
+        collector.attach()
+        # layer l + 1 is read and cast by a helper thread while layer l runs (at most two layers in memory)
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minitron-prefetch") if prefetch else None
+
+        def read_args(l: int) -> tuple:
+            return (layers[l], prefix_of[id(layers[l])], reader, compute_dtype)
+
+        with torch.no_grad():
+            pending = pool.submit(_read_state, *read_args(0)) if pool is not None and n_layers else None
+            for l in range(n_layers):
+                layer = layers[l]
+                if pool is not None:
+                    state = pending.result()
+                    pending = pool.submit(_read_state, *read_args(l + 1)) if l + 1 < n_layers else None
+                else:
+                    state = _read_state(*read_args(l))
+                _assign_state(layer, prefix_of[id(layer)], state)
+                del state
+                try:
+                    for i, (ids, mask) in enumerate(own):
+                        args, kwargs = calls[i][l]
+                        h_in = store.get(MAIN, i)
+                        if want_loss:
+                            store.put(l, i, h_in)  # skip stream l: layer l is the identity
+                        # earlier skip streams go through this layer too (hooks off)
+                        collector.active = False
+                        for d in range(l if want_loss else 0):
+                            out = layer(store.get(d, i), *args, **kwargs)
+                            store.put(d, i, _output_tensor(out))
+                            bar.update(1)
+                        collector.active = True
+                        collector.mask = mask
+                        out = layer(h_in, *args, **kwargs)
+                        collector.mask = None
+                        store.put(MAIN, i, _output_tensor(out))
+                        bar.update(1)
+                finally:
+                    collector.active = True
+                    _free_module(layer)
+            # final norm (its channel accumulator) and, for lm_loss, the LM head on every stream
+            if not want_loss:
+                head = None
+            else:
+                _load_module(head, prefix_of[id(head)], reader, compute_dtype, aliases=head_aliases)
+            main_sum, main_cnt = 0.0, 0
+            skip_sums = [0.0] * n_layers
+            skip_cnts = [0] * n_layers
+            for i, (ids, mask) in enumerate(own):
+                collector.mask = mask
+                hn = norm(store.get(MAIN, i))
+                collector.mask = None
+                if head is not None:
+                    s, c = _lm_loss_sums(head(hn), ids, mask)
+                    main_sum, main_cnt = main_sum + s, main_cnt + c
+                    collector.active = False
+                    for d in range(n_layers):
+                        s, c = _lm_loss_sums(head(norm(store.get(d, i))), ids, mask)
+                        skip_sums[d], skip_cnts[d] = skip_sums[d] + s, skip_cnts[d] + c
+                    collector.active = True
+            if head is not None:
+                _free_module(head)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+        collector.detach()
+        collector.mask = None
+        collector.active = True
+        store.close()
+        if spill_root is not None:
+            shutil.rmtree(spill_root, ignore_errors=True)
+
+    num_samples, num_tokens, num_batches = _reduce_counts(num_samples, num_tokens, len(own))
+    if want_loss:
+        (main_sum,), (main_cnt,) = _reduce_loss_sums([main_sum], [main_cnt])
+        if main_cnt == 0:
+            raise ValueError("the calibration batches hold no next-token targets (sequences of length >= 2 needed)")
+        base_loss = main_sum / main_cnt
+        skip_sums, skip_cnts = _reduce_loss_sums(skip_sums, skip_cnts)
+        lm_loss_drop = _drops_from_sums(skip_sums, skip_cnts, base_loss)
+    if info.distributed:
+        collector.all_reduce()
+    scores = _assemble_scores(collector, adapter, config, signature, seq_agg=seq_agg, batch_agg=batch_agg,
+                            layer_metrics=layer_metrics, num_samples=num_samples, num_tokens=num_tokens,
+                            num_batches=num_batches, base_loss=base_loss, lm_loss_drop=lm_loss_drop,
+                            extra_meta={"streamed": True, "compute_dtype": str(compute_dtype).replace("torch.", ""),
+                                        "hidden_states_spilled": spill_root is not None,
+                                        **({"world_size": info.world} if info.distributed else {})})
+    if info.distributed:
+        from minitron.compress.distributed import barrier
+
+        barrier("barrier at the end of streamed importance estimation")
+    log.info("streamed importance: %d layers, %d batch(es) on %s, computed in %s%s, %.1f s", n_layers, len(own),
+             info, str(compute_dtype).replace("torch.", ""), ", hidden states spilled" if spill_root else "",
+             time.perf_counter() - started)
+    return scores
