@@ -412,7 +412,8 @@ class ShardedWriter:
             self._pos = 0  # next layout entry
             self._shard_of = {n: i for i, names in enumerate(self._plan) for n in names}
             self._final_names = shard_names(len(self._plan))
-            self._f: Any = None
+            self._open: dict[int, Any] = {}
+            self._meta = {n: (s, d) for n, s, d in self.layout}
         else:
             self._pending: list[tuple[str, torch.Tensor]] = []
             self._pending_bytes = 0
@@ -431,11 +432,11 @@ class ShardedWriter:
             self._add_planned(name, tensor)
         else:
             n = tensor.numel() * tensor.element_size()
-            if n > self.max_shard_bytes:
+            if n > self.max_shard_bytes:  # a shard of its own, now (as transformers does)
+                held, held_bytes = self._pending, self._pending_bytes
+                self._pending, self._pending_bytes = [(name, tensor)], n
                 self._flush()
-                self._pending = [(name, tensor)]
-                self._pending_bytes = n
-                self._flush()
+                self._pending, self._pending_bytes = held, held_bytes
                 return
             if self._pending and self._pending_bytes + n > self.max_shard_bytes:
                 self._flush()
@@ -455,25 +456,28 @@ class ShardedWriter:
         shard = self._shard_of[name]
         names = self._plan[shard]
         if name == names[0]:
-            self._close_file()
+            # shards are contiguous runs of the layout, except that a tensor over the limit gets its own
+            # shard at once (as transformers does), so at most two files are open at a time
             path = self.dir / self._final_names[shard]
             self._files.append(path)
-            self._f = open(path, "wb")
-            entries = [(n, self.layout[self._pos + j][2], self.layout[self._pos + j][1]) for j, n in enumerate(names)]
-            self._f.write(_header_bytes(entries))
-        _write_tensor(self._f, tensor)
+            f = open(path, "wb")
+            self._open[shard] = f
+            f.write(_header_bytes([(n, self._meta[n][1], self._meta[n][0]) for n in names]))
+        _write_tensor(self._open[shard], tensor)
         self._weight_map[name] = shard
         self._total_size += tensor.numel() * tensor.element_size()
         self._pos += 1
         if name == names[-1]:
-            self._close_file()
+            self._close_file(shard)
 
-    def _close_file(self) -> None:
-        if getattr(self, "_f", None) is not None:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
-            self._f = None
+    def _close_file(self, shard: Optional[int] = None) -> None:
+        """Fsync and close shard ``shard`` (None: every open shard)."""
+        for k in ([shard] if shard is not None else list(getattr(self, "_open", {}))):
+            f = self._open.pop(k, None)
+            if f is not None:
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
 
     def _flush(self) -> None:
         """Write the buffered tensors as the next shard (provisional name, renamed at close)."""
@@ -504,6 +508,7 @@ class ShardedWriter:
                                  f"(next: {', '.join(missing)})")
             self._close_file()
             names = self._final_names
+            self._files = [self.dir / n for n in names]
         else:
             self._flush()
             if not self._files:
@@ -533,5 +538,6 @@ class ShardedWriter:
         if exc_type is None:
             self.close()
         else:
-            self._close_file() if self.layout is not None else None
+            if self.layout is not None:
+                self._close_file()
             self._closed = True
