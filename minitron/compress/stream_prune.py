@@ -72,9 +72,16 @@ def _meminfo_available() -> Optional[int]:
 
 
 def should_stream_prune(src_dir: PathLike, *, fraction: float = 0.5) -> tuple[bool, str]:
-    """Whether pruning ``src_dir`` should stream (and why): yes when its weights exceed ``fraction`` of the
-    memory available now (the in-memory path holds the whole model plus one layer's cut copies, and the
-    rest of the machine needs room), or when the available memory cannot be read... no: then in memory."""
+    """Whether pruning ``src_dir`` should stream, and why (a sentence to log).
+
+    Streams when the checkpoint's weights exceed ``fraction`` of the memory available now
+    (``MemAvailable``): the in-memory path holds the whole model plus one layer's cut copies, and the rest of
+    the machine needs room. Where the available memory cannot be read (not Linux) it answers in-memory.
+    Reads only the checkpoint's headers.
+
+    Returns:
+        ``(stream, reason)``.
+    """
     ck = ShardedCheckpoint(src_dir)
     size = ck.nbytes
     avail = _meminfo_available()
