@@ -290,11 +290,20 @@ def stage_prune(a: dict[str, Any]) -> dict[str, Any]:
     return {"output_bytes": size, "prune_seconds": dt, "output_bytes_per_s": size / dt, "dropped_layers": drop}
 
 
+def _expendable() -> None:
+    """Make this process the first the kernel's OOM killer picks (the machine is shared; raising is allowed)."""
+    try:
+        Path("/proc/self/oom_score_adj").write_text("1000")
+    except OSError:
+        pass
+
+
 def stage_in_memory(a: dict[str, Any]) -> dict[str, Any]:
     from minitron.compress.importance import ImportanceScores
     from minitron.compress.prune import prune_width
     from minitron.io.checkpoint import load_model, save_model
 
+    _expendable()
     scores = ImportanceScores.load(a["scores"])
     t0 = time.perf_counter()
     model, _ = load_model(a["ckpt"], dtype="bfloat16")
@@ -308,6 +317,7 @@ def stage_in_memory(a: dict[str, Any]) -> dict[str, Any]:
 
 _GENERATE = """
 import json, sys, time, torch
+open("/proc/self/oom_score_adj", "w").write("1000")  # the machine is shared: be the OOM killer's first pick
 torch.set_num_threads(int(sys.argv[3]))
 from transformers import AutoModelForCausalLM
 t0 = time.perf_counter()
@@ -378,11 +388,12 @@ def run_model(arch: str, scratch: Path, args: argparse.Namespace, overrides: Opt
             if "num_hidden_layers" not in po and layers == architecture_dict(arch)["num_hidden_layers"]:
                 layers = None  # a width-only preset keeps every layer
             out = base / preset_name
-            st[f"prune_{preset_name}"] = run_stage("prune", {
-                "ckpt": str(ckpt), "scores": str(scores_dir), "out": str(out), "width": width,
-                "num_hidden_layers": layers, "shard_bytes": args.shard_bytes})
-            if st[f"prune_{preset_name}"]["returncode"] == 0:
-                st[f"generate_{preset_name}"] = run_stage("generate", {"ckpt": str(out)})
+            if "prune" in args.stages:
+                st[f"prune_{preset_name}"] = run_stage("prune", {
+                    "ckpt": str(ckpt), "scores": str(scores_dir), "out": str(out), "width": width,
+                    "num_hidden_layers": layers, "shard_bytes": args.shard_bytes})
+                if st[f"prune_{preset_name}"]["returncode"] == 0 and "generate" in args.stages:
+                    st[f"generate_{preset_name}"] = run_stage("generate", {"ckpt": str(out)})
             if width and not did_in_memory and args.in_memory != "no":
                 avail = _meminfo().get("MemAvailable", 0)
                 need = int(1.25 * ckpt_bytes) + (2 << 30)
@@ -440,7 +451,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help='JSON {preset: {"width": {...}, "num_hidden_layers": n}} (scaled-down test runs)')
     ap.add_argument("--out", default=None, help="JSON record path (default .bench-out/scale-<time>.json)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints in --scratch")
+    ap.add_argument("--stages", default="prune,generate",
+                    help="which of prune,generate to run after write+importance (default both; in_memory: --in-memory)")
     args = ap.parse_args(argv)
+    args.stages = {x.strip() for x in args.stages.split(",") if x.strip()}
     if args.stage:
         logging.basicConfig(level=logging.WARNING)
         data = STAGES[args.stage](json.loads(args.stage_args))
@@ -456,7 +470,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.bench_scale"] + (argv or sys.argv[1:])),
         "machine": {"nproc": os.cpu_count(), **_meminfo(), "loadavg": _loadavg(),
                     "disk_free_bytes": shutil.disk_usage(scratch).free},
-        "settings": {k: v for k, v in vars(args).items() if k not in ("stage", "stage_args", "result")},
+        "settings": {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items()
+                     if k not in ("stage", "stage_args", "result")},
     }
     try:
         import subprocess as sp
