@@ -419,7 +419,10 @@ def run_model(arch: str, scratch: Path, args: argparse.Namespace, overrides: Opt
 def summarize(record: dict[str, Any]) -> list[str]:
     """Human-readable lines: per model and stage, time, peak memory, throughput vs bandwidth."""
     bw = (record.get("bandwidth") or {}).get("write_bytes_per_s")
+    bw_end = (record.get("bandwidth_end") or {}).get("write_bytes_per_s")
     lines = [f"write bandwidth: {bw / 1e6:.0f} MB/s" if bw else "write bandwidth: n/a"]
+    if bw_end:
+        lines[0] += f" (at the end: {bw_end / 1e6:.0f} MB/s)"
     for m in record.get("models", []):
         for name, s in m["stages"].items():
             extra = ""
@@ -486,6 +489,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if arch not in MODELS:
             raise SystemExit(f"--models: unknown {arch!r}; available: {', '.join(MODELS)}")
         record["models"].append(run_model(arch, scratch, args, overrides, preset_overrides))
+    # the machine may be shared: measure the bandwidth again at the end and report both
+    record["bandwidth_end"] = run_stage("bandwidth", {"dir": str(scratch), "bytes": args.bandwidth_bytes})
     record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     record["loadavg_end"] = _loadavg()
     out = Path(args.out) if args.out else REPO_ROOT / ".bench-out" / f"scale-{time.strftime('%Y%m%dT%H%M%S')}.json"
