@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -237,20 +238,28 @@ def prune_checkpoint_streaming(
     try:
         writer = ShardedWriter(tmp, max_shard_bytes=int(shard_bytes), layout=[(n, s, dt) for _, n, s, dt in layout])
         last_layer = None
-        for i, (name, new_name, _, _) in enumerate(layout):
-            t = ckpt.get(name)
-            cuts = cut_plan.get(name)
-            if cuts:
-                with torch.no_grad():
-                    t = apply_cuts([t], [cuts], backend)[0]
-            writer.add(new_name, t)
-            del t
-            if progress and name.startswith(prefix + "."):
-                layer = name[len(prefix) + 1:].split(".", 1)[0]
-                if layer != last_layer:
-                    last_layer = layer
-                    log.info("streamed pruning: layer %s (%d/%d tensors, %.0f s)", layer, i + 1, len(layout),
-                             time.perf_counter() - t0)
+        # one writer thread overlaps writing (and fsync) tensor i with reading and cutting tensor i + 1
+        # (file writes and the cut release the GIL); at most one tensor waits, so memory stays ~2 tensors
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="minitron-shard-writer") as pool:
+            pending: Optional[Future] = None
+            for i, (name, new_name, _, _) in enumerate(layout):
+                t = ckpt.get(name)
+                cuts = cut_plan.get(name)
+                if cuts:
+                    with torch.no_grad():
+                        t = apply_cuts([t], [cuts], backend)[0]
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(writer.add, new_name, t)
+                del t
+                if progress and name.startswith(prefix + "."):
+                    layer = name[len(prefix) + 1:].split(".", 1)[0]
+                    if layer != last_layer:
+                        last_layer = layer
+                        log.info("streamed pruning: layer %s (%d/%d tensors, %.0f s)", layer, i + 1, len(layout),
+                                 time.perf_counter() - t0)
+            if pending is not None:
+                pending.result()
         writer.close()
         new_config.save_pretrained(str(tmp))
         _save_generation_config(src, config, tmp)
