@@ -28,7 +28,8 @@ from minitron.models.base import Dims, ModelAdapter, RowSpan
 log = logging.getLogger(__name__)
 
 __all__ = ["validate_width_targets", "prune_width", "prune_depth", "plan_width", "plan_depth", "WidthPlan",
-           "DEPTH_METRICS"]
+           "DEPTH_METRICS", "Cut", "CutPlan", "width_cut_plan", "apply_cuts", "width_config_update",
+           "depth_config_update", "layer_rename"]
 
 DEPTH_METRICS = ("lm_loss", "block_influence")
 _WIDTH_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
@@ -189,31 +190,34 @@ def _check_slicing_backend(backend: str, device: torch.device, dtype: torch.dtyp
                   [0], block=1, backend=backend)
 
 
-class _Cuts:
-    """Collects (module, parameter name, kept units, dim, block) cuts, applied in one gather_slices call."""
+@dataclass(frozen=True)
+class Cut:
+    """One cut of one parameter: keep units ``index`` (of ``block`` rows/columns each) along ``dim``.
 
-    def __init__(self) -> None:
-        self.items: list[tuple[nn.Module, str, torch.Tensor, int, int]] = []
+    Applied with :func:`minitron.ops.gather_slices`; a parameter may have several cuts, applied in order
+    (e.g. ``q_proj.weight``: kept head rows first, then kept embedding-channel columns).
+    """
+
+    index: torch.Tensor
+    dim: int
+    block: int = 1
+
+
+#: Parameter name (state-dict key, e.g. ``model.layers.3.self_attn.q_proj.weight``) -> its cuts in order.
+CutPlan = dict[str, list[Cut]]
+
+
+class _CutRecorder:
+    """Collects the cuts of one group of parameters (one decoder layer, or the model-level tensors)."""
+
+    def __init__(self, names: dict[int, str]) -> None:
+        self.names = names
+        self.group: CutPlan = {}
 
     def add(self, module: nn.Module, name: str, index: torch.Tensor, dim: int, block: int = 1) -> None:
         if getattr(module, name, None) is None:
             return
-        self.items.append((module, name, index, dim, block))
-
-    def apply(self, backend: str) -> None:
-        """Replace every listed parameter by its cut copy (one multi-tensor gather)."""
-        from minitron.ops import gather_slices
-
-        if not self.items:
-            return
-        tensors = [getattr(m, n).data for m, n, _, _, _ in self.items]
-        indices = [i.to(t.device) for (_, _, i, _, _), t in zip(self.items, tensors)]
-        new = gather_slices(tensors, indices, [it[3] for it in self.items], block=[it[4] for it in self.items],
-                            backend=backend)
-        for (module, name, _, _, _), tensor in zip(self.items, new):
-            old = getattr(module, name)
-            setattr(module, name, nn.Parameter(tensor, requires_grad=old.requires_grad))
-        self.items.clear()
+        self.group.setdefault(f"{self.names[id(module)]}.{name}", []).append(Cut(index, dim, block))
 
 
 def _row_blocks(spans: list[RowSpan], kept: list[torch.Tensor], block: int) -> dict[nn.Linear, torch.Tensor]:
@@ -238,37 +242,118 @@ def _row_blocks(spans: list[RowSpan], kept: list[torch.Tensor], block: int) -> d
     return out
 
 
-def _cut_layer(adapter: ModelAdapter, layer: nn.Module, d: Dims, plan: WidthPlan, l: int, backend: str) -> None:
-    """Cut one layer: heads/KV groups (rows of q/k/v, columns of o), MLP neurons (rows of gate/up, columns
-    of down), in one gather; then the embedding channels (input columns, output rows, norm weights)."""
-    cuts = _Cuts()
+def _layer_cuts(adapter: ModelAdapter, layer: nn.Module, d: Dims, plan: WidthPlan, l: int, rec: _CutRecorder) -> None:
+    """Record one layer's cuts: heads/KV groups (rows of q/k/v, columns of o), MLP neurons (rows of
+    gate/up, columns of down); then the embedding channels (input columns, output rows, norm weights)."""
     if plan.heads[l] is not None:
         heads, kv, hd = plan.heads[l], plan.kv[l], d.head_dim
         spans = [adapter.query_rows(layer, d), adapter.key_rows(layer, d), adapter.value_rows(layer, d)]
         for linear, rows in _row_blocks(spans, [heads, kv, kv], hd).items():
-            cuts.add(linear, "weight", rows, 0, hd)
-            cuts.add(linear, "bias", rows, 0, hd)
-        cuts.add(adapter.o_proj(layer), "weight", heads, 1, hd)
+            rec.add(linear, "weight", rows, 0, hd)
+            rec.add(linear, "bias", rows, 0, hd)
+        rec.add(adapter.o_proj(layer), "weight", heads, 1, hd)
     if plan.neurons[l] is not None:
         keep = plan.neurons[l]
         spans = [adapter.gate_rows(layer, d), adapter.up_rows(layer, d)]
         for linear, rows in _row_blocks(spans, [keep, keep], 1).items():
-            cuts.add(linear, "weight", rows, 0)
-            cuts.add(linear, "bias", rows, 0)
-        cuts.add(adapter.down_proj(layer), "weight", keep, 1)
-    cuts.apply(backend)
+            rec.add(linear, "weight", rows, 0)
+            rec.add(linear, "bias", rows, 0)
+        rec.add(adapter.down_proj(layer), "weight", keep, 1)
     hidden = plan.hidden
     if hidden is None:
         return
     for linear in adapter.attention_inputs(layer) + adapter.mlp_inputs(layer):
-        cuts.add(linear, "weight", hidden, 1)
+        rec.add(linear, "weight", hidden, 1)
     for linear in adapter.residual_writers(layer):
-        cuts.add(linear, "weight", hidden, 0)
-        cuts.add(linear, "bias", hidden, 0)
+        rec.add(linear, "weight", hidden, 0)
+        rec.add(linear, "bias", hidden, 0)
     for norm in adapter.layer_norms(layer):
-        cuts.add(norm, "weight", hidden, 0)
-        cuts.add(norm, "bias", hidden, 0)
-    cuts.apply(backend)
+        rec.add(norm, "weight", hidden, 0)
+        rec.add(norm, "bias", hidden, 0)
+
+
+def _width_cut_groups(model: nn.Module, adapter: ModelAdapter, plan: WidthPlan) -> list[CutPlan]:
+    """The cuts of every parameter, one group per decoder layer then one for the model-level tensors.
+
+    ``model`` may live on the ``meta`` device (only its structure is read). A tied LM head is not
+    listed (it is the embedding's tensor).
+    """
+    d = adapter.dims(model.config)
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    groups = []
+    for l, layer in enumerate(list(adapter.layers(model))[: d.num_hidden_layers]):
+        rec = _CutRecorder(names)
+        _layer_cuts(adapter, layer, d, plan, l, rec)
+        groups.append(rec.group)
+    rec = _CutRecorder(names)
+    if plan.hidden is not None:
+        emb, lm_head = adapter.embedding(model), adapter.lm_head(model)
+        rec.add(emb, "weight", plan.hidden, 1)
+        norm = adapter.final_norm(model)
+        rec.add(norm, "weight", plan.hidden, 0)
+        rec.add(norm, "bias", plan.hidden, 0)
+        if lm_head.weight is not emb.weight:
+            rec.add(lm_head, "weight", plan.hidden, 1)
+    groups.append(rec.group)
+    return groups
+
+
+def width_cut_plan(model: nn.Module, plan: WidthPlan) -> CutPlan:
+    """Every parameter width pruning cuts, by state-dict name, with its cuts in order.
+
+    The single source of the slicing rules: :func:`prune_width` applies it to a model in memory and
+    :func:`minitron.compress.stream_prune.prune_checkpoint_streaming` to checkpoint tensors read one at
+    a time. ``model`` may be built on the ``meta`` device from the config (no weights needed).
+    Parameters not listed are kept unchanged.
+    """
+    adapter = get_adapter(model)
+    out: CutPlan = {}
+    for group in _width_cut_groups(model, adapter, plan):
+        out.update(group)
+    return out
+
+
+def apply_cuts(tensors: list[torch.Tensor], cuts: list[list[Cut]], backend: str) -> list[torch.Tensor]:
+    """Cut each tensor by its list of cuts, in order, batching the i-th cuts of all tensors in one
+    :func:`minitron.ops.gather_slices` call; returns the cut tensors (inputs not modified)."""
+    from minitron.ops import gather_slices
+
+    out = list(tensors)
+    for k in range(max((len(c) for c in cuts), default=0)):
+        which = [i for i, c in enumerate(cuts) if len(c) > k]
+        if not which:
+            continue
+        items = [cuts[i][k] for i in which]
+        new = gather_slices([out[i] for i in which], [c.index.to(out[i].device) for c, i in zip(items, which)],
+                            [c.dim for c in items], block=[c.block for c in items], backend=backend)
+        for i, t in zip(which, new):
+            out[i] = t
+    return out
+
+
+def _apply_cut_group(model: nn.Module, group: CutPlan, backend: str) -> None:
+    """Replace every parameter of ``group`` by its cut copy."""
+    if not group:
+        return
+    names = list(group)
+    params = [model.get_parameter(n) for n in names]
+    new = apply_cuts([p.data for p in params], [group[n] for n in names], backend)
+    for name, old, tensor in zip(names, params, new):
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, nn.Parameter(tensor, requires_grad=old.requires_grad))
+
+
+def width_config_update(config: Any, plan: WidthPlan, head_dim: int) -> None:
+    """Write the new sizes of ``plan`` (and ``head_dim``, explicitly) into ``config`` in place."""
+    for name, value in plan.sizes.items():
+        setattr(config, name, int(value))
+    config.head_dim = int(head_dim)
+
+
+def depth_config_update(config: Any, kept: Sequence[int]) -> None:
+    """Cut ``config``'s per-layer fields to the kept layers and set ``num_hidden_layers`` (in place)."""
+    get_adapter(config).cut_per_layer_config(config, list(kept))
+    config.num_hidden_layers = len(kept)
 
 
 _SIZE_ATTRS = {
@@ -299,27 +384,13 @@ def _sync_module_attributes(model: nn.Module, adapter: ModelAdapter, sizes: dict
 
 def _apply_width_plan(model: nn.Module, adapter: ModelAdapter, plan: WidthPlan, backend: str) -> None:
     d = adapter.dims(model.config)
-    config = model.config
-    layers = list(adapter.layers(model))[: d.num_hidden_layers]
     emb, lm_head = adapter.embedding(model), adapter.lm_head(model)
     tied = lm_head.weight is emb.weight
-    for l, layer in enumerate(layers):
-        _cut_layer(adapter, layer, d, plan, l, backend)
-    if plan.hidden is not None:
-        cuts = _Cuts()
-        cuts.add(emb, "weight", plan.hidden, 1)
-        norm = adapter.final_norm(model)
-        cuts.add(norm, "weight", plan.hidden, 0)
-        cuts.add(norm, "bias", plan.hidden, 0)
-        if not tied:
-            cuts.add(lm_head, "weight", plan.hidden, 1)
-        cuts.apply(backend)
-        if tied:
-            lm_head.weight = emb.weight
-    head_dim = d.head_dim
-    for name, value in plan.sizes.items():
-        setattr(config, name, int(value))
-    config.head_dim = head_dim
+    for group in _width_cut_groups(model, adapter, plan):  # one decoder layer at a time, then the rest
+        _apply_cut_group(model, group, backend)
+    if tied:
+        lm_head.weight = emb.weight
+    width_config_update(model.config, plan, d.head_dim)
     _sync_module_attributes(model, adapter, plan.sizes)
 
 
@@ -424,6 +495,13 @@ def plan_depth(
     return _top(-s, k).tolist()
 
 
+def layer_rename(layers_prefix: str, num_layers: int, kept: Sequence[int]) -> dict[str, Optional[str]]:
+    """Depth pruning as a renaming of state-dict key prefixes: ``"{prefix}.{i}."`` -> ``"{prefix}.{new}."``
+    for kept layer ``i`` (its position among ``kept``), ``None`` for dropped layers."""
+    pos = {old: new for new, old in enumerate(kept)}
+    return {f"{layers_prefix}.{i}.": (f"{layers_prefix}.{pos[i]}." if i in pos else None) for i in range(num_layers)}
+
+
 def prune_depth(
     model: nn.Module,
     *,
@@ -464,8 +542,7 @@ def prune_depth(
     kept = [i for i in range(L) if i not in set(drop)]
     # validate the new config on a copy before touching the model
     candidate = copy.deepcopy(config)
-    adapter.cut_per_layer_config(candidate, kept)
-    candidate.num_hidden_layers = len(kept)
+    depth_config_update(candidate, kept)
     adapter.check_config(candidate)
 
     new_layers = nn.ModuleList([layers[i] for i in kept])
@@ -475,8 +552,7 @@ def prune_depth(
             if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = new_idx
     adapter.set_layers(model, new_layers)
-    adapter.cut_per_layer_config(config, kept)
-    config.num_hidden_layers = len(kept)
+    depth_config_update(config, kept)
     base = adapter.base_model(model)
     if hasattr(base, "has_sliding_layers") and isinstance(getattr(config, "layer_types", None), (list, tuple)):
         base.has_sliding_layers = "sliding_attention" in config.layer_types

@@ -1,0 +1,284 @@
+"""Shard-streamed pruning: prune a checkpoint on disk one tensor at a time (models larger than memory).
+
+:func:`prune_checkpoint_streaming` reads every input tensor (memory-mapped, one at a time), cuts it with
+:func:`minitron.ops.gather_slices` using the same per-parameter cut plan as the in-memory
+:func:`~minitron.compress.prune.prune_width` (:func:`~minitron.compress.prune.width_cut_plan`, derived
+from the config's model built on the ``meta`` device), renames the layers kept by depth pruning, and
+writes it at once into sharded safetensors (:class:`~minitron.io.shards.ShardedWriter`). Peak memory is
+about the largest input tensor plus its cut copy (the embedding), whatever the model size. The output is
+tensor-for-tensor identical to the in-memory path's (``prune_width`` / ``prune_depth`` then
+``save_model``), with the same config.json and generation_config.json and the tokenizer files copied byte
+for byte; it loads with plain transformers.
+
+Safety: the input is validated completely (:meth:`~minitron.io.shards.ShardedCheckpoint.validate`) and the
+targets, the output path and the free disk space are checked before anything is written; the output is
+written into a hidden temporary sibling and renamed into place only when complete, so a failure leaves
+no half-written checkpoint (and, with ``overwrite``, the previous output intact).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+
+from minitron.compress.importance import ImportanceScores
+from minitron.compress.prune import (Cut, _check_slicing_backend, apply_cuts, depth_config_update, layer_rename,
+                                     plan_depth, plan_width, width_config_update, width_cut_plan)
+from minitron.io.checkpoint import copy_tokenizer_files
+from minitron.io.files import make_temp_dir, normalize_permissions, publish_dir, remove_stale_temporaries
+from minitron.io.safety import check_output_dir
+from minitron.io.shards import DEFAULT_SHARD_BYTES, ShardedCheckpoint, ShardedWriter
+from minitron.models import get_adapter
+
+log = logging.getLogger(__name__)
+
+__all__ = ["prune_checkpoint_streaming", "should_stream_prune", "random_importance", "streamed_output_layout"]
+
+PathLike = Union[str, os.PathLike]
+_WIDTH_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+
+
+def random_importance(config: Any, seed: int = 0) -> ImportanceScores:
+    """Random importance scores of the right shapes for ``config`` (benchmarks and tests only)."""
+    adapter = get_adapter(config)
+    d = adapter.dims(config)
+    g = torch.Generator().manual_seed(seed)
+    L = d.num_hidden_layers
+    heads = torch.rand(L, d.num_attention_heads, generator=g)
+    kv = heads.view(L, d.num_key_value_heads, d.heads_per_group).sum(-1)
+    return ImportanceScores(
+        heads=heads, kv_groups=kv, neurons=torch.rand(L, d.intermediate_size, generator=g),
+        channels=torch.rand(d.hidden_size, generator=g), block_influence=torch.rand(L, generator=g),
+        lm_loss_drop=None,
+        meta={"model_type": adapter.model_type, "config_fingerprint": adapter.fingerprint(config), "random": True},
+    )
+
+
+def _meminfo_available() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def should_stream_prune(src_dir: PathLike, *, fraction: float = 0.5) -> tuple[bool, str]:
+    """Whether pruning ``src_dir`` should stream, and why (a sentence to log).
+
+    Streams when the checkpoint's weights exceed ``fraction`` of the memory available now
+    (``MemAvailable``): the in-memory path holds the whole model plus one layer's cut copies, and the rest of
+    the machine needs room. Where the available memory cannot be read (not Linux) it answers in-memory.
+    Reads only the checkpoint's headers.
+
+    Returns:
+        ``(stream, reason)``.
+    """
+    ck = ShardedCheckpoint(src_dir)
+    size = ck.nbytes
+    avail = _meminfo_available()
+    if avail is None:
+        return False, f"weights {size / 2**30:.2f} GiB; available memory unknown: pruning in memory"
+    if size > fraction * avail:
+        return True, (f"weights {size / 2**30:.2f} GiB > {fraction:.0%} of the {avail / 2**30:.2f} GiB available "
+                      "memory: streaming tensor by tensor")
+    return False, (f"weights {size / 2**30:.2f} GiB <= {fraction:.0%} of the {avail / 2**30:.2f} GiB available "
+                   "memory: pruning in memory")
+
+
+def _cut_shape(shape: tuple[int, ...], cuts: Sequence[Cut]) -> tuple[int, ...]:
+    s = list(shape)
+    for c in cuts:
+        s[c.dim] = int(c.index.numel()) * c.block
+    return tuple(s)
+
+
+def _rename(name: str, renames: dict[str, Optional[str]]) -> Optional[str]:
+    for old, new in renames.items():
+        if name.startswith(old):
+            return None if new is None else new + name[len(old):]
+    return name
+
+
+def streamed_output_layout(
+    ckpt: ShardedCheckpoint, cut_plan: dict[str, list[Cut]], renames: dict[str, Optional[str]]
+) -> list[tuple[str, str, tuple[int, ...], torch.dtype]]:
+    """``[(input name, output name, output shape, dtype)]`` in input file order (dropped layers left out)."""
+    out = []
+    for name in ckpt.keys():
+        new = _rename(name, renames)
+        if new is None:
+            continue
+        out.append((name, new, _cut_shape(ckpt.shape(name), cut_plan.get(name, [])), ckpt.dtype(name)))
+    return out
+
+
+def _resolve_depth(config: Any, keep_layers: Optional[Sequence[int]], drop_layers: Optional[Sequence[int]]) -> list[int]:
+    """The kept layer indices (validated by :func:`plan_depth`)."""
+    L = get_adapter(config).dims(config).num_hidden_layers
+    if keep_layers is not None and drop_layers is not None:
+        raise ValueError("give keep_layers or drop_layers, not both")
+    if keep_layers is None and drop_layers is None:
+        return list(range(L))
+    if keep_layers is not None:
+        if isinstance(keep_layers, (str, bytes)) or not hasattr(keep_layers, "__iter__"):
+            raise TypeError(f"keep_layers must be a sequence of layer indices, got {type(keep_layers).__name__}")
+        keep = list(keep_layers)
+        for i in keep:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < L:
+                raise ValueError(f"keep_layers: {i!r} is not a layer index in [0, {L})")
+        if len(set(keep)) != len(keep) or not keep:
+            raise ValueError(f"keep_layers must be non-empty without duplicates, got {keep}")
+        drop = [i for i in range(L) if i not in set(keep)]
+    else:
+        drop = list(drop_layers)  # type: ignore[arg-type]
+    dropped = plan_depth(config, num_hidden_layers=L - len(drop), layers_to_drop=drop) if drop else []
+    return [i for i in range(L) if i not in set(dropped)]
+
+
+def prune_checkpoint_streaming(
+    src_dir: PathLike,
+    dst_dir: PathLike,
+    *,
+    scores: Optional[ImportanceScores] = None,
+    width_targets: Optional[dict[str, Optional[int]]] = None,
+    keep_layers: Optional[Sequence[int]] = None,
+    drop_layers: Optional[Sequence[int]] = None,
+    shard_bytes: Union[int, float] = DEFAULT_SHARD_BYTES,
+    overwrite: bool = False,
+    backend: str = "auto",
+    progress: bool = True,
+) -> Path:
+    """Width- and/or depth-prune the checkpoint ``src_dir`` into ``dst_dir``, one tensor at a time.
+
+    Equivalent to loading the model, ``prune_width(model, scores, **width_targets)``, then
+    ``prune_depth(model, layers_to_drop=...)`` and ``save_model(model, dst_dir)`` (tensor-for-tensor
+    identical output, same config), with memory for one tensor (and its cut copy) instead of the model.
+
+    Args:
+        src_dir: input checkpoint folder (single ``model.safetensors`` or index + shards; never modified).
+        dst_dir: output folder; refused if it exists unless ``overwrite``; may not be/contain/lie in src_dir.
+        scores: importance of the input model (required when a width target changes a size).
+        width_targets: any of hidden_size, intermediate_size, num_attention_heads, num_key_value_heads
+            (the keywords of :func:`~minitron.compress.prune.plan_width`); None = no width pruning.
+        keep_layers / drop_layers: input layer indices to keep / drop (depth pruning); at most one.
+        shard_bytes: output shard size limit in bytes (transformers' 5 GB by default).
+        overwrite: replace an existing ``dst_dir`` (only once the new one is complete).
+        backend: backend of :func:`minitron.ops.gather_slices`.
+        progress: log progress (every decoder layer) at INFO level.
+    Returns:
+        ``dst_dir`` as a Path.
+    Raises:
+        CorruptFileError / CheckpointError: a bad input (file named), before anything is written.
+        ValueError / TypeError: bad targets, output path or too little disk space, before anything is written.
+        OutputExistsError: ``dst_dir`` exists and not ``overwrite``.
+    """
+    t0 = time.perf_counter()
+    if width_targets is not None:
+        if not isinstance(width_targets, dict):
+            raise TypeError(f"width_targets must be a dict or None, got {type(width_targets).__name__}")
+        unknown = set(width_targets) - set(_WIDTH_KEYS)
+        if unknown:
+            raise TypeError(f"unknown width target(s) {sorted(unknown)}; expected {_WIDTH_KEYS}")
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    src = Path(src_dir)
+    ckpt = ShardedCheckpoint(src).validate()
+    out = check_output_dir(dst_dir, overwrite=overwrite, inputs={"src_dir": src}, what="dst_dir")
+    config = copy.deepcopy(ckpt.config)
+    adapter = get_adapter(config)
+    d = adapter.dims(config)
+
+    # ---- plans (all validation before any output)
+    plan = plan_width(config, scores, **(width_targets or {}))
+    width_changes = plan.hidden is not None or any(h is not None for h in plan.heads) or any(
+        n is not None for n in plan.neurons)
+    kept = _resolve_depth(config, keep_layers, drop_layers)
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    cut_plan = width_cut_plan(skeleton, plan) if width_changes else {}
+    names = {id(m): n for n, m in skeleton.named_modules()}
+    prefix = names[id(adapter.layers(skeleton))]
+    renames = layer_rename(prefix, d.num_hidden_layers, kept) if len(kept) != d.num_hidden_layers else {}
+    del skeleton
+    new_config = copy.deepcopy(config)
+    if width_changes:
+        width_config_update(new_config, plan, d.head_dim)
+    if renames:
+        depth_config_update(new_config, kept)
+    adapter.check_config(new_config)
+    layout = streamed_output_layout(ckpt, cut_plan, renames)
+    if not layout:
+        raise ValueError(f"checkpoint {str(src)!r}: nothing to write")
+    dtypes = {dt for _, _, _, dt in layout}
+    for dt in dtypes:
+        _check_slicing_backend(backend, torch.device("cpu"), dt)
+    out_bytes = sum(dt.itemsize * int(torch.Size(s).numel()) for _, _, s, dt in layout)
+    estimate = out_bytes + (1 << 20) * (1 + out_bytes // int(shard_bytes)) + sum(
+        f.stat().st_size for f in src.iterdir() if f.is_file() and not f.name.endswith(".safetensors"))
+    check_output_dir(out, overwrite=overwrite, inputs={"src_dir": src}, what="dst_dir", estimated_bytes=estimate)
+    log.info("streamed pruning %s -> %s: %d -> %d tensors, %.2f -> %.2f GiB (%s)", src, out, len(ckpt.keys()),
+             len(layout), ckpt.nbytes / 2**30, out_bytes / 2**30,
+             {k: getattr(new_config, k) for k in _WIDTH_KEYS + ("num_hidden_layers",)})
+
+    # ---- write into a hidden sibling, publish when complete
+    remove_stale_temporaries(out)
+    tmp = make_temp_dir(out)
+    try:
+        writer = ShardedWriter(tmp, max_shard_bytes=int(shard_bytes), layout=[(n, s, dt) for _, n, s, dt in layout])
+        last_layer = None
+        # one writer thread overlaps writing (and fsync) tensor i with reading and cutting tensor i + 1
+        # (file writes and the cut release the GIL); at most one tensor waits, so memory stays ~2 tensors
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="minitron-shard-writer") as pool:
+            pending: Optional[Future] = None
+            for i, (name, new_name, _, _) in enumerate(layout):
+                t = ckpt.get(name)
+                cuts = cut_plan.get(name)
+                if cuts:
+                    with torch.no_grad():
+                        t = apply_cuts([t], [cuts], backend)[0]
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(writer.add, new_name, t)
+                del t
+                if progress and name.startswith(prefix + "."):
+                    layer = name[len(prefix) + 1:].split(".", 1)[0]
+                    if layer != last_layer:
+                        last_layer = layer
+                        log.info("streamed pruning: layer %s (%d/%d tensors, %.0f s)", layer, i + 1, len(layout),
+                                 time.perf_counter() - t0)
+            if pending is not None:
+                pending.result()
+        writer.close()
+        new_config.save_pretrained(str(tmp))
+        _save_generation_config(src, config, tmp)
+        copy_tokenizer_files(src, tmp)
+        normalize_permissions(tmp)
+        publish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("streamed pruning wrote %s (%.2f GiB) in %.1f s", out, out_bytes / 2**30, time.perf_counter() - t0)
+    return out
+
+
+def _save_generation_config(src: Path, config: Any, dst: Path) -> None:
+    """Write the generation config the in-memory path's ``save_pretrained`` would write."""
+    from transformers import GenerationConfig
+
+    if (src / "generation_config.json").is_file():
+        gen = GenerationConfig.from_pretrained(str(src))
+    else:
+        gen = GenerationConfig.from_model_config(config)
+    gen.save_pretrained(str(dst))
