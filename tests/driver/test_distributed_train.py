@@ -1,0 +1,232 @@
+"""Distillation under torch.distributed (gloo, CPU, 2 processes): DDP and FSDP2 against one process,
+sharded checkpoints and resume after a SIGKILL, failure behaviour, torch.compile under DDP.
+
+Every multi-process run is a set of ``tests/driver/dist_worker.py`` processes rendezvousing through a
+``file://`` store in tmp_path (no TCP port), with a process-group timeout of at most 20 s.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import pytest
+import torch
+
+from tests.driver.conftest import BACKEND
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("dist_worker.py")
+TIMEOUT_S = 20  # process-group timeout in the workers
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
+
+
+def _worker_module():
+    spec = importlib.util.spec_from_file_location("_dist_worker", WORKER)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+def launch(tmp_path: Path, name: str, spec: Dict[str, Any], world: int) -> List[subprocess.Popen]:
+    out = Path(spec.get("out") or tmp_path / name)
+    out.mkdir(parents=True, exist_ok=True)
+    full = dict({"backend": BACKEND, "timeout": TIMEOUT_S}, **spec, world=world, out=str(out),
+                init_file=str(tmp_path / f"{name}.init"))
+    spec_path = tmp_path / f"{name}.json"
+    spec_path.write_text(json.dumps(full))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return [subprocess.Popen([sys.executable, str(WORKER), str(spec_path), str(r)], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+
+
+def finish(procs: List[subprocess.Popen], timeout: float = 120) -> List[Tuple[int, str]]:
+    deadline = time.time() + timeout
+    res = []
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise AssertionError("a worker did not finish in time")
+        res.append((p.returncode, err))
+    return res
+
+
+def run(tmp_path: Path, name: str, spec: Dict[str, Any], world: int) -> Dict[str, Any]:
+    res = finish(launch(tmp_path, name, spec, world))
+    for r, (rc, err) in enumerate(res):
+        assert rc == 0, f"rank {r} failed:\n{err[-3000:]}"
+    return json.loads((tmp_path / name / "result.json").read_text())
+
+
+def single_process(tmp_path: Path, spec: Dict[str, Any]) -> Tuple[List[List[float]], Dict[str, torch.Tensor]]:
+    """The same distillation in this process (no process group), global batch in one piece."""
+    from minitron.train import DistillConfig, TrainConfig, distill_model
+
+    w = _worker_module()
+    teacher, student, data = w.build(spec)
+    cfg = TrainConfig(steps=spec.get("steps", 6), batch_size=spec["batch_size"], grad_accum=spec.get("grad_accum", 1),
+                      lr=5e-3, warmup_steps=2, seed=0, max_grad_norm=1.0)
+    res = distill_model(student, teacher, data, cfg, DistillConfig(mode="forward", temperature=1.5, backend=BACKEND),
+                        tmp_path / "single")
+    return [[s, l] for s, l in res.train_losses], student.state_dict()
+
+
+def assert_curves_equal(got: List[List[float]], want: List[List[float]], rtol: float = 2e-4) -> None:
+    assert [s for s, _ in got] == [s for s, _ in want]
+    for (s, a), (_, b) in zip(got, want):
+        assert abs(a - b) <= rtol * abs(b) + 1e-6, (s, a, b)
+
+
+def test_sharded_batch_stream_takes_contiguous_slices():
+    from minitron.io.data import PackedDataset
+    from minitron.train.distributed import ShardedBatchStream
+
+    ids = torch.arange(40).view(10, 4)
+    data = PackedDataset(ids, torch.ones_like(ids))
+    ref = data.stream(4, seed=3)
+    shards = [ShardedBatchStream(data.stream(4, seed=3), r, 2) for r in range(2)]
+    for _ in range(5):  # crosses an epoch boundary (2 batches of 4 per epoch)
+        g = next(ref)
+        parts = [next(s) for s in shards]
+        for k in g:
+            assert torch.equal(torch.cat([p[k] for p in parts]), g[k])
+    assert shards[1].state_dict() == ref.state_dict()
+    with pytest.raises(ValueError, match="world_size=3"):
+        ShardedBatchStream(data.stream(4), 0, 3)
+
+
+def test_strategy_needs_a_process_group():
+    from minitron.train import TrainConfig
+    from minitron.train.distributed import resolve_strategy
+
+    assert resolve_strategy(None) is None
+    with pytest.raises(ValueError, match="torchrun"):
+        resolve_strategy("fsdp2")
+    with pytest.raises(ValueError, match="strategy"):
+        TrainConfig(strategy="zero3")
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_ranks_follow_the_single_process_loss_curve(strategy, tmp_path):
+    spec = {"steps": 5, "batch_size": 4, "grad_accum": 2, "strategy": strategy, "save_every": 2}
+    want, want_state = single_process(tmp_path, dict(spec, batch_size=8))
+    got = run(tmp_path, "run", spec, world=2)
+    assert_curves_equal(got["losses"], want)
+    assert got["extra"] == {"strategy": strategy, "world_size": 2}
+    # the final student (gathered to rank 0 under FSDP2) equals the single-process one
+    state = torch.load(tmp_path / "run" / "final.pt", weights_only=True)
+    assert set(state) == set(want_state)
+    for k, v in want_state.items():
+        assert type(state[k]) is torch.Tensor and torch.allclose(state[k], v, rtol=1e-3, atol=1e-5), k
+    # only rank 0 wrote the shared files; each rank its own RNG file; the checkpoint layout per strategy
+    out = tmp_path / "run"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "final.pt", "log.jsonl", "loss.png", "result.json"]
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["latest", "step-00000004", "step-00000005"]
+    files = sorted(p.name for p in (out / "checkpoints" / "step-00000005").iterdir())
+    if strategy == "ddp":
+        assert files == ["model.pt", "optimizer.pt", "rng-rank1.pt", "rng.pt", "scheduler.pt", "state.json"]
+    else:
+        assert files == ["dcp", "rng-rank1.pt", "rng.pt", "scheduler.pt", "state.json"]
+        assert len(list((out / "checkpoints" / "step-00000005" / "dcp").glob("*.distcp"))) == 2
+
+
+def test_fsdp2_fused_kl_loss_and_gradients_equal_single_process(tmp_path):
+    from minitron.train import DistillConfig, make_distillation_loss
+
+    spec = {"task": "grads", "batch_size": 3, "tie": False}
+    run_res = finish(launch(tmp_path, "grads", spec, world=2))
+    for r, (rc, err) in enumerate(run_res):
+        assert rc == 0, f"rank {r} failed:\n{err[-3000:]}"
+    got = torch.load(tmp_path / "grads" / "grads.pt", weights_only=True)
+    assert got["head_param_type"] == "DTensor"  # the head weight really was sharded outside the forward
+    teacher, student, data = _worker_module().build(spec)
+    loss_fn = make_distillation_loss(teacher, DistillConfig(mode="forward", temperature=1.5, backend=BACKEND))
+    loss, _ = loss_fn(student, data.select(range(6)))
+    loss.backward()
+    assert abs(got["loss"] - float(loss)) <= 1e-5 * abs(float(loss))
+    want = {n: p.grad for n, p in student.named_parameters()}
+    assert set(got["grads"]) == set(want)
+    for n, g in want.items():
+        assert torch.allclose(got["grads"][n], g, rtol=1e-4, atol=1e-6), n
+
+
+def _wait_for_step(log_path: Path, step: int, procs: List[subprocess.Popen], timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if log_path.is_file():
+            steps = [json.loads(line)["step"] for line in log_path.read_text().splitlines() if line.strip().endswith("}")]
+            if steps and max(steps) >= step:
+                return
+        if any(p.poll() is not None for p in procs):
+            raise AssertionError(f"a worker exited early: {[p.poll() for p in procs]}")
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached")
+
+
+@pytest.mark.parametrize("strategy", ["fsdp2"])
+def test_sigkill_of_a_rank_fails_the_other_then_resume_continues_the_curve(strategy, tmp_path):
+    spec = {"steps": 8, "batch_size": 4, "strategy": strategy, "save_every": 2, "step_sleep": 0.3}
+    want, _ = single_process(tmp_path, dict(spec, batch_size=8))
+    procs = launch(tmp_path, "run", spec, world=2)
+    _wait_for_step(tmp_path / "run" / "log.jsonl", 5, procs)
+    t_kill = time.time()
+    os.kill(procs[1].pid, signal.SIGKILL)
+    (rc0, err0), (rc1, _) = finish(procs, timeout=TIMEOUT_S + 40)
+    assert rc1 == -signal.SIGKILL
+    assert rc0 != 0 and time.time() - t_kill < TIMEOUT_S + 40
+    assert "DistributedError" in err0 and "another rank died" in err0, err0[-2000:]
+    # resume: the same loss curve as the uninterrupted (single-process) run
+    got = run(tmp_path, "resume", dict(spec, resume=True, out=str(tmp_path / "run"), step_sleep=0), world=2)
+    assert got["resumed_from"] in (4, 6)
+    assert_curves_equal(got["losses"], want)
+    assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
+
+
+def test_ddp_resumes_with_another_world_size_fsdp2_refuses(tmp_path):
+    spec = {"steps": 6, "batch_size": 4, "strategy": "ddp", "save_every": 3}
+    want, _ = single_process(tmp_path, dict(spec, batch_size=8))
+    run(tmp_path, "run", dict(spec, steps=3), world=2)
+    # resume the 2-rank DDP run in one process with the same global batch (8)
+    from minitron.train import DistillConfig, TrainConfig, distill_model
+
+    w = _worker_module()
+    teacher, student, data = w.build(spec)
+    cfg = TrainConfig(steps=6, batch_size=8, lr=5e-3, warmup_steps=2, seed=0, max_grad_norm=1.0, save_every=3)
+    res = distill_model(student, teacher, data, cfg, DistillConfig(mode="forward", temperature=1.5, backend=BACKEND),
+                        tmp_path / "run", resume=True)
+    assert res.resumed_from == 3
+    assert_curves_equal([[s, l] for s, l in res.train_losses], want)
+    # FSDP2: a different world size is refused, naming it
+    run(tmp_path, "f", {"steps": 2, "batch_size": 4, "strategy": "fsdp2", "save_every": 2}, world=2)
+    res = finish(launch(tmp_path, "f1", {"steps": 4, "batch_size": 8, "strategy": "fsdp2", "resume": True,
+                                         "out": str(tmp_path / "f")}, world=1))
+    assert res[0][0] != 0 and "world size 2" in res[0][1] and "world size 1" in res[0][1], res[0][1][-2000:]
+
+
+def test_mismatched_data_across_ranks_is_an_error_naming_it(tmp_path):
+    spec = {"steps": 2, "batch_size": 4, "strategy": "ddp", "per_rank": {"1": {"data_seed": 7}}}
+    res = finish(launch(tmp_path, "run", spec, world=2))
+    for rc, err in res:
+        assert rc != 0
+        assert "argument 'data' differs across ranks" in err, err[-2000:]
+    assert not (tmp_path / "run" / "log.jsonl").exists()
+
+
+def test_compiled_student_under_ddp_has_no_graph_breaks(tmp_path):
+    spec = {"steps": 3, "batch_size": 4, "strategy": "ddp", "compile": True}
+    want, _ = single_process(tmp_path, dict(spec, batch_size=8))
+    got = run(tmp_path, "run", spec, world=2)
+    assert got["graph_breaks"] == 0, got["graph_break_reasons"]
+    assert got["frames"].get("unique_graphs", 0) >= 1
+    assert_curves_equal(got["losses"], want, rtol=1e-3)
