@@ -93,7 +93,8 @@ class TrainConfig:
         strategy: None (one process; DDP when a process group is initialised), "ddp" or "fsdp2"
             (:mod:`minitron.train.distributed`). ``batch_size`` is per rank: each optimizer micro-step
             consumes a global batch of ``batch_size * world_size`` sequences, rank r taking its contiguous slice.
-        compile: ``torch.compile`` the loss module (student forward, teacher forward and the fused loss).
+        compile: ``torch.compile`` the loss module (student forward, teacher forward and the fused loss):
+            True (default backend, inductor) or a ``torch.compile`` backend name ("inductor", "aot_eager").
     """
 
     steps: int = 100
@@ -114,7 +115,7 @@ class TrainConfig:
     bf16: Union[str, bool] = "auto"
     device: str = "auto"
     strategy: Optional[str] = None
-    compile: bool = False
+    compile: Union[bool, str] = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -151,8 +152,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.bf16 must be 'auto', True or False, got {self.bf16!r}")
         if self.strategy is not None and self.strategy not in ("ddp", "fsdp2"):
             raise ValueError(f"TrainConfig.strategy must be None, 'ddp' or 'fsdp2', got {self.strategy!r}")
-        if not isinstance(self.compile, bool):
-            raise TypeError(f"TrainConfig.compile must be a bool, got {self.compile!r}")
+        if not isinstance(self.compile, (bool, str)) or self.compile == "":
+            raise TypeError(f"TrainConfig.compile must be a bool or a torch.compile backend name, got {self.compile!r}")
         if not isinstance(self.device, str):
             raise TypeError(f"TrainConfig.device must be a string, got {self.device!r}")
         if self.device != "auto":
@@ -532,7 +533,7 @@ def train(
         if mp_policy is not None:
             use_bf16 = False  # FSDP2 casts the parameters to bf16 itself
         if config.compile:
-            root.compile()
+            root.compile(**_compile_kwargs(config.compile))
         engine: torch.nn.Module = root
     else:
         work = model
@@ -540,7 +541,7 @@ def train(
         work.train()
         root = LossModule(work, loss_fn)
         if config.compile:
-            root.compile()
+            root.compile(**_compile_kwargs(config.compile))
         if strategy == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
@@ -733,6 +734,10 @@ def train(
         plot_path=plot_path,
         extra={"strategy": strategy, "world_size": world},
     )
+
+
+def _compile_kwargs(compile_: Union[bool, str]) -> Dict[str, Any]:
+    return {"backend": compile_} if isinstance(compile_, str) else {}
 
 
 def _raise_non_finite(value: float, step: int, config: TrainConfig, out: Path) -> None:

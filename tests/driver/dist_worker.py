@@ -39,8 +39,8 @@ def make_data(n: int, seq: int, vocab: int, seed: int):
 
 def build(spec: dict):
     vocab = spec.get("vocab", 64)
-    teacher = tiny_llama(vocab, 32, 3, seed=1, tie=False).eval()
-    student = tiny_llama(vocab, 32, 2, seed=2, tie=spec.get("tie", True))
+    teacher = tiny_llama(vocab, 32, spec.get("teacher_layers", 3), seed=1, tie=False).eval()
+    student = tiny_llama(vocab, 32, spec.get("student_layers", 2), seed=2, tie=spec.get("tie", True))
     data = make_data(spec.get("n", 48), spec.get("seq", 16), vocab, spec.get("data_seed", 0))
     return teacher, student, data
 

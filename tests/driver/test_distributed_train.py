@@ -194,10 +194,13 @@ def test_sigkill_of_a_rank_fails_the_other_then_resume_continues_the_curve(strat
     assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
 
 
-def test_ddp_resumes_with_another_world_size_fsdp2_refuses(tmp_path):
+def test_ddp_resumes_in_one_process_with_the_same_global_batch(tmp_path):
     spec = {"steps": 6, "batch_size": 4, "strategy": "ddp", "save_every": 3}
     want, _ = single_process(tmp_path, dict(spec, batch_size=8))
-    run(tmp_path, "run", dict(spec, steps=3), world=2)
+    run(tmp_path, "run", spec, world=2)
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-00000006")  # as if killed after step 3's checkpoint
     # resume the 2-rank DDP run in one process with the same global batch (8)
     from minitron.train import DistillConfig, TrainConfig, distill_model
 
@@ -208,11 +211,25 @@ def test_ddp_resumes_with_another_world_size_fsdp2_refuses(tmp_path):
                         tmp_path / "run", resume=True)
     assert res.resumed_from == 3
     assert_curves_equal([[s, l] for s, l in res.train_losses], want)
-    # FSDP2: a different world size is refused, naming it
-    run(tmp_path, "f", {"steps": 2, "batch_size": 4, "strategy": "fsdp2", "save_every": 2}, world=2)
-    res = finish(launch(tmp_path, "f1", {"steps": 4, "batch_size": 8, "strategy": "fsdp2", "resume": True,
-                                         "out": str(tmp_path / "f")}, world=1))
-    assert res[0][0] != 0 and "world size 2" in res[0][1] and "world size 1" in res[0][1], res[0][1][-2000:]
+
+
+def test_resume_checks_world_size_and_global_batch(tmp_path):
+    from minitron.train import TrainConfig
+    from minitron.train.loop import _check_resumable
+
+    old = {"config": TrainConfig(batch_size=4, strategy="fsdp2").to_dict(), "world_size": 2, "strategy": "fsdp2"}
+    with pytest.raises(ValueError, match="world size 2, this run has world size 1"):
+        _check_resumable(old, TrainConfig(batch_size=8, strategy="fsdp2"), {}, tmp_path, world_size=1, strategy="fsdp2")
+    with pytest.raises(ValueError, match="strategy 'fsdp2'"):
+        _check_resumable(old, TrainConfig(batch_size=4), {}, tmp_path, world_size=2, strategy="ddp")
+    old = {"config": TrainConfig(batch_size=4).to_dict(), "world_size": 2, "strategy": "ddp"}
+    _check_resumable(old, TrainConfig(batch_size=8), {}, tmp_path, world_size=1, strategy=None)
+    _check_resumable(old, TrainConfig(batch_size=2), {}, tmp_path, world_size=4, strategy="ddp")
+    with pytest.raises(ValueError, match="use batch_size 8"):
+        _check_resumable(old, TrainConfig(batch_size=4), {}, tmp_path, world_size=1, strategy=None)
+    # a checkpoint written before the strategy/compile fields existed still resumes
+    legacy = {"config": {k: v for k, v in TrainConfig().to_dict().items() if k not in ("strategy", "compile")}}
+    _check_resumable(legacy, TrainConfig(), {}, tmp_path)
 
 
 def test_mismatched_data_across_ranks_is_an_error_naming_it(tmp_path):
@@ -225,7 +242,9 @@ def test_mismatched_data_across_ranks_is_an_error_naming_it(tmp_path):
 
 
 def test_compiled_student_under_ddp_has_no_graph_breaks(tmp_path):
-    spec = {"steps": 3, "batch_size": 4, "strategy": "ddp", "compile": True}
+    # aot_eager: dynamo + AOT autograd (what graph breaks depend on) without inductor's slow C++ codegen
+    spec = {"steps": 2, "batch_size": 4, "strategy": "ddp", "compile": "aot_eager", "teacher_layers": 1,
+            "student_layers": 1}
     want, _ = single_process(tmp_path, dict(spec, batch_size=8))
     got = run(tmp_path, "run", spec, world=2)
     assert got["graph_breaks"] == 0, got["graph_break_reasons"]
