@@ -1,6 +1,6 @@
 """One rank of a multi-process training test (launched by tests/driver/test_distributed_train.py).
 
-Usage: ``python dist_worker.py SPEC.json RANK``. The spec (JSON) says what to run; the process group is
+Usage: ``python dist_worker.py SPEC.json RANK`` (or ``torchrun ... dist_worker.py SPEC.json env``). The spec (JSON) says what to run; the process group is
 initialised through a ``file://`` store in the test's tmp_path (no TCP port). Rank 0 writes ``result.json``
 (and ``final.pt``: the student's state dict after training) into ``spec["out"]``.
 """
@@ -47,15 +47,16 @@ def build(spec: dict):
 
 def main() -> int:
     spec = json.loads(Path(sys.argv[1]).read_text())
-    rank = int(sys.argv[2])
-    world = int(spec["world"])
+    from_env = sys.argv[2] == "env"  # launched by torchrun: distributed_session() creates the group
+    rank = int(os.environ["RANK"]) if from_env else int(sys.argv[2])
+    world = int(os.environ["WORLD_SIZE"]) if from_env else int(spec["world"])
     logging.basicConfig(level=logging.WARNING, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
     import torch.distributed as dist
 
     from minitron.train import DistillConfig, TrainConfig, distill_model
     from minitron.train.distributed import distributed_session
 
-    if spec.get("strategy") is not None or world > 1:
+    if not from_env and (spec.get("strategy") is not None or world > 1):
         dist.init_process_group("gloo", init_method=f"file://{spec['init_file']}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=spec.get("timeout", 30)))
     out = Path(spec["out"])

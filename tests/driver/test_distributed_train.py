@@ -250,3 +250,19 @@ def test_compiled_student_under_ddp_has_no_graph_breaks(tmp_path):
     assert got["graph_breaks"] == 0, got["graph_break_reasons"]
     assert got["frames"].get("unique_graphs", 0) >= 1
     assert_curves_equal(got["losses"], want, rtol=1e-3)
+
+
+def test_torchrun_with_distributed_session_picks_ddp(tmp_path):
+    """A real torchrun launch (standalone rendezvous on a free port): distributed_session() creates the group
+    from the environment and train() without a strategy uses DDP."""
+    spec = {"steps": 3, "batch_size": 4, "backend": BACKEND, "timeout": TIMEOUT_S, "out": str(tmp_path / "run")}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(WORKER), str(tmp_path / "spec.json"), "env"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert got["extra"] == {"strategy": "ddp", "world_size": 2}
+    want, _ = single_process(tmp_path, dict(spec, batch_size=8))
+    assert_curves_equal(got["losses"], want)
