@@ -266,3 +266,22 @@ def test_torchrun_with_distributed_session_picks_ddp(tmp_path):
     assert got["extra"] == {"strategy": "ddp", "world_size": 2}
     want, _ = single_process(tmp_path, dict(spec, batch_size=8))
     assert_curves_equal(got["losses"], want)
+
+
+def test_a_hung_rank_makes_the_other_fail_at_the_process_group_timeout(tmp_path):
+    """SIGSTOP (the peer's sockets stay open): only the process-group timeout can end the wait."""
+    timeout = 8
+    procs = launch(tmp_path, "run", {"steps": 40, "batch_size": 4, "strategy": "ddp", "step_sleep": 0.2,
+                                     "timeout": timeout}, world=2)
+    try:
+        _wait_for_step(tmp_path / "run" / "log.jsonl", 2, procs)
+        t_stop = time.time()
+        os.kill(procs[1].pid, signal.SIGSTOP)
+        _, err0 = procs[0].communicate(timeout=timeout + 30)
+        waited = time.time() - t_stop
+    finally:
+        procs[1].kill()
+        procs[1].communicate()
+    assert procs[0].returncode != 0
+    assert timeout - 1 <= waited <= timeout + 30, waited
+    assert "DistributedError" in err0 and "process-group timeout" in err0, err0[-2000:]
