@@ -76,13 +76,21 @@ def main() -> int:
                 import torch._dynamo as _dynamo
 
                 _dynamo.utils.counters.clear()
-            res = distill_model(student, teacher, data, cfg, DistillConfig(mode="forward", temperature=1.5,
-                                                                         backend=spec.get("backend", "auto")),
-                                out, resume=spec.get("resume", False), callbacks=callbacks)
+            eval_data = make_data(8, spec.get("seq", 16), spec.get("vocab", 64), 99) if spec.get("eval") else None
+            if spec.get("task") == "correct":
+                from minitron.train import correct_model
+
+                res = correct_model(student, data, cfg, out, eval_data=eval_data, resume=spec.get("resume", False),
+                                    callbacks=callbacks)
+            else:
+                res = distill_model(student, teacher, data, cfg,
+                                    DistillConfig(mode="forward", temperature=1.5, backend=spec.get("backend", "auto")),
+                                    out, eval_data=eval_data, resume=spec.get("resume", False), callbacks=callbacks)
             if rank == 0:
                 result = {"losses": [[s, l] for s, l in res.train_losses], "resumed_from": res.resumed_from,
                           "extra": res.extra, "kl": [r.get("kl") for r in res.history if r.get("type") == "train"],
-                          "tokens": [r.get("tokens") for r in res.history if r.get("type") == "train"]}
+                          "tokens": [r.get("tokens") for r in res.history if r.get("type") == "train"],
+                          "evals": [[r["step"], r["eval_loss"]] for r in res.history if r.get("type") == "eval"]}
                 if spec.get("compile"):
                     import torch._dynamo as _dynamo
 

@@ -68,16 +68,24 @@ def run(tmp_path: Path, name: str, spec: Dict[str, Any], world: int) -> Dict[str
     return json.loads((Path(spec.get("out") or tmp_path / name) / "result.json").read_text())
 
 
-def single_process(tmp_path: Path, spec: Dict[str, Any]) -> Tuple[List[List[float]], Dict[str, torch.Tensor]]:
-    """The same distillation in this process (no process group), global batch in one piece."""
-    from minitron.train import DistillConfig, TrainConfig, distill_model
+def single_process(tmp_path: Path, spec: Dict[str, Any], evals: list | None = None
+                   ) -> Tuple[List[List[float]], Dict[str, torch.Tensor]]:
+    """The same distillation (or correction) in this process (no process group), global batch in one piece."""
+    from minitron.train import DistillConfig, TrainConfig, correct_model, distill_model
 
     w = _worker_module()
     teacher, student, data = w.build(spec)
+    eval_data = w.make_data(8, spec.get("seq", 16), spec.get("vocab", 64), 99) if spec.get("eval") else None
     cfg = TrainConfig(steps=spec.get("steps", 6), batch_size=spec["batch_size"], grad_accum=spec.get("grad_accum", 1),
                       lr=5e-3, warmup_steps=2, seed=0, max_grad_norm=1.0)
-    res = distill_model(student, teacher, data, cfg, DistillConfig(mode="forward", temperature=1.5, backend=BACKEND),
-                        tmp_path / "single")
+    if spec.get("task") == "correct":
+        res = correct_model(student, data, cfg, tmp_path / "single", eval_data=eval_data)
+    else:
+        res = distill_model(student, teacher, data, cfg,
+                            DistillConfig(mode="forward", temperature=1.5, backend=BACKEND), tmp_path / "single",
+                            eval_data=eval_data)
+    if evals is not None:
+        evals.extend([r["step"], r["eval_loss"]] for r in res.history if r.get("type") == "eval")
     return [[s, l] for s, l in res.train_losses], student.state_dict()
 
 
@@ -118,10 +126,13 @@ def test_strategy_needs_a_process_group():
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_two_ranks_follow_the_single_process_loss_curve(strategy, tmp_path):
-    spec = {"steps": 5, "batch_size": 4, "grad_accum": 2, "strategy": strategy, "save_every": 2}
-    want, want_state = single_process(tmp_path, dict(spec, batch_size=8))
+    spec = {"steps": 5, "batch_size": 4, "grad_accum": 2, "strategy": strategy, "save_every": 2, "eval": True}
+    want_evals: list = []
+    want, want_state = single_process(tmp_path, dict(spec, batch_size=8), want_evals)
     got = run(tmp_path, "run", spec, world=2)
     assert_curves_equal(got["losses"], want)
+    assert len(want_evals) == 1
+    assert_curves_equal(got["evals"], want_evals)  # evaluation (FSDP2: the root group gathered) too
     assert got["extra"] == {"strategy": strategy, "world_size": 2}
     # the final student (gathered to rank 0 under FSDP2) equals the single-process one
     state = torch.load(tmp_path / "run" / "final.pt", weights_only=True)
@@ -285,3 +296,11 @@ def test_a_hung_rank_makes_the_other_fail_at_the_process_group_timeout(tmp_path)
     assert procs[0].returncode != 0
     assert timeout - 1 <= waited <= timeout + 30, waited
     assert "DistributedError" in err0 and "process-group timeout" in err0, err0[-2000:]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_teacher_correction_two_ranks_follow_the_single_process_curve(strategy, tmp_path):
+    spec = {"task": "correct", "steps": 3, "batch_size": 4, "strategy": strategy}
+    want, _ = single_process(tmp_path, dict(spec, batch_size=8))
+    got = run(tmp_path, "run", spec, world=2)
+    assert_curves_equal(got["losses"], want)
