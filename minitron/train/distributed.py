@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["STRATEGIES", "DEFAULT_TIMEOUT_S", "DistState", "distributed_session", "resolve_strategy",
            "ShardedBatchStream", "LossModule", "gathered", "shard_fsdp2", "check_same_across_ranks",
-           "data_fingerprint", "all_reduce_mean", "barrier", "DistributedError", "rank_and_world"]
+           "data_fingerprint", "all_reduce_mean", "barrier", "DistributedError", "rank_and_world", "is_main_process",
+           "broadcast_from_main", "full_state_dict", "frozen_copy_sharded", "mixed_precision_policy"]
 
 STRATEGIES = ("ddp", "fsdp2")
 #: Process-group timeout used by :func:`distributed_session` when none is given (seconds).
@@ -114,6 +115,27 @@ def resolve_strategy(strategy: Optional[str]) -> Optional[str]:
             "and wrap the call in minitron.train.distributed.distributed_session()"
         )
     return strategy
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (and without a process group): the process that writes shared outputs."""
+    return rank_and_world()[0] == 0
+
+
+def broadcast_from_main(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (any picklable object; the value itself without a process group).
+
+    E.g. the run directory that rank 0 alone created with ``begin_output``.
+    """
+    rank, world = rank_and_world()
+    if world == 1:
+        return value
+    box = [value if rank == 0 else None]
+    try:
+        dist.broadcast_object_list(box, src=0)
+    except Exception as e:
+        raise _collective_error("broadcast from rank 0", e) from e
+    return box[0]
 
 
 def barrier() -> None:

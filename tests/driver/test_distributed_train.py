@@ -113,6 +113,14 @@ def test_sharded_batch_stream_takes_contiguous_slices():
         ShardedBatchStream(data.stream(4), 0, 3)
 
 
+def test_helpers_without_a_process_group():
+    from minitron.train.distributed import all_reduce_mean, broadcast_from_main, is_main_process, rank_and_world
+
+    assert rank_and_world() == (0, 1) and is_main_process()
+    assert broadcast_from_main({"a": 1}) == {"a": 1}
+    assert all_reduce_mean([1.5, 2.0], torch.device("cpu")) == [1.5, 2.0]
+
+
 def test_strategy_needs_a_process_group():
     from minitron.train import TrainConfig
     from minitron.train.distributed import resolve_strategy
