@@ -194,7 +194,7 @@ def _wait_for_step(log_path: Path, step: int, procs: List[subprocess.Popen], tim
     raise AssertionError(f"step {step} not reached")
 
 
-@pytest.mark.parametrize("strategy", ["fsdp2"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_sigkill_of_a_rank_fails_the_other_then_resume_continues_the_curve(strategy, tmp_path):
     spec = {"steps": 8, "batch_size": 4, "strategy": strategy, "save_every": 2, "step_sleep": 0.3}
     want, _ = single_process(tmp_path, dict(spec, batch_size=8))
