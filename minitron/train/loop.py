@@ -484,7 +484,7 @@ def train(
         raise ValueError(
             f"{str(out)!r} already holds a training run (log or checkpoints); resume it or use a new directory"
         )
-    if len(data) < config.batch_size * world:
+    if world > 1 and len(data) < config.batch_size * world:
         raise ValueError(
             f"the training data has only {len(data)} sequences, fewer than the global batch of batch_size="
             f"{config.batch_size} x world size {world}; use more data or a smaller --batch-size"
