@@ -1,5 +1,6 @@
 """Training: the shared loop (:mod:`.loop`: AdamW, warmup + cosine, checkpoints, exact resume), logit
-distillation (:mod:`.distill`) and teacher correction (:mod:`.correction`).
+distillation (:mod:`.distill`), teacher correction (:mod:`.correction`) and their runs under torchrun
+(:mod:`.distributed`: DDP, FSDP2, sharded checkpoints).
 
 The public names are importable from here (``from minitron.train import TrainConfig, distill_model``).
 This package replaced the module ``minitron.train``; that module's helpers that now live elsewhere
@@ -13,15 +14,16 @@ import warnings
 from typing import Any
 
 from minitron.train.correction import correct_model
-from minitron.train.distill import (KL_MODES, DistillConfig, check_distillable, distill_model,
+from minitron.train.distill import (KL_MODES, DistillConfig, DistillationLoss, check_distillable, distill_model,
                                     final_hidden_and_head, make_distillation_loss)
+from minitron.train.distributed import DistributedError, distributed_session
 from minitron.train.loop import (CKPT_DIR, LOG_NAME, PLOT_NAME, RESUMABLE_CHANGES, TrainConfig, TrainResult,
                                  default_eval_fn, latest_checkpoint, lm_loss, make_optimizer, read_log, train)
 
 __all__ = ["TrainConfig", "TrainResult", "train", "lm_loss", "make_optimizer", "latest_checkpoint", "read_log",
            "default_eval_fn", "LOG_NAME", "PLOT_NAME", "CKPT_DIR", "RESUMABLE_CHANGES", "DistillConfig",
            "KL_MODES", "distill_model", "make_distillation_loss", "check_distillable", "final_hidden_and_head",
-           "correct_model"]
+           "correct_model", "DistillationLoss", "DistributedError", "distributed_session"]
 
 _MOVED = {"atomic_write_json": "minitron.io.files", "atomic_write_text": "minitron.io.files",
           "resolve_device": "minitron.runtime", "resolve_bf16": "minitron.runtime",

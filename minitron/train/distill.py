@@ -124,43 +124,75 @@ def check_distillable(student: torch.nn.Module, teacher: torch.nn.Module) -> Non
         raise ValueError(f"student vocabulary ({vs}) differs from the teacher's ({vt}); they must share a tokenizer")
 
 
-def make_distillation_loss(teacher: torch.nn.Module, config: DistillConfig):
-    """The loss function ``loss_fn(student, batch) -> (loss, metrics)`` for :func:`minitron.train.loop.train`.
+class DistillationLoss:
+    """``loss(student, batch) -> (loss, metrics)``: the distillation loss for :func:`minitron.train.loop.train`.
 
-    The teacher runs under ``torch.no_grad`` in eval mode. Metrics: ``kl`` and, with an LM term, ``lm``.
+    The teacher runs under ``torch.no_grad`` (it must be in eval mode with frozen parameters). Metrics
+    (detached 0-d tensors, so that the loss compiles without graph breaks): ``kl`` and, with an LM term, ``lm``.
+
+    Under FSDP2 the loop replaces the teacher by a sharded copy (:meth:`with_frozen_models`); its root-group
+    parameters (embeddings, final norm, LM head) are unsharded around the teacher's use
+    (:func:`minitron.train.distributed.gathered`), and the student's are unsharded by the forward of the
+    FSDP root module that calls this loss.
     """
-    from minitron.ops import fused_linear_kl_div
 
-    def loss_fn(student: torch.nn.Module, batch: Batch) -> Tuple[torch.Tensor, Dict[str, float]]:
+    def __init__(self, teacher: torch.nn.Module, config: DistillConfig) -> None:
+        self.teacher = teacher
+        self.config = config
+
+    def frozen_models(self) -> Dict[str, torch.nn.Module]:
+        """The frozen models the loss uses (for sharding under FSDP2)."""
+        return {"teacher": self.teacher}
+
+    def with_frozen_models(self, models: Dict[str, torch.nn.Module]) -> "DistillationLoss":
+        """A copy of this loss using ``models["teacher"]``."""
+        return DistillationLoss(models["teacher"], self.config)
+
+    def __call__(self, student: torch.nn.Module, batch: Batch) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        from minitron.ops import fused_linear_kl_div
+        from minitron.train.distributed import gathered
+
+        config = self.config
         mask = batch["attention_mask"] != 0
-        with torch.no_grad():
-            t_hidden, t_weight, t_bias = final_hidden_and_head(teacher, batch)
         s_hidden, s_weight, s_bias = final_hidden_and_head(student, batch)
         # under autocast the hidden states may be bf16 while the (master) weights are fp32
         if s_hidden.dtype != s_weight.dtype:
             s_hidden = s_hidden.to(s_weight.dtype)
-        if t_hidden.dtype != t_weight.dtype:
-            t_hidden = t_hidden.to(t_weight.dtype)
-        metrics: Dict[str, float] = {}
+        metrics: Dict[str, Any] = {}
         loss = torch.zeros((), device=s_hidden.device, dtype=torch.float32)
         if config.kl_weight > 0:
-            kl = fused_linear_kl_div(
-                s_hidden, s_weight, t_hidden, t_weight,
-                student_bias=s_bias, teacher_bias=t_bias, mode=config.mode, temperature=config.temperature,
-                beta=config.beta, reduction="mean", mask=mask, chunk_size=config.chunk_size, backend=config.backend,
-            )
-            metrics["kl"] = float(kl.detach())
+            # Under FSDP2 the teacher's head weight is an unsharded tensor only inside this block; the op
+            # saves only its gradients for backward, so nothing of the teacher is needed after it.
+            with gathered(self.teacher):
+                with torch.no_grad():
+                    t_hidden, t_weight, t_bias = final_hidden_and_head(self.teacher, batch)
+                    if t_hidden.dtype != t_weight.dtype:
+                        t_hidden = t_hidden.to(t_weight.dtype)
+                kl = fused_linear_kl_div(
+                    s_hidden, s_weight, t_hidden, t_weight,
+                    student_bias=s_bias, teacher_bias=t_bias, mode=config.mode, temperature=config.temperature,
+                    beta=config.beta, reduction="mean", mask=mask, chunk_size=config.chunk_size,
+                    backend=config.backend,
+                )
+            metrics["kl"] = kl.detach()
             loss = loss + config.kl_weight * kl
         if config.lm_loss_weight > 0:
             logits = F.linear(s_hidden[:, :-1], s_weight, s_bias).float()
             valid = mask[:, 1:] & mask[:, :-1]
             targets = batch["input_ids"][:, 1:].masked_fill(~valid, -100)
             ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
-            metrics["lm"] = float(ce.detach())
+            metrics["lm"] = ce.detach()
             loss = loss + config.lm_loss_weight * ce
         return loss, metrics
 
-    return loss_fn
+
+def make_distillation_loss(teacher: torch.nn.Module, config: DistillConfig) -> DistillationLoss:
+    """The loss ``loss_fn(student, batch) -> (loss, metrics)`` for :func:`minitron.train.loop.train`
+    (a :class:`DistillationLoss`).
+
+    The teacher runs under ``torch.no_grad`` in eval mode. Metrics: ``kl`` and, with an LM term, ``lm``.
+    """
+    return DistillationLoss(teacher, config)
 
 
 def distill_model(

@@ -17,6 +17,8 @@ Output directory layout::
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -36,6 +38,9 @@ import torch.nn.functional as F
 from minitron.io.data import Batch, BatchStream, PackedDataset
 from minitron.io.files import atomic_write_json, atomic_write_text, current_umask, read_json, json_default as _json_default
 from minitron.runtime import autocast_context, resolve_bf16, resolve_device, seed_everything
+from minitron.train.distributed import (DistState, DistributedError, LossModule, ShardedBatchStream, all_reduce_mean,
+                                        barrier, check_same_across_ranks, data_fingerprint, gathered,
+                                        mixed_precision_policy, rank_and_world, resolve_strategy, shard_fsdp2)
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +56,8 @@ PLOT_NAME = "loss.png"
 CKPT_DIR = "checkpoints"
 
 # TrainConfig fields that may change when a run is resumed (everything else must match).
-RESUMABLE_CHANGES = {"eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every", "device"}
+RESUMABLE_CHANGES = {"eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every", "device", "strategy",
+                     "compile"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -82,7 +88,13 @@ class TrainConfig:
         log_every: log a training record every N steps.
         seed: seeds the RNGs and the data order.
         bf16: "auto" (on for CUDA with bf16 support, off on CPU), True or False.
-        device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
+        device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ... (under torchrun "auto"/"cuda"
+            means ``cuda:LOCAL_RANK``).
+        strategy: None (one process; DDP when a process group is initialised), "ddp" or "fsdp2"
+            (:mod:`minitron.train.distributed`). ``batch_size`` is per rank: each optimizer micro-step
+            consumes a global batch of ``batch_size * world_size`` sequences, rank r taking its contiguous slice.
+        compile: ``torch.compile`` the loss module (student forward, teacher forward and the fused loss):
+            True (default backend, inductor) or a ``torch.compile`` backend name ("inductor", "aot_eager").
     """
 
     steps: int = 100
@@ -102,6 +114,8 @@ class TrainConfig:
     seed: int = 0
     bf16: Union[str, bool] = "auto"
     device: str = "auto"
+    strategy: Optional[str] = None
+    compile: Union[bool, str] = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -136,6 +150,10 @@ class TrainConfig:
         self.betas = (float(betas[0]), float(betas[1]))
         if self.bf16 not in ("auto", True, False):
             raise ValueError(f"TrainConfig.bf16 must be 'auto', True or False, got {self.bf16!r}")
+        if self.strategy is not None and self.strategy not in ("ddp", "fsdp2"):
+            raise ValueError(f"TrainConfig.strategy must be None, 'ddp' or 'fsdp2', got {self.strategy!r}")
+        if not isinstance(self.compile, (bool, str)) or self.compile == "":
+            raise TypeError(f"TrainConfig.compile must be a bool or a torch.compile backend name, got {self.compile!r}")
         if not isinstance(self.device, str):
             raise TypeError(f"TrainConfig.device must be a string, got {self.device!r}")
         if self.device != "auto":
@@ -252,43 +270,82 @@ def latest_checkpoint(output_dir: PathLike) -> Optional[Path]:
     return done[-1] if done else None
 
 
+def _fsync_tree(path: Path) -> None:
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
 def _save_checkpoint(
     output_dir: Path,
     step: int,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
-    stream: BatchStream,
+    stream: Any,
     state: Dict[str, Any],
     keep: int,
+    ds: Optional[DistState] = None,
 ) -> Path:
+    """Write ``checkpoints/step-N`` atomically (temporary directory, then rename), update ``latest``, prune.
+
+    One process / DDP: rank 0 writes ``model.pt``, ``optimizer.pt`` (the single-process format); FSDP2: every
+    rank writes its shard with ``torch.distributed.checkpoint`` into ``dcp/``. Every rank writes its own RNG
+    state (``rng.pt`` on rank 0, ``rng-rank<r>.pt`` on the others); rank 0 renames after a barrier.
+    """
+    ds = ds or DistState(None)
     root = output_dir / CKPT_DIR
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
     final = root / name
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{name}-"))
-    os.chmod(tmp, 0o777 & ~current_umask())
+    if ds.distributed:
+        tmp = root / f".tmp-{name}"  # the same name on every rank
+        if ds.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            os.chmod(tmp, 0o777 & ~current_umask())
+        barrier()
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{name}-"))
+        os.chmod(tmp, 0o777 & ~current_umask())
     try:
-        torch.save(model.state_dict(), tmp / "model.pt")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(_rng_state(), tmp / "rng.pt")
-        full_state = dict(state, step=step, data=stream.state_dict())
-        (tmp / "state.json").write_text(json.dumps(full_state, indent=2, default=_json_default))
-        for f in tmp.iterdir():  # make the files durable before the rename publishes them
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        if ds.strategy == "fsdp2":
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            msd, osd = get_state_dict(model, optimizer)
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
+        elif ds.is_main:
+            torch.save(model.state_dict(), tmp / "model.pt")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if ds.is_main:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(_rng_state(), tmp / "rng.pt")
+            full_state = dict(state, step=step, data=stream.state_dict(), world_size=ds.world_size,
+                              strategy=ds.strategy)
+            (tmp / "state.json").write_text(json.dumps(full_state, indent=2, default=_json_default))
+        else:
+            torch.save(_rng_state(), tmp / f"rng-rank{ds.rank}.pt")
+        barrier()
+        if ds.is_main:
+            _fsync_tree(tmp)  # make the files durable before the rename publishes them
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not ds.distributed:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_text(root / "latest", name + "\n")
-    old = sorted(p for p in root.glob("step-*") if p.is_dir())
-    for p in old[:-keep]:
-        shutil.rmtree(p, ignore_errors=True)
-    log.info("checkpoint saved: %s", final)
+    if ds.is_main:
+        atomic_write_text(root / "latest", name + "\n")
+        old = sorted(p for p in root.glob("step-*") if p.is_dir())
+        for p in old[:-keep]:
+            shutil.rmtree(p, ignore_errors=True)
+        log.info("checkpoint saved: %s", final)
+    barrier()
     return final
 
 
@@ -376,24 +433,37 @@ def train(
     """Train ``model`` in place by minimising ``loss_fn`` over batches of ``data``.
 
     Args:
-        model: trained in place (moved to the configured device).
-        loss_fn: ``loss_fn(model, batch) -> (scalar loss, {name: float})``; batches hold
-            ``input_ids``/``attention_mask`` LongTensors [B, S] on the training device.
+        model: trained in place (moved to the configured device). Under FSDP2 a sharded copy is trained
+            and the trained weights are loaded back into ``model`` on rank 0 at the end (other ranks' ``model``
+            keeps its initial weights).
+        loss_fn: ``loss_fn(model, batch) -> (scalar loss, {name: float or 0-d tensor})``; batches hold
+            ``input_ids``/``attention_mask`` LongTensors [B, S] on the training device. Under a strategy it
+            runs inside the forward of the DDP / FSDP2-wrapped :class:`~minitron.train.distributed.LossModule`.
+            A loss object with ``frozen_models()`` / ``with_frozen_models(dict)`` (e.g. the distillation loss)
+            gets its frozen models (the teacher) sharded under FSDP2.
         data: training sequences (shuffled per epoch with ``config.seed``).
-        config: optimisation settings.
-        output_dir: receives ``log.jsonl``, ``loss.png`` and ``checkpoints/``. A fresh run refuses a
-            directory that already holds a log or checkpoints.
+        config: optimisation settings (``config.strategy``: None, "ddp", "fsdp2").
+        output_dir: receives ``log.jsonl``, ``loss.png`` and ``checkpoints/`` (written by rank 0 only; FSDP2
+            checkpoint shards by every rank). A fresh run refuses a directory that already holds a log or
+            checkpoints.
         eval_data / eval_fn: evaluation every ``config.eval_every`` steps and at the end
-            (``eval_fn(model) -> {name: float}``; by default LM perplexity on ``eval_data``).
+            (``eval_fn(model) -> {name: float}``; by default LM perplexity on ``eval_data``). Under a
+            strategy every rank evaluates (the same numbers); rank 0 logs.
         resume: continue from the newest checkpoint in ``output_dir`` (a fresh start when there is
             none). The configuration must match the checkpoint's except for logging/eval/save cadence.
-        callbacks: called as ``cb(step, record)`` after every optimizer step (an exception stops the
-            run, as an interruption would).
+            DDP (and one process) may resume with another world size when ``batch_size * world_size`` is
+            unchanged; FSDP2 refuses a different world size.
+        callbacks: called as ``cb(step, record)`` after every optimizer step, on every rank (an exception
+            stops the run, as an interruption would).
         run_info: JSON-able description stored in checkpoints and checked on resume (e.g. data
             source, model shapes).
 
     Returns:
-        TrainResult.
+        TrainResult (``extra``: ``strategy``, ``world_size``).
+
+    Raises:
+        DistributedError: a collective failed (another rank died or timed out).
+        ValueError: bad arguments, or arguments that differ across ranks (naming the argument).
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
@@ -402,6 +472,9 @@ def train(
         raise TypeError(f"data must be a PackedDataset, got {type(data).__name__}")
     if eval_data is not None and not isinstance(eval_data, PackedDataset):
         raise TypeError(f"eval_data must be a PackedDataset, got {type(eval_data).__name__}")
+    strategy = resolve_strategy(config.strategy)
+    rank, world = rank_and_world() if strategy else (0, 1)
+    ds = DistState(strategy, rank, world)
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output directory {str(out)!r} is a file")
@@ -411,20 +484,74 @@ def train(
         raise ValueError(
             f"{str(out)!r} already holds a training run (log or checkpoints); resume it or use a new directory"
         )
-    stream = data.stream(config.batch_size, seed=config.seed)  # validates batch size vs data
+    if world > 1 and len(data) < config.batch_size * world:
+        raise ValueError(
+            f"the training data has only {len(data)} sequences, fewer than the global batch of batch_size="
+            f"{config.batch_size} x world size {world}; use more data or a smaller --batch-size"
+        )
+    global_stream = data.stream(config.batch_size * world, seed=config.seed)  # validates batch size vs data
+    stream: Any = global_stream if world == 1 else ShardedBatchStream(global_stream, rank, world)
     device = resolve_device(config.device)
+    if strategy and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
     use_bf16 = resolve_bf16(config.bf16, device)
     if eval_fn is None and eval_data is not None:
         eval_fn = default_eval_fn(eval_data, config)
     run_info = json.loads(json.dumps(run_info or {}, default=_json_default))
     run_info.setdefault("num_sequences", len(data))
     run_info.setdefault("seq_len", data.seq_len)
+    if strategy:
+        check_same_across_ranks({
+            "config": {k: v for k, v in config.to_dict().items() if k != "device"},
+            "run_info": run_info,
+            "data": data_fingerprint(data),
+            "eval_data": data_fingerprint(eval_data) if eval_data is not None else None,
+            "output_dir": str(out.resolve()),
+            "resume": bool(resume),
+            "checkpoint": ckpt.name if (resume and ckpt is not None) else None,
+        })
 
-    out.mkdir(parents=True, exist_ok=True)
-    model.to(device)
-    model.train()
+    if ds.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in (out / CKPT_DIR).glob(".tmp-*"):  # left by a kill during a checkpoint save
+            shutil.rmtree(stale, ignore_errors=True)
     seed_everything(config.seed)
-    optimizer = make_optimizer(model, config)
+    mp_policy = None
+    if strategy == "fsdp2":
+        work = copy.deepcopy(model)  # sharded in place; the trained weights go back into ``model`` at the end
+        work.to(device)
+        work.train()
+        mp_policy = mixed_precision_policy(device, use_bf16)
+        run_loss = loss_fn
+        if hasattr(loss_fn, "frozen_models") and hasattr(loss_fn, "with_frozen_models"):
+            from minitron.train.distributed import frozen_copy_sharded
+
+            run_loss = loss_fn.with_frozen_models(  # type: ignore[attr-defined]
+                {k: frozen_copy_sharded(m.to(device), mp_policy) for k, m in loss_fn.frozen_models().items()})  # type: ignore[attr-defined]
+        root: torch.nn.Module = LossModule(work, run_loss)
+        shard_fsdp2(work, root=root, mp_policy=mp_policy)
+        if mp_policy is not None:
+            use_bf16 = False  # FSDP2 casts the parameters to bf16 itself
+        if config.compile:
+            root.compile(**_compile_kwargs(config.compile))
+        engine: torch.nn.Module = root
+    else:
+        work = model
+        work.to(device)
+        work.train()
+        root = LossModule(work, loss_fn)
+        if config.compile:
+            root.compile(**_compile_kwargs(config.compile))
+        if strategy == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            engine = DistributedDataParallel(root, device_ids=[device.index] if device.type == "cuda" else None)
+        else:
+            engine = root
+    if strategy:
+        log.info("rank %d of %d: %s on %s (per-rank batch %d, global batch %d)", rank, world, strategy, device,
+                 config.batch_size, config.batch_size * world)
+    optimizer = make_optimizer(work, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda_factory(config))
 
     start_step = 0
@@ -433,7 +560,7 @@ def train(
     history: List[Dict[str, Any]] = []
     if resume and ckpt is not None:
         state = read_json(ckpt / "state.json", "checkpoint state")
-        _check_resumable(state, config, run_info, ckpt)
+        _check_resumable(state, config, run_info, ckpt, world_size=world, strategy=strategy)
         def load(name: str, **kw: Any) -> Any:
             try:
                 return torch.load(ckpt / name, **kw)
@@ -443,63 +570,97 @@ def train(
                     f"{str(e).splitlines()[0] if str(e) else ''}); delete {ckpt.name} to resume from the one before"
                 ) from None
 
-        model.load_state_dict(load("model.pt", map_location=device, weights_only=True))
-        optimizer.load_state_dict(load("optimizer.pt", map_location=device, weights_only=True))
+        if strategy == "fsdp2":
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+            msd, osd = get_state_dict(root, optimizer)
+            sd = {"model": msd, "optim": osd}
+            dcp.load(sd, checkpoint_id=str(ckpt / "dcp"))
+            set_state_dict(root, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        else:
+            work.load_state_dict(load("model.pt", map_location=device, weights_only=True))
+            optimizer.load_state_dict(load("optimizer.pt", map_location=device, weights_only=True))
         scheduler.load_state_dict(load("scheduler.pt", weights_only=True))
-        _set_rng_state(load("rng.pt", weights_only=False))
+        own = ckpt / f"rng-rank{rank}.pt"
+        _set_rng_state(load(own.name if rank and own.is_file() else "rng.pt", weights_only=False))
         stream.load_state_dict(state["data"])
         start_step = int(state["step"])
         elapsed_before = float(state.get("elapsed_s", 0.0))
         resumed_from = start_step
         history = [r for r in read_log(log_path) if int(r.get("step", 0)) <= start_step]
-        atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in history))
+        if ds.is_main:
+            atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in history))
         log.info("resumed from %s (step %d of %d)", ckpt, start_step, config.steps)
     elif resume:
-        if log_path.exists():
+        if log_path.exists() and ds.is_main:
             log.warning("no checkpoint in %s: restarting from step 0", out)
             log_path.unlink()
+    barrier()
     t0 = time.time()
     last_train = next((r for r in reversed(history) if r.get("type") == "train"), None)
     tokens_seen = int(last_train.get("tokens", 0)) if last_train else 0
-    for stale in (out / CKPT_DIR).glob(".tmp-*"):  # left by a kill during a checkpoint save
-        shutil.rmtree(stale, ignore_errors=True)
 
     def elapsed() -> float:
         return elapsed_before + time.time() - t0
 
+    def run_eval() -> Dict[str, float]:
+        if strategy == "fsdp2":
+            with gathered(root), torch.no_grad():  # the root group (embeddings, norm, head) stays unsharded
+                ev = dict(eval_fn(work))  # type: ignore[misc]
+        else:
+            ev = dict(eval_fn(work))  # type: ignore[misc]
+        work.train()
+        return ev
+
     last_eval = next((r for r in reversed(history) if r.get("type") == "eval"), None)
     plot_path: Optional[Path] = out / PLOT_NAME if (out / PLOT_NAME).is_file() else None
     plotted = len(history) if plot_path is not None else -1
-    with open(log_path, "a", encoding="utf-8") as logf:
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    logf = open(log_path, "a", encoding="utf-8") if ds.is_main else None
+    try:
 
         def emit(record: Dict[str, Any]) -> None:
             history.append(record)
-            logf.write(json.dumps(record) + "\n")
-            logf.flush()
+            if logf is not None:
+                logf.write(json.dumps(record) + "\n")
+                logf.flush()
 
         for step in range(start_step + 1, config.steps + 1):
             losses: List[float] = []
             metric_sums: Dict[str, float] = {}
-            for _ in range(config.grad_accum):
+            step_tokens = 0
+            for micro in range(config.grad_accum):
                 batch = _move_batch(next(stream), device)
-                tokens_seen += int(batch["attention_mask"].sum())
-                with autocast_context(device, use_bf16):
-                    loss, metrics = loss_fn(model, batch)
-                if not torch.isfinite(loss):
-                    last = latest_checkpoint(out)
-                    raise NonFiniteLossError(
-                        f"training stopped: the loss is {loss.item()} at step {step} of {config.steps}; "
-                        + (f"the last checkpoint {last.name} is intact" if last is not None else "no checkpoint was written")
-                        + " (try a lower lr, bf16 off, or check the data and the model's weights)"
-                    )
-                (loss.float() / config.grad_accum).backward()
+                step_tokens += int(batch["attention_mask"].sum())
+                sync = micro == config.grad_accum - 1
+                if strategy == "fsdp2":
+                    root.set_requires_gradient_sync(sync)  # type: ignore[operator]
+                no_sync = engine.no_sync() if strategy == "ddp" and not sync else contextlib.nullcontext()
+                with no_sync:
+                    with autocast_context(device, use_bf16):
+                        loss, metrics = engine(batch)
+                    if not strategy and not torch.isfinite(loss):
+                        _raise_non_finite(float(loss.detach()), step, config, out)
+                    (loss.float() / config.grad_accum).backward()
                 losses.append(float(loss.detach()))
                 for k, v in metrics.items():
                     metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
+            mean_loss = sum(losses) / len(losses)
+            if strategy:
+                keys = sorted(metric_sums)
+                reduced = all_reduce_mean([mean_loss, float(step_tokens)] + [metric_sums[k] for k in keys], device)
+                mean_loss, step_tokens = reduced[0], int(round(reduced[1] * world))
+                metric_sums = dict(zip(keys, reduced[2:]))
+                if not math.isfinite(mean_loss):  # the same value on every rank: all stop together
+                    _raise_non_finite(mean_loss, step, config, out)
+            tokens_seen += step_tokens
             grad_norm = None
             if config.max_grad_norm is not None:
-                params = [p for g in optimizer.param_groups for p in g["params"]]
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+                gn = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                if hasattr(gn, "full_tensor"):
+                    gn = gn.full_tensor()
+                grad_norm = float(gn)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
@@ -508,7 +669,7 @@ def train(
             record: Dict[str, Any] = {
                 "type": "train",
                 "step": step,
-                "loss": sum(losses) / len(losses),
+                "loss": mean_loss,
                 "lr": lr,
                 "tokens": tokens_seen,
                 "epoch": round(stream.epoch, 4),
@@ -522,23 +683,42 @@ def train(
                 if step == start_step + 1 or step % max(1, config.steps // 20) == 0 or step == config.steps:
                     log.info("step %d/%d loss %.4f lr %.2e (%.1fs)", step, config.steps, record["loss"], lr, elapsed())
             if eval_fn is not None and ((config.eval_every and step % config.eval_every == 0) or step == config.steps):
-                ev = dict(eval_fn(model))
-                model.train()
+                ev = run_eval()
                 last_eval = {"type": "eval", "step": step, **ev, "elapsed_s": round(elapsed(), 3)}
                 emit(last_eval)
                 log.info("step %d eval %s", step, {k: round(v, 4) for k, v in ev.items() if isinstance(v, float)})
             if (config.save_every and step % config.save_every == 0) or step == config.steps:
                 _save_checkpoint(
-                    out, step, model, optimizer, scheduler, stream,
-                    {"config": config.to_dict(), "run_info": run_info, "elapsed_s": elapsed()},
-                    config.keep_checkpoints,
+                    out, step, root if strategy == "fsdp2" else work, optimizer, scheduler, stream,
+                    {"config": config.to_dict(), "run_info": run_info, "elapsed_s": elapsed(),
+                     "global_batch_size": config.batch_size * world},
+                    config.keep_checkpoints, ds,
                 )
-                plot_path = _plot(history, out, plot_title)
+                if ds.is_main:
+                    plot_path = _plot(history, out, plot_title)
                 plotted = len(history)
             for cb in callbacks:
                 cb(step, record)
+        if strategy == "fsdp2":
+            from minitron.train.distributed import full_state_dict
 
-    if plotted != len(history):
+            full = full_state_dict(work)
+            if ds.is_main:
+                model.load_state_dict(full)
+    except DistributedError:
+        raise
+    except Exception as e:
+        if strategy and _is_collective_failure(e):
+            raise DistributedError(
+                f"rank {rank} of {world}: a collective failed during training (another rank died, or did not "
+                f"arrive within the process-group timeout): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            ) from e
+        raise
+    finally:
+        if logf is not None:
+            logf.close()
+
+    if ds.is_main and plotted != len(history):
         plot_path = _plot(history, out, plot_title)
     train_recs = [r for r in history if r.get("type") == "train"]
     final_loss = sum(r["loss"] for r in train_recs[-10:]) / len(train_recs[-10:]) if train_recs else None
@@ -552,13 +732,61 @@ def train(
         output_dir=out,
         log_path=log_path,
         plot_path=plot_path,
+        extra={"strategy": strategy, "world_size": world},
     )
 
 
-def _check_resumable(state: Dict[str, Any], config: TrainConfig, run_info: Dict[str, Any], ckpt: Path) -> None:
+def _compile_kwargs(compile_: Union[bool, str]) -> Dict[str, Any]:
+    return {"backend": compile_} if isinstance(compile_, str) else {}
+
+
+def _raise_non_finite(value: float, step: int, config: TrainConfig, out: Path) -> None:
+    last = latest_checkpoint(out)
+    raise NonFiniteLossError(
+        f"training stopped: the loss is {value} at step {step} of {config.steps}; "
+        + (f"the last checkpoint {last.name} is intact" if last is not None else "no checkpoint was written")
+        + " (try a lower lr, bf16 off, or check the data and the model's weights)"
+    )
+
+
+def _is_collective_failure(e: BaseException) -> bool:
+    dist_error = getattr(torch.distributed, "DistError", None)
+    if dist_error is not None and isinstance(e, dist_error):
+        return True
+    text = f"{type(e).__name__} {e}".lower()
+    return any(w in text for w in ("gloo", "nccl", "connection closed", "connection reset", "timed out", "timeout",
+                                   "broken pipe", "distbackenderror"))
+
+
+def _check_resumable(state: Dict[str, Any], config: TrainConfig, run_info: Dict[str, Any], ckpt: Path,
+                     world_size: int = 1, strategy: Optional[str] = None) -> None:
     old = state.get("config", {})
     new = config.to_dict()
-    diffs = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k]]
+    defaults = TrainConfig().to_dict()  # fields added since the checkpoint was written take their defaults
+    old_world = int(state.get("world_size", 1))
+    old_strategy = state.get("strategy", old.get("strategy"))
+    skip = set(RESUMABLE_CHANGES)
+    if (old_strategy == "fsdp2") != (strategy == "fsdp2"):
+        raise ValueError(
+            f"cannot resume {ckpt}: it was written with strategy {old_strategy!r}, this run uses {strategy!r} "
+            "(FSDP2 checkpoints are sharded; resume with the same strategy)"
+        )
+    if old_world != world_size:
+        if strategy == "fsdp2":
+            raise ValueError(
+                f"cannot resume {ckpt}: it holds FSDP2 shards of world size {old_world}, this run has world size "
+                f"{world_size}; resume with {old_world} processes (torchrun --nproc-per-node {old_world})"
+            )
+        old_global = int(old.get("batch_size", 0)) * old_world
+        if old_global != config.batch_size * world_size:
+            raise ValueError(
+                f"cannot resume {ckpt}: the global batch would change (batch_size {old.get('batch_size')} x world size "
+                f"{old_world} = {old_global}, now {config.batch_size} x world size {world_size}); with world size "
+                f"{world_size} use batch_size {old_global // world_size if old_global % world_size == 0 else '(none fits)'}"
+            )
+        skip.add("batch_size")
+    diffs = [f"{k}: {old.get(k, defaults.get(k))!r} -> {new[k]!r}" for k in new
+             if k not in skip and old.get(k, defaults.get(k)) != new[k]]
     if diffs:
         raise ValueError(f"cannot resume {ckpt}: training configuration changed ({'; '.join(diffs)})")
     old_info = state.get("run_info", {})
