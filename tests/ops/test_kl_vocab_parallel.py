@@ -151,6 +151,24 @@ def test_pieces_on_slices_equal_single_process(backend, parts, mode, beta, tempe
     assert float(loss[1 * 5 + 2]) == 0.0 and bool((grad[1 * 5 + 2] == 0).all())  # all -inf teacher row
 
 
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("mode,beta", MODES[:4], ids=lambda x: str(x))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_pieces_cpp_isa_paths(isa, mode, beta, dtype, monkeypatch):
+    """Every CPU code path (a path the CPU lacks runs the next lower one), several 1024-entry chunks per slice."""
+    _backend_or_skip("cpp")
+    monkeypatch.setenv("MINITRON_CPU_ISA", isa)
+    s, t, mask = _data(5003, seed=1)
+    s, t = s.reshape(-1, 5003).to(dtype), t.reshape(-1, 5003).to(dtype)
+    w = mask.reshape(-1).float()
+    loss, grad = _simulated(s, t, 3, mode, beta, 2.0, "cpp", weight=w, scale=4.0)
+    ref_loss, ref_grad = torch.ops.minitron.kl_div_fwd(s, t, w, klmod.MODES[mode], 2.0, beta, 4.0, "cpp", True)
+    tol = TOL if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(loss, ref_loss, **tol, equal_nan=True)
+    gscale = float(ref_grad.float().abs().max())
+    torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=tol["rtol"], atol=tol["atol"] * gscale)
+
+
 @pytest.mark.parametrize("mode", ["forward", "reverse", "jsd"])
 def test_pieces_nan_and_inf_rows(backend, mode):
     """A NaN in one slice makes the row NaN; forward KL with a student -inf where the teacher has mass is +inf."""
