@@ -817,14 +817,18 @@ def kl_div(student_logits: Tensor, teacher_logits: Tensor, *, mode: str = "forwa
 
 
 class KLDivLoss(nn.Module):
-    """``nn.Module`` form of :func:`kl_div`; ``forward(student_logits, teacher_logits, mask=None, labels=None)``."""
+    """``nn.Module`` form of :func:`kl_div`; ``forward(student_logits, teacher_logits, mask=None, labels=None)``.
+
+    ``process_group``: vocab-parallel logits (each rank its slice of the vocabulary), see :func:`kl_div`.
+    """
 
     def __init__(self, *, mode: str = "forward", temperature: float = 1.0, beta: float = 0.5,
                  reduction: str = "mean", scale_by_t2: bool = True, backend: str = "auto",
                  student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
                  student_softcap: Optional[float] = None, teacher_softcap: Optional[float] = None,
-                 ignore_index: int = -100) -> None:
+                 ignore_index: int = -100, process_group=None) -> None:
         super().__init__()
+        self.process_group = process_group
         _validate_common(mode, temperature, beta, reduction)
         _validate_transforms(student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap)
         self.mode, self.temperature, self.beta = mode, float(temperature), float(beta)
@@ -837,7 +841,8 @@ class KLDivLoss(nn.Module):
                 labels: Optional[Tensor] = None) -> Tensor:
         return kl_div(student_logits, teacher_logits, mode=self.mode, temperature=self.temperature, beta=self.beta,
                       reduction=self.reduction, mask=mask, scale_by_t2=self.scale_by_t2, backend=self.backend,
-                      labels=labels, ignore_index=self.ignore_index, **self.transforms)
+                      labels=labels, ignore_index=self.ignore_index, process_group=self.process_group,
+                      **self.transforms)
 
     def extra_repr(self) -> str:
         return (f"mode={self.mode!r}, temperature={self.temperature}, beta={self.beta}, "
