@@ -932,7 +932,9 @@ TORCH_LIBRARY_FRAGMENT(minitron, m) {
 }
 
 TORCH_LIBRARY_FRAGMENT(minitron, m) {
-  m.def("_kl_div_stats_native(Tensor student, Tensor teacher, Tensor weight, int mode, float inv_temperature) -> Tensor");
+  m.def(
+      "_kl_div_stats_native(Tensor student, Tensor teacher, Tensor weight, int mode, float inv_temperature) "
+      "-> Tensor");
   m.def(
       "_kl_div_jsd_sums_native(Tensor student, Tensor teacher, Tensor weight, Tensor stats, float inv_temperature, "
       "float beta) -> Tensor");

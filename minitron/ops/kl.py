@@ -45,7 +45,8 @@ from torch import Tensor, nn
 
 from minitron.ops._common import as_rows as _as_rows
 from minitron.ops._common import check_float_tensor as _check_float_tensor
-from minitron.ops._common import default_chunk_size, register_row_loss_autograd, token_weights, uniform_grad_hook
+from minitron.ops._common import add_chunk_grads_, default_chunk_size, register_row_loss_autograd, token_weights
+from minitron.ops._common import uniform_grad_hook
 from minitron.ops._common import is_one as _is_one
 from minitron.ops._dispatch import native_unavailable, op_backends, triton_unavailable
 
@@ -854,27 +855,6 @@ class KLDivLoss(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-# Whether torch.addmm(..., out_dtype=float32, out=acc) works for 16-bit inputs on CUDA (cuBLAS writes
-# the fp32 product straight into the fp32 accumulator); no entry until first tried.
-_ADDMM_FP32_OUT: dict[str, bool] = {}
-
-
-def _accumulate_fp32_(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """``acc += a @ b`` with ``acc`` fp32 and ``a``, ``b`` of any float dtype, without a [V, H] temporary where
-    the device allows it (CUDA 16-bit inputs: fp32-output GEMM); otherwise via a product in the input dtype."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-        return
-    if acc.device.type == "cuda" and _ADDMM_FP32_OUT.get("cuda", True):
-        try:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            _ADDMM_FP32_OUT["cuda"] = True
-            return
-        except (RuntimeError, TypeError):  # older torch: no out_dtype overload
-            _ADDMM_FP32_OUT["cuda"] = False
-    acc.add_((a @ b).to(acc.dtype))
-
-
 def _transform_with_derivative(x: Tensor, logit_scale: float, softcap: Optional[float]
                                ) -> tuple[Tensor, Optional[Tensor]]:
     """fp32 transformed logits and d transformed / d raw logit (a tensor, or None when it is 1)."""
@@ -932,19 +912,8 @@ def _fused_linear_impl(sh: Tensor, sw: Tensor, th: Tensor, tw: Tensor, sb: Optio
                 g.mul_(dz)
             g = g.to(sh.dtype)
         del dz
-        if contiguous_rows:
-            loss[lo:hi] = loss_c
-        else:
-            loss.index_copy_(0, rows, loss_c)
-        if need_grads:
-            gh = g @ sw
-            if contiguous_rows:
-                grad_h[lo:hi] = gh
-            else:
-                grad_h.index_copy_(0, rows, gh)
-            _accumulate_fp32_(grad_w, g.t(), h_s)
-            if grad_b is not None:
-                grad_b.add_(g.sum(0, dtype=acc_dtype))
+        add_chunk_grads_(loss, loss_c, rows, (lo, hi) if contiguous_rows else None, g if need_grads else None, h_s,
+                         sw, grad_h, grad_w, grad_b)
         del g
     return loss, grad_h, grad_w, grad_b
 
