@@ -23,6 +23,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minitron.ops import BackendUnavailableError, KLDivLoss, kl_div
 from minitron.ops import kl as klmod
@@ -54,8 +56,8 @@ def backend(request) -> str:
 def _bounds(v: int, parts: int) -> list[int]:
     """Uneven contiguous slices: sizes differ by more than rounding (the first slice is the smallest)."""
     w = torch.arange(1, parts + 1, dtype=torch.float64)
-    cuts = torch.round(torch.cumsum(w, 0) / w.sum() * v).long().tolist()
-    return [0] + cuts
+    extra = torch.floor(torch.cumsum(w, 0) / w.sum() * (v - parts)).long().tolist()  # each slice >= 1 entry
+    return [0] + [e + i + 1 for i, e in enumerate(extra[:-1])] + [v]
 
 
 def _data(v: int = V, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -149,6 +151,22 @@ def test_pieces_on_slices_equal_single_process(backend, parts, mode, beta, tempe
     _assert_close(loss, grad, ref_loss, ref_grad, f"{backend} parts={parts}")
     assert bool(torch.isfinite(loss).all())
     assert float(loss[1 * 5 + 2]) == 0.0 and bool((grad[1 * 5 + 2] == 0).all())  # all -inf teacher row
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 5), v=st.integers(1, 3000), parts=st.integers(1, 6), mode=st.sampled_from(MODES),
+       temperature=st.sampled_from(TEMPS), spread=st.floats(0.1, 20.0), seed=st.integers(0, 2 ** 16))
+def test_pieces_property_cpp(n, v, parts, mode, temperature, spread, seed):
+    """Random shapes, slice counts (slices of 1 entry included) and logit spreads: the pieces equal the fused op."""
+    _backend_or_skip("cpp")
+    parts = min(parts, v)
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(n, v, generator=g) * spread
+    t = s * 0.5 + torch.randn(n, v, generator=g) * spread
+    loss, grad = _simulated(s, t, parts, mode[0], mode[1], temperature, "cpp")
+    ref_loss, ref_grad = torch.ops.minitron.kl_div_fwd(s, t, torch.ones(n), klmod.MODES[mode[0]], temperature,
+                                                       mode[1], 1.0, "cpp", True)
+    _assert_close(loss, grad, ref_loss, ref_grad, f"n={n} v={v} parts={parts}")
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
