@@ -119,7 +119,7 @@ def _simulated(s, t, parts: int, mode: str, beta: float, temperature: float, bac
                scale: float = 1.0):
     """Loss [N] and gradient [N, V] from the per-slice pieces (no process group)."""
     n, v = s.shape
-    w = torch.ones(n) if weight is None else weight
+    w = torch.ones(n, device=s.device) if weight is None else weight
     m = klmod.MODES[mode]
     if m == 2 and klmod._jsd_end(beta) is not None:
         m = klmod.MODES[klmod._jsd_end(beta)]
@@ -181,6 +181,28 @@ def test_pieces_cpp_isa_paths(isa, mode, beta, dtype, monkeypatch):
     w = mask.reshape(-1).float()
     loss, grad = _simulated(s, t, 3, mode, beta, 2.0, "cpp", weight=w, scale=4.0)
     ref_loss, ref_grad = torch.ops.minitron.kl_div_fwd(s, t, w, klmod.MODES[mode], 2.0, beta, 4.0, "cpp", True)
+    tol = TOL if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(loss, ref_loss, **tol, equal_nan=True)
+    gscale = float(ref_grad.float().abs().max())
+    torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=tol["rtol"], atol=tol["atol"] * gscale)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("gpu_backend", ["cuda", "triton"])
+@pytest.mark.parametrize("mode,beta", MODES, ids=lambda x: str(x))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_pieces_on_gpu(gpu_backend, mode, beta, dtype):
+    """The CUDA C++ and compiled Triton pieces on CUDA tensors (skipped without a GPU)."""
+    try:
+        for op in ("kl_div_stats", "kl_div_jsd_sums", "kl_div_vp_fwd"):
+            op_backends(op).select(gpu_backend, "cuda", dtype)
+    except BackendUnavailableError as exc:
+        pytest.skip(str(exc))
+    s, t, mask = _data(32003, seed=2)
+    s, t = s.reshape(-1, 32003).to("cuda", dtype), t.reshape(-1, 32003).to("cuda", dtype)
+    w = mask.reshape(-1).float().cuda()
+    loss, grad = _simulated(s, t, 3, mode, beta, 2.0, gpu_backend, weight=w, scale=4.0)
+    ref_loss, ref_grad = torch.ops.minitron.kl_div_fwd(s, t, w, klmod.MODES[mode], 2.0, beta, 4.0, gpu_backend, True)
     tol = TOL if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
     torch.testing.assert_close(loss, ref_loss, **tol, equal_nan=True)
     gscale = float(ref_grad.float().abs().max())
