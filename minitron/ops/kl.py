@@ -662,13 +662,7 @@ _REDUCTION_CODES = {r: i for i, r in enumerate(REDUCTIONS)}
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
-def _check_group_consistency(group, n: int, v_local: int, mask: Optional[Tensor], device: torch.device,
-                             args: dict[str, float]) -> int:
-    """One small all-reduce (MAX of the values and their negatives) checks that every rank passed the same
-    rows, mask and arguments; raises ``ValueError`` naming the first argument that differs. Returns the global
-    vocabulary size (logged)."""
-    import torch.distributed as dist
-
+def _consistency_values(n: int, mask: Optional[Tensor], args: dict[str, float]) -> tuple[list[str], list[float]]:
     if mask is None:
         counted, checksum = float(n), 0.0
     else:
@@ -678,19 +672,45 @@ def _check_group_consistency(group, n: int, v_local: int, mask: Optional[Tensor]
         idx = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64)
         checksum = float((idx * flat.to(torch.float64) * torch.cos(idx)).sum())
     names = ["student_logits rows (N)", "mask/labels (counted tokens)", "mask/labels (positions)"] + list(args)
-    vals = [float(n), counted, checksum] + [float(v) for v in args.values()]
-    x = torch.tensor(vals + [-v for v in vals] + [float(v_local)], dtype=torch.float64, device=device)
+    return names, [float(n), counted, checksum] + [float(v) for v in args.values()]
+
+
+_CONSISTENCY_ARGS = ("mode", "temperature", "beta", "reduction", "scale_by_t2", "dtype", "student_logit_scale",
+                     "teacher_logit_scale", "student_softcap", "teacher_softcap")
+
+
+def _group_max(group, vals: list[float], device: torch.device) -> tuple[list[float], list[float]]:
+    """(max, min) over the group of each value: one all-reduce MAX of the values and their negatives."""
+    import torch.distributed as dist
+
+    x = torch.tensor(vals + [-v for v in vals], dtype=torch.float64, device=device)
+    dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
     k = len(vals)
-    mine = x.clone()
-    dist.all_reduce(x[:2 * k], op=dist.ReduceOp.MAX, group=group)
-    dist.all_reduce(x[2 * k:], op=dist.ReduceOp.SUM, group=group)
-    hi, lo = x[:k].tolist(), (-x[k:2 * k]).tolist()
-    for name, a, b, own in zip(names, hi, lo, mine[:k].tolist()):
+    return x[:k].tolist(), (-x[k:]).tolist()
+
+
+def _check_group_consistency(group, n: int, mask: Optional[Tensor], device: torch.device,
+                             args: dict[str, float]) -> None:
+    """One small all-reduce (MAX of 14 values and their negatives: 224 bytes) checks that every rank passed the
+    same rows, mask and arguments and that none rejected its own (:func:`_signal_local_error`); raises
+    ``ValueError`` naming the first thing that differs."""
+    names, vals = _consistency_values(n, mask, args)
+    hi, lo = _group_max(group, [0.0] + vals, device)
+    if hi[0] != 0.0:
+        raise ValueError("kl_div(process_group=...): another rank of the group rejected its arguments (its own error "
+                         "says why); every rank must pass valid, matching arguments")
+    for name, a, b, own in zip(names, hi[1:], lo[1:], vals):
         if a != b:
             raise ValueError(f"kl_div(process_group=...): {name} differs across the ranks of the group (this rank "
                              f"has {own:g}, the group ranges over [{b:g}, {a:g}]); every rank must pass the same "
                              "rows and arguments, each with its own slice of the vocabulary")
-    return int(x[2 * k].item())
+
+
+def _signal_local_error(group, student_logits: object) -> None:
+    """A rank whose own arguments are invalid still joins the consistency all-reduce, with its error flag set,
+    so the other ranks raise too instead of waiting for the process-group timeout."""
+    device = student_logits.device if isinstance(student_logits, Tensor) else torch.device("cpu")
+    _group_max(group, [1.0] + [0.0] * (3 + len(_CONSISTENCY_ARGS)), device)
 
 
 def _check_process_group(group) -> None:
@@ -781,11 +801,18 @@ def kl_div(student_logits: Tensor, teacher_logits: Tensor, *, mode: str = "forwa
     Returns:
         fp32 scalar (``mean``/``sum``) or fp32 ``[...]`` (``none``). The gradient has the input dtype.
     """
-    _validate_kl_args(student_logits, teacher_logits, mode, temperature, beta, reduction, mask)
-    _validate_transforms(student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap)
-    lead = student_logits.shape[:-1]
-    mask = _mask_from_labels(mask, labels, ignore_index, lead, student_logits.device,
-                             "the logits' shape without the vocabulary axis")
+    if process_group is not None:
+        _check_process_group(process_group)
+    try:
+        _validate_kl_args(student_logits, teacher_logits, mode, temperature, beta, reduction, mask)
+        _validate_transforms(student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap)
+        lead = student_logits.shape[:-1]
+        mask = _mask_from_labels(mask, labels, ignore_index, lead, student_logits.device,
+                                 "the logits' shape without the vocabulary axis")
+    except (TypeError, ValueError):
+        if process_group is not None:
+            _signal_local_error(process_group, student_logits)
+        raise
     student, teacher = student_logits, teacher_logits.detach()
     if _has_transform(student_logit_scale, student_softcap) or _has_transform(teacher_logit_scale, teacher_softcap):
         student = _kernel_transform(student, student_logit_scale, student_softcap)
@@ -797,9 +824,8 @@ def kl_div(student_logits: Tensor, teacher_logits: Tensor, *, mode: str = "forwa
     # Loss only when no gradient can flow (evaluation, torch.no_grad): no gradient pass, no [N, V] output.
     need_grad = bool(torch.is_grad_enabled() and student_logits.requires_grad)
     if process_group is not None:
-        _check_process_group(process_group)
         _check_group_consistency(
-            process_group, s2.shape[0], s2.shape[1], mask, student_logits.device,
+            process_group, s2.shape[0], mask, student_logits.device,
             {"mode": MODES[mode], "temperature": temperature, "beta": beta, "reduction": _REDUCTION_CODES[reduction],
              "scale_by_t2": float(scale_by_t2), "dtype": _DTYPE_CODES[student_logits.dtype],
              "student_logit_scale": student_logit_scale, "teacher_logit_scale": teacher_logit_scale,

@@ -402,6 +402,15 @@ def _error_worker(rank: int, world: int, store: str, out_dir: str) -> None:
                 messages.append("no error")
             except ValueError as exc:
                 messages.append(str(exc))
+        # a rank whose own arguments are invalid: it raises its error, the others learn of it (no hang)
+        try:
+            kl_div(s[:4], t[:4], backend="reference", process_group=g, mask=torch.ones(4 + rank, dtype=torch.bool))
+            messages.append("no error")
+        except ValueError as exc:
+            messages.append(str(exc))
+        # and afterwards the group still works
+        loss = kl_div(s[:4], t[:4], backend="reference", process_group=g)
+        messages.append(f"ok {float(loss) >= 0}")
         torch.save(messages, os.path.join(out_dir, f"err{rank}.pt"))
         dist.barrier()
     finally:
@@ -416,6 +425,11 @@ def test_gloo_inconsistent_arguments_raise(tmp_path: Path):
     mp.spawn(_error_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         msgs = torch.load(tmp_path / f"err{rank}.pt")
-        assert len(msgs) == 4
+        assert len(msgs) == 6
         for msg, what in zip(msgs, ("rows (N)", "temperature", "mask/labels", "beta")):
             assert what in msg and "differs across the ranks" in msg, (rank, msg)
+        if rank == 1:
+            assert "mask must have shape (4,)" in msgs[4], msgs[4]
+        else:
+            assert "another rank of the group rejected its arguments" in msgs[4], msgs[4]
+        assert msgs[5] == "ok True"
