@@ -1,5 +1,6 @@
 """Helpers shared by the loss op modules (``kl``, ``topk_kl``): argument checks, row views, per-token weights,
-chunk sizing for the fused-linear forms, and the in-place row scaling used by their backward passes.
+chunk sizing for the fused-linear forms and their per-chunk loss scatter and gradient accumulation
+(``add_chunk_grads_``), and the in-place row scaling used by their backward passes.
 
 Private to ``minitron.ops``; nothing here imports an op module.
 """

@@ -34,6 +34,10 @@ respect to the student logits (online softmax over the vocabulary, second pass o
 row writes the gradient). Backward only rescales that gradient by the incoming gradient, in place,
 so the extra memory beyond the gradient is O(tokens). A second backward through the same graph is
 therefore refused (the saved gradient has been consumed).
+
+Vocab-parallel logits (tensor-parallel LM heads): ``kl_div(..., process_group=g)`` with each rank holding a
+contiguous slice of the vocabulary; the ranks exchange the per-row online-softmax statistics (20 bytes per row,
+JSD 40), never a row (ops ``kl_div_stats``, ``kl_div_jsd_sums``, ``kl_div_vp_fwd``; docs/kl.md).
 """
 from __future__ import annotations
 
