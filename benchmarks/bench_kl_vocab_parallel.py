@@ -39,6 +39,12 @@ import torch.multiprocessing as mp
 MODES = (("forward", 0.5), ("reverse", 0.5), ("jsd", 0.5))
 
 
+def cases(cfg: object) -> list:
+    """No cases for the shared harness (``python -m benchmarks`` runs single-process cases): this benchmark
+    spawns its own ranks; run it directly (see the module docstring)."""
+    return []
+
+
 def _bounds(v: int, world: int) -> list[int]:
     return [v * r // world for r in range(world + 1)]
 
