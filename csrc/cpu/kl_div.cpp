@@ -5,6 +5,9 @@
 //   loss_i = weight_i * scale * D_i,  grad_i = weight_i * scale * dD_i/d student_i  (see kl_math.h).
 //   need_grad=False: loss only; grad is an empty [0, V] tensor and the gradient passes are skipped
 //   (forward / reverse KL: pass 1 alone; JSD: passes 1 and 2), so nothing [N, V] is written.
+//   Vocab-parallel pieces (_kl_div_stats_native, _kl_div_jsd_sums_native, _kl_div_vp_fwd_native): the same
+//   passes on one rank's slice of the vocabulary, the row statistics combined across ranks in between
+//   (see the section at the end of this file).
 //
 // Rows run in parallel (at::parallel_for); when N < threads each row is split into chunk-aligned
 // segments processed in parallel and their states merged. Per row / segment (vector paths):
@@ -43,6 +46,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <tuple>
 
 #include "common/cpu_features.h"
@@ -730,6 +734,193 @@ std::tuple<at::Tensor, at::Tensor> kl_div_fwd_cpu(const at::Tensor& student, con
   return std::make_tuple(loss, grad);
 }
 
+
+// ----------------------------------------------------------------------------------------------
+// Vocab-parallel pieces (minitron.ops.kl: kl_div(..., process_group=...)). Each rank holds the columns
+// [v0, v1) of every row; the same per-row passes run on the slice, with the row statistics exchanged in
+// between (a KlState per row, then for the JSD its JsdPartial sums):
+//   _kl_div_stats_native     pass 1 on the slice -> the slice's KlState [N, 5] (ma, sa, mb, sb, c)
+//   _kl_div_jsd_sums_native  given the global KlState: pass 1 (scratch) + JSD pass 2 -> (loss, qg, q) [N, 3] f64
+//   _kl_div_vp_fwd_native    given the global KlState (and sums): loss [N] and the slice's gradient
+// The global state finalises exactly as a row split over segments (process_row_split above); pass 1 is
+// re-run on the slice where a later pass reads its scratch row (vector paths).
+// ----------------------------------------------------------------------------------------------
+inline Kernels kernels_of(at::ScalarType dt, Isa isa, int mode) {
+  if (dt == at::kFloat) return kernels_for_mode<float>(isa, mode);
+  if (dt == at::kBFloat16) return kernels_for_mode<Bf16>(isa, mode);
+  return kernels_for_mode<Half>(isa, mode);
+}
+
+// The effective mode (a JSD beta that rounds to 0 / 1 in float is forward / reverse KL).
+inline int effective_mode(int64_t mode, double beta) {
+  int m = static_cast<int>(mode);
+  const float beta_f = static_cast<float>(beta);
+  if (m == kJsd && beta_f == 0.f) m = kForward;
+  if (m == kJsd && beta_f == 1.f) m = kReverse;
+  return m;
+}
+
+inline Problem vp_problem(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& weight, int mode,
+                          double inv_temperature, double beta) {
+  Problem P;
+  P.elem = student.element_size();
+  P.s = static_cast<const char*>(student.data_ptr());
+  P.t = static_cast<const char*>(teacher.data_ptr());
+  P.g = nullptr;
+  P.w = weight.data_ptr<float>();
+  P.loss = nullptr;
+  P.n = student.size(0);
+  P.v = student.size(1);
+  P.s_stride = student.stride(0) * P.elem;
+  P.t_stride = teacher.stride(0) * P.elem;
+  P.mode = mode;
+  P.inv_t = static_cast<float>(inv_temperature);
+  P.scale = 1.f;
+  P.stream = false;
+  P.jsd = kl::jsd_consts(mode == kJsd ? beta : 0.5);
+  return P;
+}
+
+inline void check_vp_stats(const at::Tensor& stats, const at::Tensor& student, const char* op) {
+  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.dim() == 2 && stats.size(0) == student.size(0) &&
+                  stats.size(1) == 5 && stats.is_contiguous() && stats.device() == student.device(),
+              op, ": stats must be a contiguous float32 [N, 5] tensor on the logits' device, got ", stats.scalar_type(),
+              " ", stats.sizes());
+}
+
+inline KlState state_of(const float* st) {
+  KlState s;
+  s.ma = st[0];
+  s.sa = st[1];
+  s.mb = st[2];
+  s.sb = st[3];
+  s.c = st[4];
+  return s;
+}
+
+at::Tensor kl_div_stats_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& weight,
+                            int64_t mode, double inv_temperature) {
+  minitron::check_kl_div_native_args(student, teacher, weight, mode, inv_temperature, 0.5);
+  TORCH_CHECK(student.device().is_cpu() && teacher.device().is_cpu() && weight.device().is_cpu(),
+              "_kl_div_stats_native (CPU): all tensors must be on the CPU");
+  const int64_t n = student.size(0);
+  at::Tensor out = at::empty({n, 5}, student.options().dtype(at::kFloat));
+  if (n == 0) return out;
+  const int m = static_cast<int>(mode);
+  const Problem P = vp_problem(student, teacher, weight, m, inv_temperature, 0.5);
+  const Kernels K = kernels_of(student.scalar_type(), detect_isa(), m);
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+    Scratch sc(P.v, K.uses_scratch);
+    for (int64_t i = b; i < e; ++i) {
+      const KlState st = P.w[i] == 0.f ? kl::kl_state_init() : K.pass1(row_ctx(P, i, sc), 0, P.v);
+      float* r = o + i * 5;
+      r[0] = st.ma;
+      r[1] = st.sa;
+      r[2] = st.mb;
+      r[3] = st.sb;
+      r[4] = st.c;
+    }
+  });
+  return out;
+}
+
+at::Tensor kl_div_jsd_sums_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& weight,
+                               const at::Tensor& stats, double inv_temperature, double beta) {
+  minitron::check_kl_div_native_args(student, teacher, weight, kJsd, inv_temperature, beta);
+  TORCH_CHECK(student.device().is_cpu() && teacher.device().is_cpu() && weight.device().is_cpu(),
+              "_kl_div_jsd_sums_native (CPU): all tensors must be on the CPU");
+  check_vp_stats(stats, student, "_kl_div_jsd_sums_native");
+  TORCH_CHECK(effective_mode(kJsd, beta) == kJsd, "_kl_div_jsd_sums_native: beta must be strictly between 0 and 1 "
+              "in float32 (the ends are forward / reverse KL), got ", beta);
+  const int64_t n = student.size(0);
+  at::Tensor out = at::zeros({n, 3}, student.options().dtype(at::kDouble));
+  if (n == 0) return out;
+  const Problem P = vp_problem(student, teacher, weight, kJsd, inv_temperature, beta);
+  const Kernels K = kernels_of(student.scalar_type(), detect_isa(), kJsd);
+  const float* st = stats.data_ptr<float>();
+  double* o = out.data_ptr<double>();
+  at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+    Scratch sc(P.v, K.uses_scratch);
+    for (int64_t i = b; i < e; ++i) {
+      if (P.w[i] == 0.f) continue;
+      const KlRow row = K.finalize(state_of(st + i * 5));
+      if (row.empty) continue;
+      const RowCtx r = row_ctx(P, i, sc);
+      if (K.uses_scratch) K.pass1(r, 0, P.v);  // the scratch row the JSD pass reads
+      const JsdSums sums = K.jsd_pass2(r, 0, P.v, row, P.jsd);
+      o[i * 3] = sums.loss;
+      o[i * 3 + 1] = sums.qg;
+      o[i * 3 + 2] = sums.q;
+    }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> kl_div_vp_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                     const at::Tensor& weight, const at::Tensor& stats,
+                                                     const std::optional<at::Tensor>& jsd_sums, int64_t mode,
+                                                     double inv_temperature, double beta, double scale,
+                                                     bool need_grad) {
+  minitron::check_kl_div_native_args(student, teacher, weight, mode, inv_temperature, beta);
+  TORCH_CHECK(student.device().is_cpu() && teacher.device().is_cpu() && weight.device().is_cpu(),
+              "_kl_div_vp_fwd_native (CPU): all tensors must be on the CPU");
+  check_vp_stats(stats, student, "_kl_div_vp_fwd_native");
+  const int m = effective_mode(mode, beta);
+  const int64_t n = student.size(0), v = student.size(1);
+  const double* sums = nullptr;
+  if (m == kJsd) {
+    TORCH_CHECK(jsd_sums.has_value() && jsd_sums->scalar_type() == at::kDouble && jsd_sums->dim() == 2 &&
+                    jsd_sums->size(0) == n && jsd_sums->size(1) == 3 && jsd_sums->is_contiguous() &&
+                    jsd_sums->device() == student.device(),
+                "_kl_div_vp_fwd_native: the JSD needs jsd_sums, a contiguous float64 [N, 3] tensor on the logits' "
+                "device");
+    sums = jsd_sums->data_ptr<double>();
+  }
+  at::Tensor loss = at::empty({n}, student.options().dtype(at::kFloat));
+  at::Tensor grad = at::empty({need_grad ? n : 0, v}, student.options());
+  if (n == 0) return std::make_tuple(loss, grad);
+  Problem P = vp_problem(student, teacher, weight, m, inv_temperature, beta);
+  P.g = need_grad ? static_cast<char*>(grad.data_ptr()) : nullptr;
+  P.loss = loss.data_ptr<float>();
+  P.scale = static_cast<float>(scale);
+  P.stream = grad.nbytes() >= (size_t{32} << 20);
+  const Kernels K = kernels_of(student.scalar_type(), detect_isa(), m);
+  const float* st = stats.data_ptr<float>();
+  at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+    Scratch sc(P.v, K.uses_scratch && need_grad);
+    for (int64_t i = b; i < e; ++i) {
+      const float w = P.w[i];
+      const KlRow row = K.finalize(state_of(st + i * 5));
+      if (w == 0.f || row.empty) {
+        P.loss[i] = 0.f;
+        if (P.g != nullptr) std::memset(P.g + i * P.v * P.elem, 0, static_cast<size_t>(P.v * P.elem));
+        continue;
+      }
+      const float ws = w * P.scale;
+      const float coef = ws * P.inv_t;
+      if (m != kJsd) {
+        P.loss[i] = ws * row.div;
+        if (P.g == nullptr) continue;
+        const RowCtx r = row_ctx(P, i, sc);
+        if (K.uses_scratch) K.pass1(r, 0, P.v);
+        K.pass2(r, 0, P.v, row, coef);
+      } else {
+        const double* sm = sums + i * 3;
+        P.loss[i] = std::isnan(row.lse_a) ? row.lse_a : ws * static_cast<float>(sm[0]);
+        if (P.g == nullptr) continue;
+        const RowCtx r = row_ctx(P, i, sc);
+        if (K.uses_scratch) {
+          K.pass1(r, 0, P.v);
+          K.jsd_pass2(r, 0, P.v, row, P.jsd);  // stores g in the scratch row for pass 3
+        }
+        K.jsd_pass3(r, 0, P.v, row, kl::jsd_centre(sm[1], sm[2]), coef, P.jsd);
+      }
+    }
+  });
+  return std::make_tuple(loss, grad);
+}
+
 }  // namespace kl_impl
 }  // namespace cpu
 }  // namespace minitron
@@ -740,4 +931,21 @@ TORCH_LIBRARY_FRAGMENT(minitron, m) {
       "float scale, bool need_grad=True) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(minitron, CPU, m) { m.impl("_kl_div_fwd_native", &minitron::cpu::kl_impl::kl_div_fwd_cpu); }
+TORCH_LIBRARY_FRAGMENT(minitron, m) {
+  m.def(
+      "_kl_div_stats_native(Tensor student, Tensor teacher, Tensor weight, int mode, float inv_temperature) "
+      "-> Tensor");
+  m.def(
+      "_kl_div_jsd_sums_native(Tensor student, Tensor teacher, Tensor weight, Tensor stats, float inv_temperature, "
+      "float beta) -> Tensor");
+  m.def(
+      "_kl_div_vp_fwd_native(Tensor student, Tensor teacher, Tensor weight, Tensor stats, Tensor? jsd_sums, int mode, "
+      "float inv_temperature, float beta, float scale, bool need_grad=True) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(minitron, CPU, m) {
+  m.impl("_kl_div_fwd_native", &minitron::cpu::kl_impl::kl_div_fwd_cpu);
+  m.impl("_kl_div_stats_native", &minitron::cpu::kl_impl::kl_div_stats_cpu);
+  m.impl("_kl_div_jsd_sums_native", &minitron::cpu::kl_impl::kl_div_jsd_sums_cpu);
+  m.impl("_kl_div_vp_fwd_native", &minitron::cpu::kl_impl::kl_div_vp_fwd_cpu);
+}

@@ -367,6 +367,96 @@ __global__ void __launch_bounds__(kBlock) kl_split_jsd_grad_kernel(const KlDivAr
   }
 }
 
+
+// ------------------------------------------------------------------------------------------------
+// vocab-parallel pieces (one block per row of one rank's [n, v_local] slice; see kl_div.cuh)
+// ------------------------------------------------------------------------------------------------
+__device__ __forceinline__ KlState state_at(const float* __restrict__ stats, int64_t row) {
+  const float* p = stats + row * 5;
+  KlState st;
+  st.ma = p[0];
+  st.sa = p[1];
+  st.mb = p[2];
+  st.sb = p[3];
+  st.c = p[4];
+  return st;
+}
+
+template <class T, int MODE>
+__global__ void __launch_bounds__(kBlock) kl_vp_stats_kernel(const KlDivArgs a, float* __restrict__ out) {
+  __shared__ KlState sm_state[kWarps];
+  const int64_t row = blockIdx.x;
+  KlState st = kl::kl_state_init();
+  if (a.weight[row] != 0.f) {  // uniform branch
+    const T* s;
+    const T* t;
+    T* g;
+    row_ptrs(a, row, s, t, g);
+    const bool vec = aligned16(s) && aligned16(t);
+    st = block_merge<MODE>(segment_state<T, MODE>(s, t, 0, a.v, a.inv_temperature, vec), sm_state);
+  }
+  if (threadIdx.x == 0) {
+    float* o = out + row * 5;
+    o[0] = st.ma;
+    o[1] = st.sa;
+    o[2] = st.mb;
+    o[3] = st.sb;
+    o[4] = st.c;
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kBlock) kl_vp_jsd_sums_kernel(const KlDivArgs a, const JsdConsts k,
+                                                                 const float* __restrict__ stats,
+                                                                 double* __restrict__ out) {
+  __shared__ JsdPartial sm_sum[kWarps];
+  const int64_t row = blockIdx.x;
+  const KlRow row_stats = kl::kl_finalize<kJsd, StdMath>(state_at(stats, row));
+  JsdPartial tot{0.f, 0.0, 0.0};
+  if (a.weight[row] != 0.f && !row_stats.empty) {  // uniform branch
+    const T* s;
+    const T* t;
+    T* g;
+    row_ptrs(a, row, s, t, g);
+    const bool vec = aligned16(s) && aligned16(t);
+    tot = block_sum(segment_jsd_sums(s, t, 0, a.v, a.inv_temperature, vec, row_stats, k), sm_sum);
+  }
+  if (threadIdx.x == 0) {
+    out[row * 3] = tot.loss;
+    out[row * 3 + 1] = tot.qg;
+    out[row * 3 + 2] = tot.q;
+  }
+}
+
+template <class T, int MODE>
+__global__ void __launch_bounds__(kBlock) kl_vp_fwd_kernel(const KlDivArgs a, const JsdConsts k,
+                                                            const float* __restrict__ stats,
+                                                            const double* __restrict__ sums) {
+  const int64_t row = blockIdx.x;
+  const T* s;
+  const T* t;
+  T* g;
+  row_ptrs(a, row, s, t, g);
+  const float w = a.weight[row];
+  const KlRow row_stats = kl::kl_finalize<MODE, StdMath>(state_at(stats, row));
+  if (w == 0.f || row_stats.empty) {  // skipped row / all -inf teacher (uniform branch)
+    if (g != nullptr) zero_fill(g, 0, a.v);
+    if (threadIdx.x == 0) a.loss[row] = 0.f;
+    return;
+  }
+  const bool vec = aligned16(s) && aligned16(t) && grad_aligned16(g);
+  const float it = a.inv_temperature;
+  const float ws = w * a.scale;
+  if (MODE != kJsd) {
+    if (threadIdx.x == 0) a.loss[row] = ws * row_stats.div;
+    if (g != nullptr) segment_grad<T, MODE>(s, t, g, 0, a.v, it, vec, row_stats, ws * it);
+  } else {
+    const double* sm = sums + row * 3;
+    if (threadIdx.x == 0) a.loss[row] = isnan(row_stats.lse_a) ? row_stats.lse_a : ws * static_cast<float>(sm[0]);
+    if (g != nullptr) segment_jsd_grad(s, t, g, 0, a.v, it, vec, row_stats, k, kl::jsd_centre(sm[1], sm[2]), ws * it);
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // host side
 // ------------------------------------------------------------------------------------------------
@@ -458,6 +548,99 @@ cudaError_t kl_div_forward(const KlDivArgs& args, void* workspace, size_t worksp
       return launch_mode<__nv_bfloat16>(args, mode, k, p, workspace, stream);
     case KlDtype::kFloat16:
       return launch_mode<__half>(args, mode, k, p, workspace, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+namespace {
+
+// The effective mode (a JSD beta that rounds to 0 / 1 in float32 is forward / reverse KL); -1 when invalid.
+int vp_mode(const KlDivArgs& a) {
+  if (a.v <= 0 || a.mode < 0 || a.mode > 2 || !(a.inv_temperature > 0.f)) return -1;
+  int mode = a.mode;
+  const float beta_f = static_cast<float>(a.beta);
+  if (mode == kJsd && beta_f == 0.f) mode = kForward;
+  if (mode == kJsd && beta_f == 1.f) mode = kReverse;
+  if (mode == kJsd && !(beta_f > 0.f && beta_f < 1.f)) return -1;
+  return mode;
+}
+
+template <class T>
+cudaError_t vp_stats_t(const KlDivArgs& a, int mode, float* out, cudaStream_t stream) {
+  const unsigned grid = static_cast<unsigned>(a.n);
+  if (mode == kForward) {
+    kl_vp_stats_kernel<T, kForward><<<grid, kBlock, 0, stream>>>(a, out);
+  } else if (mode == kReverse) {
+    kl_vp_stats_kernel<T, kReverse><<<grid, kBlock, 0, stream>>>(a, out);
+  } else {
+    kl_vp_stats_kernel<T, kJsd><<<grid, kBlock, 0, stream>>>(a, out);
+  }
+  return cudaGetLastError();
+}
+
+template <class T>
+cudaError_t vp_fwd_t(const KlDivArgs& a, int mode, const JsdConsts& k, const float* stats, const double* sums,
+                     cudaStream_t stream) {
+  const unsigned grid = static_cast<unsigned>(a.n);
+  if (mode == kForward) {
+    kl_vp_fwd_kernel<T, kForward><<<grid, kBlock, 0, stream>>>(a, k, stats, sums);
+  } else if (mode == kReverse) {
+    kl_vp_fwd_kernel<T, kReverse><<<grid, kBlock, 0, stream>>>(a, k, stats, sums);
+  } else {
+    kl_vp_fwd_kernel<T, kJsd><<<grid, kBlock, 0, stream>>>(a, k, stats, sums);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t kl_div_vp_stats(const KlDivArgs& args, float* stats_out, cudaStream_t stream) {
+  if (args.n <= 0) return cudaSuccess;
+  const int mode = vp_mode(args);
+  if (mode < 0 || stats_out == nullptr) return cudaErrorInvalidValue;
+  switch (args.dtype) {
+    case KlDtype::kFloat32:
+      return vp_stats_t<float>(args, mode, stats_out, stream);
+    case KlDtype::kBFloat16:
+      return vp_stats_t<__nv_bfloat16>(args, mode, stats_out, stream);
+    case KlDtype::kFloat16:
+      return vp_stats_t<__half>(args, mode, stats_out, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t kl_div_vp_jsd_sums(const KlDivArgs& args, const float* stats, double* sums_out, cudaStream_t stream) {
+  if (args.n <= 0) return cudaSuccess;
+  if (vp_mode(args) != kJsd || stats == nullptr || sums_out == nullptr) return cudaErrorInvalidValue;
+  const JsdConsts k = kl::jsd_consts(args.beta);
+  const unsigned grid = static_cast<unsigned>(args.n);
+  switch (args.dtype) {
+    case KlDtype::kFloat32:
+      kl_vp_jsd_sums_kernel<float><<<grid, kBlock, 0, stream>>>(args, k, stats, sums_out);
+      return cudaGetLastError();
+    case KlDtype::kBFloat16:
+      kl_vp_jsd_sums_kernel<__nv_bfloat16><<<grid, kBlock, 0, stream>>>(args, k, stats, sums_out);
+      return cudaGetLastError();
+    case KlDtype::kFloat16:
+      kl_vp_jsd_sums_kernel<__half><<<grid, kBlock, 0, stream>>>(args, k, stats, sums_out);
+      return cudaGetLastError();
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t kl_div_vp_forward(const KlDivArgs& args, const float* stats, const double* jsd_sums,
+                              cudaStream_t stream) {
+  if (args.n <= 0) return cudaSuccess;
+  const int mode = vp_mode(args);
+  if (mode < 0 || stats == nullptr || (mode == kJsd && jsd_sums == nullptr)) return cudaErrorInvalidValue;
+  const JsdConsts k = kl::jsd_consts(mode == kJsd ? args.beta : 0.5);
+  switch (args.dtype) {
+    case KlDtype::kFloat32:
+      return vp_fwd_t<float>(args, mode, k, stats, jsd_sums, stream);
+    case KlDtype::kBFloat16:
+      return vp_fwd_t<__nv_bfloat16>(args, mode, k, stats, jsd_sums, stream);
+    case KlDtype::kFloat16:
+      return vp_fwd_t<__half>(args, mode, k, stats, jsd_sums, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -45,5 +45,18 @@ size_t kl_div_workspace_bytes(int64_t n, int64_t v, int sm_count);
 cudaError_t kl_div_forward(const KlDivArgs& args, void* workspace, size_t workspace_bytes, int sm_count,
                            cudaStream_t stream);
 
+// Vocab-parallel pieces (one rank's [n, v] slice of the vocabulary; the statistics are combined across ranks
+// between the calls, see minitron/ops/kl.py). `args.loss` / `args.grad` are only used by kl_div_vp_forward.
+//   kl_div_vp_stats     stats_out [n, 5] float32: the slice's KlState (ma, sa, mb, sb, c) per row;
+//                       rows with weight 0 get the empty state (-inf, 0, -inf, 0, 0)
+//   kl_div_vp_jsd_sums  (mode 2, 0 < beta < 1) given the global stats [n, 5]: sums_out [n, 3] float64, the
+//                       slice's (JSD loss terms, sum Q g, sum Q); zeros for skipped / all -inf teacher rows
+//   kl_div_vp_forward   given the global stats (and, mode 2, the global sums): loss [n] (the whole row's) and,
+//                       when args.grad is set, the slice's gradient [n, v]
+cudaError_t kl_div_vp_stats(const KlDivArgs& args, float* stats_out, cudaStream_t stream);
+cudaError_t kl_div_vp_jsd_sums(const KlDivArgs& args, const float* stats, double* sums_out, cudaStream_t stream);
+cudaError_t kl_div_vp_forward(const KlDivArgs& args, const float* stats, const double* jsd_sums,
+                              cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace minitron

@@ -32,7 +32,8 @@ import triton.language as tl
 
 log = logging.getLogger(__name__)
 
-__all__ = ["kl_div_fwd", "MODE_FORWARD", "MODE_REVERSE", "MODE_JSD"]
+__all__ = ["kl_div_fwd", "kl_div_stats", "kl_div_jsd_sums", "kl_div_vp_fwd", "MODE_FORWARD", "MODE_REVERSE",
+           "MODE_JSD"]
 
 MODE_FORWARD = 0  # KL(P || Q)
 MODE_REVERSE = 1  # KL(Q || P)
@@ -323,4 +324,265 @@ def kl_div_fwd(
             launch()
     else:
         launch()
+    return loss, grad
+
+
+# ------------------------------------------------------------------------------------------------
+# Vocab-parallel pieces (minitron.ops.kl, kl_div(..., process_group=...)): one program per row of one
+# rank's [N, V_local] slice; the row statistics are combined across ranks between the launches.
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _kl_div_stats_kernel(
+    s_ptr, t_ptr, w_ptr, out_ptr,
+    V, stride_s, stride_t, inv_t,
+    MODE: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Row ``pid``'s online-softmax state of the slice, ``out[pid] = (m_a, s_a, m_b, s_b, c)`` (fp32), as
+    csrc/common/kl_math.h KlState: ``c`` = sum e_b (b - a) relative to m_b (forward) or e_a (a - b) relative to
+    m_a (reverse), a zero-weight term exactly 0 and a +inf sum kept +inf through rescaling; rows with weight 0
+    get ``(-inf, 0, -inf, 0, 0)``."""
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * stride_s
+    t_row = t_ptr + row * stride_t
+    offs = tl.arange(0, BLOCK_V)
+    w = tl.load(w_ptr + row)
+    ninf = float("-inf")
+    m_a = tl.full((), ninf, tl.float32)
+    m_b = tl.full((), ninf, tl.float32)
+    s_a = tl.zeros([BLOCK_V], dtype=tl.float32)
+    s_b = tl.zeros([BLOCK_V], dtype=tl.float32)
+    cross = tl.zeros([BLOCK_V], dtype=tl.float32)
+    if w != 0.0:
+        for start in range(0, V, BLOCK_V):
+            idx = start + offs
+            msk = idx < V
+            a, b = _load_scaled(s_row, t_row, idx, msk, inv_t)
+            m_a, m_a_safe, alpha_a, e_a, s_a = _online_update(a, m_a, s_a)
+            m_b, m_b_safe, alpha_b, e_b, s_b = _online_update(b, m_b, s_b)
+            if MODE == 0:
+                cross = tl.where(cross == float("inf"), cross, cross * alpha_b)
+                cross += tl.where(e_b == 0.0, 0.0, e_b * (b - a))
+            elif MODE == 1:
+                cross = tl.where(cross == float("inf"), cross, cross * alpha_a)
+                cross += tl.where(e_a == 0.0, 0.0, e_a * (a - b))
+    o = out_ptr + row * 5
+    tl.store(o, m_a)
+    tl.store(o + 1, tl.sum(s_a, axis=0))
+    tl.store(o + 2, m_b)
+    tl.store(o + 3, tl.sum(s_b, axis=0))
+    tl.store(o + 4, tl.sum(cross, axis=0))
+
+
+@triton.jit
+def _global_row(st_ptr, row, MODE: tl.constexpr):
+    """From the global statistics of a row (as csrc/common/kl_math.h kl_finalize): ``(lse_a, lse_b, lse_diff, div,
+    empty)``; NaN values for a row without a distribution, ``empty`` for an all -inf teacher row."""
+    st = st_ptr + row * 5
+    m_a = tl.load(st)
+    s_a = tl.load(st + 1)
+    m_b = tl.load(st + 2)
+    s_b = tl.load(st + 3)
+    c = tl.load(st + 4)
+    empty = (s_b == 0.0) & (s_a > 0.0) & (s_a < float("inf")) & (m_a > float("-inf")) & (m_a < float("inf"))
+    bad = (~((s_a > 0.0) & (s_b > 0.0))) & (~empty)
+    nan = float("nan")
+    lse_a = tl.where(bad, nan, m_a + tl.log(s_a))
+    lse_b = tl.where(bad, nan, m_b + tl.log(s_b))
+    lse_diff = tl.where(bad, nan, (m_a - m_b) + tl.log(s_a / s_b))
+    if MODE == 0:
+        div = c / s_b + lse_diff
+    elif MODE == 1:
+        div = c / s_a - lse_diff
+    else:
+        div = lse_diff * 0.0
+    return lse_a, lse_b, lse_diff, div, empty
+
+
+@triton.jit
+def _kl_div_jsd_sums_kernel(
+    s_ptr, t_ptr, w_ptr, st_ptr, out_ptr,
+    V, stride_s, stride_t,
+    inv_t, beta, one_m_beta, log_beta, log_1m_beta,
+    BLOCK_V: tl.constexpr,
+):
+    """Row ``pid``'s JSD sums over the slice given the global statistics: ``out[pid] = (sum of the divergence
+    terms, sum Q_k g_k, sum Q_k)`` (fp64), zeros for rows with weight 0 and all -inf teacher rows."""
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * stride_s
+    t_row = t_ptr + row * stride_t
+    offs = tl.arange(0, BLOCK_V)
+    w = tl.load(w_ptr + row)
+    ninf = float("-inf")
+    lse_a, lse_b, lse_diff, div, empty = _global_row(st_ptr, row, 2)
+    d_vec = tl.zeros([BLOCK_V], dtype=tl.float32)
+    qg_vec = tl.zeros([BLOCK_V], dtype=tl.float64)
+    qs_vec = tl.zeros([BLOCK_V], dtype=tl.float64)
+    skip = (w == 0.0) | empty
+    if not skip:
+        for start in range(0, V, BLOCK_V):
+            idx = start + offs
+            msk = idx < V
+            a, b = _load_scaled(s_row, t_row, idx, msk, inv_t)
+            d_term, g, log_q = _jsd_terms(a, b, lse_a, lse_b, lse_diff, beta, one_m_beta, log_beta, log_1m_beta)
+            d_vec += d_term
+            q = tl.where(log_q == ninf, 0.0, tl.exp(log_q))
+            qg_vec += q.to(tl.float64) * tl.where(log_q == ninf, 0.0, g).to(tl.float64)
+            qs_vec += q.to(tl.float64)
+    o = out_ptr + row * 3
+    tl.store(o, tl.sum(d_vec, axis=0).to(tl.float64))
+    tl.store(o + 1, tl.sum(qg_vec, axis=0))
+    tl.store(o + 2, tl.sum(qs_vec, axis=0))
+
+
+@triton.jit
+def _kl_div_vp_fwd_kernel(
+    s_ptr, t_ptr, w_ptr, st_ptr, sums_ptr, loss_ptr, grad_ptr,
+    V, stride_s, stride_t,
+    inv_t, beta, one_m_beta, log_beta, log_1m_beta, scale,
+    MODE: tl.constexpr, BLOCK_V: tl.constexpr, WRITE_GRAD: tl.constexpr,
+):
+    """Row ``pid``'s loss (whole row, from the global statistics and, for the JSD, the global sums) and, when
+    WRITE_GRAD, the gradient of the slice (as csrc/common/kl_math.h: forward ``Q - P``, reverse
+    ``Q ((log Q - log P) - D)``, JSD ``Q (g - G)``, times ``w * scale / T``)."""
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * stride_s
+    t_row = t_ptr + row * stride_t
+    g_row = grad_ptr + row * V
+    offs = tl.arange(0, BLOCK_V)
+    w = tl.load(w_ptr + row)
+    ninf = float("-inf")
+    lse_a, lse_b, lse_diff, div, empty = _global_row(st_ptr, row, MODE)
+    skip = (w == 0.0) | empty
+    coef = w * scale * inv_t
+    if MODE == 2:
+        sm = sums_ptr + row * 3
+        div = tl.where(lse_a == lse_a, tl.load(sm).to(tl.float32), lse_a)  # NaN rows stay NaN
+        qs = tl.load(sm + 2)
+        centre = tl.load(sm + 1) / tl.where(qs > 0.0, qs, 1.0)
+        c_hi = centre.to(tl.float32)
+        c_lo = (centre - c_hi.to(tl.float64)).to(tl.float32)
+    if WRITE_GRAD:
+        for start in range(0, V, BLOCK_V):
+            idx = start + offs
+            msk = idx < V
+            a, b = _load_scaled(s_row, t_row, idx, msk, inv_t)
+            if MODE == 0:
+                g = coef * (tl.exp(a - lse_a) - tl.exp(b - lse_b))
+            elif MODE == 1:
+                q = tl.exp(a - lse_a)
+                g = tl.where(q == 0.0, 0.0, q * (((a - b) - lse_diff) - div) * coef)
+            else:
+                d_term, gk, log_q = _jsd_terms(a, b, lse_a, lse_b, lse_diff, beta, one_m_beta, log_beta,
+                                               log_1m_beta)
+                g = tl.where(log_q == ninf, 0.0, coef * tl.exp(log_q) * ((gk - c_hi) - c_lo))
+            g = tl.where(skip, 0.0, g)
+            tl.store(g_row + idx, g.to(grad_ptr.dtype.element_ty), mask=msk)
+    tl.store(loss_ptr + row, tl.where(skip, 0.0, w * scale * div))
+
+
+def _vp_check(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor,
+              stats: torch.Tensor | None) -> tuple[int, int]:
+    if student.dim() != 2 or teacher.shape != student.shape:
+        raise ValueError(f"student and teacher must be 2-D of the same shape, got "
+                         f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+    if student.dtype not in _DTYPES or teacher.dtype != student.dtype:
+        raise TypeError(f"student/teacher dtype must match and be one of {_DTYPES}, got "
+                        f"{student.dtype} and {teacher.dtype}")
+    n, v = student.shape
+    if weight.shape != (n,) or weight.dtype != torch.float32 or not weight.is_contiguous():
+        raise ValueError(f"weight must be a contiguous float32 [N={n}] tensor, got {weight.dtype} "
+                         f"{tuple(weight.shape)}")
+    if stats is not None and (stats.shape != (n, 5) or stats.dtype != torch.float32 or not stats.is_contiguous()):
+        raise ValueError(f"stats must be a contiguous float32 [N={n}, 5] tensor, got {stats.dtype} "
+                         f"{tuple(stats.shape)}")
+    for name, x in (("student", student), ("teacher", teacher), ("weight", weight)) + (
+            (("stats", stats),) if stats is not None else ()):
+        if x.device != student.device:
+            raise ValueError(f"{name} is on {x.device}, the student on {student.device}")
+    for name, x in (("student", student), ("teacher", teacher)):
+        if v > 0 and n > 0 and (x.stride(1) != 1 or x.stride(0) < v):
+            raise ValueError(f"{name} must have stride(1) == 1 and stride(0) >= V, got stride "
+                             f"{tuple(x.stride())} for shape {tuple(x.shape)}")
+    if student.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("Triton kl_div on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
+    return n, v
+
+
+def _jsd_args(beta: float) -> tuple[float, float, float, float]:
+    beta = float(beta)
+    return beta, 1.0 - beta, math.log(beta), math.log1p(-beta)
+
+
+def _launch(device: torch.device, fn) -> None:
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            fn()
+    else:
+        fn()
+
+
+def kl_div_stats(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor, mode: int,
+                 inv_temperature: float, *, block_v: int | None = None) -> torch.Tensor:
+    """fp32 ``[N, 5]`` online-softmax statistics ``(m_a, s_a, m_b, s_b, c)`` of each row of a vocabulary slice
+    (see ``minitron.ops.kl.kl_div_stats``). Inputs as :func:`kl_div_fwd`."""
+    n, v = _vp_check(student, teacher, weight, None)
+    if mode not in (MODE_FORWARD, MODE_REVERSE, MODE_JSD):
+        raise ValueError(f"mode must be 0 (forward), 1 (reverse) or 2 (jsd), got {mode}")
+    out = torch.empty((n, 5), dtype=torch.float32, device=student.device)
+    if n == 0:
+        return out
+    block = _block_v(v, block_v)
+    _launch(student.device, lambda: _kl_div_stats_kernel[(n,)](
+        student, teacher, weight, out, v, student.stride(0), teacher.stride(0), float(inv_temperature),
+        MODE=mode, BLOCK_V=block, num_warps=4 if block <= 1024 else 8))
+    return out
+
+
+def kl_div_jsd_sums(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor, stats: torch.Tensor,
+                    inv_temperature: float, beta: float, *, block_v: int | None = None) -> torch.Tensor:
+    """fp64 ``[N, 3]`` JSD sums ``(loss terms, sum Q g, sum Q)`` of each row of a vocabulary slice, given the
+    global statistics (see ``minitron.ops.kl.kl_div_jsd_sums``); ``0 < beta < 1`` in float32."""
+    n, v = _vp_check(student, teacher, weight, stats)
+    beta_f = struct.unpack("f", struct.pack("f", float(beta)))[0]
+    if not 0.0 < beta_f < 1.0:
+        raise ValueError(f"beta must be strictly between 0 and 1 in float32 (the ends are forward / reverse KL), "
+                         f"got {beta}")
+    out = torch.empty((n, 3), dtype=torch.float64, device=student.device)
+    if n == 0:
+        return out
+    block = _block_v(v, block_v)
+    _launch(student.device, lambda: _kl_div_jsd_sums_kernel[(n,)](
+        student, teacher, weight, stats, out, v, student.stride(0), teacher.stride(0), float(inv_temperature),
+        *_jsd_args(beta), BLOCK_V=block, num_warps=4 if block <= 1024 else 8))
+    return out
+
+
+def kl_div_vp_fwd(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor, stats: torch.Tensor,
+                  jsd_sums: torch.Tensor | None, mode: int, inv_temperature: float, beta: float, scale: float, *,
+                  need_grad: bool = True, block_v: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row loss ``[N]`` fp32 (the whole row's, from the global statistics) and the gradient ``[N, V_local]``
+    of a vocabulary slice (see ``minitron.ops.kl.kl_div_vp_fwd``); ``jsd_sums`` fp64 ``[N, 3]`` for mode 2."""
+    n, v = _vp_check(student, teacher, weight, stats)
+    if mode not in (MODE_FORWARD, MODE_REVERSE, MODE_JSD):
+        raise ValueError(f"mode must be 0 (forward), 1 (reverse) or 2 (jsd), got {mode}")
+    beta_f = struct.unpack("f", struct.pack("f", float(beta)))[0]
+    if mode == MODE_JSD and beta_f == 0.0:
+        mode = MODE_FORWARD
+    elif mode == MODE_JSD and beta_f == 1.0:
+        mode = MODE_REVERSE
+    if mode == MODE_JSD and (jsd_sums is None or jsd_sums.shape != (n, 3) or jsd_sums.dtype != torch.float64
+                             or not jsd_sums.is_contiguous() or jsd_sums.device != student.device):
+        raise ValueError("the JSD needs jsd_sums, a contiguous float64 [N, 3] tensor on the logits' device")
+    loss = torch.empty(n, dtype=torch.float32, device=student.device)
+    grad = torch.empty((n if need_grad else 0, v), dtype=student.dtype, device=student.device)
+    if n == 0:
+        return loss, grad
+    block = _block_v(v, block_v)
+    jsd = _jsd_args(beta) if mode == MODE_JSD else (0.5, 0.5, 0.0, 0.0)
+    _launch(student.device, lambda: _kl_div_vp_fwd_kernel[(n,)](
+        student, teacher, weight, stats, jsd_sums if mode == MODE_JSD else stats, loss,
+        grad if need_grad else student, v, student.stride(0), teacher.stride(0), float(inv_temperature), *jsd,
+        float(scale), MODE=mode, BLOCK_V=block, WRITE_GRAD=bool(need_grad), num_warps=4 if block <= 1024 else 8))
     return loss, grad

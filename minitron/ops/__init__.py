@@ -2,7 +2,7 @@
 
 KL divergence family (``minitron.ops.kl``):
     kl_div, fused_linear_kl_div, KLDivLoss, FusedLinearKLDivLoss, kl_div_reference,
-    fused_linear_kl_div_reference
+    fused_linear_kl_div_reference, vp_bytes_per_row (kl_div(..., process_group=g): vocab-parallel logits)
 Importance reduction (``minitron.ops.importance``):
     ImportanceAccumulator, BlockInfluence, importance_reference, block_influence_reference
 Sparse top-k KL (``minitron.ops.topk_kl``):
@@ -29,6 +29,7 @@ _EXPORTS = {
     "kl_div_reference": "kl",
     "MAX_TEMPERATURE": "kl",
     "fused_linear_kl_div_reference": "kl",
+    "vp_bytes_per_row": "kl",
     "ImportanceAccumulator": "importance",
     "NonFiniteActivationError": "importance",
     "BlockInfluence": "importance",

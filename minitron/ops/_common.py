@@ -1,5 +1,6 @@
 """Helpers shared by the loss op modules (``kl``, ``topk_kl``): argument checks, row views, per-token weights,
-chunk sizing for the fused-linear forms, and the in-place row scaling used by their backward passes.
+chunk sizing for the fused-linear forms and their per-chunk loss scatter and gradient accumulation
+(``add_chunk_grads_``), and the in-place row scaling used by their backward passes.
 
 Private to ``minitron.ops``; nothing here imports an op module.
 """
@@ -134,3 +135,55 @@ def scale_rows_(grad: Tensor, row_scale: Tensor) -> None:
 @scale_rows_.register_fake
 def _(grad, row_scale):
     return None
+
+
+# Whether torch.addmm(..., out_dtype=float32, out=acc) works for 16-bit inputs on CUDA (cuBLAS writes
+# the fp32 product straight into the fp32 accumulator); no entry until first tried.
+_ADDMM_FP32_OUT: dict[str, bool] = {}
+
+
+def accumulate_fp32_(acc: Tensor, a: Tensor, b: Tensor, *, fp32_out_gemm: bool = True) -> None:
+    """``acc += a @ b`` with ``acc`` fp32 and ``a``, ``b`` of any float dtype. ``fp32_out_gemm``: without a [V, H]
+    temporary where the device allows it (CUDA 16-bit inputs: fp32-output GEMM); otherwise (and always when
+    False) via a product in the input dtype."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if fp32_out_gemm and acc.device.type == "cuda" and _ADDMM_FP32_OUT.get("cuda", True):
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            _ADDMM_FP32_OUT["cuda"] = True
+            return
+        except (RuntimeError, TypeError):  # older torch: no out_dtype overload
+            _ADDMM_FP32_OUT["cuda"] = False
+    acc.add_((a @ b).to(acc.dtype))
+
+
+def add_chunk_grads_(loss: Tensor, loss_c: Tensor, rows: Tensor, span: Optional[tuple[int, int]],
+                     g: Optional[Tensor], h: Tensor, sw: Tensor, grad_h: Optional[Tensor],
+                     grad_w: Optional[Tensor], grad_b: Optional[Tensor], *, fp32_out_gemm: bool = True) -> None:
+    """One token chunk of a fused-linear loss op, into the whole-batch outputs (in place).
+
+    Args:
+        loss: fp32 ``[N]``; ``loss_c``: fp32 ``[C]``, the chunk's per-token losses.
+        rows: long ``[C]`` the chunk's token indices; ``span``: ``(lo, hi)`` when they are ``lo..hi-1`` (slice
+            writes instead of ``index_copy_``), else None.
+        g: ``[C, V]`` d loss / d chunk logits (None: loss only, the gradients are not touched);
+        h: ``[C, H]`` the chunk's hidden states; sw: ``[V, H]`` the LM-head weight.
+        grad_h: ``[N, H]`` (rows of the chunk written: ``g @ sw``); grad_w: fp32 ``[V, H]`` (``+= g.T @ h``, see
+            :func:`accumulate_fp32_` for ``fp32_out_gemm``); grad_b: fp32 ``[V]`` (``+= g.sum(0)``) or None.
+    """
+    if span is not None:
+        loss[span[0]:span[1]] = loss_c
+    else:
+        loss.index_copy_(0, rows, loss_c)
+    if g is None:
+        return
+    gh = g @ sw
+    if span is not None:
+        grad_h[span[0]:span[1]] = gh
+    else:
+        grad_h.index_copy_(0, rows, gh)
+    accumulate_fp32_(grad_w, g.t(), h, fp32_out_gemm=fp32_out_gemm)
+    if grad_b is not None:
+        grad_b.add_(g.sum(0, dtype=torch.float32))

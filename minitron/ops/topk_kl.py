@@ -44,7 +44,8 @@ from torch import Tensor, nn
 
 from minitron.ops._common import as_rows as _as_rows
 from minitron.ops._common import check_float_tensor as _check_float_tensor
-from minitron.ops._common import default_chunk_size, register_row_loss_autograd, token_weights, uniform_grad_hook
+from minitron.ops._common import add_chunk_grads_, default_chunk_size, register_row_loss_autograd, token_weights
+from minitron.ops._common import uniform_grad_hook
 from minitron.ops._common import eager as _eager
 from minitron.ops._common import is_one as _is_one
 from minitron.ops._dispatch import native_unavailable, op_backends, triton_unavailable
@@ -467,22 +468,9 @@ def _fused_impl(sh: Tensor, sw: Tensor, sb: Optional[Tensor], idx: Tensor, lp: T
         loss_c, g = _run(logits, i_c, l_c, w_c.contiguous(), lab_c.contiguous(), cw_c.contiguous(), temperature,
                          tail, backend, need_grads)
         del logits
-        if contiguous_rows:
-            loss[lo:hi] = loss_c
-        else:
-            loss.index_copy_(0, rows, loss_c)
-        if need_grads:
-            gh = g @ sw
-            if contiguous_rows:
-                grad_h[lo:hi] = gh
-            else:
-                grad_h.index_copy_(0, rows, gh)
-            if g.dtype == torch.float32:
-                grad_w.addmm_(g.t(), h)
-            else:
-                grad_w.add_((g.t() @ h).to(torch.float32))
-            if grad_b is not None:
-                grad_b.add_(g.sum(0, dtype=torch.float32))
+        # fp32_out_gemm=False: 16-bit weight gradients through a product in the input dtype, as before
+        add_chunk_grads_(loss, loss_c, rows, (lo, hi) if contiguous_rows else None, g if need_grads else None, h,
+                         sw, grad_h, grad_w, grad_b, fp32_out_gemm=False)
         del g
     return loss, grad_h, grad_w, grad_b
 
