@@ -15,7 +15,8 @@ Functions:
     estimate_importance(model, data, ...) -> ImportanceScores
     prune(model, *, importance, hidden_size=..., num_hidden_layers=..., output_dir=...) -> model
     correct_teacher(model, data, *, output_dir, ...) -> TrainResult   (LM fine-tuning)
-    distill(student, teacher, data, *, output_dir, ...) -> TrainResult
+    distill(student, teacher, data, *, output_dir, ...) -> TrainResult   (or teacher_logits=STORE)
+    write_teacher_logits(teacher, data, *, output_dir, top_k, ...) -> Path   (a top-k teacher-logit store)
     evaluate_perplexity(model, data, ...) -> {"loss", "ppl", "tokens", "sequences"}
 
 Training outputs (``correct_teacher`` / ``distill`` / ``train_lm``)::
@@ -54,6 +55,7 @@ __all__ = [
     "distill",
     "evaluate_perplexity",
     "train_lm",
+    "write_teacher_logits",
 ]
 
 # names of the ops' backend tables in minitron.ops._dispatch.REGISTRY, per command
@@ -75,6 +77,66 @@ def _train_config(train: Union[None, TrainConfig, Dict[str, Any]], overrides: Di
         raise TypeError(f"train must be a TrainConfig, a dict or None, got {type(train).__name__}")
     base.update({k: v for k, v in overrides.items()})
     return TrainConfig.from_dict(base)
+
+
+def _rank() -> int:
+    """This process's rank in the default process group (0 without one)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _begin_run(out: Path, *, overwrite: bool) -> Path:
+    """:func:`begin_output` for a training run, on every rank: rank 0 creates the run directory (after every
+    rank has checked its inputs and output) and tells the others where it is."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return begin_output(out, overwrite=overwrite)
+    from minitron.train.distributed import barrier
+
+    barrier()  # every rank has validated the output before rank 0 creates it
+    where = [str(begin_output(out, overwrite=overwrite)) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(where, src=0)
+    return Path(where[0])
+
+
+def _abandon_run(work: Path, out: Path) -> None:
+    if _rank() == 0:
+        abandon_output(work, out)
+
+
+def _choose_streaming(command: str, model: ModelLike, streaming: Optional[bool]) -> bool:
+    """Whether ``command`` streams ``model`` from its files: as asked, or (``None``) by the memory it needs."""
+    if streaming is not None and not isinstance(streaming, bool):
+        raise TypeError(f"streaming must be True, False or None, got {streaming!r}")
+    local = is_path(model) and Path(resolve_model_path(model)).is_dir()
+    if streaming is False:
+        return False
+    if not local:
+        if streaming:
+            raise ValueError(
+                f"--streaming needs a local checkpoint directory as --model, got "
+                f"{'a loaded model' if isinstance(model, torch.nn.Module) else repr(str(model))}"
+            )
+        return False
+    path = resolve_model_path(model)
+    if command == "importance":
+        from minitron.compress.streaming import should_stream
+    else:
+        from minitron.compress.stream_prune import should_stream_prune as should_stream
+    decision, reason = should_stream(path)
+    if streaming is None:
+        log.info("%s: %s", command, reason)
+        return decision
+    return True
+
+
+def _checkpoint_tokenizer(path: str) -> Any:
+    """The tokenizer saved in a checkpoint directory, or None when it has none (data must then be token ids)."""
+    from minitron.io.tokenizer import has_tokenizer_files, load_tokenizer
+
+    return load_tokenizer(path) if has_tokenizer_files(path) else None
 
 
 def check_finite_weights(model: torch.nn.Module, where: str) -> None:
@@ -124,6 +186,8 @@ def estimate_importance(
     backend: str = "auto",
     progress: bool = False,
     plot: bool = True,
+    streaming: Optional[bool] = None,
+    spill_dir: Optional[Union[str, os.PathLike]] = None,
 ):
     """Activation-based importance of heads, neurons, channels and layers on calibration data.
 
@@ -135,6 +199,16 @@ def estimate_importance(
         seq_len: packing length (default: min(512, the model's max_position_embeddings)).
         batch_size, max_batches: calibration batches of ``batch_size`` sequences, at most ``max_batches``.
         seq_agg, batch_agg, layer_metrics, backend: see :func:`minitron.compress.importance.estimate_importance`.
+        streaming: ``True`` runs one decoder layer at a time from the memory-mapped safetensors of a local
+            checkpoint (:func:`minitron.compress.streaming.estimate_importance_streaming`; fp32 compute per
+            layer, hidden states spilled to ``spill_dir`` when they do not fit); ``False`` loads the whole
+            model; ``None`` (default) streams a local checkpoint whose fp32 copy would not fit comfortably in
+            the available memory (the reason is logged).
+        spill_dir: where streamed hidden states may spill (default: the system temporary directory).
+
+    Under ``torchrun`` (an initialised process group, see
+    :func:`minitron.train.distributed.distributed_session`) the batches are sharded over the ranks, the sums
+    all-reduced, and only rank 0 writes ``output_dir``; every rank returns the same scores.
 
     Returns:
         :class:`minitron.compress.importance.ImportanceScores`.
@@ -158,26 +232,44 @@ def estimate_importance(
                                inputs={"--model": model, "--data": data, "--tokenizer": tokenizer})
     dev = resolve_device(device)
     check_backends(dev, backend, ops=IMPORTANCE_OPS)
-    module, tok, _ = load_model_like(model, tokenizer)
-    check_finite_weights(module, str(model) if is_path(model) else "model")
-    packed = load_packed(
-        data, tok, seq_len=seq_len, text_column=text_column, split=split, dataset_config=dataset_config,
-        max_tokens=max_tokens, drop_remainder=False, model_configs=[module.config],
-    )
-    batches = packed.batches(batch_size, max_batches=max_batches)
-    orig_device = next(module.parameters()).device
-    module.to(dev)
+    stream = _choose_streaming("importance", model, streaming)
     t0 = time.time()
-    try:
-        scores = _estimate(module, batches, seq_agg=seq_agg, batch_agg=batch_agg, layer_metrics=tuple(layer_metrics),
-                           progress=progress, backend=backend)
-    finally:
-        module.to(orig_device)
-    log.info("importance: %d batches in %.1fs", len(batches), time.time() - t0)
+    if stream:
+        from minitron.compress.streaming import estimate_importance_streaming
+
+        if dev.type != "cpu":
+            raise ValueError(f"streamed importance runs on the CPU; got --device {device!r} (use --no-streaming)")
+        path = resolve_model_path(model)
+        tok = load_tokenizer_arg(tokenizer) if tokenizer is not None else _checkpoint_tokenizer(path)
+        packed = load_packed(
+            data, tok, seq_len=seq_len, text_column=text_column, split=split, dataset_config=dataset_config,
+            max_tokens=max_tokens, drop_remainder=False, model_configs=[config],
+        )
+        batches = packed.batches(batch_size, max_batches=max_batches)
+        scores = estimate_importance_streaming(path, batches, seq_agg=seq_agg, batch_agg=batch_agg,
+                                               layer_metrics=tuple(layer_metrics), progress=progress,
+                                               backend=backend, spill_dir=spill_dir)
+    else:
+        module, tok, _ = load_model_like(model, tokenizer)
+        check_finite_weights(module, str(model) if is_path(model) else "model")
+        packed = load_packed(
+            data, tok, seq_len=seq_len, text_column=text_column, split=split, dataset_config=dataset_config,
+            max_tokens=max_tokens, drop_remainder=False, model_configs=[module.config],
+        )
+        batches = packed.batches(batch_size, max_batches=max_batches)
+        orig_device = next(module.parameters()).device
+        module.to(dev)
+        try:
+            scores = _estimate(module, batches, seq_agg=seq_agg, batch_agg=batch_agg,
+                               layer_metrics=tuple(layer_metrics), progress=progress, backend=backend)
+        finally:
+            module.to(orig_device)
+    log.info("importance%s: %d batches in %.1fs", " (layer-streamed)" if stream else "", len(batches),
+             time.time() - t0)
     for name in ("heads", "neurons", "channels"):
         if not bool(torch.isfinite(getattr(scores, name)).all()):
             raise RuntimeError(f"importance: the {name} scores are not finite (NaN/inf activations); nothing was saved")
-    if out is not None:
+    if out is not None and _rank() == 0:
         work = begin_output(out, overwrite=overwrite)
         try:
             scores.save(work, overwrite=True)
@@ -214,7 +306,9 @@ def prune(
     layers_to_drop: Optional[Sequence[int]] = None,
     backend: str = "auto",
     inplace: bool = False,
-) -> torch.nn.Module:
+    streaming: Optional[bool] = False,
+    shard_bytes: Optional[int] = None,
+) -> Union[torch.nn.Module, Path]:
     """Width- and/or depth-prune a model (width first, then depth) and optionally save it.
 
     Args:
@@ -226,9 +320,15 @@ def prune(
         hidden_size, intermediate_size, num_attention_heads, num_key_value_heads: width targets.
         num_hidden_layers, depth_metric, contiguous, layers_to_drop: depth target (see
             :func:`minitron.compress.prune.prune_depth`).
+        streaming: ``True`` prunes a local checkpoint tensor by tensor into ``output_dir`` without loading
+            the model (:func:`minitron.compress.stream_prune.prune_checkpoint_streaming`: memory for one
+            tensor; sharded safetensors output, tensor-for-tensor equal to the in-memory path's); ``None``
+            streams when the weights would not fit comfortably in the available memory (logged); ``False``
+            (the default of this function; the CLI defaults to ``None``) loads the model.
+        shard_bytes: output shard size limit when streaming (default 5 GB, as transformers).
 
     Returns:
-        The pruned model.
+        The pruned model; when streaming, the output directory (a Path) instead.
     """
     from minitron.compress.importance import ImportanceScores
     from minitron.compress.prune import plan_depth, prune_depth, prune_width, validate_width_targets
@@ -261,6 +361,14 @@ def prune(
             raise ValueError("depth pruning needs importance scores or layers_to_drop")
         plan_depth(config, num_hidden_layers=num_hidden_layers, scores=scores, metric=depth_metric,
                    contiguous=contiguous, layers_to_drop=layers_to_drop)
+    if _choose_streaming("prune", model, streaming):
+        return _prune_streaming(model, scores, width if want_width else None, config, output_dir,
+                                overwrite=overwrite, tokenizer=tokenizer, importance=importance,
+                                num_hidden_layers=num_hidden_layers if want_depth else None,
+                                depth_metric=depth_metric, contiguous=contiguous, layers_to_drop=layers_to_drop,
+                                backend=backend, shard_bytes=shard_bytes)
+    if shard_bytes is not None:
+        raise ValueError("shard_bytes (--shard-size) applies to streamed pruning only (--streaming)")
     out = None
     if output_dir is not None:
         out = check_output_dir(output_dir, overwrite=overwrite, estimated_bytes=weight_bytes(model),
@@ -291,6 +399,37 @@ def prune(
     return module
 
 
+def _prune_streaming(
+    model: ModelLike, scores: Any, width: Optional[Dict[str, Optional[int]]], config: Any, output_dir: Any, *,
+    overwrite: bool, tokenizer: Any, importance: Any, num_hidden_layers: Optional[int], depth_metric: str,
+    contiguous: bool, layers_to_drop: Optional[Sequence[int]], backend: str, shard_bytes: Optional[int],
+) -> Path:
+    """Shard-streamed pruning (see :func:`prune`); the depth plan is taken on the width-pruned config."""
+    from minitron.compress.prune import plan_depth
+    from minitron.compress.stream_prune import DEFAULT_SHARD_BYTES, prune_checkpoint_streaming
+
+    if output_dir is None:
+        raise ValueError("streamed pruning writes its result to disk: give output_dir (--output)")
+    src = resolve_model_path(model)
+    if tokenizer is not None:
+        raise ValueError("--tokenizer is not supported with --streaming: the output carries the tokenizer files "
+                         f"of {src!r}")
+    check_output_dir(output_dir, overwrite=overwrite, estimated_bytes=weight_bytes(model),
+                     inputs={"--model": model, "--importance": importance})
+    drop = None
+    if num_hidden_layers is not None:
+        drop = plan_depth(config, num_hidden_layers=num_hidden_layers, scores=scores, metric=depth_metric,
+                          contiguous=contiguous, layers_to_drop=layers_to_drop)
+    if scores is not None and width is not None:
+        scores.check_compatible(config)
+    t0 = time.time()
+    out = prune_checkpoint_streaming(src, output_dir, scores=scores, width_targets=width, drop_layers=drop,
+                                     shard_bytes=DEFAULT_SHARD_BYTES if shard_bytes is None else shard_bytes,
+                                     overwrite=overwrite, backend=backend, progress=True)
+    log.info("pruned (streamed) %s -> %s in %.1fs", src, out, time.time() - t0)
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # training commands
 
@@ -302,10 +441,16 @@ def _finish_run(
     from minitron.io.checkpoint import save_model
 
     model_dir = out / MODEL_SUBDIR
-    save_model(module, work / MODEL_SUBDIR, tokenizer=tok, tokenizer_dir=tok_dir,
-               overwrite=(work / MODEL_SUBDIR).exists(), input_path=src)
     result.extra["model_dir"] = str(model_dir)
     result.extra["model"] = module
+    if _rank() != 0:  # under torchrun rank 0 writes the final model (one plain checkpoint) and publishes
+        from minitron.train.distributed import barrier
+
+        barrier()
+        result.output_dir = out
+        return result
+    save_model(module, work / MODEL_SUBDIR, tokenizer=tok, tokenizer_dir=tok_dir,
+               overwrite=(work / MODEL_SUBDIR).exists(), input_path=src)
     atomic_write_json(work / "run.json", {
         "args": args,
         "steps": result.steps,
@@ -316,6 +461,10 @@ def _finish_run(
         "model_dir": str(model_dir),
     })
     finish_output(work, out)
+    if _rank() == 0 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        from minitron.train.distributed import barrier
+
+        barrier()
     result.output_dir = out
     result.log_path = out / result.log_path.name
     if result.plot_path is not None:
@@ -374,7 +523,7 @@ def train_lm(
     train_data, ev = _training_data(data, eval_data, tok, seq_len, [module.config], text_column=text_column,
                                     split=split, dataset_config=dataset_config, max_tokens=max_tokens,
                                     eval_split=eval_split, eval_max_tokens=eval_max_tokens)
-    work = begin_output(out, overwrite=overwrite)
+    work = _begin_run(out, overwrite=overwrite)
     info = {"model": _model_info(module), "data": train_data.description}
     try:
         result = correct_model(module, train_data, cfg, work, eval_data=ev, resume=resume, callbacks=callbacks,
@@ -383,7 +532,7 @@ def train_lm(
                 "data": str(data) if is_path(data) else "<object>", "train": cfg.to_dict()}
         return _finish_run(result, module, tok, work, out, args, src, tokenizer_source(src, tokenizer))
     except BaseException:
-        abandon_output(work, out)
+        _abandon_run(work, out)
         raise
 
 
@@ -407,10 +556,12 @@ def correct_teacher(model: ModelLike, data: Any, *, output_dir: Union[str, os.Pa
 
 def distill(
     student: ModelLike,
-    teacher: ModelLike,
+    teacher: Optional[ModelLike],
     data: Any,
     *,
     output_dir: Union[str, os.PathLike],
+    teacher_logits: Optional[Union[str, os.PathLike]] = None,
+    tail: bool = True,
     tokenizer: Any = None,
     eval_data: Any = None,
     seq_len: Optional[int] = None,
@@ -437,7 +588,15 @@ def distill(
 
     Args:
         student: pruned model (path or module; a module is trained in place).
-        teacher: the (corrected) teacher, frozen (path or module; not modified).
+        teacher: the (corrected) teacher, frozen (path or module; not modified); ``None`` with
+            ``teacher_logits``.
+        teacher_logits: a teacher top-k logit store (written by :func:`write_teacher_logits`) to distil
+            from instead of a live teacher (no teacher is loaded): the fused top-k KL
+            (:func:`minitron.ops.fused_linear_topk_kl_div`) at the store's temperature. The store must come from
+            this very data (same tokenizer, vocabulary, seq_len and token ids; the mismatch is named).
+            ``mode``/``beta``/``temperature`` other than their defaults are refused (the store fixes them).
+        tail: with a store: match the teacher's unstored mass as one bucket (True) or renormalise the teacher
+            over its k entries (False); see ``docs/topk_kl.md``.
         data: distillation data (text source or PackedDataset).
         output_dir: run directory (final student in ``<output_dir>/model``).
         mode, temperature, beta, kl_weight, lm_loss_weight, chunk_size, kl_backend: see
@@ -452,6 +611,18 @@ def distill(
     from minitron.train import DistillConfig, check_distillable, distill_model
 
     cfg = _train_config(train, train_kwargs)
+    if (teacher is None) == (teacher_logits is None):
+        raise ValueError("give exactly one of teacher (--teacher) and teacher_logits (--teacher-logits)")
+    if teacher_logits is not None:
+        if mode != "forward" or beta != 0.5 or temperature != 1.0:
+            raise ValueError("a teacher-logit store fixes the loss (forward KL at the store's temperature): "
+                             "leave mode/--kl-mode, beta and temperature at their defaults")
+        return _distill_from_store(
+            student, teacher_logits, data, cfg, output_dir=output_dir, tokenizer=tokenizer, eval_data=eval_data,
+            seq_len=seq_len, text_column=text_column, split=split, dataset_config=dataset_config,
+            max_tokens=max_tokens, eval_split=eval_split, eval_max_tokens=eval_max_tokens, tail=tail,
+            kl_weight=kl_weight, lm_loss_weight=lm_loss_weight, chunk_size=chunk_size, kl_backend=kl_backend,
+            overwrite=overwrite, resume=resume, callbacks=callbacks)
     dcfg = DistillConfig(mode=mode, temperature=temperature, beta=beta, kl_weight=kl_weight,
                          lm_loss_weight=lm_loss_weight, chunk_size=chunk_size, backend=kl_backend)
     s_cfg, t_cfg = read_config(student, "--student"), read_config(teacher, "--teacher")
@@ -477,7 +648,7 @@ def distill(
     train_data, ev = _training_data(data, eval_data, tok, seq_len, [s_mod.config, t_mod.config],
                                     text_column=text_column, split=split, dataset_config=dataset_config,
                                     max_tokens=max_tokens, eval_split=eval_split, eval_max_tokens=eval_max_tokens)
-    work = begin_output(out, overwrite=overwrite)
+    work = _begin_run(out, overwrite=overwrite)
     info = {"student": _model_info(s_mod), "teacher": _model_info(t_mod), "data": train_data.description}
     try:
         result = distill_model(s_mod, t_mod, train_data, cfg, dcfg, work, eval_data=ev, resume=resume,
@@ -489,8 +660,123 @@ def distill(
         tok_dir = tokenizer_source(s_src, tokenizer) or tokenizer_source(t_src, None)
         return _finish_run(result, s_mod, tok, work, out, args, s_src, tok_dir)
     except BaseException:
-        abandon_output(work, out)
+        _abandon_run(work, out)
         raise
+
+
+def _distill_from_store(
+    student: ModelLike, store_dir: Union[str, os.PathLike], data: Any, cfg: TrainConfig, *,
+    output_dir: Union[str, os.PathLike], tokenizer: Any, eval_data: Any, seq_len: Optional[int], text_column: str,
+    split: Optional[str], dataset_config: Optional[str], max_tokens: Optional[int], eval_split: Optional[str],
+    eval_max_tokens: Optional[int], tail: bool, kl_weight: float, lm_loss_weight: float,
+    chunk_size: Optional[int], kl_backend: str, overwrite: bool, resume: bool, callbacks: Sequence[Any],
+) -> TrainResult:
+    """:func:`distill` from a teacher-logit store (see there)."""
+    from minitron.io.logit_store import TeacherLogitStore, tokenizer_hash
+    from minitron.train.stored import StoredDistillConfig, distill_from_store
+
+    if not is_path(store_dir):
+        raise TypeError(f"teacher_logits must be a store directory, got {type(store_dir).__name__}")
+    scfg = StoredDistillConfig(kl_weight=kl_weight, lm_loss_weight=lm_loss_weight, tail=tail, chunk_size=chunk_size,
+                               backend=kl_backend)
+    scfg.validate()
+    store = TeacherLogitStore(store_dir)
+    s_cfg = read_config(student, "--student")
+    if seq_len is None:
+        seq_len = store.seq_len
+    seq_len = default_seq_len(seq_len, s_cfg)
+    check_data_arg("--data", data)
+    check_data_arg("--eval-data", eval_data, required=False)
+    inputs = {"--student": student, "--teacher-logits": store_dir, "--data": data, "--eval-data": eval_data,
+              "--tokenizer": tokenizer}
+    out = check_output_dir(output_dir, overwrite=overwrite, resume=resume, resumable=True, inputs=inputs,
+                           estimated_bytes=_training_bytes(weight_bytes(student), cfg))
+    dev = resolve_device(cfg.device)
+    if scfg.kl_weight > 0:
+        check_backends(dev, kl_backend, ops=("fused_linear_topk_kl_div",))
+    s_mod, tok, s_src = load_model_like(student, tokenizer)
+    if tok is None:
+        raise ValueError(f"--student {str(student)!r} has no tokenizer files; give --tokenizer (the teacher's)")
+    tok_dir = tokenizer_source(s_src, tokenizer)
+    train_data, ev = _training_data(data, eval_data, tok, seq_len, [s_mod.config], text_column=text_column,
+                                    split=split, dataset_config=dataset_config, max_tokens=max_tokens,
+                                    eval_split=eval_split, eval_max_tokens=eval_max_tokens)
+    t_hash = tokenizer_hash(tok_dir) if tok_dir is not None else None
+    work = _begin_run(out, overwrite=overwrite)
+    info = {"student": _model_info(s_mod), "data": train_data.description}
+    try:
+        result = distill_from_store(s_mod, store, train_data, cfg, scfg, work, eval_data=ev, resume=resume,
+                                    callbacks=callbacks, run_info=info, tokenizer_hash=t_hash)
+        args = {"command": "distill", "student": str(student) if is_path(student) else "<module>",
+                "teacher_logits": str(store_dir), "seq_len": seq_len,
+                "data": str(data) if is_path(data) else "<object>", "train": cfg.to_dict(),
+                "distill_from_store": scfg.to_dict()}
+        return _finish_run(result, s_mod, tok, work, out, args, s_src, tok_dir)
+    except BaseException:
+        _abandon_run(work, out)
+        raise
+
+
+def write_teacher_logits(
+    teacher: ModelLike,
+    data: Any,
+    *,
+    output_dir: Union[str, os.PathLike],
+    top_k: int = 64,
+    temperature: float = 1.0,
+    value_encoding: Optional[str] = None,
+    tokenizer: Any = None,
+    seq_len: Optional[int] = None,
+    text_column: str = "text",
+    split: Optional[str] = None,
+    dataset_config: Optional[str] = None,
+    max_tokens: Optional[int] = None,
+    batch_size: int = 8,
+    device: str = "auto",
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Run the teacher once over the distillation data and store its top-k log-probabilities per token.
+
+    The data is packed exactly as :func:`distill` packs it (same tokenizer, ``seq_len``, ``max_tokens``), so
+    ``distill(student, None, data, teacher_logits=output_dir, ...)`` can later distil without the teacher.
+    See :func:`minitron.io.logit_store.write_teacher_logits` for the format (bit-packed indices, the value
+    encodings, the manifest), resume and atomicity.
+
+    Args:
+        teacher: teacher checkpoint path / hub name / loaded model (not modified).
+        data: the distillation data (text source or PackedDataset).
+        output_dir: the store directory.
+        top_k: entries kept per token (``1 <= top_k <= vocab_size``).
+        temperature: softmax temperature of the stored log-probabilities.
+        value_encoding: how log-probabilities are stored (default: the store's default).
+        seq_len: packing length (default: min(512, the teacher's max_position_embeddings)).
+        resume: continue an interrupted extraction after its last complete shard.
+
+    Returns:
+        ``output_dir`` as a Path.
+    """
+    from minitron.io.logit_store import DEFAULT_VALUE_ENCODING
+    from minitron.io.logit_store import write_teacher_logits as _write
+
+    config = read_config(teacher, "--model")
+    seq_len = default_seq_len(seq_len, config)
+    check_data_arg("--data", data)
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_output_dir(output_dir, overwrite=overwrite, resume=resume, resumable=True,
+                     inputs={"--model": teacher, "--data": data, "--tokenizer": tokenizer})
+    resolve_device(device)
+    module, tok, src = load_model_like(teacher, tokenizer)
+    check_finite_weights(module, str(teacher) if is_path(teacher) else "model")
+    packed = load_packed(data, tok, seq_len=seq_len, text_column=text_column, split=split,
+                         dataset_config=dataset_config, max_tokens=max_tokens, model_configs=[module.config])
+    tok_dir = tokenizer_source(src, tokenizer)
+    return _write(module, packed, output_dir, top_k=top_k, temperature=temperature,
+                  value_encoding=DEFAULT_VALUE_ENCODING if value_encoding is None else value_encoding,
+                  batch_size=batch_size, resume=resume, overwrite=overwrite, progress=progress, teacher_path=src,
+                  tokenizer_path=tok_dir, data_path=data if is_path(data) else None, device=device)
 
 
 # --------------------------------------------------------------------------------------------------

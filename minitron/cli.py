@@ -1,7 +1,12 @@
 """The ``minitron`` command line (also ``python -m minitron``).
 
-Subcommands: ``info``, ``importance``, ``prune``, ``correct-teacher``, ``distill``, ``evaluate``,
-``pipeline --config FILE.yaml``, ``demo``. Run ``minitron COMMAND --help`` for the options.
+Subcommands: ``info``, ``importance``, ``prune``, ``correct-teacher``, ``teacher-logits``, ``distill``,
+``evaluate``, ``pipeline --config FILE.yaml``, ``demo``. Run ``minitron COMMAND --help`` for the options.
+
+Under ``torchrun`` (``RANK``/``WORLD_SIZE`` in the environment) the process group is created for the command
+(gloo on CPU, NCCL on GPUs; ``--dist-timeout`` seconds before a collective gives up on a dead rank):
+``importance`` shards its batches over the ranks, ``correct-teacher`` and ``distill`` train with
+``--strategy ddp`` (default) or ``fsdp2``; only rank 0 writes outputs and prints.
 
 Errors are one line on stderr, never a traceback (unless ``--log-level DEBUG``): bad input (an
 existing output without ``--overwrite``, an output that is, contains or lies inside an input, a
@@ -14,11 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
 log = logging.getLogger("minitron.cli")
 
+#: Commands that join the process group under torchrun (the others run as one process per rank).
+DISTRIBUTED_COMMANDS = ("importance", "correct-teacher", "distill")
 EXIT_BAD_INPUT = 2
 EXIT_RUNTIME = 1
 #: Exceptions that mean "the input is wrong" (exit 2); anything else raised during the work exits 1.
@@ -47,6 +55,24 @@ def _int_list(s: str) -> List[int]:
         return [int(x) for x in s.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}")
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def _size(s: str) -> int:
+    """A byte count: ``5GB``, ``500MB``, ``2GiB`` or a plain integer."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", s)
+    unit = m.group(2).upper() if m else None
+    if m is None or unit not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"expected a size like 5GB, 500MB or 2GiB, got {s!r}")
+    n = int(float(m.group(1)) * _SIZE_UNITS[unit])
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"a size must be positive, got {s!r}")
+    return n
 
 
 def _bf16(s: str) -> Any:
@@ -93,6 +119,9 @@ def _add_train(p: argparse.ArgumentParser, *, steps: int, lr: float) -> None:
     g.add_argument("--bf16", type=_bf16, default="auto", help="bf16 autocast: auto (CUDA with bf16), on, off")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run in --output")
+    g.add_argument("--strategy", default=None, choices=["ddp", "fsdp2"],
+                   help="under torchrun: ddp (replicated student, the default) or fsdp2 (student and teacher "
+                        "sharded per decoder layer)")
 
 
 def _add_output(p: argparse.ArgumentParser, *, required: bool = True, help: str = "output directory") -> None:
@@ -106,6 +135,7 @@ def _train_kwargs(a: argparse.Namespace) -> Dict[str, Any]:
         warmup_steps=a.warmup_steps, weight_decay=a.weight_decay, max_grad_norm=a.max_grad_norm,
         eval_every=a.eval_every, eval_batches=a.eval_batches, save_every=a.save_every,
         keep_checkpoints=a.keep_checkpoints, log_every=a.log_every, seed=a.seed, bf16=a.bf16, device=a.device,
+        strategy=a.strategy,
     )
 
 
@@ -124,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Minitron-style structured pruning and logit distillation of Hugging Face LLMs.",
     )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--dist-timeout", type=float, default=600.0,
+                        help="under torchrun: seconds a collective waits for the other ranks (a dead rank makes "
+                             "the others fail after this long)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -143,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated: block_influence, lm_loss")
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", default="auto", help="kernel backend: auto, cpp, cuda, triton, reference")
+    p.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=None,
+                   help="run one decoder layer at a time from the checkpoint's files (default: when the model "
+                        "would not fit comfortably in memory)")
+    p.add_argument("--spill-dir", default=None, help="where streamed hidden states spill when they do not fit")
 
     p = sub.add_parser("prune", help="width- and/or depth-prune a model using importance scores")
     p.add_argument("--model", required=True)
@@ -158,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--non-contiguous", action="store_true", help="drop individual layers, not one block")
     p.add_argument("--layers-to-drop", type=_int_list, default=None, help="explicit layers, e.g. 3,4")
     p.add_argument("--backend", default="auto")
+    p.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=None,
+                   help="cut the checkpoint tensor by tensor without loading the model (default: when the model "
+                        "would not fit comfortably in memory)")
+    p.add_argument("--shard-size", type=_size, default=None,
+                   help="output shard size when streaming (default 5GB, as transformers)")
 
     p = sub.add_parser("correct-teacher", help="fine-tune the teacher with the LM loss on the distillation data")
     p.add_argument("--model", required=True)
@@ -165,9 +207,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output(p, help="run directory (final model in OUTPUT/model)")
     _add_train(p, steps=100, lr=1e-4)
 
+    p = sub.add_parser("teacher-logits",
+                       help="run the teacher once and store its top-k log-probabilities per token (for distill "
+                            "--teacher-logits)")
+    p.add_argument("--model", required=True, help="the (corrected) teacher")
+    _add_data(p)
+    _add_output(p, help="store directory (shards + manifest.json)")
+    p.add_argument("--top-k", type=int, default=64, help="entries kept per token (default 64)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--value-encoding", default=None, help="how log-probabilities are stored (default: the store's)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted extraction")
+
     p = sub.add_parser("distill", help="distil a (corrected) teacher into a pruned student")
     p.add_argument("--student", required=True)
-    p.add_argument("--teacher", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--teacher", help="the (corrected) teacher checkpoint")
+    src.add_argument("--teacher-logits", help="a store written by `minitron teacher-logits` (no teacher is loaded)")
     _add_data(p, eval_data=True)
     _add_output(p, help="run directory (final student in OUTPUT/model)")
     _add_train(p, steps=100, lr=1e-4)
@@ -179,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lm-loss-weight", type=float, default=0.0, help="mix in the student's LM loss")
     g.add_argument("--chunk-size", type=int, default=None)
     g.add_argument("--backend", default="auto", help="KL kernel backend")
+    g.add_argument("--no-tail", dest="tail", action="store_false",
+                   help="with --teacher-logits: renormalise the teacher over its k entries instead of matching its "
+                        "remaining mass as one bucket")
 
     p = sub.add_parser("evaluate", help="token-weighted perplexity on a dataset split")
     p.add_argument("--model", required=True, help="checkpoint or training output directory")
@@ -223,11 +283,14 @@ def _run(a: argparse.Namespace) -> int:
         scores = api.estimate_importance(
             a.model, a.data, output_dir=a.output, overwrite=a.overwrite, batch_size=a.batch_size,
             max_batches=a.max_batches, seq_agg=a.seq_agg, batch_agg=a.batch_agg, layer_metrics=metrics,
-            device=a.device, backend=a.backend, progress=True, **_data_kwargs(a),
+            device=a.device, backend=a.backend, progress=True, streaming=a.streaming, spill_dir=a.spill_dir,
+            **_data_kwargs(a),
         )
-        print(f"importance of {scores.num_layers} layers saved to {a.output}")
+        _say(f"importance of {scores.num_layers} layers saved to {a.output}")
         return 0
     if a.command == "prune":
+        import torch
+
         from minitron.runtime import count_parameters
 
         model = api.prune(
@@ -235,23 +298,35 @@ def _run(a: argparse.Namespace) -> int:
             hidden_size=a.hidden_size, intermediate_size=a.intermediate_size,
             num_attention_heads=a.num_attention_heads, num_key_value_heads=a.num_key_value_heads,
             num_hidden_layers=a.num_hidden_layers, depth_metric=a.depth_metric, contiguous=not a.non_contiguous,
-            layers_to_drop=a.layers_to_drop, backend=a.backend,
+            layers_to_drop=a.layers_to_drop, backend=a.backend, streaming=a.streaming, shard_bytes=a.shard_size,
         )
-        print(f"pruned model ({count_parameters(model):,} parameters) saved to {a.output}")
+        if isinstance(model, torch.nn.Module):
+            print(f"pruned model ({count_parameters(model):,} parameters) saved to {a.output}")
+        else:
+            print(f"pruned model (streamed) saved to {a.output}")
+        return 0
+    if a.command == "teacher-logits":
+        out = api.write_teacher_logits(
+            a.model, a.data, output_dir=a.output, top_k=a.top_k, temperature=a.temperature,
+            value_encoding=a.value_encoding, batch_size=a.batch_size, device=a.device, overwrite=a.overwrite,
+            resume=a.resume, progress=True, **_data_kwargs(a),
+        )
+        print(f"teacher top-{a.top_k} store written to {out}")
         return 0
     if a.command == "correct-teacher":
         res = api.correct_teacher(a.model, a.data, output_dir=a.output, overwrite=a.overwrite, resume=a.resume,
                                   **_data_kwargs(a, eval_data=True), **_train_kwargs(a))
-        print(_train_summary(res))
+        _say(_train_summary(res))
         return 0
     if a.command == "distill":
         res = api.distill(
             a.student, a.teacher, a.data, output_dir=a.output, overwrite=a.overwrite, resume=a.resume,
+            teacher_logits=a.teacher_logits, tail=a.tail,
             mode=a.kl_mode, temperature=a.temperature, beta=a.beta, kl_weight=a.kl_weight,
             lm_loss_weight=a.lm_loss_weight, chunk_size=a.chunk_size, kl_backend=a.backend,
             **_data_kwargs(a, eval_data=True), **_train_kwargs(a),
         )
-        print(_train_summary(res))
+        _say(_train_summary(res))
         return 0
     if a.command == "evaluate":
         res = api.evaluate_perplexity(
@@ -284,6 +359,14 @@ def _run(a: argparse.Namespace) -> int:
     raise AssertionError(a.command)  # pragma: no cover
 
 
+def _say(text: str) -> None:
+    """Print a command's result line (on rank 0 only under torchrun)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        print(text)
+
+
 def _train_summary(res: Any) -> str:
     ev = res.final_eval or {}
     parts = [f"{res.steps} steps in {res.elapsed_s:.0f}s", f"final train loss {res.final_loss:.4f}"]
@@ -304,7 +387,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=getattr(logging, a.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     _quiet_libraries(debug=a.log_level == "DEBUG")
+    if os.environ.get("RANK", "0") != "0" and a.log_level != "DEBUG":  # torchrun: rank 0 reports progress
+        logging.getLogger().setLevel(max(logging.WARNING, getattr(logging, a.log_level)))
     try:
+        if "WORLD_SIZE" in os.environ and "RANK" in os.environ and a.command in DISTRIBUTED_COMMANDS:
+            from minitron.train.distributed import distributed_session
+
+            with distributed_session(timeout=a.dist_timeout):
+                return _run(a)
         return _run(a)
     except KeyboardInterrupt:
         print(f"minitron {a.command}: interrupted (any previous output is intact)", file=sys.stderr)

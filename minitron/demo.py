@@ -5,7 +5,9 @@
 3. correct the teacher on WikiText-2 valid (the distillation data, a different domain);
 4. estimate importance on WikiText-2 valid, prune to about half the parameters by width and,
    separately, by depth;
-5. distil both students from the corrected teacher on WikiText-2 valid;
+5. distil both students from the corrected teacher on WikiText-2 valid, and the width student once more
+   from a stored top-k teacher (the corrected teacher's top-k log-probabilities written once to a store,
+   then distillation without the teacher: ``width-topk``);
 6. report WikiText-2 test perplexity of a random-init model, the teacher, the corrected teacher, the
    pruned and the distilled students (printed, and saved as ``results.md``/``results.json``).
 
@@ -52,6 +54,7 @@ class DemoPreset:
     train_max_tokens: Optional[int]
     eval_max_tokens: Optional[int]
     eval_batch_size: int
+    store_top_k: int = 64
 
 
 PRESETS: Dict[str, DemoPreset] = {
@@ -80,6 +83,7 @@ PRESETS: Dict[str, DemoPreset] = {
         width=dict(hidden_size=48, intermediate_size=96, num_attention_heads=2, num_key_value_heads=2),
         depth_layers=2,
         pretrain_max_tokens=40_000, train_max_tokens=30_000, eval_max_tokens=8192, eval_batch_size=16,
+        store_top_k=16,
     ),
 }
 
@@ -251,8 +255,10 @@ def _stages(out: Path, final_out: Path, files: Dict[str, Path], preset: DemoPres
         },
         "correct_teacher": dict(preset.correct),
         "importance": dict(preset.importance),
-        "students": {"width": dict(preset.width), "depth": {"num_hidden_layers": preset.depth_layers}},
+        "students": {"width": dict(preset.width), "depth": {"num_hidden_layers": preset.depth_layers},
+                     "width-topk": dict(preset.width, distill={"teacher_logits": True})},
         "distill": dict(preset.distill),
+        "teacher_logits": {"top_k": preset.store_top_k},
         "evaluate": {"batch_size": preset.eval_batch_size},
     }
     pipe_dir = out / "pipeline"
@@ -264,7 +270,7 @@ def _stages(out: Path, final_out: Path, files: Dict[str, Path], preset: DemoPres
     by_label = {r["label"]: r for r in rows}
     ref = by_label.get("teacher (corrected)", by_label["teacher"])
     recovery = {}
-    for name in ("width", "depth"):
+    for name in ("width", "depth", "width-topk"):
         pr, di = by_label[f"{name} pruned"], by_label[f"{name} distilled"]
         gap = pr["loss"] - ref["loss"]
         recovery[name] = (pr["loss"] - di["loss"]) / gap if gap > 0 else None
@@ -289,7 +295,9 @@ def _stages(out: Path, final_out: Path, files: Dict[str, Path], preset: DemoPres
         "Rows: *random init* is the teacher architecture before training; *teacher* is pre-trained on Tiny "
         "Shakespeare only (another domain: it can be worse than random on WikiText-2); *teacher (corrected)* is "
         "fine-tuned on WikiText-2 valid; *pruned* students are cut from the corrected teacher (about half the "
-        "parameters), *distilled* ones are trained from it with forward KL on WikiText-2 valid.\n",
+        "parameters), *distilled* ones are trained from it with forward KL on WikiText-2 valid; *width-topk* is "
+        f"the width student distilled from the corrected teacher's stored top-{preset.store_top_k} "
+        "log-probabilities (no teacher in memory while distilling).\n",
         "Share of the pruning loss gap (vs the corrected teacher) recovered by distillation: "
         + ", ".join(f"{k}: {v * 100:.0f}%" if v is not None else f"{k}: n/a" for k, v in recovery.items()) + "\n",
         f"Total time {timings['total']:.0f}s on {dev} with {torch.get_num_threads()} threads.\n",

@@ -29,9 +29,15 @@ Configuration (relative paths are relative to the current directory; see ``examp
       width: {hidden_size: 128, intermediate_size: 384, num_attention_heads: 4, num_key_value_heads: 2}
       depth: {num_hidden_layers: 3, depth_metric: lm_loss, contiguous: true}
     distill: {steps: 200, lr: 1.0e-3, temperature: 1.0, mode: forward, lm_loss_weight: 0.0, ...}
+    teacher_logits: {top_k: 64, temperature: 1.0, value_encoding: null}   # optional: a top-k store
     evaluate: {batch_size: 8, max_batches: null}
 
-A student entry may carry ``distill: {...}`` overriding the shared distillation settings. Training
+A student entry may carry ``distill: {...}`` overriding the shared distillation settings. With
+``distill: {teacher_logits: true, tail: true}`` a student is distilled from a top-k teacher-logit store
+instead of the live teacher: the store is written once, from the (corrected) teacher on ``data.train``, into
+``teacher_logits/`` of the output directory (settings from the top-level ``teacher_logits`` section), and
+the loss is the fused top-k KL at the store's temperature (``mode``, ``beta`` and ``temperature`` of that
+student must stay at their defaults). Training
 stages evaluate on ``eval_batches`` batches of the evaluation data every ``eval_every`` steps when
 ``eval_every > 0`` (monitoring only: nothing is selected on it).
 With ``resume`` an interrupted pipeline continues: finished stages are reused, training stages resume
@@ -57,7 +63,10 @@ from minitron.io.files import atomic_write_json, atomic_write_text, read_json
 log = logging.getLogger(__name__)
 
 TOP_KEYS = {"output_dir", "teacher", "tokenizer", "seed", "device", "backend", "data", "correct_teacher",
-            "importance", "students", "distill", "evaluate"}
+            "importance", "students", "distill", "evaluate", "teacher_logits"}
+STORE_KEYS = {"top_k", "temperature", "value_encoding", "batch_size"}
+#: distillation keys of a student that uses the store (besides the loss weights and training fields)
+STORE_DISTILL_KEYS = {"teacher_logits", "tail"}
 DATA_KEYS = {"train", "eval", "eval_name", "text_column", "split", "eval_split", "dataset_config", "seq_len",
              "max_tokens", "eval_max_tokens"}
 IMPORTANCE_KEYS = {"batch_size", "max_batches", "seq_agg", "batch_agg", "layer_metrics"}
@@ -87,6 +96,7 @@ class StudentSpec:
     depth: Dict[str, Any]
     train: TrainConfig
     loss: DistillConfig
+    stored: Optional[Dict[str, Any]] = None  # {"tail": bool} when distilled from the teacher-logit store
 
 
 @dataclasses.dataclass
@@ -105,6 +115,7 @@ class PipelineSpec:
     students: List[StudentSpec]
     evaluate: Dict[str, Any]
     raw: Dict[str, Any]
+    teacher_logits: Optional[Dict[str, Any]] = None
 
 
 def load_pipeline_config(path: Union[str, os.PathLike]) -> Dict[str, Any]:
@@ -230,7 +241,31 @@ def parse_pipeline_config(cfg: Dict[str, Any], *, output_dir: Optional[Union[str
     except (TypeError, ValueError) as e:
         raise type(e)(f"pipeline config: data.seq_len: {e}") from None
 
-    distill_shared = _check_keys("distill", cfg.get("distill"), TRAIN_KEYS | DISTILL_LOSS_KEYS)
+    store_cfg = None
+    if cfg.get("teacher_logits") is not None:
+        store_cfg = _check_keys("teacher_logits", cfg.get("teacher_logits"), STORE_KEYS)
+        store_cfg.setdefault("top_k", 64)
+        store_cfg.setdefault("temperature", 1.0)
+        store_cfg.setdefault("value_encoding", None)
+        store_cfg.setdefault("batch_size", 8)
+        k = store_cfg["top_k"]
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= int(read_config(teacher, "teacher").vocab_size):
+            raise ValueError(f"pipeline config: teacher_logits.top_k must be an int in [1, vocab_size], got {k!r}")
+        t = store_cfg["temperature"]
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+            raise ValueError(f"pipeline config: teacher_logits.temperature must be a positive number, got {t!r}")
+        b = store_cfg["batch_size"]
+        if not isinstance(b, int) or isinstance(b, bool) or b < 1:
+            raise ValueError(f"pipeline config: teacher_logits.batch_size must be a positive int, got {b!r}")
+        enc = store_cfg["value_encoding"]
+        if enc is not None:
+            from minitron.io.logit_store import VALUE_ENCODINGS
+
+            if enc not in VALUE_ENCODINGS:
+                raise ValueError(f"pipeline config: teacher_logits.value_encoding must be one of "
+                                 f"{sorted(VALUE_ENCODINGS)}, got {enc!r}")
+    distill_keys = TRAIN_KEYS | DISTILL_LOSS_KEYS | STORE_DISTILL_KEYS
+    distill_shared = _check_keys("distill", cfg.get("distill"), distill_keys)
     train_cfg("distill", {k: v for k, v in distill_shared.items() if k in TRAIN_KEYS})
     loss_cfg("distill", {k: v for k, v in distill_shared.items() if k in DISTILL_LOSS_KEYS})
     students_raw = cfg.get("students")
@@ -273,10 +308,27 @@ def parse_pipeline_config(cfg: Dict[str, Any], *, output_dir: Optional[Union[str
                 raise ValueError(f"{where}.depth_metric is {metric!r} but importance.layer_metrics "
                                  f"{imp['layer_metrics']} does not measure it; add it there")
         merged = dict(distill_shared)
-        merged.update(_check_keys(f"students.{name}.distill", t.get("distill"), TRAIN_KEYS | DISTILL_LOSS_KEYS))
+        merged.update(_check_keys(f"students.{name}.distill", t.get("distill"), distill_keys))
+        stored = None
+        use_store = merged.pop("teacher_logits", False)
+        tail = merged.pop("tail", True)
+        where = f"pipeline config: students.{name}.distill"
+        if not isinstance(use_store, bool):
+            raise TypeError(f"{where}.teacher_logits must be true or false, got {use_store!r}")
+        if not isinstance(tail, bool):
+            raise TypeError(f"{where}.tail must be true or false, got {tail!r}")
         loss_kw = {k: merged.pop(k) for k in list(merged) if k in DISTILL_LOSS_KEYS}
         loss = loss_cfg(f"students.{name}.distill", loss_kw)
-        students.append(StudentSpec(name, width, depth, train_cfg(f"students.{name}.distill", merged), loss))
+        if use_store:
+            if store_cfg is None:
+                raise ValueError(f"{where}.teacher_logits is true but the config has no top-level teacher_logits "
+                                 "section (top_k, temperature) describing the store")
+            fixed = [k for k in ("mode", "beta", "temperature") if k in loss_kw]
+            if fixed:
+                raise ValueError(f"{where}: {', '.join(fixed)} cannot be set for a student distilled from the store "
+                                 "(forward KL at the store's temperature)")
+            stored = {"tail": tail}
+        students.append(StudentSpec(name, width, depth, train_cfg(f"students.{name}.distill", merged), loss, stored))
 
     ev = _check_keys("evaluate", cfg.get("evaluate"), EVAL_KEYS)
     ev.setdefault("batch_size", 8)
@@ -287,7 +339,7 @@ def parse_pipeline_config(cfg: Dict[str, Any], *, output_dir: Optional[Union[str
     if mb is not None and (not isinstance(mb, int) or isinstance(mb, bool) or mb < 1):
         raise ValueError(f"pipeline config: evaluate.max_batches must be a positive int or null, got {mb!r}")
     return PipelineSpec(Path(out), teacher, tokenizer, seed, device, backend, data, correct, imp,
-                        students, ev, cfg)
+                        students, ev, cfg, store_cfg)
 
 
 def _markdown_table(rows: List[Dict[str, Any]], eval_name: str) -> str:
@@ -466,6 +518,25 @@ def _run_stages(spec: PipelineSpec, out: Path, final_out: Path, teacher: torch.n
             log.warning("could not plot importance: %s", e)
     timings["importance"] = round(time.time() - t0, 2)
 
+    # 3b. the teacher-logit store, when a student distils from it
+    store = None
+    if any(st.stored is not None for st in spec.students):
+        from minitron.io.logit_store import DEFAULT_VALUE_ENCODING, TeacherLogitStore, write_teacher_logits
+
+        sc = spec.teacher_logits
+        sdir = out / "teacher_logits"
+        t0 = time.time()
+        try:
+            store = TeacherLogitStore(sdir)
+            log.info("teacher-logit store: reusing %s", sdir)
+        except Exception:
+            write_teacher_logits(
+                teacher, train_data, sdir, top_k=sc["top_k"], temperature=float(sc["temperature"]),
+                value_encoding=sc["value_encoding"] or DEFAULT_VALUE_ENCODING, batch_size=sc["batch_size"],
+                resume=sdir.exists(), progress=False, tokenizer_path=tok_dir, device=device)
+            store = TeacherLogitStore(sdir)
+        timings["teacher_logits"] = round(time.time() - t0, 2)
+
     # 4. students
     student_results: Dict[str, Any] = {}
     for st in spec.students:
@@ -492,13 +563,25 @@ def _run_stages(spec: PipelineSpec, out: Path, final_out: Path, teacher: torch.n
             log.info("%s: reusing distilled student %s", st.name, ddir / "model")
         else:
             student.to(device)
-            res = distill_model(student, teacher, train_data, st.train, st.loss, ddir, resume=resume,
-                                eval_data=eval_data if st.train.eval_every else None,
-                                run_info={"student": st.name, "data": train_data.description})
+            if st.stored is not None:
+                from minitron.train.stored import StoredDistillConfig, distill_from_store
+
+                scfg = StoredDistillConfig(kl_weight=st.loss.kl_weight, lm_loss_weight=st.loss.lm_loss_weight,
+                                           tail=st.stored["tail"], chunk_size=st.loss.chunk_size,
+                                           backend=st.loss.backend)
+                res = distill_from_store(student, store, train_data, st.train, scfg, ddir, resume=resume,
+                                         eval_data=eval_data if st.train.eval_every else None,
+                                         run_info={"student": st.name, "data": train_data.description})
+                loss_settings = {"teacher_logits": scfg.to_dict()}
+            else:
+                res = distill_model(student, teacher, train_data, st.train, st.loss, ddir, resume=resume,
+                                    eval_data=eval_data if st.train.eval_every else None,
+                                    run_info={"student": st.name, "data": train_data.description})
+                loss_settings = {"distill": st.loss.to_dict()}
             save_model(student, ddir / "model", tokenizer=tok, tokenizer_dir=tok_dir, overwrite=(ddir / "model").exists())
             atomic_write_json(ddir / "run.json", {"final_train_loss": res.final_loss, "final_eval": res.final_eval,
                                                   "elapsed_s": res.elapsed_s, "train": st.train.to_dict(),
-                                                  "distill": st.loss.to_dict()})
+                                                  **loss_settings})
             histories[f"{st.name} distillation"] = res.history
         timings[f"{st.name}/distill"] = round(time.time() - t0, 2)
         distilled_eval = evaluate(f"{st.name} distilled", student, "distilled")
