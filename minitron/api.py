@@ -269,19 +269,27 @@ def estimate_importance(
     for name in ("heads", "neurons", "channels"):
         if not bool(torch.isfinite(getattr(scores, name)).all()):
             raise RuntimeError(f"importance: the {name} scores are not finite (NaN/inf activations); nothing was saved")
-    if out is not None and _rank() == 0:
-        work = begin_output(out, overwrite=overwrite)
-        try:
-            scores.save(work, overwrite=True)
-            if plot:
-                try:
-                    scores.plot(work / "importance.png")
-                except Exception as e:  # a plot never fails the command
-                    log.warning("could not plot importance: %s", e)
-            finish_output(work, out)
-        except BaseException:
-            abandon_output(work, out)
-            raise
+    if out is None:
+        return scores
+    try:
+        if _rank() == 0:  # under torchrun rank 0 writes; the others wait for it below
+            work = begin_output(out, overwrite=overwrite)
+            try:
+                scores._save_local(work, overwrite=True)
+                if plot:
+                    try:
+                        scores.plot(work / "importance.png")
+                    except Exception as e:  # a plot never fails the command
+                        log.warning("could not plot importance: %s", e)
+                finish_output(work, out)
+            except BaseException:
+                abandon_output(work, out)
+                raise
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            from minitron.train.distributed import barrier
+
+            barrier()
     return scores
 
 

@@ -54,7 +54,10 @@ def test_demo_quick(demo):
     res, out = demo["results"], demo["out"]
     rows = {r["label"]: r for r in res["rows"]}
     assert list(rows) == ["random init (teacher arch.)", "teacher", "teacher (corrected)", "width pruned",
-                          "width distilled", "depth pruned", "depth distilled"]
+                          "width distilled", "depth pruned", "depth distilled", "width-topk pruned",
+                          "width-topk distilled"]
+    # distillation from the stored top-k teacher recovers part of the pruning gap too
+    assert rows["width-topk distilled"]["loss"] < rows["width-topk pruned"]["loss"]
     assert 0.35 < rows["width pruned"]["param_fraction"] < 0.65
     assert 0.35 < rows["depth pruned"]["param_fraction"] < 0.65
     assert rows["teacher (corrected)"]["loss"] < rows["teacher"]["loss"]
