@@ -710,6 +710,11 @@ def _distill_from_store(
                                     split=split, dataset_config=dataset_config, max_tokens=max_tokens,
                                     eval_split=eval_split, eval_max_tokens=eval_max_tokens)
     t_hash = tokenizer_hash(tok_dir) if tok_dir is not None else None
+    from minitron.models import get_adapter
+
+    # before anything is written: the store must describe this very data, tokenizer and vocabulary
+    store.check_compatible(train_data, vocab_size=int(get_adapter(s_mod).lm_head(s_mod).weight.shape[0]),
+                           tokenizer_hash=t_hash)
     work = _begin_run(out, overwrite=overwrite)
     info = {"student": _model_info(s_mod), "data": train_data.description}
     try:

@@ -275,3 +275,99 @@ def test_importance_then_prune_commands(demo, tmp_path, capsys):
     pruned, tok = load_model(tmp_path / "pruned")
     assert (pruned.config.hidden_size, pruned.config.num_attention_heads, pruned.config.num_hidden_layers) == (48, 2, 3)
     assert tok is not None and len(tok) == pruned.config.vocab_size
+
+
+def _imp_args(model: Path, out: Path, *extra: str) -> list:
+    return ["--log-level", "WARNING", "importance", "--model", str(model), "--data", str(VALID), "--seq-len", "32",
+            "--max-tokens", "2048", "--batch-size", "4", "--max-batches", "3", "--output", str(out),
+            "--backend", BACKEND, *extra]
+
+
+def test_streaming_importance_and_prune_equal_in_memory(demo, tmp_path, capsys):
+    """--streaming (one layer / one tensor at a time from the files) gives what --no-streaming gives."""
+    from safetensors.torch import load_file
+
+    from minitron.compress.importance import ImportanceScores
+
+    model = demo["out"] / "teacher" / "model"
+    assert main(_imp_args(model, tmp_path / "imp_s", "--streaming")) == 0, capsys.readouterr().err
+    assert main(_imp_args(model, tmp_path / "imp_m", "--no-streaming")) == 0, capsys.readouterr().err
+    a, b = ImportanceScores.load(tmp_path / "imp_s"), ImportanceScores.load(tmp_path / "imp_m")
+    for name in ("heads", "neurons", "channels"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert torch.equal(a.layer_scores("lm_loss"), b.layer_scores("lm_loss"))
+    common = ["--log-level", "WARNING", "prune", "--model", str(model), "--importance", str(tmp_path / "imp_m"),
+              "--hidden-size", "48", "--num-layers", "3", "--backend", BACKEND]
+    assert main(common + ["--output", str(tmp_path / "p_s"), "--streaming", "--shard-size", "100KB"]) == 0
+    assert main(common + ["--output", str(tmp_path / "p_m"), "--no-streaming"]) == 0
+    assert (tmp_path / "p_s" / "model.safetensors.index.json").is_file()
+    streamed = {}
+    for f in sorted((tmp_path / "p_s").glob("model-*.safetensors")):
+        streamed.update(load_file(f))
+    assert len(list((tmp_path / "p_s").glob("model-*.safetensors"))) > 1
+    memory = load_file(tmp_path / "p_m" / "model.safetensors")
+    assert sorted(streamed) == sorted(memory)
+    assert all(torch.equal(streamed[k], memory[k]) for k in memory)
+    # --shard-size without streaming, and streaming a loaded-model-only source, are refused
+    assert main(common + ["--output", str(tmp_path / "p_x"), "--no-streaming", "--shard-size", "1MB"]) == EXIT_BAD_INPUT
+    assert not (tmp_path / "p_x").exists()
+
+
+def test_teacher_logits_then_distill_from_the_store(demo, tmp_path, capsys):
+    from minitron.io.logit_store import TeacherLogitStore
+
+    teacher = demo["out"] / "pipeline" / "teacher_corrected" / "model"
+    student = demo["out"] / "pipeline" / "students" / "width" / "pruned"
+    data = ["--data", str(VALID), "--seq-len", "32", "--max-tokens", "4096"]
+    rc = main(["--log-level", "WARNING", "teacher-logits", "--model", str(teacher), *data, "--top-k", "8",
+               "--output", str(tmp_path / "store")])
+    assert rc == 0, capsys.readouterr().err
+    store = TeacherLogitStore(tmp_path / "store")
+    assert store.k == 8 and store.seq_len == 32
+    rc = main(["--log-level", "WARNING", "distill", "--student", str(student), "--teacher-logits",
+               str(tmp_path / "store"), *data, "--steps", "3", "--batch-size", "4", "--output", str(tmp_path / "d"),
+               "--backend", BACKEND])
+    assert rc == 0, capsys.readouterr().err
+    assert (tmp_path / "d" / "model" / "config.json").is_file()
+    capsys.readouterr()
+    # other data than the store's: refused before work, naming the mismatch
+    rc = main(["--log-level", "WARNING", "distill", "--student", str(student), "--teacher-logits",
+               str(tmp_path / "store"), "--data", str(VALID), "--seq-len", "32", "--max-tokens", "2048",
+               "--steps", "3", "--output", str(tmp_path / "d2")])
+    assert rc == EXIT_BAD_INPUT and "not the same data" in capsys.readouterr().err
+    assert not (tmp_path / "d2").exists()
+    with pytest.raises(SystemExit) as e:
+        main(["distill", "--student", str(student), "--teacher", str(teacher), "--teacher-logits",
+              str(tmp_path / "store"), "--data", str(VALID), "--output", str(tmp_path / "d3")])
+    assert e.value.code == EXIT_BAD_INPUT
+
+
+def _torchrun(*args: str, nproc: int = 2, timeout: float = 120) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
+           "minitron", "--log-level", "WARNING", "--dist-timeout", "30", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def test_torchrun_importance_and_distill(demo, tmp_path, capsys):
+    """`torchrun -m minitron importance` equals one process; `distill --strategy ddp|fsdp2` writes one model."""
+    from minitron.compress.importance import ImportanceScores
+
+    model = demo["out"] / "teacher" / "model"
+    assert main(_imp_args(model, tmp_path / "one")) == 0, capsys.readouterr().err
+    proc = _torchrun(*_imp_args(model, tmp_path / "two")[2:])
+    assert proc.stdout.count("saved to") == 1  # rank 0 reports
+    a, b = ImportanceScores.load(tmp_path / "one"), ImportanceScores.load(tmp_path / "two")
+    for name in ("heads", "neurons", "channels"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert torch.allclose(x, y, rtol=1e-5, atol=1e-6 * float(x.abs().max())), name
+    assert b.meta["num_batches"] == 3
+    teacher = demo["out"] / "pipeline" / "teacher_corrected" / "model"
+    student = demo["out"] / "pipeline" / "students" / "width" / "pruned"
+    for strategy in ("ddp", "fsdp2"):
+        out = tmp_path / f"d_{strategy}"
+        _torchrun("distill", "--student", str(student), "--teacher", str(teacher), "--data", str(VALID),
+                  "--seq-len", "32", "--max-tokens", "4096", "--steps", "2", "--batch-size", "2", "--strategy",
+                  strategy, "--output", str(out), "--backend", BACKEND)
+        assert (out / "model" / "config.json").is_file() and (out / "run.json").is_file()
