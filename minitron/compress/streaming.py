@@ -595,6 +595,9 @@ def estimate_importance_streaming(
     finally:
         adapter.set_layers(model, originals)
         sink.clear()
+    # the embedding is only needed for the capture pass: free it before the layers load (a 128k x 4096 fp32
+    # embedding is 2 GiB; a tied LM head is read again from the checkpoint)
+    _free_module(embed)
 
     # -- hidden-state store ----------------------------------------------------------------------------
     shapes = [tuple(h.shape) for h in first]
