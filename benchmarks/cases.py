@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
+from minitron.runtime import available_memory_bytes  # noqa: F401  (re-exported by the harness)
+
 MODES = ("forward", "backward", "full")
 
 
@@ -98,18 +100,6 @@ class Case:
 def our_backends(device: str) -> list[str]:
     """minitron backends that run on ``device`` (``cpp`` on CPU; ``cuda`` and ``triton`` on CUDA)."""
     return ["cpp"] if device == "cpu" else ["cuda", "triton"]
-
-
-def available_memory_bytes() -> Optional[int]:
-    """MemAvailable from /proc/meminfo (None where unknown)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def require_free_memory(nbytes: float, what: str = "this case") -> None:

@@ -62,14 +62,9 @@ def random_importance(config: Any, seed: int = 0) -> ImportanceScores:
 
 
 def _meminfo_available() -> Optional[int]:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    from minitron.runtime import available_memory_bytes
+
+    return available_memory_bytes()
 
 
 def should_stream_prune(src_dir: PathLike, *, fraction: float = 0.5) -> tuple[bool, str]:

@@ -44,7 +44,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from minitron.compress.importance import (ImportanceScores, _activation_dtype, _args_fingerprint, _assemble_scores,
+from minitron.compress.importance import (ImportanceScores, _args_fingerprint, _assemble_scores,
                                           _check_estimation_args, _Collector, _data_fingerprint, _drops_from_sums,
                                           _first_tensor, _lm_loss_sums, _output_tensor, _reduce_counts,
                                           _reduce_loss_sums, _validate_batch, shape_signature)
@@ -173,15 +173,11 @@ class CheckpointReader:
 
 # ---------------------------------------------------------------------------------------------- memory
 def _mem_available() -> int:
-    """MemAvailable from /proc/meminfo in bytes (psutil-free), or total physical memory as a fallback."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    """MemAvailable in bytes, or total physical memory where /proc/meminfo cannot be read."""
+    from minitron.runtime import available_memory_bytes
+
+    avail = available_memory_bytes()
+    return avail if avail is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def should_stream(checkpoint_dir: str | os.PathLike, *, compute_dtype: torch.dtype = torch.float32,
