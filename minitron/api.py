@@ -45,6 +45,7 @@ from minitron.io.inputs import (DEFAULT_SEQ_LEN, MODEL_SUBDIR, ModelLike, check_
                                 tokenizer_source, weight_bytes)
 from minitron.io.safety import abandon_output, begin_output, check_output, check_output_dir, finish_output
 from minitron.runtime import check_backends, count_parameters, resolve_device
+from minitron.train.distributed import barrier, broadcast_from_main, is_main_process
 
 log = logging.getLogger(__name__)
 
@@ -79,30 +80,15 @@ def _train_config(train: Union[None, TrainConfig, Dict[str, Any]], overrides: Di
     return TrainConfig.from_dict(base)
 
 
-def _rank() -> int:
-    """This process's rank in the default process group (0 without one)."""
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def _begin_run(out: Path, *, overwrite: bool) -> Path:
     """:func:`begin_output` for a training run, on every rank: rank 0 creates the run directory (after every
     rank has checked its inputs and output) and tells the others where it is."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return begin_output(out, overwrite=overwrite)
-    from minitron.train.distributed import barrier
-
     barrier()  # every rank has validated the output before rank 0 creates it
-    where = [str(begin_output(out, overwrite=overwrite)) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(where, src=0)
-    return Path(where[0])
+    return broadcast_from_main(begin_output(out, overwrite=overwrite) if is_main_process() else None)
 
 
 def _abandon_run(work: Path, out: Path) -> None:
-    if _rank() == 0:
+    if is_main_process():
         abandon_output(work, out)
 
 
@@ -121,15 +107,15 @@ def _choose_streaming(command: str, model: ModelLike, streaming: Optional[bool])
             )
         return False
     path = resolve_model_path(model)
+    if streaming:
+        return True
     if command == "importance":
         from minitron.compress.streaming import should_stream
     else:
         from minitron.compress.stream_prune import should_stream_prune as should_stream
     decision, reason = should_stream(path)
-    if streaming is None:
-        log.info("%s: %s", command, reason)
-        return decision
-    return True
+    log.info("%s: %s", command, reason)
+    return decision
 
 
 def _checkpoint_tokenizer(path: str) -> Any:
@@ -272,7 +258,7 @@ def estimate_importance(
     if out is None:
         return scores
     try:
-        if _rank() == 0:  # under torchrun rank 0 writes; the others wait for it below
+        if is_main_process():  # under torchrun rank 0 writes; the others wait for it below
             work = begin_output(out, overwrite=overwrite)
             try:
                 scores._save_local(work, overwrite=True)
@@ -286,10 +272,7 @@ def estimate_importance(
                 abandon_output(work, out)
                 raise
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            from minitron.train.distributed import barrier
-
-            barrier()
+        barrier()
     return scores
 
 
@@ -451,9 +434,7 @@ def _finish_run(
     model_dir = out / MODEL_SUBDIR
     result.extra["model_dir"] = str(model_dir)
     result.extra["model"] = module
-    if _rank() != 0:  # under torchrun rank 0 writes the final model (one plain checkpoint) and publishes
-        from minitron.train.distributed import barrier
-
+    if not is_main_process():  # under torchrun rank 0 writes the final model (one plain checkpoint) and publishes
         barrier()
         result.output_dir = out
         return result
@@ -469,10 +450,7 @@ def _finish_run(
         "model_dir": str(model_dir),
     })
     finish_output(work, out)
-    if _rank() == 0 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        from minitron.train.distributed import barrier
-
-        barrier()
+    barrier()  # the other ranks wait here until the output is published
     result.output_dir = out
     result.log_path = out / result.log_path.name
     if result.plot_path is not None:

@@ -361,9 +361,9 @@ def _run(a: argparse.Namespace) -> int:
 
 def _say(text: str) -> None:
     """Print a command's result line (on rank 0 only under torchrun)."""
-    import torch.distributed as dist
+    from minitron.train.distributed import is_main_process
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+    if is_main_process():
         print(text)
 
 
