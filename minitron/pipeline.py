@@ -249,7 +249,7 @@ def parse_pipeline_config(cfg: Dict[str, Any], *, output_dir: Optional[Union[str
         store_cfg.setdefault("value_encoding", None)
         store_cfg.setdefault("batch_size", 8)
         k = store_cfg["top_k"]
-        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= int(read_config(teacher, "teacher").vocab_size):
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= int(teacher_config.vocab_size):
             raise ValueError(f"pipeline config: teacher_logits.top_k must be an int in [1, vocab_size], got {k!r}")
         t = store_cfg["temperature"]
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
@@ -521,7 +521,7 @@ def _run_stages(spec: PipelineSpec, out: Path, final_out: Path, teacher: torch.n
     # 3b. the teacher-logit store, when a student distils from it
     store = None
     if any(st.stored is not None for st in spec.students):
-        from minitron.io.logit_store import DEFAULT_VALUE_ENCODING, TeacherLogitStore, write_teacher_logits
+        from minitron.io.logit_store import DEFAULT_VALUE_ENCODING, StoreError, TeacherLogitStore, write_teacher_logits
 
         sc = spec.teacher_logits
         sdir = out / "teacher_logits"
@@ -529,7 +529,7 @@ def _run_stages(spec: PipelineSpec, out: Path, final_out: Path, teacher: torch.n
         try:
             store = TeacherLogitStore(sdir)
             log.info("teacher-logit store: reusing %s", sdir)
-        except Exception:
+        except StoreError:  # absent or incomplete: write it (continuing an interrupted extraction)
             write_teacher_logits(
                 teacher, train_data, sdir, top_k=sc["top_k"], temperature=float(sc["temperature"]),
                 value_encoding=sc["value_encoding"] or DEFAULT_VALUE_ENCODING, batch_size=sc["batch_size"],
