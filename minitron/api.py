@@ -219,30 +219,27 @@ def estimate_importance(
     dev = resolve_device(device)
     check_backends(dev, backend, ops=IMPORTANCE_OPS)
     stream = _choose_streaming("importance", model, streaming)
-    t0 = time.time()
     if stream:
-        from minitron.compress.streaming import estimate_importance_streaming
-
         if dev.type != "cpu":
             raise ValueError(f"streamed importance runs on the CPU; got --device {device!r} (use --no-streaming)")
         path = resolve_model_path(model)
         tok = load_tokenizer_arg(tokenizer) if tokenizer is not None else _checkpoint_tokenizer(path)
-        packed = load_packed(
-            data, tok, seq_len=seq_len, text_column=text_column, split=split, dataset_config=dataset_config,
-            max_tokens=max_tokens, drop_remainder=False, model_configs=[config],
-        )
-        batches = packed.batches(batch_size, max_batches=max_batches)
+    else:
+        module, tok, _ = load_model_like(model, tokenizer)
+        check_finite_weights(module, str(model) if is_path(model) else "model")
+    packed = load_packed(
+        data, tok, seq_len=seq_len, text_column=text_column, split=split, dataset_config=dataset_config,
+        max_tokens=max_tokens, drop_remainder=False, model_configs=[config],
+    )
+    batches = packed.batches(batch_size, max_batches=max_batches)
+    t0 = time.time()
+    if stream:
+        from minitron.compress.streaming import estimate_importance_streaming
+
         scores = estimate_importance_streaming(path, batches, seq_agg=seq_agg, batch_agg=batch_agg,
                                                layer_metrics=tuple(layer_metrics), progress=progress,
                                                backend=backend, spill_dir=spill_dir)
     else:
-        module, tok, _ = load_model_like(model, tokenizer)
-        check_finite_weights(module, str(model) if is_path(model) else "model")
-        packed = load_packed(
-            data, tok, seq_len=seq_len, text_column=text_column, split=split, dataset_config=dataset_config,
-            max_tokens=max_tokens, drop_remainder=False, model_configs=[module.config],
-        )
-        batches = packed.batches(batch_size, max_batches=max_batches)
         orig_device = next(module.parameters()).device
         module.to(dev)
         try:
