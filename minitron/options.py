@@ -82,9 +82,11 @@ def _parser_of(f: dataclasses.Field, default: Any) -> Callable[[str], Any]:
 
 
 def add_options(parser: Any, cls: Any, *, only: Optional[Iterable[str]] = None, exclude: Iterable[str] = (),
-                defaults: Optional[Dict[str, Any]] = None) -> None:
+                defaults: Optional[Dict[str, Any]] = None, required: Iterable[str] = ()) -> None:
     """Add one flag per :func:`option` field of ``cls`` (restricted to ``only``, minus ``exclude``) to ``parser``
-    (an ``ArgumentParser`` or argument group); ``defaults`` overrides a field's default for this command."""
+    (an ``ArgumentParser`` or argument group); ``defaults`` overrides a field's default for this command and the
+    fields named in ``required`` must be given."""
+    required = set(required)
     only = set(only) if only is not None else None
     defaults = defaults or {}
     for f in option_fields(cls):
@@ -102,8 +104,8 @@ def add_options(parser: Any, cls: Any, *, only: Optional[Iterable[str]] = None, 
             kw.update(type=_parser_of(f, default), default=default)
             if f.metadata["choices"]:
                 kw["choices"] = list(f.metadata["choices"])
-            if f.default is dataclasses.MISSING and f.name not in defaults:
-                kw["required"] = True
+            if f.name in required:
+                kw.update(required=True, help=kw["help"].rsplit(" (default: ", 1)[0] + " (required)")
         parser.add_argument(*flags, **kw)
 
 
