@@ -66,6 +66,8 @@ __all__ = [
     "evaluate_perplexity",
     "train_lm",
     "write_teacher_logits",
+    "load_model",
+    "pack_data",
     "DataSpec",
     "ModelSpec",
     "ImportanceSpec",
@@ -775,3 +777,21 @@ def evaluate_perplexity(
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(output, res)
     return res
+
+
+# --------------------------------------------------------------------------------------------------
+# inputs, for drivers that run several stages on one loaded model and one packing (pipeline, demo)
+
+
+def load_model(model: Union[ModelLike, ModelSpec], tokenizer: Any = None) -> Tuple[torch.nn.Module, Any, Optional[str]]:
+    """``(module, tokenizer, source directory or None)`` of a model input (:meth:`ModelSpec.load`)."""
+    m = model if isinstance(model, ModelSpec) else ModelSpec(model=model)
+    return m.load(tokenizer)
+
+
+def pack_data(data: DataSpec, tokenizer: Any, configs: List[Any]) -> Tuple[PackedDataset, Optional[PackedDataset]]:
+    """The training data (and evaluation data, when ``data.eval_data`` is given) of ``data`` packed into
+    ``data.seq_len`` (default: as :func:`distill`) sequences of ``tokenizer``'s ids, checked against ``configs``."""
+    check_data_arg("--data", data.data)
+    check_data_arg("--eval-data", data.eval_data, required=False)
+    return _training_data(data, tokenizer, default_seq_len(data.seq_len, *configs), configs)
