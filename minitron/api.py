@@ -130,7 +130,7 @@ def _choose_streaming(what: str, m: ModelSpec, compute_dtype: Optional[torch.dty
         return True
     from minitron.compress.streaming import should_stream
 
-    decision, reason = should_stream(resolve_model_path(m.model), compute_dtype=compute_dtype)
+    decision, reason = should_stream(resolve_model_path(m.model), compute_dtype=compute_dtype, task=what)
     log.info("%s: %s", what, reason)
     return decision
 
@@ -424,7 +424,7 @@ def prune(
             raise ValueError("depth pruning needs importance scores or layers_to_drop")
         plan_depth(config, num_hidden_layers=t.num_hidden_layers, scores=scores, metric=t.depth_metric,
                    contiguous=t.contiguous, layers_to_drop=t.layers_to_drop)
-    if _choose_streaming("prune", m, None):
+    if _choose_streaming("pruning", m, None):
         return _prune_streaming(m, scores, t, config, output_dir, overwrite=overwrite, tokenizer=tokenizer,
                                 importance=importance)
     if t.shard_bytes is not None:
