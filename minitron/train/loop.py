@@ -419,62 +419,72 @@ def default_eval_fn(eval_data: PackedDataset, config: TrainConfig) -> Callable[[
     return run
 
 
-def train(
-    model: torch.nn.Module,
-    loss_fn: LossFn,
-    data: PackedDataset,
-    config: TrainConfig,
-    output_dir: PathLike,
-    *,
-    eval_data: Optional[PackedDataset] = None,
-    eval_fn: Optional[Callable[[torch.nn.Module], Dict[str, float]]] = None,
-    resume: bool = False,
-    callbacks: Sequence[Callback] = (),
-    run_info: Optional[Dict[str, Any]] = None,
-    plot_title: str = "training loss",
-) -> TrainResult:
-    """Train ``model`` in place by minimising ``loss_fn`` over batches of ``data``.
+EvalFn = Callable[[torch.nn.Module], Dict[str, float]]
 
-    Args:
-        model: trained in place (moved to the configured device). Under FSDP2 a sharded copy is trained
-            and the trained weights are loaded back into ``model`` on rank 0 at the end (other ranks' ``model``
-            keeps its initial weights).
-        loss_fn: ``loss_fn(model, batch) -> (scalar loss, {name: float or 0-d tensor})``; batches hold
-            ``input_ids``/``attention_mask`` LongTensors [B, S] on the training device. Under a strategy it
-            runs inside the forward of the DDP / FSDP2-wrapped :class:`~minitron.train.distributed.LossModule`.
-            A loss object with ``frozen_models()`` / ``with_frozen_models(dict)`` (e.g. the distillation loss)
-            gets its frozen models (the teacher) sharded under FSDP2.
-        data: training sequences (shuffled per epoch with ``config.seed``).
-        config: optimisation settings (``config.strategy``: None, "ddp", "fsdp2").
-        output_dir: receives ``log.jsonl``, ``loss.png`` and ``checkpoints/`` (written by rank 0 only; FSDP2
-            checkpoint shards by every rank). A fresh run refuses a directory that already holds a log or
-            checkpoints.
-        eval_data / eval_fn: evaluation every ``config.eval_every`` steps and at the end
-            (``eval_fn(model) -> {name: float}``; by default LM perplexity on ``eval_data``). Under a
-            strategy every rank evaluates (the same numbers); rank 0 logs.
-        resume: continue from the newest checkpoint in ``output_dir`` (a fresh start when there is
-            none). The configuration must match the checkpoint's except for logging/eval/save cadence.
-            DDP (and one process) may resume with another world size when ``batch_size * world_size`` is
-            unchanged; FSDP2 refuses a different world size.
-        callbacks: called as ``cb(step, record)`` after every optimizer step, on every rank (an exception
-            stops the run, as an interruption would).
-        run_info: JSON-able description stored in checkpoints and checked on resume (e.g. data
-            source, model shapes).
 
-    Returns:
-        TrainResult (``extra``: ``strategy``, ``world_size``).
+@dataclass
+class _Setup:
+    """What :func:`train` resolves before touching the model: placement, output, data stream, run description."""
 
-    Raises:
-        DistributedError: a collective failed (another rank died or timed out).
-        ValueError: bad arguments, or arguments that differ across ranks (naming the argument).
-    """
+    config: TrainConfig
+    ds: DistState
+    out: Path
+    log_path: Path
+    ckpt: Optional[Path]
+    stream: Any
+    device: torch.device
+    use_bf16: bool
+    run_info: Dict[str, Any]
+    eval_fn: Optional[EvalFn]
+    plot_title: str
+
+    @property
+    def strategy(self) -> Optional[str]:
+        return self.ds.strategy
+
+
+@dataclass
+class _Engine:
+    """The modules a run trains: ``work`` (the model, or its FSDP2-sharded copy), ``root`` (the loss module that
+    wraps it, what FSDP2 checkpoints), ``engine`` (what a micro-batch is fed to: ``root`` or its DDP wrapper)."""
+
+    work: torch.nn.Module
+    root: torch.nn.Module
+    engine: torch.nn.Module
+
+
+@dataclass
+class _Progress:
+    """Where a run stands: restored from a checkpoint or fresh, then advanced by every step."""
+
+    start_step: int = 0
+    elapsed_before: float = 0.0
+    resumed_from: Optional[int] = None
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    tokens_seen: int = 0
+    last_eval: Optional[Dict[str, Any]] = None
+    plot_path: Optional[Path] = None
+    plotted: int = -1
+    t0: float = 0.0
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.time() - self.t0
+
+
+def _check_train_args(data: Any, config: Any, eval_data: Any) -> None:
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     config.validate()
     if not isinstance(data, PackedDataset):
         raise TypeError(f"data must be a PackedDataset, got {type(data).__name__}")
-    if eval_data is not None and not isinstance(eval_data, PackedDataset):
-        raise TypeError(f"eval_data must be a PackedDataset, got {type(eval_data).__name__}")
+    if eval_data is not None and not isinstance(eval_data, PackedDataset) and not callable(eval_data):
+        raise TypeError(f"eval_data must be a PackedDataset or a callable, got {type(eval_data).__name__}")
+
+
+def _setup(data: PackedDataset, config: TrainConfig, output_dir: PathLike, eval_data: Any, resume: bool,
+           run_info: Optional[Dict[str, Any]], plot_title: str) -> _Setup:
+    """Check the arguments against the output directory and the other ranks; resolve device, bf16, data stream."""
+    _check_train_args(data, config, eval_data)
     strategy = resolve_strategy(config.strategy)
     rank, world = rank_and_world() if strategy else (0, 1)
     ds = DistState(strategy, rank, world)
@@ -497,246 +507,344 @@ def train(
     device = resolve_device(config.device)
     if strategy and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-    use_bf16 = resolve_bf16(config.bf16, device)
-    if eval_fn is None and eval_data is not None:
+    eval_fn: Optional[EvalFn] = None
+    if isinstance(eval_data, PackedDataset):
         eval_fn = default_eval_fn(eval_data, config)
-    run_info = json.loads(json.dumps(run_info or {}, default=_json_default))
-    run_info.setdefault("num_sequences", len(data))
-    run_info.setdefault("seq_len", data.seq_len)
+    elif eval_data is not None:
+        eval_fn = eval_data
+    info = json.loads(json.dumps(run_info or {}, default=_json_default))
+    info.setdefault("num_sequences", len(data))
+    info.setdefault("seq_len", data.seq_len)
     if strategy:
         check_same_across_ranks({
             "config": {k: v for k, v in config.to_dict().items() if k != "device"},
-            "run_info": run_info,
+            "run_info": info,
             "data": data_fingerprint(data),
-            "eval_data": data_fingerprint(eval_data) if eval_data is not None else None,
+            "eval_data": data_fingerprint(eval_data) if isinstance(eval_data, PackedDataset) else None,
             "output_dir": str(out.resolve()),
             "resume": bool(resume),
             "checkpoint": ckpt.name if (resume and ckpt is not None) else None,
         })
+    return _Setup(config, ds, out, log_path, ckpt, stream, device, resolve_bf16(config.bf16, device), info, eval_fn,
+                  plot_title)
 
-    if ds.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in (out / CKPT_DIR).glob(".tmp-*"):  # left by a kill during a checkpoint save
-            shutil.rmtree(stale, ignore_errors=True)
-    seed_everything(config.seed)
-    mp_policy = None
-    if strategy == "fsdp2":
+
+def _build_engine(model: torch.nn.Module, loss_fn: LossFn, s: _Setup) -> _Engine:
+    """Place the model and wrap it for the strategy (FSDP2 shards a copy, and the loss's frozen models)."""
+    config = s.config
+    if s.strategy == "fsdp2":
         work = copy.deepcopy(model)  # sharded in place; the trained weights go back into ``model`` at the end
-        work.to(device)
+        work.to(s.device)
         work.train()
-        mp_policy = mixed_precision_policy(device, use_bf16)
+        mp_policy = mixed_precision_policy(s.device, s.use_bf16)
         run_loss = loss_fn
         if hasattr(loss_fn, "frozen_models") and hasattr(loss_fn, "with_frozen_models"):
             from minitron.train.distributed import frozen_copy_sharded
 
             run_loss = loss_fn.with_frozen_models(  # type: ignore[attr-defined]
-                {k: frozen_copy_sharded(m.to(device), mp_policy) for k, m in loss_fn.frozen_models().items()})  # type: ignore[attr-defined]
+                {k: frozen_copy_sharded(m.to(s.device), mp_policy)
+                 for k, m in loss_fn.frozen_models().items()})  # type: ignore[attr-defined]
         root: torch.nn.Module = LossModule(work, run_loss)
         shard_fsdp2(work, root=root, mp_policy=mp_policy)
         if mp_policy is not None:
-            use_bf16 = False  # FSDP2 casts the parameters to bf16 itself
+            s.use_bf16 = False  # FSDP2 casts the parameters to bf16 itself
         if config.compile:
             root.compile(**_compile_kwargs(config.compile))
         engine: torch.nn.Module = root
     else:
         work = model
-        work.to(device)
+        work.to(s.device)
         work.train()
         root = LossModule(work, loss_fn)
         if config.compile:
             root.compile(**_compile_kwargs(config.compile))
-        if strategy == "ddp":
+        if s.strategy == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
-            engine = DistributedDataParallel(root, device_ids=[device.index] if device.type == "cuda" else None)
+            engine = DistributedDataParallel(root, device_ids=[s.device.index] if s.device.type == "cuda" else None)
         else:
             engine = root
-    if strategy:
-        log.info("rank %d of %d: %s on %s (per-rank batch %d, global batch %d)", rank, world, strategy, device,
-                 config.batch_size, config.batch_size * world)
-    optimizer = make_optimizer(work, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda_factory(config))
+    if s.strategy:
+        log.info("rank %d of %d: %s on %s (per-rank batch %d, global batch %d)", s.ds.rank, s.ds.world_size,
+                 s.strategy, s.device, config.batch_size, config.batch_size * s.ds.world_size)
+    return _Engine(work, root, engine)
 
-    start_step = 0
-    elapsed_before = 0.0
-    resumed_from: Optional[int] = None
-    history: List[Dict[str, Any]] = []
+
+def _load_checkpoint_file(ckpt: Path, name: str, **kw: Any) -> Any:
+    try:
+        return torch.load(ckpt / name, **kw)
+    except Exception as e:  # truncated zip, pickle errors
+        raise ValueError(
+            f"checkpoint file {str(ckpt / name)!r} is corrupt or truncated ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); delete {ckpt.name} to resume from the one before"
+        ) from None
+
+
+def _restore(s: _Setup, e: _Engine, optimizer: torch.optim.Optimizer, scheduler: Any, resume: bool) -> _Progress:
+    """The run's progress: fresh, or restored from the newest checkpoint (weights, optimizer, scheduler, RNG, data
+    position, the log up to that step)."""
+    p = _Progress()
+    ckpt = s.ckpt
     if resume and ckpt is not None:
         state = read_json(ckpt / "state.json", "checkpoint state")
-        _check_resumable(state, config, run_info, ckpt, world_size=world, strategy=strategy)
-        def load(name: str, **kw: Any) -> Any:
-            try:
-                return torch.load(ckpt / name, **kw)
-            except Exception as e:  # truncated zip, pickle errors
-                raise ValueError(
-                    f"checkpoint file {str(ckpt / name)!r} is corrupt or truncated ({type(e).__name__}: "
-                    f"{str(e).splitlines()[0] if str(e) else ''}); delete {ckpt.name} to resume from the one before"
-                ) from None
-
-        if strategy == "fsdp2":
+        _check_resumable(state, s.config, s.run_info, ckpt, world_size=s.ds.world_size, strategy=s.strategy)
+        if s.strategy == "fsdp2":
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-            msd, osd = get_state_dict(root, optimizer)
+            msd, osd = get_state_dict(e.root, optimizer)
             sd = {"model": msd, "optim": osd}
             dcp.load(sd, checkpoint_id=str(ckpt / "dcp"))
-            set_state_dict(root, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+            set_state_dict(e.root, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
         else:
-            work.load_state_dict(load("model.pt", map_location=device, weights_only=True))
-            optimizer.load_state_dict(load("optimizer.pt", map_location=device, weights_only=True))
-        scheduler.load_state_dict(load("scheduler.pt", weights_only=True))
-        own = ckpt / f"rng-rank{rank}.pt"
-        _set_rng_state(load(own.name if rank and own.is_file() else "rng.pt", weights_only=False))
-        stream.load_state_dict(state["data"])
-        start_step = int(state["step"])
-        elapsed_before = float(state.get("elapsed_s", 0.0))
-        resumed_from = start_step
-        history = [r for r in read_log(log_path) if int(r.get("step", 0)) <= start_step]
-        if ds.is_main:
-            atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in history))
-        log.info("resumed from %s (step %d of %d)", ckpt, start_step, config.steps)
+            e.work.load_state_dict(_load_checkpoint_file(ckpt, "model.pt", map_location=s.device, weights_only=True))
+            optimizer.load_state_dict(_load_checkpoint_file(ckpt, "optimizer.pt", map_location=s.device,
+                                                            weights_only=True))
+        scheduler.load_state_dict(_load_checkpoint_file(ckpt, "scheduler.pt", weights_only=True))
+        own = ckpt / f"rng-rank{s.ds.rank}.pt"
+        _set_rng_state(_load_checkpoint_file(ckpt, own.name if s.ds.rank and own.is_file() else "rng.pt",
+                                             weights_only=False))
+        s.stream.load_state_dict(state["data"])
+        p.start_step = int(state["step"])
+        p.elapsed_before = float(state.get("elapsed_s", 0.0))
+        p.resumed_from = p.start_step
+        p.history = [r for r in read_log(s.log_path) if int(r.get("step", 0)) <= p.start_step]
+        if s.ds.is_main:
+            atomic_write_text(s.log_path, "".join(json.dumps(r) + "\n" for r in p.history))
+        log.info("resumed from %s (step %d of %d)", ckpt, p.start_step, s.config.steps)
     elif resume:
-        if log_path.exists() and ds.is_main:
-            log.warning("no checkpoint in %s: restarting from step 0", out)
-            log_path.unlink()
-    barrier()
-    t0 = time.time()
-    last_train = next((r for r in reversed(history) if r.get("type") == "train"), None)
-    tokens_seen = int(last_train.get("tokens", 0)) if last_train else 0
+        if s.log_path.exists() and s.ds.is_main:
+            log.warning("no checkpoint in %s: restarting from step 0", s.out)
+            s.log_path.unlink()
+    last_train = next((r for r in reversed(p.history) if r.get("type") == "train"), None)
+    p.tokens_seen = int(last_train.get("tokens", 0)) if last_train else 0
+    p.last_eval = next((r for r in reversed(p.history) if r.get("type") == "eval"), None)
+    p.plot_path = s.out / PLOT_NAME if (s.out / PLOT_NAME).is_file() else None
+    p.plotted = len(p.history) if p.plot_path is not None else -1
+    return p
 
-    def elapsed() -> float:
-        return elapsed_before + time.time() - t0
 
-    def run_eval() -> Dict[str, float]:
-        if strategy == "fsdp2":
-            with gathered(root), torch.no_grad():  # the root group (embeddings, norm, head) stays unsharded
-                ev = dict(eval_fn(work))  # type: ignore[misc]
-        else:
-            ev = dict(eval_fn(work))  # type: ignore[misc]
-        work.train()
-        return ev
+def _forward_backward(s: _Setup, e: _Engine, step: int) -> Tuple[float, int, Dict[str, float]]:
+    """The micro-batches of one optimizer step: ``(mean loss, tokens, summed metrics)``, reduced over the ranks."""
+    config = s.config
+    losses: List[float] = []
+    metric_sums: Dict[str, float] = {}
+    step_tokens = 0
+    for micro in range(config.grad_accum):
+        batch = _move_batch(next(s.stream), s.device)
+        step_tokens += int(batch["attention_mask"].sum())
+        sync = micro == config.grad_accum - 1
+        if s.strategy == "fsdp2":
+            e.root.set_requires_gradient_sync(sync)  # type: ignore[operator]
+        no_sync = e.engine.no_sync() if s.strategy == "ddp" and not sync else contextlib.nullcontext()
+        with no_sync:
+            with autocast_context(s.device, s.use_bf16):
+                loss, metrics = e.engine(batch)
+            if not s.strategy and not torch.isfinite(loss):
+                _raise_non_finite(float(loss.detach()), step, config, s.out)
+            (loss.float() / config.grad_accum).backward()
+        losses.append(float(loss.detach()))
+        for k, v in metrics.items():
+            metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
+    mean_loss = sum(losses) / len(losses)
+    if s.strategy:
+        keys = sorted(metric_sums)
+        reduced = all_reduce_mean([mean_loss, float(step_tokens)] + [metric_sums[k] for k in keys], s.device)
+        mean_loss, step_tokens = reduced[0], int(round(reduced[1] * s.ds.world_size))
+        metric_sums = dict(zip(keys, reduced[2:]))
+        if not math.isfinite(mean_loss):  # the same value on every rank: all stop together
+            _raise_non_finite(mean_loss, step, config, s.out)
+    return mean_loss, step_tokens, metric_sums
 
-    last_eval = next((r for r in reversed(history) if r.get("type") == "eval"), None)
-    plot_path: Optional[Path] = out / PLOT_NAME if (out / PLOT_NAME).is_file() else None
-    plotted = len(history) if plot_path is not None else -1
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    logf = open(log_path, "a", encoding="utf-8") if ds.is_main else None
+
+def _train_step(s: _Setup, e: _Engine, optimizer: torch.optim.Optimizer, scheduler: Any, p: _Progress,
+                step: int) -> Dict[str, Any]:
+    """One optimizer step (forward/backward over the micro-batches, clipping, update); returns its log record."""
+    config = s.config
+    mean_loss, step_tokens, metric_sums = _forward_backward(s, e, step)
+    p.tokens_seen += step_tokens
+    grad_norm = None
+    if config.max_grad_norm is not None:
+        params = [q for g in optimizer.param_groups for q in g["params"]]
+        gn = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        if hasattr(gn, "full_tensor"):
+            gn = gn.full_tensor()
+        grad_norm = float(gn)
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    record: Dict[str, Any] = {
+        "type": "train",
+        "step": step,
+        "loss": mean_loss,
+        "lr": lr,
+        "tokens": p.tokens_seen,
+        "epoch": round(s.stream.epoch, 4),
+        "elapsed_s": round(p.elapsed(), 3),
+    }
+    if grad_norm is not None:
+        record["grad_norm"] = grad_norm
+    record.update({k: v / config.grad_accum for k, v in metric_sums.items()})
+    return record
+
+
+def _evaluate(s: _Setup, e: _Engine) -> Dict[str, float]:
+    if s.strategy == "fsdp2":
+        with gathered(e.root), torch.no_grad():  # the root group (embeddings, norm, head) stays unsharded
+            ev = dict(s.eval_fn(e.work))  # type: ignore[misc]
+    else:
+        ev = dict(s.eval_fn(e.work))  # type: ignore[misc]
+    e.work.train()
+    return ev
+
+
+def _after_step(s: _Setup, e: _Engine, optimizer: torch.optim.Optimizer, scheduler: Any, p: _Progress,
+                record: Dict[str, Any], emit: Callable[[Dict[str, Any]], None]) -> None:
+    """Log the step's record, evaluate and checkpoint on their cadence (and at the last step)."""
+    config, step = s.config, record["step"]
+    if step % config.log_every == 0 or step == config.steps:
+        emit(record)
+        if step == p.start_step + 1 or step % max(1, config.steps // 20) == 0 or step == config.steps:
+            log.info("step %d/%d loss %.4f lr %.2e (%.1fs)", step, config.steps, record["loss"], record["lr"],
+                     p.elapsed())
+    if s.eval_fn is not None and ((config.eval_every and step % config.eval_every == 0) or step == config.steps):
+        ev = _evaluate(s, e)
+        p.last_eval = {"type": "eval", "step": step, **ev, "elapsed_s": round(p.elapsed(), 3)}
+        emit(p.last_eval)
+        log.info("step %d eval %s", step, {k: round(v, 4) for k, v in ev.items() if isinstance(v, float)})
+    if (config.save_every and step % config.save_every == 0) or step == config.steps:
+        _save_checkpoint(
+            s.out, step, e.root if s.strategy == "fsdp2" else e.work, optimizer, scheduler, s.stream,
+            {"config": config.to_dict(), "run_info": s.run_info, "elapsed_s": p.elapsed(),
+             "global_batch_size": config.batch_size * s.ds.world_size},
+            config.keep_checkpoints, s.ds,
+        )
+        if s.ds.is_main:
+            p.plot_path = _plot(p.history, s.out, s.plot_title)
+        p.plotted = len(p.history)
+
+
+def _run_steps(model: torch.nn.Module, s: _Setup, e: _Engine, optimizer: torch.optim.Optimizer, scheduler: Any,
+               p: _Progress, callbacks: Sequence[Callback]) -> None:
+    """The steps from ``p.start_step + 1`` to the end; the log is appended as records come; a failed collective
+    becomes a :class:`DistributedError` naming this rank."""
+    logf = open(s.log_path, "a", encoding="utf-8") if s.ds.is_main else None
     try:
 
         def emit(record: Dict[str, Any]) -> None:
-            history.append(record)
+            p.history.append(record)
             if logf is not None:
                 logf.write(json.dumps(record) + "\n")
                 logf.flush()
 
-        for step in range(start_step + 1, config.steps + 1):
-            losses: List[float] = []
-            metric_sums: Dict[str, float] = {}
-            step_tokens = 0
-            for micro in range(config.grad_accum):
-                batch = _move_batch(next(stream), device)
-                step_tokens += int(batch["attention_mask"].sum())
-                sync = micro == config.grad_accum - 1
-                if strategy == "fsdp2":
-                    root.set_requires_gradient_sync(sync)  # type: ignore[operator]
-                no_sync = engine.no_sync() if strategy == "ddp" and not sync else contextlib.nullcontext()
-                with no_sync:
-                    with autocast_context(device, use_bf16):
-                        loss, metrics = engine(batch)
-                    if not strategy and not torch.isfinite(loss):
-                        _raise_non_finite(float(loss.detach()), step, config, out)
-                    (loss.float() / config.grad_accum).backward()
-                losses.append(float(loss.detach()))
-                for k, v in metrics.items():
-                    metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
-            mean_loss = sum(losses) / len(losses)
-            if strategy:
-                keys = sorted(metric_sums)
-                reduced = all_reduce_mean([mean_loss, float(step_tokens)] + [metric_sums[k] for k in keys], device)
-                mean_loss, step_tokens = reduced[0], int(round(reduced[1] * world))
-                metric_sums = dict(zip(keys, reduced[2:]))
-                if not math.isfinite(mean_loss):  # the same value on every rank: all stop together
-                    _raise_non_finite(mean_loss, step, config, out)
-            tokens_seen += step_tokens
-            grad_norm = None
-            if config.max_grad_norm is not None:
-                gn = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                if hasattr(gn, "full_tensor"):
-                    gn = gn.full_tensor()
-                grad_norm = float(gn)
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            record: Dict[str, Any] = {
-                "type": "train",
-                "step": step,
-                "loss": mean_loss,
-                "lr": lr,
-                "tokens": tokens_seen,
-                "epoch": round(stream.epoch, 4),
-                "elapsed_s": round(elapsed(), 3),
-            }
-            if grad_norm is not None:
-                record["grad_norm"] = grad_norm
-            record.update({k: v / config.grad_accum for k, v in metric_sums.items()})
-            if step % config.log_every == 0 or step == config.steps:
-                emit(record)
-                if step == start_step + 1 or step % max(1, config.steps // 20) == 0 or step == config.steps:
-                    log.info("step %d/%d loss %.4f lr %.2e (%.1fs)", step, config.steps, record["loss"], lr, elapsed())
-            if eval_fn is not None and ((config.eval_every and step % config.eval_every == 0) or step == config.steps):
-                ev = run_eval()
-                last_eval = {"type": "eval", "step": step, **ev, "elapsed_s": round(elapsed(), 3)}
-                emit(last_eval)
-                log.info("step %d eval %s", step, {k: round(v, 4) for k, v in ev.items() if isinstance(v, float)})
-            if (config.save_every and step % config.save_every == 0) or step == config.steps:
-                _save_checkpoint(
-                    out, step, root if strategy == "fsdp2" else work, optimizer, scheduler, stream,
-                    {"config": config.to_dict(), "run_info": run_info, "elapsed_s": elapsed(),
-                     "global_batch_size": config.batch_size * world},
-                    config.keep_checkpoints, ds,
-                )
-                if ds.is_main:
-                    plot_path = _plot(history, out, plot_title)
-                plotted = len(history)
+        for step in range(p.start_step + 1, s.config.steps + 1):
+            record = _train_step(s, e, optimizer, scheduler, p, step)
+            _after_step(s, e, optimizer, scheduler, p, record, emit)
             for cb in callbacks:
                 cb(step, record)
-        if strategy == "fsdp2":
+        if s.strategy == "fsdp2":
             from minitron.train.distributed import full_state_dict
 
-            full = full_state_dict(work)
-            if ds.is_main:
+            full = full_state_dict(e.work)
+            if s.ds.is_main:
                 model.load_state_dict(full)
     except DistributedError:
         raise
-    except Exception as e:
-        if strategy and _is_collective_failure(e):
+    except Exception as exc:
+        if s.strategy and _is_collective_failure(exc):
             raise DistributedError(
-                f"rank {rank} of {world}: a collective failed during training (another rank died, or did not "
-                f"arrive within the process-group timeout): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            ) from e
+                f"rank {s.ds.rank} of {s.ds.world_size}: a collective failed during training (another rank died, or "
+                f"did not arrive within the process-group timeout): {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}"
+            ) from exc
         raise
     finally:
         if logf is not None:
             logf.close()
 
-    if ds.is_main and plotted != len(history):
-        plot_path = _plot(history, out, plot_title)
-    train_recs = [r for r in history if r.get("type") == "train"]
+
+def _finish(s: _Setup, p: _Progress) -> TrainResult:
+    if s.ds.is_main and p.plotted != len(p.history):
+        p.plot_path = _plot(p.history, s.out, s.plot_title)
+    train_recs = [r for r in p.history if r.get("type") == "train"]
     final_loss = sum(r["loss"] for r in train_recs[-10:]) / len(train_recs[-10:]) if train_recs else None
     return TrainResult(
-        steps=config.steps,
-        history=history,
+        steps=s.config.steps,
+        history=p.history,
         final_loss=final_loss,
-        final_eval=last_eval,
-        elapsed_s=elapsed(),
-        resumed_from=resumed_from,
-        output_dir=out,
-        log_path=log_path,
-        plot_path=plot_path,
-        extra={"strategy": strategy, "world_size": world},
+        final_eval=p.last_eval,
+        elapsed_s=p.elapsed(),
+        resumed_from=p.resumed_from,
+        output_dir=s.out,
+        log_path=s.log_path,
+        plot_path=p.plot_path,
+        extra={"strategy": s.strategy, "world_size": s.ds.world_size},
     )
+
+
+def train(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    data: PackedDataset,
+    config: TrainConfig,
+    output_dir: PathLike,
+    *,
+    eval_data: Union[PackedDataset, EvalFn, None] = None,
+    resume: bool = False,
+    callbacks: Sequence[Callback] = (),
+    run_info: Optional[Dict[str, Any]] = None,
+    plot_title: str = "training loss",
+) -> TrainResult:
+    """Train ``model`` in place by minimising ``loss_fn`` over batches of ``data``.
+
+    Args:
+        model: trained in place (moved to the configured device). Under FSDP2 a sharded copy is trained
+            and the trained weights are loaded back into ``model`` on rank 0 at the end (other ranks' ``model``
+            keeps its initial weights).
+        loss_fn: ``loss_fn(model, batch) -> (scalar loss, {name: float or 0-d tensor})``; batches hold
+            ``input_ids``/``attention_mask`` LongTensors [B, S] on the training device. Under a strategy it
+            runs inside the forward of the DDP / FSDP2-wrapped :class:`~minitron.train.distributed.LossModule`.
+            A loss object with ``frozen_models()`` / ``with_frozen_models(dict)`` (e.g. the distillation loss)
+            gets its frozen models (the teacher) sharded under FSDP2.
+        data: training sequences (shuffled per epoch with ``config.seed``).
+        config: optimisation settings (``config.strategy``: None, "ddp", "fsdp2").
+        output_dir: receives ``log.jsonl``, ``loss.png`` and ``checkpoints/`` (written by rank 0 only; FSDP2
+            checkpoint shards by every rank). A fresh run refuses a directory that already holds a log or
+            checkpoints.
+        eval_data: evaluation every ``config.eval_every`` steps and at the end: a PackedDataset (LM loss /
+            perplexity on it, :func:`default_eval_fn`) or a callable ``eval_fn(model) -> {name: float}``. Under
+            a strategy every rank evaluates (the same numbers); rank 0 logs.
+        resume: continue from the newest checkpoint in ``output_dir`` (a fresh start when there is
+            none). The configuration must match the checkpoint's except for logging/eval/save cadence.
+            DDP (and one process) may resume with another world size when ``batch_size * world_size`` is
+            unchanged; FSDP2 refuses a different world size.
+        callbacks: called as ``cb(step, record)`` after every optimizer step, on every rank (an exception
+            stops the run, as an interruption would).
+        run_info: JSON-able description stored in checkpoints and checked on resume (e.g. data
+            source, model shapes).
+
+    Returns:
+        TrainResult (``extra``: ``strategy``, ``world_size``).
+
+    Raises:
+        DistributedError: a collective failed (another rank died or timed out).
+        ValueError: bad arguments, or arguments that differ across ranks (naming the argument).
+    """
+    s = _setup(data, config, output_dir, eval_data, resume, run_info, plot_title)
+    if s.ds.is_main:
+        s.out.mkdir(parents=True, exist_ok=True)
+        for stale in (s.out / CKPT_DIR).glob(".tmp-*"):  # left by a kill during a checkpoint save
+            shutil.rmtree(stale, ignore_errors=True)
+    seed_everything(config.seed)
+    e = _build_engine(model, loss_fn, s)
+    optimizer = make_optimizer(e.work, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda_factory(config))
+    p = _restore(s, e, optimizer, scheduler, resume)
+    barrier()
+    p.t0 = time.time()
+    _run_steps(model, s, e, optimizer, scheduler, p, callbacks)
+    return _finish(s, p)
 
 
 def _compile_kwargs(compile_: Union[bool, str]) -> Dict[str, Any]:

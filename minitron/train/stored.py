@@ -179,11 +179,9 @@ def distill_from_store(
     config: Optional[StoredDistillConfig],
     output_dir: PathLike,
     *,
-    eval_data: Optional[PackedDataset] = None,
-    resume: bool = False,
     run_info: Optional[Dict[str, Any]] = None,
-    callbacks: Sequence[Callback] = (),
     tokenizer_hash: Optional[str] = None,
+    **run: Any,
 ) -> TrainResult:
     """Distil ``student`` (trained in place) from a teacher-logit store; no teacher is loaded.
 
@@ -194,11 +192,11 @@ def distill_from_store(
         train_config: optimisation settings (see :func:`minitron.train.loop.train`).
         config: loss settings (None: the defaults).
         output_dir: the run directory (log, plot, checkpoints); not inside the store.
-        eval_data: evaluation data (the student's LM loss / perplexity).
-        resume: continue from the newest checkpoint in ``output_dir``.
         run_info: extra JSON-able run description (the store's identity is added and checked on resume).
         tokenizer_hash: the student's tokenizer hash (:func:`minitron.io.logit_store.tokenizer_hash`), compared
             with the store's when both are known.
+        **run: the run's other keywords, as :func:`minitron.train.loop.train` takes them: ``eval_data``
+            (the student's LM loss / perplexity), ``resume``, ``callbacks``.
 
     Raises:
         StoreError: the store is incomplete/damaged, or does not match the data (tokenizer, vocabulary, seq_len,
@@ -238,7 +236,7 @@ def distill_from_store(
     tail = "tail" if config.tail else "renormalised"
     return train(
         student, loss_fn, StoreBackedData(data, store), train_config, output_dir,
-        eval_data=eval_data, resume=resume, callbacks=callbacks, run_info=info,
+        run_info=info, **run,
         plot_title=f"distillation from a stored top-{store.k} teacher ({tail}, T={store.temperature})",
     )
 
