@@ -24,6 +24,7 @@ that scores of another model are refused (:meth:`ImportanceScores.check_compatib
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -692,12 +693,11 @@ def estimate_importance(
         minitron.compress.distributed.DistributedImportanceError: a collective failed (another rank died
             or the process group timed out).
     """
-    from minitron.compress.distributed import BatchDigest, check_same_on_all_ranks, owns_batch, rank_info
+    from minitron.compress.distributed import check_same_on_all_ranks, rank_info
 
     adapter = get_adapter(model)
     adapter.check_model(model)
     _check_estimation_args(seq_agg, batch_agg, layer_metrics, max_batches, backend, batches)
-    want_bi = "block_influence" in layer_metrics
     want_loss = "lm_loss" in layer_metrics
     info = rank_info()
     progress = bool(progress) and info.rank == 0  # one progress bar per run, not one per rank
@@ -706,72 +706,19 @@ def estimate_importance(
         _args_fingerprint(adapter, model.config, signature, seq_agg=seq_agg, batch_agg=batch_agg,
                           layer_metrics=layer_metrics, max_batches=max_batches, mode="in-memory"),
         stage="arguments")
-
     device = _model_device(model)
-    dims = adapter.dims(model.config)
-    collector = _Collector(model, adapter, seq_agg=seq_agg, batch_agg=batch_agg, block_influence=want_bi,
-                           backend=backend, device=device, dtype=_activation_dtype(model))
-
-    from tqdm.auto import tqdm
-
-    total = None
-    if hasattr(batches, "__len__"):
-        total = len(batches)  # type: ignore[arg-type]
-        if max_batches is not None:
-            total = min(total, max_batches)
-        if info.distributed:
-            total = len(range(info.rank, total, info.world))
+    collector = _Collector(model, adapter, seq_agg=seq_agg, batch_agg=batch_agg,
+                           block_influence="block_influence" in layer_metrics, backend=backend, device=device,
+                           dtype=_activation_dtype(model))
     was_training = model.training
-    kept: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = []
-    digest = BatchDigest()
-    num_samples = num_tokens = num_batches = 0
-    loss_sum, loss_count = 0.0, 0
-    lm_loss_drop: Optional[torch.Tensor] = None
-    base_loss: Optional[float] = None
-    runner = model if want_loss else adapter.base_model(model)  # no LM head needed without the loss
     model.eval()
     try:
-        collector.attach()
-        bar = tqdm(total=total, desc="importance", unit="batch", disable=not progress)
-        try:
-            with torch.no_grad():
-                for i, batch in enumerate(batches):
-                    if max_batches is not None and i >= max_batches:
-                        break
-                    ids, mask = _validate_batch(batch, i, dims.vocab_size)
-                    if info.distributed:
-                        digest.update(ids, mask)
-                        if not owns_batch(i, info):
-                            continue
-                    if want_loss:
-                        kept.append((ids, mask))
-                    ids_d = ids.to(device)
-                    mask_d = None if mask is None else mask.to(device)
-                    collector.mask = mask_d
-                    out = runner(input_ids=ids_d, attention_mask=None if mask_d is None else mask_d.long(),
-                                 use_cache=False)
-                    if want_loss:
-                        s, c = _lm_loss_sums(out.logits, ids_d, mask_d)
-                        loss_sum, loss_count = loss_sum + s, loss_count + c
-                    num_batches += 1
-                    num_samples += ids.shape[0]
-                    num_tokens += int(mask.sum()) if mask is not None else ids.numel()
-                    bar.update(1)
-        finally:
-            bar.close()
-            collector.detach()
-            collector.mask = None
-        if info.distributed:
-            check_same_on_all_ranks(_data_fingerprint(digest), stage="calibration data")
-            num_samples, num_tokens, num_batches = _reduce_counts(num_samples, num_tokens, num_batches)
-        if num_samples == 0:
-            raise ValueError("batches is empty: importance needs at least one calibration batch")
+        run = _calibration_pass(model, adapter, collector, batches, max_batches, want_loss, progress)
+        base_loss, lm_loss_drop = None, None
         if want_loss:
-            (loss_sum,), (loss_count,) = _reduce_loss_sums([loss_sum], [loss_count])
-            if loss_count == 0:
-                raise ValueError("the calibration batches hold no next-token targets (sequences of length >= 2 needed)")
-            base_loss = loss_sum / loss_count
-            sums, counts = _layer_loss_sums(model, adapter, kept, collector.layer_returns_tuple, device, progress)
+            base_loss = _base_loss(run.loss_sum, run.loss_count)
+            sums, counts = _layer_loss_sums(model, adapter, run.kept, collector.layer_returns_tuple, device,
+                                            progress)
             sums, counts = _reduce_loss_sums(sums, counts)
             lm_loss_drop = _drops_from_sums(sums, counts, base_loss)
     finally:
@@ -780,14 +727,94 @@ def estimate_importance(
     if info.distributed:
         collector.all_reduce()
     scores = _assemble_scores(collector, adapter, model.config, signature, seq_agg=seq_agg, batch_agg=batch_agg,
-                            layer_metrics=layer_metrics, num_samples=num_samples, num_tokens=num_tokens,
-                            num_batches=num_batches, base_loss=base_loss, lm_loss_drop=lm_loss_drop,
+                            layer_metrics=layer_metrics, num_samples=run.num_samples, num_tokens=run.num_tokens,
+                            num_batches=run.num_batches, base_loss=base_loss, lm_loss_drop=lm_loss_drop,
                             extra_meta={"world_size": info.world} if info.distributed else None)
     if info.distributed:
         from minitron.compress.distributed import barrier
 
         barrier("barrier at the end of importance estimation")
     return scores
+
+
+@dataclasses.dataclass
+class _PassTotals:
+    """What the calibration pass counted (reduced over the ranks, except ``kept`` and the loss sums): the batches
+    kept for the LM-loss metric, the base NLL sum and target count, samples/tokens/batches."""
+
+    kept: list = dataclasses.field(default_factory=list)
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    num_samples: int = 0
+    num_tokens: int = 0
+    num_batches: int = 0
+
+
+def _base_loss(loss_sum: float, loss_count: int) -> float:
+    """The mean next-token NLL of the unmodified model over all ranks' targets."""
+    (loss_sum,), (loss_count,) = _reduce_loss_sums([loss_sum], [loss_count])
+    if loss_count == 0:
+        raise ValueError("the calibration batches hold no next-token targets (sequences of length >= 2 needed)")
+    return loss_sum / loss_count
+
+
+def _calibration_pass(model: nn.Module, adapter: ModelAdapter, collector: "_Collector", batches: Iterable[Any],
+                      max_batches: Optional[int], want_loss: bool, progress: bool) -> _PassTotals:
+    """One forward pass over this rank's calibration batches with the collector's hooks on (the LM head only when
+    the LM-loss metric needs the base loss); checks the data is the same on every rank."""
+    from tqdm.auto import tqdm
+
+    from minitron.compress.distributed import BatchDigest, check_same_on_all_ranks, owns_batch, rank_info
+
+    info = rank_info()
+    device = _model_device(model)
+    vocab = adapter.dims(model.config).vocab_size
+    total = None
+    if hasattr(batches, "__len__"):
+        total = len(batches)  # type: ignore[arg-type]
+        if max_batches is not None:
+            total = min(total, max_batches)
+        if info.distributed:
+            total = len(range(info.rank, total, info.world))
+    t = _PassTotals()
+    digest = BatchDigest()
+    runner = model if want_loss else adapter.base_model(model)  # no LM head needed without the loss
+    collector.attach()
+    bar = tqdm(total=total, desc="importance", unit="batch", disable=not progress)
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(batches):
+                if max_batches is not None and i >= max_batches:
+                    break
+                ids, mask = _validate_batch(batch, i, vocab)
+                if info.distributed:
+                    digest.update(ids, mask)
+                    if not owns_batch(i, info):
+                        continue
+                if want_loss:
+                    t.kept.append((ids, mask))
+                ids_d = ids.to(device)
+                mask_d = None if mask is None else mask.to(device)
+                collector.mask = mask_d
+                out = runner(input_ids=ids_d, attention_mask=None if mask_d is None else mask_d.long(),
+                             use_cache=False)
+                if want_loss:
+                    s, c = _lm_loss_sums(out.logits, ids_d, mask_d)
+                    t.loss_sum, t.loss_count = t.loss_sum + s, t.loss_count + c
+                t.num_batches += 1
+                t.num_samples += ids.shape[0]
+                t.num_tokens += int(mask.sum()) if mask is not None else ids.numel()
+                bar.update(1)
+    finally:
+        bar.close()
+        collector.detach()
+        collector.mask = None
+    if info.distributed:
+        check_same_on_all_ranks(_data_fingerprint(digest), stage="calibration data")
+        t.num_samples, t.num_tokens, t.num_batches = _reduce_counts(t.num_samples, t.num_tokens, t.num_batches)
+    if t.num_samples == 0:
+        raise ValueError("batches is empty: importance needs at least one calibration batch")
+    return t
 
 
 def _layer_loss_sums(model: nn.Module, adapter: ModelAdapter, batches: list, as_tuple: Optional[bool],

@@ -18,6 +18,7 @@ no half-written checkpoint (and, with ``overwrite``, the previous output intact)
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import shutil
@@ -175,11 +176,53 @@ def prune_checkpoint_streaming(
     src = Path(src_dir)
     ckpt = ShardedCheckpoint(src).validate()
     out = check_output_dir(dst_dir, overwrite=overwrite, inputs={"src_dir": src}, what="dst_dir")
+    p = _plan_streamed_prune(ckpt, scores, width_targets, keep_layers, drop_layers)
+    for dt in {dt for _, _, _, dt in p.layout}:
+        _check_slicing_backend(backend, torch.device("cpu"), dt)
+    out_bytes = sum(dt.itemsize * int(torch.Size(s).numel()) for _, _, s, dt in p.layout)
+    estimate = out_bytes + (1 << 20) * (1 + out_bytes // int(shard_bytes)) + sum(
+        f.stat().st_size for f in src.iterdir() if f.is_file() and not f.name.endswith(".safetensors"))
+    check_output_dir(out, overwrite=overwrite, inputs={"src_dir": src}, what="dst_dir", estimated_bytes=estimate)
+    log.info("streamed pruning %s -> %s: %d -> %d tensors, %.2f -> %.2f GiB (%s)", src, out, len(ckpt.keys()),
+             len(p.layout), ckpt.nbytes / 2**30, out_bytes / 2**30,
+             {k: getattr(p.new_config, k) for k in _WIDTH_KEYS + ("num_hidden_layers",)})
+
+    # ---- write into a hidden sibling, publish when complete
+    remove_stale_temporaries(out)
+    tmp = make_temp_dir(out)
+    try:
+        _write_tensors(ckpt, p, tmp, int(shard_bytes), backend, t0 if progress else None)
+        p.new_config.save_pretrained(str(tmp))
+        _save_generation_config(src, p.config, tmp)
+        copy_tokenizer_files(src, tmp)
+        normalize_permissions(tmp)
+        publish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("streamed pruning wrote %s (%.2f GiB) in %.1f s", out, out_bytes / 2**30, time.perf_counter() - t0)
+    return out
+
+
+@dataclasses.dataclass
+class _StreamedPrunePlan:
+    """What a streamed prune writes: the input config, the output config, ``(name, new name, shape, dtype)`` per
+    output tensor, the cuts per input tensor, and the name prefix of the decoder layers (for progress)."""
+
+    config: Any
+    new_config: Any
+    layout: list
+    cut_plan: dict
+    layer_prefix: str
+
+
+def _plan_streamed_prune(ckpt: ShardedCheckpoint, scores: Optional[ImportanceScores],
+                         width_targets: Optional[dict[str, Optional[int]]], keep_layers: Optional[Sequence[int]],
+                         drop_layers: Optional[Sequence[int]]) -> _StreamedPrunePlan:
+    """Plan the width and depth cuts on a meta-device skeleton (all validation, nothing written)."""
     config = copy.deepcopy(ckpt.config)
     adapter = get_adapter(config)
     d = adapter.dims(config)
-
-    # ---- plans (all validation before any output)
     plan = plan_width(config, scores, **(width_targets or {}))
     width_changes = plan.hidden is not None or any(h is not None for h in plan.heads) or any(
         n is not None for n in plan.neurons)
@@ -201,57 +244,40 @@ def prune_checkpoint_streaming(
     adapter.check_config(new_config)
     layout = streamed_output_layout(ckpt, cut_plan, renames)
     if not layout:
-        raise ValueError(f"checkpoint {str(src)!r}: nothing to write")
-    dtypes = {dt for _, _, _, dt in layout}
-    for dt in dtypes:
-        _check_slicing_backend(backend, torch.device("cpu"), dt)
-    out_bytes = sum(dt.itemsize * int(torch.Size(s).numel()) for _, _, s, dt in layout)
-    estimate = out_bytes + (1 << 20) * (1 + out_bytes // int(shard_bytes)) + sum(
-        f.stat().st_size for f in src.iterdir() if f.is_file() and not f.name.endswith(".safetensors"))
-    check_output_dir(out, overwrite=overwrite, inputs={"src_dir": src}, what="dst_dir", estimated_bytes=estimate)
-    log.info("streamed pruning %s -> %s: %d -> %d tensors, %.2f -> %.2f GiB (%s)", src, out, len(ckpt.keys()),
-             len(layout), ckpt.nbytes / 2**30, out_bytes / 2**30,
-             {k: getattr(new_config, k) for k in _WIDTH_KEYS + ("num_hidden_layers",)})
+        raise ValueError(f"checkpoint {str(ckpt.path)!r}: nothing to write")
+    return _StreamedPrunePlan(config, new_config, layout, cut_plan, prefix)
 
-    # ---- write into a hidden sibling, publish when complete
-    remove_stale_temporaries(out)
-    tmp = make_temp_dir(out)
-    try:
-        writer = ShardedWriter(tmp, max_shard_bytes=int(shard_bytes), layout=[(n, s, dt) for _, n, s, dt in layout])
-        last_layer = None
-        # one writer thread overlaps writing (and fsync) tensor i with reading and cutting tensor i + 1
-        # (file writes and the cut release the GIL); at most one tensor waits, so memory stays ~2 tensors
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="minitron-shard-writer") as pool:
-            pending: Optional[Future] = None
-            for i, (name, new_name, _, _) in enumerate(layout):
-                t = ckpt.get(name)
-                cuts = cut_plan.get(name)
-                if cuts:
-                    with torch.no_grad():
-                        t = apply_cuts([t], [cuts], backend)[0]
-                if pending is not None:
-                    pending.result()
-                pending = pool.submit(writer.add, new_name, t)
-                del t
-                if progress and name.startswith(prefix + "."):
-                    layer = name[len(prefix) + 1:].split(".", 1)[0]
-                    if layer != last_layer:
-                        last_layer = layer
-                        log.info("streamed pruning: layer %s (%d/%d tensors, %.0f s)", layer, i + 1, len(layout),
-                                 time.perf_counter() - t0)
+
+def _write_tensors(ckpt: ShardedCheckpoint, p: _StreamedPrunePlan, tmp: Path, shard_bytes: int, backend: str,
+                   t0: Optional[float]) -> None:
+    """Read, cut and write every output tensor into shards under ``tmp``; progress is logged per decoder layer
+    when ``t0`` (the start time) is given."""
+    layout, prefix = p.layout, p.layer_prefix
+    writer = ShardedWriter(tmp, max_shard_bytes=shard_bytes, layout=[(n, s, dt) for _, n, s, dt in layout])
+    last_layer = None
+    # one writer thread overlaps writing (and fsync) tensor i with reading and cutting tensor i + 1
+    # (file writes and the cut release the GIL); at most one tensor waits, so memory stays ~2 tensors
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="minitron-shard-writer") as pool:
+        pending: Optional[Future] = None
+        for i, (name, new_name, _, _) in enumerate(layout):
+            t = ckpt.get(name)
+            cuts = p.cut_plan.get(name)
+            if cuts:
+                with torch.no_grad():
+                    t = apply_cuts([t], [cuts], backend)[0]
             if pending is not None:
                 pending.result()
-        writer.close()
-        new_config.save_pretrained(str(tmp))
-        _save_generation_config(src, config, tmp)
-        copy_tokenizer_files(src, tmp)
-        normalize_permissions(tmp)
-        publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("streamed pruning wrote %s (%.2f GiB) in %.1f s", out, out_bytes / 2**30, time.perf_counter() - t0)
-    return out
+            pending = pool.submit(writer.add, new_name, t)
+            del t
+            if t0 is not None and name.startswith(prefix + "."):
+                layer = name[len(prefix) + 1:].split(".", 1)[0]
+                if layer != last_layer:
+                    last_layer = layer
+                    log.info("streamed pruning: layer %s (%d/%d tensors, %.0f s)", layer, i + 1, len(layout),
+                             time.perf_counter() - t0)
+        if pending is not None:
+            pending.result()
+    writer.close()
 
 
 def _save_generation_config(src: Path, config: Any, dst: Path) -> None:

@@ -39,6 +39,7 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -53,7 +54,7 @@ from minitron.models import get_adapter
 
 log = logging.getLogger(__name__)
 
-__all__ = ["estimate_importance_streaming", "should_stream", "choose_compute_dtype", "CheckpointReader",
+__all__ = ["estimate_importance_streaming", "StreamOptions", "should_stream", "choose_compute_dtype", "CheckpointReader",
            "STREAM_MEMORY_FRACTION"]
 
 #: :func:`should_stream` streams when the compute copy of the weights exceeds this fraction of MemAvailable.
@@ -462,6 +463,43 @@ def _materialise_buffers(model: nn.Module, skip: Sequence[nn.Module]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- estimation
+@dataclass
+class StreamOptions:
+    """How :func:`estimate_importance_streaming` reads the checkpoint and keeps the hidden states.
+
+    Attributes:
+        compute_dtype: dtype of each loaded layer and of the hidden states (default fp32: fast on CPUs
+            without bf16 units; the accumulators are fp32 in any case). Floating-point dtypes only.
+        spill_dir: directory for memory-mapped hidden-state files when they exceed ``max_hidden_bytes``
+            (default: the system temporary directory). A private subdirectory is created and removed.
+        max_hidden_bytes: keep hidden states in memory up to this many bytes (default 25% of the memory
+            available at the start); ``0`` always spills.
+        reader: an object with ``config`` (transformers config), ``keys()`` and ``get(name) -> Tensor``
+            reading the checkpoint (default :class:`CheckpointReader` of ``checkpoint_dir``, which is
+            then not used otherwise).
+        prefetch: read and cast layer ``l + 1`` in a helper thread while layer ``l`` runs (hides the
+            read/cast time; at most two decoder layers in memory). ``False``: one layer at a time.
+    """
+
+    compute_dtype: torch.dtype = torch.float32
+    spill_dir: Optional[str | os.PathLike] = None
+    max_hidden_bytes: Optional[int] = None
+    reader: Any = None
+    prefetch: bool = True
+
+    def check(self) -> None:
+        """TypeError/ValueError naming the bad setting."""
+        dt, mhb, sd = self.compute_dtype, self.max_hidden_bytes, self.spill_dir
+        if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+            raise TypeError(f"compute_dtype must be a floating-point torch.dtype, got {dt!r}")
+        if mhb is not None and (isinstance(mhb, bool) or not isinstance(mhb, int) or mhb < 0):
+            raise ValueError(f"max_hidden_bytes must be a non-negative int or None, got {mhb!r}")
+        if sd is not None and not isinstance(sd, (str, os.PathLike)):
+            raise TypeError(f"spill_dir must be a path or None, got {type(sd).__name__}")
+        if sd is not None and not Path(sd).is_dir():
+            raise ValueError(f"spill_dir {str(sd)!r} is not an existing directory")
+
+
 def estimate_importance_streaming(
     checkpoint_dir: str | os.PathLike,
     batches: Iterable[Mapping[str, torch.Tensor]],
@@ -472,11 +510,8 @@ def estimate_importance_streaming(
     max_batches: Optional[int] = None,
     progress: bool = True,
     backend: str = "auto",
-    compute_dtype: torch.dtype = torch.float32,
-    spill_dir: Optional[str | os.PathLike] = None,
-    max_hidden_bytes: Optional[int] = None,
-    reader: Any = None,
-    prefetch: bool = True,
+    options: Optional[StreamOptions] = None,
+    **stream: Any,
 ) -> ImportanceScores:
     """Importance of a safetensors checkpoint computed one decoder layer at a time (see the module docstring).
 
@@ -489,17 +524,9 @@ def estimate_importance_streaming(
         seq_agg, batch_agg, layer_metrics, max_batches, progress, backend: as in
             :func:`~minitron.compress.importance.estimate_importance`. ``"lm_loss"`` is exact here too
             (skip streams; up to ``num_layers + 1`` sets of hidden states).
-        compute_dtype: dtype of each loaded layer and of the hidden states (default fp32: fast on CPUs
-            without bf16 units; the accumulators are fp32 in any case). Floating-point dtypes only.
-        spill_dir: directory for memory-mapped hidden-state files when they exceed ``max_hidden_bytes``
-            (default: the system temporary directory). A private subdirectory is created and removed.
-        max_hidden_bytes: keep hidden states in memory up to this many bytes (default 25% of the memory
-            available at the start); ``0`` always spills.
-        reader: an object with ``config`` (transformers config), ``keys()`` and ``get(name) -> Tensor``
-            reading the checkpoint (default :class:`CheckpointReader` of ``checkpoint_dir``, which is
-            then not used otherwise).
-        prefetch: read and cast layer ``l + 1`` in a helper thread while layer ``l`` runs (hides the
-            read/cast time; at most two decoder layers in memory). ``False``: one layer at a time.
+        options: a :class:`StreamOptions` (compute_dtype, spill_dir, max_hidden_bytes, reader, prefetch).
+        **stream: any field of :class:`StreamOptions` by name (``compute_dtype=torch.bfloat16``), over
+            ``options``.
     Returns:
         :class:`~minitron.compress.importance.ImportanceScores` (fp32 CPU tensors), equal to the in-memory
         scores of the same checkpoint loaded in ``compute_dtype``. Under ``torch.distributed`` the batches
@@ -508,226 +535,284 @@ def estimate_importance_streaming(
         ValueError / TypeError / FileNotFoundError: bad arguments, a bad checkpoint (naming the file or
             tensor) or a malformed batch, all before any layer is run.
     """
-    from tqdm.auto import tqdm
+    from minitron.options import fold
 
-    from minitron.compress.distributed import BatchDigest, check_same_on_all_ranks, owns_batch, rank_info
-
+    (o,) = fold("estimate_importance_streaming", stream, options if options is not None else StreamOptions())
     _check_estimation_args(seq_agg, batch_agg, layer_metrics, max_batches, backend, batches)
-    if not isinstance(compute_dtype, torch.dtype) or not compute_dtype.is_floating_point:
-        raise TypeError(f"compute_dtype must be a floating-point torch.dtype, got {compute_dtype!r}")
-    if max_hidden_bytes is not None and (isinstance(max_hidden_bytes, bool) or not isinstance(max_hidden_bytes, int)
-                                         or max_hidden_bytes < 0):
-        raise ValueError(f"max_hidden_bytes must be a non-negative int or None, got {max_hidden_bytes!r}")
-    if spill_dir is not None and not isinstance(spill_dir, (str, os.PathLike)):
-        raise TypeError(f"spill_dir must be a path or None, got {type(spill_dir).__name__}")
-    if spill_dir is not None and not Path(spill_dir).is_dir():
-        raise ValueError(f"spill_dir {str(spill_dir)!r} is not an existing directory")
-    if reader is None:
-        reader = CheckpointReader(checkpoint_dir)
-    config = reader.config
-    adapter = get_adapter(config)
-    want_bi = "block_influence" in layer_metrics
-    want_loss = "lm_loss" in layer_metrics
-    info = rank_info()
-    progress = bool(progress) and info.rank == 0
-    started = time.perf_counter()
-
-    model = _build_skeleton(config, compute_dtype)
-    adapter.check_model(model)
-    dims = adapter.dims(config)
-    signature = shape_signature(model)
-    prefix_of = {id(m): n + "." for n, m in model.named_modules() if n}
-    head = adapter.lm_head(model)
-    embed = adapter.embedding(model)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    head_aliases = {prefix_of[id(head)] + "weight": prefix_of[id(embed)] + "weight"} if tied else {}
-    _check_checkpoint(model, reader, head_aliases)
-    check_same_on_all_ranks(
-        _args_fingerprint(adapter, config, signature, seq_agg=seq_agg, batch_agg=batch_agg,
-                          layer_metrics=layer_metrics, max_batches=max_batches, mode="streamed"),
-        stage="arguments")
-
-    # -- the batches (validated, this rank's share) --------------------------------------------------
-    own: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = []
-    digest = BatchDigest()
-    for i, batch in enumerate(batches):
-        if max_batches is not None and i >= max_batches:
-            break
-        ids, mask = _validate_batch(batch, i, dims.vocab_size)
-        digest.update(ids, mask)
-        if owns_batch(i, info):
-            own.append((ids, mask))
-    check_same_on_all_ranks(_data_fingerprint(digest), stage="calibration data")
-    if digest.count == 0:
-        raise ValueError("batches is empty: importance needs at least one calibration batch")
-
-    # -- skeleton: embedding, final norm, rotary ------------------------------------------------------
-    layers = adapter.layers(model)
-    n_layers = dims.num_hidden_layers
-    base = adapter.base_model(model)
-    norm = adapter.final_norm(model)
-    _load_module(embed, prefix_of[id(embed)], reader, compute_dtype)
-    _load_module(norm, prefix_of[id(norm)], reader, compute_dtype)
-    _materialise_buffers(model, skip=[layers, head, embed, norm])
-    leftovers = [n for n, t in list(base.named_parameters()) + list(base.named_buffers())
-                 if t.is_meta and not n.startswith("layers.")]
-    if leftovers:
-        raise RuntimeError(f"streaming: base-model tensors {leftovers} are not in the checkpoint nor rebuildable")
-
-    collector = _Collector(model, adapter, seq_agg=seq_agg, batch_agg=batch_agg, block_influence=want_bi,
-                           backend=backend, device=torch.device("cpu"), dtype=compute_dtype)
-
-    # -- capture every layer's call arguments per batch ----------------------------------------------
-    calls: list[list[tuple[tuple, dict]]] = []  # [batch][layer] -> (args, kwargs)
-    first: list[torch.Tensor] = []
-    originals = nn.ModuleList(list(layers))
-    sink: list = []
-    recorders = nn.ModuleList([_Recorder(l, l == n_layers - 1, sink) for l in range(n_layers)])
-    adapter.set_layers(model, recorders)
+    o.check()
+    run = _StreamedEstimation(checkpoint_dir, o, seq_agg=seq_agg, batch_agg=batch_agg,
+                              layer_metrics=layer_metrics, max_batches=max_batches, progress=progress)
+    run.read_batches(batches)
+    run.prepare_skeleton(backend)
+    run.capture_layer_calls()
     try:
-        with torch.no_grad():
-            for ids, mask in own:
-                sink.clear()
-                try:
-                    base(input_ids=ids, attention_mask=None if mask is None else mask.long(), use_cache=False)
-                except _Stop:
-                    pass
-                if len(sink) != n_layers or [s[0] for s in sink] != list(range(n_layers)):
-                    raise RuntimeError(f"streaming: the {adapter.model_type} base model called its layers "
-                                       f"{[s[0] for s in sink]}, expected 0..{n_layers - 1} in order")
-                if any(rec[1] is not sink[0][1] for rec in sink):
-                    raise RuntimeError(f"streaming: the {adapter.model_type} base model does not pass each layer's "
-                                       "output on as the next layer's input unchanged (tuple outputs?); layer "
-                                       "streaming does not support this transformers version for this family")
-                first.append(sink[0][1])
-                calls.append([(s[2], s[3]) for s in sink])
+        run.open_hidden_store()
+        run.run_layers()
+        run.run_final_norm_and_head()
     finally:
-        adapter.set_layers(model, originals)
-        sink.clear()
-    # the embedding is only needed for the capture pass: free it before the layers load (a 128k x 4096 fp32
-    # embedding is 2 GiB; a tied LM head is read again from the checkpoint)
-    _free_module(embed)
+        run.close()
+    return run.scores()
 
-    # -- hidden-state store ----------------------------------------------------------------------------
-    shapes = [tuple(h.shape) for h in first]
-    elem = torch.empty((), dtype=compute_dtype).element_size()
-    streams_needed = (n_layers + 1) if want_loss else 1
-    need = sum(b * s * h for b, s, h in shapes) * elem * streams_needed
-    limit = max_hidden_bytes if max_hidden_bytes is not None else int(_mem_available() * HIDDEN_MEMORY_FRACTION)
-    spill_root: Optional[Path] = None
-    if need > limit:
-        spill_root = Path(tempfile.mkdtemp(prefix="minitron-hidden-", dir=None if spill_dir is None else str(spill_dir)))
-        log.info("streamed importance: hidden states need %.1f MiB > %.1f MiB: spilling to %s",
-                 need / 2 ** 20, limit / 2 ** 20, spill_root)
-    store = _HiddenStore(shapes, compute_dtype, spill_root)
-    MAIN = n_layers  # stream ids 0..n_layers-1 = skip streams (layer d replaced by the identity)
 
-    total_passes = len(own) * (n_layers * (n_layers + 1) // 2 if want_loss else n_layers)
-    bar = tqdm(total=total_passes, desc="importance (streamed)", unit="layer-batch", disable=not progress)
-    num_samples = sum(ids.shape[0] for ids, _ in own)
-    num_tokens = sum(int(m.sum()) if m is not None else ids.numel() for ids, m in own)
-    loss_sums: list[float] = []
-    loss_counts: list[int] = []
-    base_loss: Optional[float] = None
-    lm_loss_drop: Optional[torch.Tensor] = None
-    pool: Optional[ThreadPoolExecutor] = None
-    try:
-        for i, h in enumerate(first):
-            store.put(MAIN, i, h)
-        first.clear()
+class _StreamedEstimation:
+    """One streamed estimation run, phase by phase: the checkpoint and its skeleton (:meth:`__init__`), the
+    calibration batches of this rank (:meth:`read_batches`), embedding / norm / rotary and the hooks
+    (:meth:`prepare_skeleton`), every layer's call arguments (:meth:`capture_layer_calls`), the hidden-state
+    store (:meth:`open_hidden_store`), the layers one at a time (:meth:`run_layers`), the final norm and LM head
+    (:meth:`run_final_norm_and_head`), then the reduced scores (:meth:`scores`)."""
+
+
+    def __init__(self, checkpoint_dir: str | os.PathLike, o: StreamOptions, *, seq_agg: str, batch_agg: str,
+                 layer_metrics: Sequence[str], max_batches: Optional[int], progress: bool) -> None:
+        from minitron.compress.distributed import check_same_on_all_ranks, rank_info
+
+        self.o, self.dtype = o, o.compute_dtype
+        self.seq_agg, self.batch_agg, self.layer_metrics = seq_agg, batch_agg, layer_metrics
+        self.max_batches = max_batches
+        self.reader = o.reader if o.reader is not None else CheckpointReader(checkpoint_dir)
+        self.config = self.reader.config
+        self.adapter = get_adapter(self.config)
+        self.want_loss = "lm_loss" in layer_metrics
+        self.info = rank_info()
+        self.progress = bool(progress) and self.info.rank == 0
+        self.started = time.perf_counter()
+        model = self.model = _build_skeleton(self.config, self.dtype)
+        self.adapter.check_model(model)
+        self.dims = self.adapter.dims(self.config)
+        self.n_layers = self.dims.num_hidden_layers
+        self.signature = shape_signature(model)
+        self.prefix_of = {id(m): n + "." for n, m in model.named_modules() if n}
+        self.head = self.adapter.lm_head(model)
+        self.embed = self.adapter.embedding(model)
+        tied = bool(getattr(self.config, "tie_word_embeddings", False))
+        self.head_aliases = ({self.prefix_of[id(self.head)] + "weight": self.prefix_of[id(self.embed)] + "weight"}
+                             if tied else {})
+        _check_checkpoint(model, self.reader, self.head_aliases)
+        check_same_on_all_ranks(
+            _args_fingerprint(self.adapter, self.config, self.signature, seq_agg=seq_agg, batch_agg=batch_agg,
+                              layer_metrics=layer_metrics, max_batches=max_batches, mode="streamed"),
+            stage="arguments")
+        self.own: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = []
+        self.calls: list[list[tuple[tuple, dict]]] = []  # [batch][layer] -> (args, kwargs)
+        self.first: list[torch.Tensor] = []
+        self.store: Optional[_HiddenStore] = None
+        self.spill_root: Optional[Path] = None
+        self.bar: Any = None
+        self.base_loss: Optional[float] = None
+        self.lm_loss_drop: Optional[torch.Tensor] = None
+
+    def read_batches(self, batches: Iterable[Mapping[str, torch.Tensor]]) -> None:
+        """Validate every batch (up to ``max_batches``), keep this rank's share, check the data across ranks."""
+        from minitron.compress.distributed import BatchDigest, check_same_on_all_ranks, owns_batch
+
+        digest = BatchDigest()
+        for i, batch in enumerate(batches):
+            if self.max_batches is not None and i >= self.max_batches:
+                break
+            ids, mask = _validate_batch(batch, i, self.dims.vocab_size)
+            digest.update(ids, mask)
+            if owns_batch(i, self.info):
+                self.own.append((ids, mask))
+        check_same_on_all_ranks(_data_fingerprint(digest), stage="calibration data")
+        if digest.count == 0:
+            raise ValueError("batches is empty: importance needs at least one calibration batch")
+
+    def prepare_skeleton(self, backend: str) -> None:
+        """Load the embedding and the final norm, rebuild the rotary buffers, set up the accumulators."""
+        model, adapter = self.model, self.adapter
+        self.layers = adapter.layers(model)
+        self.base = adapter.base_model(model)
+        self.norm = adapter.final_norm(model)
+        _load_module(self.embed, self.prefix_of[id(self.embed)], self.reader, self.dtype)
+        _load_module(self.norm, self.prefix_of[id(self.norm)], self.reader, self.dtype)
+        _materialise_buffers(model, skip=[self.layers, self.head, self.embed, self.norm])
+        leftovers = [n for n, t in list(self.base.named_parameters()) + list(self.base.named_buffers())
+                     if t.is_meta and not n.startswith("layers.")]
+        if leftovers:
+            raise RuntimeError(f"streaming: base-model tensors {leftovers} are not in the checkpoint nor rebuildable")
+        self.collector = _Collector(model, adapter, seq_agg=self.seq_agg, batch_agg=self.batch_agg,
+                                    block_influence="block_influence" in self.layer_metrics, backend=backend,
+                                    device=torch.device("cpu"), dtype=self.dtype)
+
+    def capture_layer_calls(self) -> None:
+        """Run every batch through the base model's forward with recorders in place of the layers: each layer's
+        call arguments per batch, and layer 0's input (the embedding output); then free the embedding."""
+        n_layers, adapter, model = self.n_layers, self.adapter, self.model
+        originals = nn.ModuleList(list(self.layers))
+        sink: list = []
+        recorders = nn.ModuleList([_Recorder(l, l == n_layers - 1, sink) for l in range(n_layers)])
+        adapter.set_layers(model, recorders)
+        try:
+            with torch.no_grad():
+                for ids, mask in self.own:
+                    sink.clear()
+                    try:
+                        self.base(input_ids=ids, attention_mask=None if mask is None else mask.long(), use_cache=False)
+                    except _Stop:
+                        pass
+                    if len(sink) != n_layers or [s[0] for s in sink] != list(range(n_layers)):
+                        raise RuntimeError(f"streaming: the {adapter.model_type} base model called its layers "
+                                           f"{[s[0] for s in sink]}, expected 0..{n_layers - 1} in order")
+                    if any(rec[1] is not sink[0][1] for rec in sink):
+                        raise RuntimeError(f"streaming: the {adapter.model_type} base model does not pass each "
+                                           "layer's output on as the next layer's input unchanged (tuple outputs?); "
+                                           "layer streaming does not support this transformers version for this "
+                                           "family")
+                    self.first.append(sink[0][1])
+                    self.calls.append([(s[2], s[3]) for s in sink])
+        finally:
+            adapter.set_layers(model, originals)
+            sink.clear()
+        # the embedding is only needed for the capture pass: free it before the layers load (a 128k x 4096 fp32
+        # embedding is 2 GiB; a tied LM head is read again from the checkpoint)
+        _free_module(self.embed)
+
+    def open_hidden_store(self) -> None:
+        """The hidden-state store (main stream + one skip stream per layer for lm_loss), spilled when too big."""
+        from tqdm.auto import tqdm
+
+        n_layers = self.n_layers
+        shapes = [tuple(h.shape) for h in self.first]
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        streams_needed = (n_layers + 1) if self.want_loss else 1
+        need = sum(b * s * h for b, s, h in shapes) * elem * streams_needed
+        mhb = self.o.max_hidden_bytes
+        limit = mhb if mhb is not None else int(_mem_available() * HIDDEN_MEMORY_FRACTION)
+        if need > limit:
+            sd = self.o.spill_dir
+            self.spill_root = Path(tempfile.mkdtemp(prefix="minitron-hidden-", dir=None if sd is None else str(sd)))
+            log.info("streamed importance: hidden states need %.1f MiB > %.1f MiB: spilling to %s",
+                     need / 2 ** 20, limit / 2 ** 20, self.spill_root)
+        self.store = _HiddenStore(shapes, self.dtype, self.spill_root)
+        total_passes = len(self.own) * (n_layers * (n_layers + 1) // 2 if self.want_loss else n_layers)
+        self.bar = tqdm(total=total_passes, desc="importance (streamed)", unit="layer-batch",
+                        disable=not self.progress)
+        for i, h in enumerate(self.first):
+            self.store.put(n_layers, i, h)
+        self.first.clear()
+
+    def _read_args(self, l: int) -> tuple:
+        return (self.layers[l], self.prefix_of[id(self.layers[l])], self.reader, self.dtype)
+
+    def run_layers(self) -> None:
+        """Load each decoder layer in turn (the next one prefetched by a helper thread), run it on the main stream
+        of every batch with the hooks on and on the earlier skip streams with the hooks off, then free it."""
+        n_layers, collector = self.n_layers, self.collector
         collector.attach()
-        # layer l + 1 is read and cast by a helper thread while layer l runs (at most two layers in memory)
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minitron-prefetch") if prefetch else None
-
-        def read_args(l: int) -> tuple:
-            return (layers[l], prefix_of[id(layers[l])], reader, compute_dtype)
-
-        with torch.no_grad():
-            pending = pool.submit(_read_state, *read_args(0)) if pool is not None and n_layers else None
-            for l in range(n_layers):
-                layer = layers[l]
-                if pool is not None:
-                    state = pending.result()
-                    pending = pool.submit(_read_state, *read_args(l + 1)) if l + 1 < n_layers else None
-                else:
-                    state = _read_state(*read_args(l))
-                _assign_state(layer, prefix_of[id(layer)], state)
-                del state
-                try:
-                    for i, (ids, mask) in enumerate(own):
-                        args, kwargs = calls[i][l]
-                        h_in = store.get(MAIN, i)
-                        if want_loss:
-                            store.put(l, i, h_in)  # skip stream l: layer l is the identity
-                        # earlier skip streams go through this layer too (hooks off)
-                        collector.active = False
-                        for d in range(l if want_loss else 0):
-                            out = layer(store.get(d, i), *args, **kwargs)
-                            store.put(d, i, _output_tensor(out))
-                            bar.update(1)
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minitron-prefetch") if self.o.prefetch else None
+        try:
+            with torch.no_grad():
+                pending = pool.submit(_read_state, *self._read_args(0)) if pool is not None and n_layers else None
+                for l in range(n_layers):
+                    if pool is not None:
+                        state = pending.result()
+                        pending = pool.submit(_read_state, *self._read_args(l + 1)) if l + 1 < n_layers else None
+                    else:
+                        state = _read_state(*self._read_args(l))
+                    _assign_state(self.layers[l], self.prefix_of[id(self.layers[l])], state)
+                    del state
+                    try:
+                        self._run_layer(l)
+                    finally:
                         collector.active = True
-                        collector.mask = mask
-                        out = layer(h_in, *args, **kwargs)
-                        collector.mask = None
-                        store.put(MAIN, i, _output_tensor(out))
-                        bar.update(1)
-                finally:
-                    collector.active = True
-                    _free_module(layer)
-            # final norm (its channel accumulator) and, for lm_loss, the LM head on every stream
-            if not want_loss:
-                head = None
-            else:
-                _load_module(head, prefix_of[id(head)], reader, compute_dtype, aliases=head_aliases)
-            main_sum, main_cnt = 0.0, 0
-            skip_sums = [0.0] * n_layers
-            skip_cnts = [0] * n_layers
-            for i, (ids, mask) in enumerate(own):
+                        _free_module(self.layers[l])
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    def _run_layer(self, l: int) -> None:
+        """Layer ``l`` (loaded) on every batch: skip stream ``l`` starts from its input; earlier skip streams
+        pass through it (hooks off); the main stream passes with the hooks on."""
+        store, collector, layer, main = self.store, self.collector, self.layers[l], self.n_layers
+        for i, (ids, mask) in enumerate(self.own):
+            args, kwargs = self.calls[i][l]
+            h_in = store.get(main, i)
+            if self.want_loss:
+                store.put(l, i, h_in)  # skip stream l: layer l is the identity
+            collector.active = False
+            for d in range(l if self.want_loss else 0):
+                out = layer(store.get(d, i), *args, **kwargs)
+                store.put(d, i, _output_tensor(out))
+                self.bar.update(1)
+            collector.active = True
+            collector.mask = mask
+            out = layer(h_in, *args, **kwargs)
+            collector.mask = None
+            store.put(main, i, _output_tensor(out))
+            self.bar.update(1)
+
+    def run_final_norm_and_head(self) -> None:
+        """The final norm on the main stream (its channel accumulator) and, for lm_loss, the LM head on every
+        stream: the base loss and the per-layer loss drops (reduced over the ranks)."""
+        n_layers, store, collector, norm = self.n_layers, self.store, self.collector, self.norm
+        head = self.head if self.want_loss else None
+        if head is not None:
+            _load_module(head, self.prefix_of[id(head)], self.reader, self.dtype, aliases=self.head_aliases)
+        main_sum, main_cnt = 0.0, 0
+        skip_sums = [0.0] * n_layers
+        skip_cnts = [0] * n_layers
+        with torch.no_grad():
+            for i, (ids, mask) in enumerate(self.own):
                 collector.mask = mask
-                hn = norm(store.get(MAIN, i))
+                hn = norm(store.get(n_layers, i))
                 collector.mask = None
-                if head is not None:
-                    s, c = _lm_loss_sums(head(hn), ids, mask)
-                    main_sum, main_cnt = main_sum + s, main_cnt + c
-                    collector.active = False
-                    for d in range(n_layers):
-                        s, c = _lm_loss_sums(head(norm(store.get(d, i))), ids, mask)
-                        skip_sums[d], skip_cnts[d] = skip_sums[d] + s, skip_cnts[d] + c
-                    collector.active = True
-            if head is not None:
-                _free_module(head)
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-        bar.close()
-        collector.detach()
-        collector.mask = None
-        collector.active = True
-        store.close()
-        if spill_root is not None:
-            shutil.rmtree(spill_root, ignore_errors=True)
+                if head is None:
+                    continue
+                s, c = _lm_loss_sums(head(hn), ids, mask)
+                main_sum, main_cnt = main_sum + s, main_cnt + c
+                collector.active = False
+                for d in range(n_layers):
+                    s, c = _lm_loss_sums(head(norm(store.get(d, i))), ids, mask)
+                    skip_sums[d], skip_cnts[d] = skip_sums[d] + s, skip_cnts[d] + c
+                collector.active = True
+        if head is not None:
+            _free_module(head)
+        self._loss = (main_sum, main_cnt, skip_sums, skip_cnts)
 
-    num_samples, num_tokens, num_batches = _reduce_counts(num_samples, num_tokens, len(own))
-    if want_loss:
-        (main_sum,), (main_cnt,) = _reduce_loss_sums([main_sum], [main_cnt])
-        if main_cnt == 0:
-            raise ValueError("the calibration batches hold no next-token targets (sequences of length >= 2 needed)")
-        base_loss = main_sum / main_cnt
-        skip_sums, skip_cnts = _reduce_loss_sums(skip_sums, skip_cnts)
-        lm_loss_drop = _drops_from_sums(skip_sums, skip_cnts, base_loss)
-    if info.distributed:
-        collector.all_reduce()
-    scores = _assemble_scores(collector, adapter, config, signature, seq_agg=seq_agg, batch_agg=batch_agg,
-                            layer_metrics=layer_metrics, num_samples=num_samples, num_tokens=num_tokens,
-                            num_batches=num_batches, base_loss=base_loss, lm_loss_drop=lm_loss_drop,
-                            extra_meta={"streamed": True, "compute_dtype": str(compute_dtype).replace("torch.", ""),
-                                        "hidden_states_spilled": spill_root is not None,
-                                        **({"world_size": info.world} if info.distributed else {})})
-    if info.distributed:
-        from minitron.compress.distributed import barrier
+    def close(self) -> None:
+        """Detach the hooks, close the store and remove spilled files (on success and on error)."""
+        if self.bar is not None:
+            self.bar.close()
+        collector = getattr(self, "collector", None)
+        if collector is not None:
+            collector.detach()
+            collector.mask = None
+            collector.active = True
+        if self.store is not None:
+            self.store.close()
+        if self.spill_root is not None:
+            shutil.rmtree(self.spill_root, ignore_errors=True)
 
-        barrier("barrier at the end of streamed importance estimation")
-    log.info("streamed importance: %d layers, %d batch(es) on %s, computed in %s%s, %.1f s", n_layers, len(own),
-             info, str(compute_dtype).replace("torch.", ""), ", hidden states spilled" if spill_root else "",
-             time.perf_counter() - started)
-    return scores
+    def scores(self) -> ImportanceScores:
+        """Reduce the counts, losses and accumulators over the ranks and assemble the scores."""
+        info, own = self.info, self.own
+        num_samples = sum(ids.shape[0] for ids, _ in own)
+        num_tokens = sum(int(m.sum()) if m is not None else ids.numel() for ids, m in own)
+        num_samples, num_tokens, num_batches = _reduce_counts(num_samples, num_tokens, len(own))
+        if self.want_loss:
+            main_sum, main_cnt, skip_sums, skip_cnts = self._loss
+            (main_sum,), (main_cnt,) = _reduce_loss_sums([main_sum], [main_cnt])
+            if main_cnt == 0:
+                raise ValueError("the calibration batches hold no next-token targets (sequences of length >= 2 "
+                                 "needed)")
+            self.base_loss = main_sum / main_cnt
+            skip_sums, skip_cnts = _reduce_loss_sums(skip_sums, skip_cnts)
+            self.lm_loss_drop = _drops_from_sums(skip_sums, skip_cnts, self.base_loss)
+        if info.distributed:
+            self.collector.all_reduce()
+        dtype_name = str(self.dtype).replace("torch.", "")
+        scores = _assemble_scores(
+            self.collector, self.adapter, self.config, self.signature, seq_agg=self.seq_agg,
+            batch_agg=self.batch_agg, layer_metrics=self.layer_metrics, num_samples=num_samples,
+            num_tokens=num_tokens, num_batches=num_batches, base_loss=self.base_loss, lm_loss_drop=self.lm_loss_drop,
+            extra_meta={"streamed": True, "compute_dtype": dtype_name,
+                        "hidden_states_spilled": self.spill_root is not None,
+                        **({"world_size": info.world} if info.distributed else {})})
+        if info.distributed:
+            from minitron.compress.distributed import barrier
+
+            barrier("barrier at the end of streamed importance estimation")
+        log.info("streamed importance: %d layers, %d batch(es) on %s, computed in %s%s, %.1f s", self.n_layers,
+                 len(own), info, dtype_name, ", hidden states spilled" if self.spill_root else "",
+                 time.perf_counter() - self.started)
+        return scores
