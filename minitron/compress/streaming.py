@@ -31,7 +31,6 @@ of the in-memory path (same kernels, same order of accumulation per accumulator)
 """
 from __future__ import annotations
 
-import json
 import math
 import logging
 import os
@@ -50,6 +49,7 @@ from minitron.compress.importance import (ImportanceScores, _args_fingerprint, _
                                           _check_estimation_args, _Collector, _data_fingerprint, _drops_from_sums,
                                           _first_tensor, _lm_loss_sums, _output_tensor, _reduce_counts,
                                           _reduce_loss_sums, _validate_batch, shape_signature)
+from minitron.io.shards import ShardedCheckpoint
 from minitron.models import get_adapter
 
 log = logging.getLogger(__name__)
@@ -62,118 +62,15 @@ STREAM_MEMORY_FRACTION = 0.5
 #: Default ``max_hidden_bytes``: this fraction of MemAvailable at the start of the run.
 HIDDEN_MEMORY_FRACTION = 0.25
 
-_SINGLE = "model.safetensors"
-_INDEX = "model.safetensors.index.json"
-
 
 # ---------------------------------------------------------------------------------------------- reader
-class CheckpointReader:
-    """Tensor-by-tensor reader of a Hugging Face safetensors checkpoint (memory-mapped).
-
-    Interface shared with the sharded reader of :mod:`minitron.io.shards` (so either can be used):
-    ``reader.config`` (the transformers config), ``reader.keys()``, ``reader.get(name) -> torch.Tensor``.
-    Reads ``model.safetensors`` or the shards listed by ``model.safetensors.index.json``; every shard is
-    opened with ``safetensors.safe_open`` (memory-mapped) on first use.
-
-    Raises (at construction, before any tensor is read):
-        FileNotFoundError: no directory, no ``config.json``, no weights, or a shard named by the index is missing.
-        ValueError: an unreadable index or shard (truncated / not safetensors), the index names a tensor its
-            shard does not hold.
-    """
-
-    def __init__(self, checkpoint_dir: str | os.PathLike) -> None:
-        from transformers import AutoConfig
-
-        if not isinstance(checkpoint_dir, (str, os.PathLike)):
-            raise TypeError(f"checkpoint_dir must be a path, got {type(checkpoint_dir).__name__}")
-        self.path = Path(checkpoint_dir)
-        if not self.path.is_dir():
-            raise FileNotFoundError(f"checkpoint_dir {str(self.path)!r} is not a directory")
-        if not (self.path / "config.json").is_file():
-            raise FileNotFoundError(f"checkpoint_dir {str(self.path)!r} has no config.json")
-        self.config = AutoConfig.from_pretrained(str(self.path))
-        self._where: dict[str, Path] = {}
-        self._handles: dict[Path, Any] = {}
-        index = self.path / _INDEX
-        single = self.path / _SINGLE
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-                if not isinstance(weight_map, dict):
-                    raise TypeError("weight_map is not an object")
-            except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-                raise ValueError(f"checkpoint index {str(index)!r} is unreadable ({type(e).__name__}: {e})") from None
-            for name, shard in weight_map.items():
-                self._where[name] = self.path / shard
-            missing = sorted({str(p) for p in self._where.values() if not p.is_file()})
-            if missing:
-                raise FileNotFoundError(f"checkpoint shard(s) named by {str(index)!r} are missing: {', '.join(missing)}")
-            for shard in sorted(set(self._where.values())):
-                held = set(self._open(shard).keys())
-                absent = sorted(n for n, p in self._where.items() if p == shard and n not in held)
-                if absent:
-                    raise ValueError(f"checkpoint index {str(index)!r} names tensors that shard {str(shard)!r} does "
-                                     f"not hold: {', '.join(absent[:5])}{' ...' if len(absent) > 5 else ''}")
-        elif single.is_file():
-            for name in self._open(single).keys():
-                self._where[name] = single
-        else:
-            raise FileNotFoundError(f"checkpoint_dir {str(self.path)!r} holds neither {_SINGLE} nor {_INDEX}")
-
-    def _open(self, shard: Path) -> Any:
-        from safetensors import safe_open
-
-        h = self._handles.get(shard)
-        if h is None:
-            try:
-                h = safe_open(str(shard), framework="pt", device="cpu")
-            except Exception as e:  # SafetensorError on truncated / foreign files
-                raise ValueError(f"checkpoint shard {str(shard)!r} is unreadable or truncated ({type(e).__name__}: {e})") from None
-            self._handles[shard] = h
-        return h
-
-    def keys(self) -> list[str]:
-        """Every tensor name in the checkpoint."""
-        return list(self._where)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._where
-
-    def file_of(self, name: str) -> Path:
-        """The shard holding ``name``."""
-        if name not in self._where:
-            raise KeyError(f"tensor {name!r} is not in the checkpoint {str(self.path)!r}")
-        return self._where[name]
-
-    def get(self, name: str) -> torch.Tensor:
-        """The tensor ``name`` (a CPU tensor in the checkpoint's dtype, read from the memory-mapped shard)."""
-        shard = self.file_of(name)
-        try:
-            return self._open(shard).get_tensor(name)
-        except Exception as e:
-            raise ValueError(f"could not read tensor {name!r} from {str(shard)!r} ({type(e).__name__}: {e})") from None
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        """The shape of tensor ``name`` from its shard's header (nothing is read)."""
-        return tuple(int(v) for v in self._open(self.file_of(name)).get_slice(name).get_shape())
-
-    def numel(self) -> int:
-        """Total elements of every tensor (from the shard headers; nothing is read)."""
-        total = 0
-        for name, shard in self._where.items():
-            shape = self._open(shard).get_slice(name).get_shape()
-            n = 1
-            for s in shape:
-                n *= int(s)
-            total += n
-        return total
-
-    def nbytes_on_disk(self) -> int:
-        """Size of the weight files in bytes."""
-        return sum(p.stat().st_size for p in set(self._where.values()))
+#: The checkpoint reader of the streamed path: the one safetensors reader of the package,
+#: :class:`minitron.io.shards.ShardedCheckpoint` (``config``, ``keys()``, ``get(name)``, ``shape(name)``,
+#: ``file_of(name)``; a missing folder, config, weight file or shard raises an error that is both a ValueError
+#: and a FileNotFoundError). Kept under this name for existing callers.
+CheckpointReader = ShardedCheckpoint
 
 
-# ---------------------------------------------------------------------------------------------- memory
 def _mem_available() -> int:
     """MemAvailable in bytes, or total physical memory where /proc/meminfo cannot be read."""
     from minitron.runtime import available_memory_bytes

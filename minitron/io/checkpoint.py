@@ -48,6 +48,13 @@ class CheckpointError(ValueError):
     """A checkpoint whose tensors do not match its config, or hold non-finite values."""
 
 
+class MissingCheckpointFileError(CorruptFileError, CheckpointError, FileNotFoundError):
+    """A checkpoint folder that is not there, or lacks its config, its weights or a shard its index names.
+
+    Both a ValueError (an unusable checkpoint, as :class:`CorruptFileError` / :class:`CheckpointError`) and a
+    FileNotFoundError (what is missing is a file), so callers may catch either."""
+
+
 def copy_tokenizer_files(src: Union[str, os.PathLike], dst: Union[str, os.PathLike]) -> list[str]:
     """Copy the tokenizer files of directory ``src`` into ``dst`` byte for byte; returns their names."""
     src, dst = Path(src), Path(dst)

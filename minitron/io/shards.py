@@ -31,7 +31,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
-from minitron.io.checkpoint import CheckpointError, CorruptFileError
+from minitron.io.checkpoint import CheckpointError, CorruptFileError, MissingCheckpointFileError
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +137,9 @@ class ShardedCheckpoint:
             raise TypeError(f"path must be a non-empty path, got {path!r}")
         self.path = Path(path)
         if not self.path.is_dir():
-            raise ValueError(f"checkpoint {str(self.path)!r} is not a directory")
+            raise MissingCheckpointFileError(f"checkpoint {str(self.path)!r} is not a directory")
         if not (self.path / "config.json").is_file():
-            raise ValueError(f"{str(self.path)!r} is not a transformers checkpoint (no config.json)")
+            raise MissingCheckpointFileError(f"{str(self.path)!r} is not a transformers checkpoint (no config.json)")
         self._tensors: Optional[dict[str, TensorInfo]] = None
         self._config: Any = None
         self.index_file: Optional[Path] = None
@@ -157,8 +157,8 @@ class ShardedCheckpoint:
             return [single]
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
-            raise CheckpointError(f"checkpoint {str(self.path)!r} holds no safetensors weights "
-                                  f"(no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME})")
+            raise MissingCheckpointFileError(f"checkpoint {str(self.path)!r} holds no safetensors weights (neither "
+                                             f"{SAFE_WEIGHTS_NAME} nor {SAFE_WEIGHTS_INDEX_NAME})")
         return files
 
     def _index_map(self) -> dict[str, str]:
@@ -179,7 +179,8 @@ class ShardedCheckpoint:
         for f in files:
             if not f.is_file():
                 where = f" (named by {str(self.index_file)!r})" if self.index_file else ""
-                raise CorruptFileError(f"checkpoint {str(self.path)!r} is incomplete: weight file {str(f)!r} is missing{where}")
+                raise MissingCheckpointFileError(f"checkpoint {str(self.path)!r} is incomplete: weight file {str(f)!r} "
+                                                 f"is missing{where}")
         tensors: dict[str, TensorInfo] = {}
         for f in files:
             header, start = _read_header(f)
@@ -236,7 +237,16 @@ class ShardedCheckpoint:
         return t[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of tensor ``name`` (from its file's header; nothing is read)."""
         return self.info(name).shape
+
+    def file_of(self, name: str) -> Path:
+        """The weight file holding tensor ``name``."""
+        return self.info(name).file
+
+    def nbytes_on_disk(self) -> int:
+        """Size of the weight files in bytes."""
+        return sum(f.stat().st_size for f in {i.file for i in self._load().values()})
 
     def dtype(self, name: str) -> torch.dtype:
         return self.info(name).dtype
