@@ -44,15 +44,21 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from minitron.io.data import PackedDataset, load_packed
-from minitron.io.files import atomic_write_json
-from minitron.io.inputs import (MODEL_SUBDIR, ModelLike, check_data_arg, default_seq_len, is_path, load_tokenizer_arg,
-                                read_config, resolve_model_path, tokenizer_source, weight_bytes)
+from minitron.compress.importance import ImportanceScores
+from minitron.compress.prune import validate_width_targets
+from minitron.io.data import check_seq_len
+from minitron.io.files import atomic_write_json, atomic_write_text, read_json
+from minitron.io.plotting import plot_loss_curves
+from minitron.io.tokenizer import has_tokenizer_files
+from minitron.io.inputs import (MODEL_SUBDIR, ModelLike, check_data_arg, check_text_file, default_seq_len, is_path,
+                                load_tokenizer_arg, read_config, resolve_model_path, tokenizer_source, weight_bytes)
 from minitron.io.safety import abandon_output, begin_output, check_output, check_output_dir, finish_output
 from minitron.options import fold
+from minitron.resources import data_dir as packaged_data_dir
 from minitron.runtime import check_backends, count_parameters, resolve_device
 from minitron.specs import DataSpec, EvalSpec, ImportanceSpec, ModelSpec, PruneSpec, StoreSpec
 from minitron.train.distill import DistillConfig
-from minitron.train.distributed import barrier, broadcast_from_main, is_main_process
+from minitron.train.distributed import barrier, broadcast_from_main, distributed_session, is_main_process
 from minitron.train.loop import TrainConfig, TrainResult
 from minitron.train.stored import StoredDistillConfig
 
@@ -68,6 +74,32 @@ __all__ = [
     "write_teacher_logits",
     "load_model",
     "pack_data",
+    "train_tokenizer",
+    # the settings of the training stages
+    "TrainConfig",
+    "DistillConfig",
+    "StoredDistillConfig",
+    "TrainResult",
+    # what the drivers above api (cli, pipeline, demo) check and write; they import nothing below api
+    "ImportanceScores",
+    "read_config",
+    "check_seq_len",
+    "check_data_arg",
+    "check_text_file",
+    "validate_width_targets",
+    "has_tokenizer_files",
+    "resolve_model_path",
+    "check_output_dir",
+    "begin_output",
+    "finish_output",
+    "abandon_output",
+    "atomic_write_json",
+    "atomic_write_text",
+    "read_json",
+    "plot_loss_curves",
+    "packaged_data_dir",
+    "is_main_process",
+    "distributed_session",
     "DataSpec",
     "ModelSpec",
     "ImportanceSpec",
@@ -795,3 +827,37 @@ def pack_data(data: DataSpec, tokenizer: Any, configs: List[Any]) -> Tuple[Packe
     check_data_arg("--data", data.data)
     check_data_arg("--eval-data", data.eval_data, required=False)
     return _training_data(data, tokenizer, default_seq_len(data.seq_len, *configs), configs)
+
+
+def train_tokenizer(files: Sequence[PathLike], *, vocab_size: int, output_dir: PathLike, reuse: bool = False) -> Any:
+    """Train a byte-level BPE tokenizer on the text ``files`` and save it to ``output_dir`` (written in a hidden
+    sibling, then renamed, so a killed run leaves no half-written tokenizer).
+
+    Args:
+        files: plain-text files to learn the merges from.
+        vocab_size: size of the vocabulary (special tokens included).
+        output_dir: the tokenizer directory (refused when it exists, unless ``reuse``).
+        reuse: when ``output_dir`` already holds a tokenizer, load and return it instead of training.
+
+    Returns:
+        The tokenizer (a ``PreTrainedTokenizerFast``).
+    """
+    import shutil
+
+    from minitron.io.files import make_temp_dir
+    from minitron.io.tokenizer import load_tokenizer, train_bpe_tokenizer
+
+    path = Path(output_dir)
+    if path.is_dir() and reuse:
+        return load_tokenizer(path)
+    if path.exists():
+        raise ValueError(f"tokenizer directory {str(path)!r} already exists; choose another one")
+    tok = train_bpe_tokenizer(list(files), vocab_size=vocab_size)
+    tmp = make_temp_dir(path)
+    try:
+        tok.save_pretrained(str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tok

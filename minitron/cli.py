@@ -23,11 +23,9 @@ import os
 import sys
 from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence
 
+from minitron.api import DistillConfig, StoredDistillConfig, TrainConfig
 from minitron.options import add_options, values_from_args
 from minitron.specs import DataSpec, EvalSpec, ImportanceSpec, ModelSpec, PruneSpec, StoreSpec
-from minitron.train.distill import DistillConfig
-from minitron.train.loop import TrainConfig
-from minitron.train.stored import StoredDistillConfig
 
 log = logging.getLogger("minitron.cli")
 
@@ -317,7 +315,7 @@ def _run(a: argparse.Namespace) -> int:
 
 def _say(text: str) -> None:
     """Print a command's result line (on rank 0 only under torchrun)."""
-    from minitron.train.distributed import is_main_process
+    from minitron.api import is_main_process
 
     if is_main_process():
         print(text)
@@ -347,7 +345,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.getLogger().setLevel(max(logging.WARNING, getattr(logging, a.log_level)))
     try:
         if "WORLD_SIZE" in os.environ and "RANK" in os.environ and a.command in DISTRIBUTED_COMMANDS:
-            from minitron.train.distributed import distributed_session
+            from minitron.api import distributed_session
 
             with distributed_session(timeout=a.dist_timeout):
                 return _run(a)

@@ -19,14 +19,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 import torch
 
-from minitron.io.files import atomic_write_json, atomic_write_text, make_temp_dir
+from minitron import api
+from minitron.api import atomic_write_json, atomic_write_text
+from minitron.specs import DataSpec
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +97,7 @@ DATA_FILES = {
 
 def default_data_dir() -> Path:
     """The text data shipped inside the package (:func:`minitron.resources.data_dir`)."""
-    from minitron.resources import data_dir
-
-    return data_dir()
+    return api.packaged_data_dir()
 
 
 def _teacher_config(p: DemoPreset, vocab_size: int):
@@ -110,16 +109,6 @@ def _teacher_config(p: DemoPreset, vocab_size: int):
         num_hidden_layers=p.num_hidden_layers, max_position_embeddings=max(256, p.seq_len),
         tie_word_embeddings=True, rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=0, pad_token_id=1,
     )
-
-
-def _save_tokenizer(tok: Any, path: Path) -> None:
-    tmp = make_temp_dir(path)
-    try:
-        tok.save_pretrained(str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def run_demo(
@@ -148,8 +137,7 @@ def run_demo(
         device, backend: where to run and which kernel backend every op uses.
         threads: ``torch.set_num_threads`` (default: leave torch's setting).
     """
-    from minitron.io.inputs import check_text_file
-    from minitron.io.safety import abandon_output, begin_output, check_output_dir, finish_output
+    from minitron.api import abandon_output, begin_output, check_output_dir, check_text_file, finish_output
     from minitron.runtime import check_backends, resolve_device
 
     preset = PRESETS["quick" if quick else "default"]
@@ -188,13 +176,8 @@ def run_demo(
 def _stages(out: Path, final_out: Path, files: Dict[str, Path], preset: DemoPreset, *, quick: bool, resume: bool,
             dev: torch.device, backend: str, seed: int) -> Dict[str, Any]:
     """The demo's stages, writing into ``out`` (``final_out`` or its temporary sibling)."""
-    from minitron.eval.perplexity import perplexity
-    from minitron.io.checkpoint import save_model
-    from minitron.io.data import load_packed
-    from minitron.io.tokenizer import load_tokenizer, train_bpe_tokenizer
     from minitron.pipeline import run_pipeline
     from minitron.runtime import count_parameters, seed_everything
-    from minitron.train.loop import TrainConfig, lm_loss, train
 
     t_start = time.time()
     timings: Dict[str, float] = {}
@@ -203,11 +186,8 @@ def _stages(out: Path, final_out: Path, files: Dict[str, Path], preset: DemoPres
     # 1. tokenizer
     t0 = time.time()
     tok_dir = out / "tokenizer"
-    if tok_dir.is_dir():
-        tok = load_tokenizer(tok_dir)
-    else:
-        tok = train_bpe_tokenizer([files["shakespeare"], files["wikitext_valid"]], vocab_size=preset.vocab_size)
-        _save_tokenizer(tok, tok_dir)
+    tok = api.train_tokenizer([files["shakespeare"], files["wikitext_valid"]], vocab_size=preset.vocab_size,
+                              output_dir=tok_dir, reuse=True)
     timings["tokenizer"] = round(time.time() - t0, 2)
 
     # 2. teacher pre-training on Tiny Shakespeare
@@ -217,23 +197,20 @@ def _stages(out: Path, final_out: Path, files: Dict[str, Path], preset: DemoPres
 
     seed_everything(seed)
     teacher = LlamaForCausalLM(cfg)
-    eval_data = load_packed(files["wikitext_test"], tok, seq_len=preset.seq_len, max_tokens=preset.eval_max_tokens,
-                            drop_remainder=False, model_configs=[cfg])
-    teacher.to(dev)
-    random_eval = perplexity(teacher, eval_data, batch_size=preset.eval_batch_size)
-    random_row = dict(random_eval, label="random init (teacher arch.)", kind="random",
-                      parameters=count_parameters(teacher))
+    test_data = DataSpec(data=str(files["wikitext_test"]), tokenizer=str(tok_dir), seq_len=preset.seq_len,
+                         max_tokens=preset.eval_max_tokens)
+    random_eval = api.evaluate_perplexity(teacher, test_data, batch_size=preset.eval_batch_size, device=str(dev))
+    random_row = dict({k: random_eval[k] for k in ("loss", "ppl", "tokens", "sequences")},
+                      label="random init (teacher arch.)", kind="random", parameters=count_parameters(teacher))
     log.info("random-init teacher: WikiText-2 test ppl %.1f (%d parameters)", random_eval["ppl"], random_row["parameters"])
     tdir = out / "teacher"
     if (tdir / "model" / "config.json").is_file():
         log.info("teacher: reusing %s", tdir / "model")
     else:
-        shakespeare_data = load_packed(files["shakespeare"], tok, seq_len=preset.seq_len,
-                                       max_tokens=preset.pretrain_max_tokens, model_configs=[cfg])
-        tcfg = TrainConfig.from_dict(dict(preset.pretrain, seed=seed, device=str(dev)))
-        res = train(teacher, lm_loss, shakespeare_data, tcfg, tdir, resume=resume,
-                    run_info={"data": shakespeare_data.description}, plot_title="teacher pre-training (Tiny Shakespeare)")
-        save_model(teacher, tdir / "model", tokenizer=tok, overwrite=(tdir / "model").exists())
+        shakespeare = DataSpec(data=str(files["shakespeare"]), tokenizer=str(tok_dir), seq_len=preset.seq_len,
+                               max_tokens=preset.pretrain_max_tokens)
+        res = api.train_lm(teacher, shakespeare, output_dir=tdir, resume=resume,
+                           train=dict(preset.pretrain, seed=seed, device=str(dev)))
         log.info("teacher pre-trained: final train loss %.3f in %.0fs", res.final_loss, res.elapsed_s)
     timings["pretrain_teacher"] = round(time.time() - t0, 2)
     del teacher

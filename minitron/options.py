@@ -129,7 +129,11 @@ def from_mapping(cls: Any, d: Optional[Dict[str, Any]], where: str, **fixed: Any
         return cls(**kwargs, **fixed)
     except (TypeError, ValueError) as e:
         msg = str(e).replace(f"{cls.__name__}.", f"{where}.")
-        raise type(e)(msg if msg.startswith(where) else f"{where}: {msg}") from None
+        if not msg.startswith(where):  # "seq_agg must be ..." names the field: "importance.seq_agg must be ..."
+            field = next((f.name for f in sorted(dataclasses.fields(cls), key=lambda f: -len(f.name))
+                          if msg.startswith(f.name + " ") or msg.startswith(f.name + ":")), None)
+            msg = f"{where}.{msg}" if field is not None else f"{where}: {msg}"
+        raise type(e)(msg) from None
 
 
 def fold(where: str, legacy: Dict[str, Any], *specs: Any) -> List[Any]:

@@ -62,12 +62,9 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 
 from minitron import api
-from minitron.io.files import atomic_write_json, atomic_write_text, read_json
+from minitron.api import DistillConfig, StoredDistillConfig, TrainConfig, atomic_write_json, atomic_write_text, read_json
 from minitron.options import from_mapping, yaml_key
 from minitron.specs import WIDTH_KEYS, DataSpec, EvalSpec, ImportanceSpec, ModelSpec, PruneSpec, StoreSpec
-from minitron.train.distill import DistillConfig
-from minitron.train.loop import TrainConfig
-from minitron.train.stored import StoredDistillConfig
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +143,7 @@ def _section(cls: Any, cfg: Dict[str, Any], key: str, defaults: Optional[Dict[st
 
 def _top_level(cfg: Dict[str, Any], output_dir: Any) -> Dict[str, Any]:
     """The scalar top-level settings, checked."""
-    from minitron.io.tokenizer import has_tokenizer_files
+    from minitron.api import has_tokenizer_files
     from minitron.runtime import resolve_device
 
     out = output_dir if output_dir is not None else cfg.get("output_dir")
@@ -160,9 +157,12 @@ def _top_level(cfg: Dict[str, Any], output_dir: Any) -> Dict[str, Any]:
         raise ValueError(f"{WHERE}: seed must be a non-negative int, got {seed!r}")
     try:
         m = ModelSpec(model=teacher, device=cfg.get("device", "auto"), streaming=cfg.get("streaming"))
-        resolve_device(m.device)
-    except (RuntimeError, ValueError, TypeError) as e:
+    except (ValueError, TypeError) as e:
         raise type(e)(f"{WHERE}: {e}") from None
+    try:
+        resolve_device(m.device)
+    except (RuntimeError, ValueError, TypeError) as e:  # torch says RuntimeError for a malformed device string
+        raise ValueError(f"{WHERE}: device: {e}") from None
     backend = cfg.get("backend", "auto")
     if not isinstance(backend, str):
         raise TypeError(f"{WHERE}: backend must be a string, got {backend!r}")
@@ -174,8 +174,7 @@ def _top_level(cfg: Dict[str, Any], output_dir: Any) -> Dict[str, Any]:
 
 
 def _data_section(cfg: Dict[str, Any], tokenizer: Optional[str], teacher_config: Any) -> DataSpec:
-    from minitron.io.data import check_seq_len
-    from minitron.io.inputs import check_data_arg
+    from minitron.api import check_data_arg, check_seq_len
 
     d = _section(DataSpec, cfg, "data", {"seq_len": 256}, tokenizer=tokenizer)
     for key, v in (("train", d.data), ("eval", d.eval_data)):
@@ -214,7 +213,7 @@ def _check_depth(where: str, t: PruneSpec, teacher_config: Any, metrics: Any) ->
 
 def _student(name: Any, targets: Any, shared: Dict[str, Any], top: Dict[str, Any], teacher_config: Any,
              imp: ImportanceSpec, store: Optional[StoreSpec]) -> StudentSpec:
-    from minitron.compress.prune import validate_width_targets
+    from minitron.api import validate_width_targets
 
     if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
         raise ValueError(f"{WHERE}: bad student name {name!r}")
@@ -262,7 +261,7 @@ def parse_pipeline_config(cfg: Dict[str, Any], *, output_dir: Optional[Union[str
             bound of the specs and the ops, e.g. a temperature above ``MAX_TEMPERATURE``), a sequence length
             longer than the teacher's positions, width/depth targets the teacher cannot reach.
     """
-    from minitron.io.inputs import read_config
+    from minitron.api import read_config
 
     cfg = _check_keys("the top level", cfg, TOP_KEYS)
     top = _top_level(cfg, output_dir)
@@ -322,7 +321,7 @@ def run_pipeline(
         resume: continue an interrupted run in the output directory.
         extra_rows: rows prepended to the results table (the demo's random-init baseline).
     """
-    from minitron.io.safety import abandon_output, begin_output, check_output_dir, finish_output
+    from minitron.api import abandon_output, begin_output, check_output_dir, finish_output
     from minitron.runtime import check_backends, resolve_device
 
     source = None
@@ -367,8 +366,7 @@ class _Run:
 
     def prepare(self) -> None:
         """Load the teacher and pack the data once (every stage reuses them); check the batch sizes."""
-        from minitron.io.inputs import resolve_model_path
-        from minitron.io.tokenizer import has_tokenizer_files
+        from minitron.api import has_tokenizer_files, resolve_model_path
 
         spec = self.spec
         self.teacher_path = resolve_model_path(spec.teacher.model)
@@ -461,7 +459,7 @@ class _Run:
         return dataclasses.replace(m, model=self.teacher, streaming=False)
 
     def importance(self) -> Any:
-        from minitron.compress.importance import ImportanceScores
+        from minitron.api import ImportanceScores
 
         idir, t0 = self.out / "importance", time.time()
         if (idir / "importance.json").is_file():
@@ -527,7 +525,7 @@ class _Run:
                           f"{self.eval_data.description} ({result['eval_tokens']} predicted tokens)\n\n" + table)
         if self.histories:
             try:
-                from minitron.io.plotting import plot_loss_curves
+                from minitron.api import plot_loss_curves
 
                 plot_loss_curves([], out / "losses.png", title="training losses", extra=self.histories)
             except Exception as e:  # a plot never fails the pipeline

@@ -165,16 +165,16 @@ class PruneSpec:
 
     def __post_init__(self) -> None:
         for k in WIDTH_KEYS + ("num_hidden_layers",):
-            check_positive_int(k, getattr(self, k), optional=True)
+            check_positive_int(f"PruneSpec.{k}", getattr(self, k), optional=True)
         if self.depth_metric not in ("lm_loss", "block_influence"):
-            raise ValueError(f"depth_metric must be lm_loss or block_influence, got {self.depth_metric!r}")
+            raise ValueError(f"PruneSpec.depth_metric must be lm_loss or block_influence, got {self.depth_metric!r}")
         if not isinstance(self.contiguous, bool):
-            raise TypeError(f"contiguous must be true or false, got {self.contiguous!r}")
+            raise TypeError(f"PruneSpec.contiguous must be true or false, got {self.contiguous!r}")
         d = self.layers_to_drop
         if d is not None and (not isinstance(d, (list, tuple)) or len(set(d)) != len(d)
                               or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in d)):
-            raise ValueError(f"layers_to_drop must be a list of distinct layer indices, got {d!r}")
-        check_positive_int("shard_bytes", self.shard_bytes, optional=True)
+            raise ValueError(f"PruneSpec.layers_to_drop must be a list of distinct layer indices, got {d!r}")
+        check_positive_int("PruneSpec.shard_bytes", self.shard_bytes, optional=True)
 
     @property
     def width(self) -> dict:

@@ -49,6 +49,16 @@ def test_no_module_below_api_imports_the_driver_top():
     assert not bad, f"modules below api import api/cli/pipeline/demo: {bad}"
 
 
+#: What the drivers at the top (cli, pipeline, demo) may import from the package: the front door and each other.
+TOP_MAY_IMPORT = TOP | {"specs", "options", "runtime", "info"}
+
+
+def test_cli_pipeline_and_demo_go_through_api():
+    bad = [(rel, m) for rel, tree in _modules() if _part(rel) in TOP - {"api"} for m in _imports(tree)
+           if m not in TOP_MAY_IMPORT]
+    assert not bad, f"cli/pipeline/demo import below api (use minitron.api): {bad}"
+
+
 def test_io_imports_neither_compress_nor_train():
     bad = [(rel, m) for rel, tree in _modules() if _part(rel) == "io" for m in _imports(tree)
            if m in ("compress", "train", "eval")]
