@@ -15,10 +15,11 @@ or scaling) are distilled on the raw ``hidden @ W.T`` logits; none of the suppor
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, asdict, fields
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -206,6 +207,25 @@ def make_distillation_loss(teacher: torch.nn.Module, config: DistillConfig) -> D
     return DistillationLoss(teacher, config)
 
 
+@contextlib.contextmanager
+def frozen(model: torch.nn.Module, device: torch.device) -> Iterator[torch.nn.Module]:
+    """``model`` moved to ``device``, in eval mode with gradients off, for the ``with`` block; its training flag
+    and ``requires_grad`` flags are restored afterwards (on error too). The teacher of a distillation run and of
+    a teacher-logit pass is held this way."""
+    flags = [p.requires_grad for p in model.parameters()]
+    was_training = model.training
+    model.to(device)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+        model.train(was_training)
+
+
 def distill_model(
     student: torch.nn.Module,
     teacher: torch.nn.Module,
@@ -214,15 +234,13 @@ def distill_model(
     distill_config: DistillConfig,
     output_dir: Any,
     *,
-    eval_data: Optional[PackedDataset] = None,
-    resume: bool = False,
-    callbacks: Sequence[Callback] = (),
     run_info: Optional[Dict[str, Any]] = None,
+    **run: Any,
 ) -> TrainResult:
     """Distil ``teacher`` into ``student`` (trained in place; the teacher is frozen and not modified).
 
-    See :func:`minitron.train.loop.train` for the loop, checkpoints and resume; evaluation (when
-    ``eval_data`` is given) reports the student's LM loss / perplexity.
+    See :func:`minitron.train.loop.train` for the loop, checkpoints and resume; ``**run`` are its keywords
+    (``eval_data``: the student's LM loss / perplexity, ``resume``, ``callbacks``).
     """
     if not isinstance(distill_config, DistillConfig):
         raise TypeError(f"distill_config must be a DistillConfig, got {type(distill_config).__name__}")
@@ -230,22 +248,11 @@ def distill_model(
     check_distillable(student, teacher)
     from minitron.runtime import resolve_device
 
-    device = resolve_device(train_config.device)
-    flags = [p.requires_grad for p in teacher.parameters()]
-    was_training = teacher.training
-    teacher.to(device)
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
     info = dict(run_info or {})
     info.setdefault("distill", distill_config.to_dict())
-    try:
+    with frozen(teacher, resolve_device(train_config.device)):
         return train(
             student, make_distillation_loss(teacher, distill_config), data, train_config, output_dir,
-            eval_data=eval_data, resume=resume, callbacks=callbacks, run_info=info,
+            run_info=info, **run,
             plot_title=f"distillation ({distill_config.mode} KL, T={distill_config.temperature})",
         )
-    finally:
-        for p, f in zip(teacher.parameters(), flags):
-            p.requires_grad_(f)
-        teacher.train(was_training)

@@ -22,7 +22,7 @@ from minitron.io.logit_store import (DEFAULT_VALUE_ENCODING, FORMAT, FORMAT_VERS
 from minitron.io.safety import abandon_output, begin_output, check_output_dir, finish_output
 from minitron.models import get_adapter
 from minitron.options import fold
-from minitron.train.distill import final_hidden_and_head
+from minitron.train.distill import final_hidden_and_head, frozen
 
 log = logging.getLogger(__name__)
 
@@ -241,40 +241,39 @@ def _run_pass(teacher: torch.nn.Module, data: PackedDataset, s: TeacherPass, ide
     teacher's training flag and ``requires_grad`` flags are restored, ``work`` abandoned on any error."""
     from tqdm.auto import tqdm
 
-    def manifest(complete: bool) -> Dict[str, Any]:
-        return {**identity, "complete": complete, "num_shards": len(shards), "shards": shards}
-
     dev = _resolve_device(s.device)
-    flags = [p.requires_grad for p in teacher.parameters()]
-    was_training = teacher.training
-    teacher.to(dev)
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
     done_seq = shards[-1]["stop"] if shards else 0
     bar = tqdm(total=len(data), initial=done_seq, unit="seq", desc="teacher top-k", disable=not s.progress)
     try:
-        atomic_write_json(work / MANIFEST_NAME, manifest(False))
-        for start in range(done_seq, len(data), s.shard_sequences):
-            stop = min(len(data), start + s.shard_sequences)
-            tensors = _encoded_shard(teacher, data, start, stop, s, identity["index_bits"], dev, bar)
-            name = _shard_name(len(shards))
-            # one metadata key: safetensors orders several keys at random, one keeps the bytes reproducible
-            meta = json.dumps({"format": FORMAT, "start": start, "stop": stop, "value_encoding": s.value_encoding},
-                              sort_keys=True)
-            size, digest = _write_shard(work / name, tensors, {"minitron": meta})
-            entry = {"file": name, "start": start, "stop": stop, "bytes": size, "sha256": digest}
-            shards.append(entry)
-            atomic_write_json(work / MANIFEST_NAME, manifest(False))
-            if s.on_shard is not None:
-                s.on_shard(len(shards) - 1, entry)
-        atomic_write_json(work / MANIFEST_NAME, manifest(True))
+        with frozen(teacher, dev):
+            _write_shards(teacher, data, s, identity, shards, work, dev, bar)
     except BaseException:
         bar.close()
         abandon_output(work, out)
         raise
-    finally:
-        for p, f in zip(teacher.parameters(), flags):
-            p.requires_grad_(f)
-        teacher.train(was_training)
     bar.close()
+
+
+def _write_shards(teacher: torch.nn.Module, data: PackedDataset, s: TeacherPass, identity: Dict[str, Any],
+                  shards: List[Dict[str, Any]], work: Path, dev: torch.device, bar: Any) -> None:
+    """The shards from the end of ``shards`` on, each committed to the manifest as it is written."""
+
+    def manifest(complete: bool) -> Dict[str, Any]:
+        return {**identity, "complete": complete, "num_shards": len(shards), "shards": shards}
+
+    done_seq = shards[-1]["stop"] if shards else 0
+    atomic_write_json(work / MANIFEST_NAME, manifest(False))
+    for start in range(done_seq, len(data), s.shard_sequences):
+        stop = min(len(data), start + s.shard_sequences)
+        tensors = _encoded_shard(teacher, data, start, stop, s, identity["index_bits"], dev, bar)
+        name = _shard_name(len(shards))
+        # one metadata key: safetensors orders several keys at random, one keeps the bytes reproducible
+        meta = json.dumps({"format": FORMAT, "start": start, "stop": stop, "value_encoding": s.value_encoding},
+                          sort_keys=True)
+        size, digest = _write_shard(work / name, tensors, {"minitron": meta})
+        entry = {"file": name, "start": start, "stop": stop, "bytes": size, "sha256": digest}
+        shards.append(entry)
+        atomic_write_json(work / MANIFEST_NAME, manifest(False))
+        if s.on_shard is not None:
+            s.on_shard(len(shards) - 1, entry)
+    atomic_write_json(work / MANIFEST_NAME, manifest(True))
