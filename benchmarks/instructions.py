@@ -23,9 +23,10 @@ How
 
 Records are ``{"kind": "instructions", ...}`` lines (see :func:`run_gate`); the committed baseline is
 ``benchmarks/baselines/cpu-instructions.jsonl``. :func:`compare_instructions` fails when a case's count grows
-by more than the tolerance, when a case fails to run, and - for a baseline of the same machine class
-(:func:`instr_class`: valgrind version, torch version, our ISA level, compiler) - when a case has no
-baseline entry. Against a baseline of another class, counts are reported, not gated.
+by more than the tolerance (against a baseline of the same machine class, :func:`instr_class`: valgrind
+version, torch version, our ISA level, compiler; across classes only past the cross-class tolerance) and when
+a case fails to run. A case without a baseline entry is reported with the command that records it, never
+failed; the report's ``verdict:`` line says how many cases were compared and how many could not be.
 
 Planting a slowdown (for the gate's own test): ``MINITRON_GATE_PLANT=<substring of a case id>[:fraction]``
 makes the worker add, to every call of the matching case, one loss-only call of the same op on the first
