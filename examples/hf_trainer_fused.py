@@ -112,7 +112,7 @@ def build(args: argparse.Namespace, output_dir: str):
     """(trainer, tokenizer) for ``args``."""
     from transformers import AutoModelForCausalLM, LlamaConfig, TrainingArguments
 
-    from minitron.tokenizer import train_bpe_tokenizer
+    from minitron.io.tokenizer import train_bpe_tokenizer
 
     text = args.text.read_text(encoding="utf-8")[:200_000]
     tok = train_bpe_tokenizer(texts=[text], vocab_size=args.vocab_size)

@@ -51,7 +51,7 @@ def build(args: argparse.Namespace):
     """(student, teacher, batches): tiny Llamas and a list of (input_ids, attention_mask) batches."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from minitron.tokenizer import train_bpe_tokenizer
+    from minitron.io.tokenizer import train_bpe_tokenizer
 
     text = args.text.read_text(encoding="utf-8")[:200_000]
     tok = train_bpe_tokenizer(texts=[text], vocab_size=args.vocab_size)

@@ -62,7 +62,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def build_tokenizer(text: str, vocab_size: int):
     """A byte-level BPE tokenizer trained on ``text`` with a minimal chat template."""
-    from minitron.tokenizer import train_bpe_tokenizer
+    from minitron.io.tokenizer import train_bpe_tokenizer
 
     tok = train_bpe_tokenizer(texts=[text], vocab_size=vocab_size)
     tok.chat_template = CHAT_TEMPLATE

@@ -21,7 +21,13 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence
+
+from minitron.options import add_options, values_from_args
+from minitron.specs import DataSpec, EvalSpec, ImportanceSpec, ModelSpec, PruneSpec, StoreSpec
+from minitron.train.distill import DistillConfig
+from minitron.train.loop import TrainConfig
+from minitron.train.stored import StoredDistillConfig
 
 log = logging.getLogger("minitron.cli")
 
@@ -50,313 +56,263 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _int_list(s: str) -> List[int]:
-    try:
-        return [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}")
-
-
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def _size(s: str) -> int:
-    """A byte count: ``5GB``, ``500MB``, ``2GiB`` or a plain integer."""
-    import re
-
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", s)
-    unit = m.group(2).upper() if m else None
-    if m is None or unit not in _SIZE_UNITS:
-        raise argparse.ArgumentTypeError(f"expected a size like 5GB, 500MB or 2GiB, got {s!r}")
-    n = int(float(m.group(1)) * _SIZE_UNITS[unit])
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"a size must be positive, got {s!r}")
-    return n
-
-
-def _bf16(s: str) -> Any:
-    m = {"auto": "auto", "on": True, "true": True, "off": False, "false": False}
-    if s.lower() not in m:
-        raise argparse.ArgumentTypeError("expected auto, on or off")
-    return m[s.lower()]
-
-
 def _add_data(p: argparse.ArgumentParser, *, eval_data: bool = False, required: bool = True) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=required,
-                   help="text data: a .txt/.json/.jsonl/.parquet/.csv file, a directory of them, a saved dataset, "
-                        "or a hub dataset name")
-    g.add_argument("--text-column", default="text", help="column holding the text (default: text)")
-    g.add_argument("--split", default=None, help="dataset split (default: train); slicing like train[:10%%] works")
-    g.add_argument("--dataset-config", default=None, help="hub dataset configuration name")
-    g.add_argument("--seq-len", type=int, default=None,
-                   help="packed sequence length (default: min(512, the model's max_position_embeddings))")
-    g.add_argument("--max-tokens", type=int, default=None, help="use at most this many tokens of --data")
-    g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    names = ["data", "text_column", "split", "dataset_config", "seq_len", "max_tokens", "tokenizer"]
     if eval_data:
-        g.add_argument("--eval-data", default=None, help="evaluation data (perplexity during training)")
-        g.add_argument("--eval-split", default=None)
-        g.add_argument("--eval-max-tokens", type=int, default=None)
+        names += ["eval_data", "eval_split", "eval_max_tokens"]
+    add_options(g, DataSpec, only=names, required=["data"] if required else [])
+
+
+def _add_model(p: argparse.ArgumentParser, *, only: Sequence[str] = ("model",), **kw: Any) -> None:
+    add_options(p, ModelSpec, only=only, required=["model"], **kw)
 
 
 def _add_train(p: argparse.ArgumentParser, *, steps: int, lr: float) -> None:
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
-    g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
-    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
-    g.add_argument("--warmup-steps", type=int, default=10)
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
-    g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end only)")
-    g.add_argument("--eval-batches", type=int, default=None)
-    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end only)")
-    g.add_argument("--keep-checkpoints", type=int, default=2)
-    g.add_argument("--log-every", type=int, default=1)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--bf16", type=_bf16, default="auto", help="bf16 autocast: auto (CUDA with bf16), on, off")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    g.add_argument("--resume", action="store_true", help="continue an interrupted run in --output")
-    g.add_argument("--strategy", default=None, choices=["ddp", "fsdp2"],
-                   help="under torchrun: ddp (replicated student, the default) or fsdp2 (student and teacher "
-                        "sharded per decoder layer)")
+    add_options(g, TrainConfig, defaults={"steps": steps, "lr": lr})
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run in --output (default: off)")
 
 
 def _add_output(p: argparse.ArgumentParser, *, required: bool = True, help: str = "output directory") -> None:
-    p.add_argument("--output", "-o", required=required, help=help)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--output", "-o", required=required, help=help + (" (required)" if required else " (default: none)"))
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (default: off)")
 
 
-def _train_kwargs(a: argparse.Namespace) -> Dict[str, Any]:
-    return dict(
-        steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr, min_lr_ratio=a.min_lr_ratio,
-        warmup_steps=a.warmup_steps, weight_decay=a.weight_decay, max_grad_norm=a.max_grad_norm,
-        eval_every=a.eval_every, eval_batches=a.eval_batches, save_every=a.save_every,
-        keep_checkpoints=a.keep_checkpoints, log_every=a.log_every, seed=a.seed, bf16=a.bf16, device=a.device,
-        strategy=a.strategy,
-    )
+def _data(a: argparse.Namespace) -> DataSpec:
+    return DataSpec(**values_from_args(a, DataSpec))
 
 
-def _data_kwargs(a: argparse.Namespace, *, eval_data: bool = False) -> Dict[str, Any]:
-    d = dict(tokenizer=a.tokenizer, seq_len=a.seq_len, text_column=a.text_column, split=a.split,
-             dataset_config=a.dataset_config, max_tokens=a.max_tokens)
-    if eval_data:
-        d.update(eval_data=a.eval_data, eval_split=a.eval_split, eval_max_tokens=a.eval_max_tokens)
-    return d
+def _model(a: argparse.Namespace, model: Any = None) -> ModelSpec:
+    kw = values_from_args(a, ModelSpec)
+    if model is not None:
+        kw["model"] = model
+    return ModelSpec(**kw)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``minitron`` command."""
-    parser = _Parser(
-        prog="minitron",
-        description="Minitron-style structured pruning and logit distillation of Hugging Face LLMs.",
-    )
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    parser.add_argument("--dist-timeout", type=float, default=600.0,
-                        help="under torchrun: seconds a collective waits for the other ranks (a dead rank makes "
-                             "the others fail after this long)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
+# --------------------------------------------------------------------------------------------------
+# the commands: each is a parser builder and a handler; COMMANDS maps the name to both
 
-    p = sub.add_parser("info", help="build/backend information (same as python -m minitron.info)",
-                       add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
 
-    p = sub.add_parser("importance", help="estimate head/neuron/channel/layer importance on calibration data")
-    p.add_argument("--model", required=True, help="checkpoint directory (or hub name)")
+def _importance_parser(p: argparse.ArgumentParser) -> None:
+    _add_model(p, only=("model", "device", "streaming"))
     _add_data(p)
     _add_output(p, help="directory for importance.safetensors/.json/.png")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-batches", type=int, default=32)
-    p.add_argument("--seq-agg", default="mean")
-    p.add_argument("--batch-agg", default="l2")
-    p.add_argument("--layer-metrics", default="block_influence,lm_loss",
-                   help="comma-separated: block_influence, lm_loss")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--backend", default="auto", help="kernel backend: auto, cpp, cuda, triton, reference")
-    p.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=None,
-                   help="run one decoder layer at a time from the checkpoint's files (default: when the model "
-                        "would not fit comfortably in memory)")
-    p.add_argument("--spill-dir", default=None, help="where streamed hidden states spill when they do not fit")
+    add_options(p, ImportanceSpec)
 
-    p = sub.add_parser("prune", help="width- and/or depth-prune a model using importance scores")
-    p.add_argument("--model", required=True)
-    p.add_argument("--importance", default=None, help="directory written by `minitron importance`")
+
+def _importance(a: argparse.Namespace) -> int:
+    from minitron import api
+
+    scores = api.estimate_importance(_model(a), _data(a), output_dir=a.output, overwrite=a.overwrite,
+                                     options=ImportanceSpec(**values_from_args(a, ImportanceSpec)), progress=True)
+    _say(f"importance of {scores.num_layers} layers saved to {a.output}")
+    return 0
+
+
+def _prune_parser(p: argparse.ArgumentParser) -> None:
+    _add_model(p, only=("model", "streaming"))
+    p.add_argument("--importance", default=None,
+                   help="directory written by `minitron importance` (default: none; needed for width pruning)")
     _add_output(p, help="directory for the pruned checkpoint")
-    p.add_argument("--tokenizer", default=None)
-    p.add_argument("--hidden-size", type=int)
-    p.add_argument("--intermediate-size", type=int)
-    p.add_argument("--num-attention-heads", type=int)
-    p.add_argument("--num-key-value-heads", type=int)
-    p.add_argument("--num-layers", "--num-hidden-layers", dest="num_hidden_layers", type=int)
-    p.add_argument("--depth-metric", default="lm_loss", choices=["lm_loss", "block_influence"])
-    p.add_argument("--non-contiguous", action="store_true", help="drop individual layers, not one block")
-    p.add_argument("--layers-to-drop", type=_int_list, default=None, help="explicit layers, e.g. 3,4")
-    p.add_argument("--backend", default="auto")
-    p.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=None,
-                   help="cut the checkpoint tensor by tensor without loading the model (default: when the model "
-                        "would not fit comfortably in memory)")
-    p.add_argument("--shard-size", type=_size, default=None,
-                   help="output shard size when streaming (default 5GB, as transformers)")
+    add_options(p, DataSpec, only=["tokenizer"])
+    add_options(p.add_argument_group("targets"), PruneSpec)
 
-    p = sub.add_parser("correct-teacher", help="fine-tune the teacher with the LM loss on the distillation data")
-    p.add_argument("--model", required=True)
+
+def _prune(a: argparse.Namespace) -> int:
+    import torch
+
+    from minitron import api
+    from minitron.runtime import count_parameters
+
+    model = api.prune(_model(a), importance=a.importance, output_dir=a.output, overwrite=a.overwrite,
+                      tokenizer=a.tokenizer, target=PruneSpec(**values_from_args(a, PruneSpec)))
+    if isinstance(model, torch.nn.Module):
+        print(f"pruned model ({count_parameters(model):,} parameters) saved to {a.output}")
+    else:
+        print(f"pruned model (streamed) saved to {a.output}")
+    return 0
+
+
+def _correct_parser(p: argparse.ArgumentParser) -> None:
+    _add_model(p)
     _add_data(p, eval_data=True)
     _add_output(p, help="run directory (final model in OUTPUT/model)")
     _add_train(p, steps=100, lr=1e-4)
 
-    p = sub.add_parser("teacher-logits",
-                       help="run the teacher once and store its top-k log-probabilities per token (for distill "
-                            "--teacher-logits)")
-    p.add_argument("--model", required=True, help="the (corrected) teacher")
+
+def _train_config(a: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(**values_from_args(a, TrainConfig))
+
+
+def _correct(a: argparse.Namespace) -> int:
+    from minitron import api
+
+    res = api.correct_teacher(_model(a), _data(a), output_dir=a.output, overwrite=a.overwrite, resume=a.resume,
+                              train=_train_config(a))
+    _say(_train_summary(res))
+    return 0
+
+
+def _teacher_logits_parser(p: argparse.ArgumentParser) -> None:
+    _add_model(p, only=("model", "device"))
     _add_data(p)
     _add_output(p, help="store directory (shards + manifest.json)")
-    p.add_argument("--top-k", type=int, default=64, help="entries kept per token (default 64)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--value-encoding", default=None, help="how log-probabilities are stored (default: the store's)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted extraction")
+    add_options(p, StoreSpec)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted extraction (default: off)")
 
-    p = sub.add_parser("distill", help="distil a (corrected) teacher into a pruned student")
-    p.add_argument("--student", required=True)
+
+def _teacher_logits(a: argparse.Namespace) -> int:
+    from minitron import api
+
+    store = StoreSpec(**values_from_args(a, StoreSpec))
+    out = api.write_teacher_logits(_model(a), _data(a), output_dir=a.output, store=store, overwrite=a.overwrite,
+                                   resume=a.resume, progress=True)
+    print(f"teacher top-{store.top_k} store written to {out}")
+    return 0
+
+
+def _distill_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--student", required=True, help="the pruned student checkpoint (required)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--teacher", help="the (corrected) teacher checkpoint")
-    src.add_argument("--teacher-logits", help="a store written by `minitron teacher-logits` (no teacher is loaded)")
+    src.add_argument("--teacher", help="the (corrected) teacher checkpoint (this or --teacher-logits is required)")
+    src.add_argument("--teacher-logits", help="a store written by `minitron teacher-logits`; no teacher is loaded "
+                                              "(this or --teacher is required)")
     _add_data(p, eval_data=True)
     _add_output(p, help="run directory (final student in OUTPUT/model)")
     _add_train(p, steps=100, lr=1e-4)
     g = p.add_argument_group("distillation loss")
-    g.add_argument("--kl-mode", default="forward", choices=["forward", "reverse", "jsd"])
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--beta", type=float, default=0.5, help="JSD mixing weight")
-    g.add_argument("--kl-weight", type=float, default=1.0)
-    g.add_argument("--lm-loss-weight", type=float, default=0.0, help="mix in the student's LM loss")
-    g.add_argument("--chunk-size", type=int, default=None)
-    g.add_argument("--backend", default="auto", help="KL kernel backend")
-    g.add_argument("--no-tail", dest="tail", action="store_false",
-                   help="with --teacher-logits: renormalise the teacher over its k entries instead of matching its "
-                        "remaining mass as one bucket")
+    add_options(g, DistillConfig)
+    add_options(g, StoredDistillConfig, only=["tail"])
 
-    p = sub.add_parser("evaluate", help="token-weighted perplexity on a dataset split")
-    p.add_argument("--model", required=True, help="checkpoint or training output directory")
+
+def _distill(a: argparse.Namespace) -> int:
+    from minitron import api
+
+    loss = DistillConfig(**values_from_args(a, DistillConfig))  # bounds checked here, before anything is loaded
+    res = api.distill(a.student, a.teacher, _data(a), output_dir=a.output, teacher_logits=a.teacher_logits,
+                      overwrite=a.overwrite, resume=a.resume, train=_train_config(a), loss=loss, tail=a.tail)
+    _say(_train_summary(res))
+    return 0
+
+
+def _evaluate_parser(p: argparse.ArgumentParser) -> None:
+    _add_model(p, only=("model", "device", "allow_nonfinite"))
     _add_data(p)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-batches", type=int, default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--bf16", type=_bf16, default=False)
-    p.add_argument("--allow-nonfinite", action="store_true",
-                   help="load a checkpoint holding NaN/inf weights (refused otherwise), to inspect a broken model")
+    add_options(p, EvalSpec)
     _add_output(p, required=False, help="also write the result to this JSON file")
 
-    p = sub.add_parser("pipeline", help="run the whole recipe from a YAML config")
-    p.add_argument("--config", required=True, help="pipeline YAML (see examples/pipeline.yaml)")
-    _add_output(p, required=False, help="output directory (overrides output_dir of the config)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted pipeline")
 
-    p = sub.add_parser("demo", help="offline end-to-end demo on Tiny Shakespeare and WikiText-2")
-    p.add_argument("--quick", action="store_true", help="tiny preset (under 2 minutes)")
+def _evaluate(a: argparse.Namespace) -> int:
+    from minitron import api
+
+    res = api.evaluate_perplexity(_model(a), _data(a), output=a.output, overwrite=a.overwrite,
+                                  options=EvalSpec(**values_from_args(a, EvalSpec)))
+    print(json.dumps({k: res[k] for k in ("ppl", "loss", "tokens", "sequences", "seq_len")}))
+    return 0
+
+
+def _pipeline_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="pipeline YAML, see examples/pipeline.yaml (required)")
+    _add_output(p, required=False, help="output directory (overrides output_dir of the config)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted pipeline (default: off)")
+
+
+def _pipeline(a: argparse.Namespace) -> int:
+    from minitron.pipeline import run_pipeline
+
+    res = run_pipeline(a.config, output_dir=a.output, overwrite=a.overwrite, resume=a.resume)
+    print(res["table"], end="")
+    print(f"results in {res['output_dir']}/results.md")
+    return 0
+
+
+def _demo_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="tiny preset, under 2 minutes (default: off)")
     _add_output(p, required=False, help="output directory (default runs/demo, or runs/demo-quick)")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--data-dir", default=None, help="directory with tinyshakespeare/ and wikitext-2/ (default: the data shipped with minitron)")
-    p.add_argument("--shakespeare", default=None, help="Tiny Shakespeare text file")
-    p.add_argument("--wikitext-valid", default=None, help="WikiText-2 valid text file")
-    p.add_argument("--wikitext-test", default=None, help="WikiText-2 test text file")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--backend", default="auto")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted demo (default: off)")
+    p.add_argument("--data-dir", default=None, help="directory with tinyshakespeare/ and wikitext-2/ (default: the "
+                                                    "data shipped with minitron)")
+    p.add_argument("--shakespeare", default=None, help="Tiny Shakespeare text file (default: in --data-dir)")
+    p.add_argument("--wikitext-valid", default=None, help="WikiText-2 valid text file (default: in --data-dir)")
+    p.add_argument("--wikitext-test", default=None, help="WikiText-2 test text file (default: in --data-dir)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
+    p.add_argument("--backend", default="auto", help="kernel backend of every op (default: auto)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's setting)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every stage (default: 0)")
+
+
+def _demo(a: argparse.Namespace) -> int:
+    from minitron.demo import run_demo
+
+    out = a.output or ("runs/demo-quick" if a.quick else "runs/demo")
+    res = run_demo(out, quick=a.quick, data_dir=a.data_dir, shakespeare=a.shakespeare,
+                   wikitext_valid=a.wikitext_valid, wikitext_test=a.wikitext_test, overwrite=a.overwrite,
+                   resume=a.resume, device=a.device, backend=a.backend, threads=a.threads, seed=a.seed)
+    print(res["table"], end="")
+    rec = res["loss_gap_recovered_by_distillation"]
+    print("distillation recovered " + ", ".join(
+        f"{k}: {v * 100:.0f}%" if v is not None else f"{k}: n/a" for k, v in rec.items()
+    ) + " of the pruning loss gap")
+    print(f"total {res['timings']['total']:.0f}s; results in {res['output_dir']}/results.md")
+    return 0
+
+
+def _info_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of python -m minitron.info")
+
+
+def _info(a: argparse.Namespace) -> int:
+    from minitron.info import main as info_main
+
+    return int(info_main(list(a.rest)) or 0)
+
+
+class Command(NamedTuple):
+    """One subcommand: its one-line help, how its flags are added, and what runs it."""
+
+    help: str
+    build: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+#: ``minitron COMMAND``: adding a command is one entry here (and its two functions).
+COMMANDS: Dict[str, Command] = {
+    "info": Command("build/backend information (same as python -m minitron.info)", _info_parser, _info),
+    "importance": Command("estimate head/neuron/channel/layer importance on calibration data", _importance_parser,
+                          _importance),
+    "prune": Command("width- and/or depth-prune a model using importance scores", _prune_parser, _prune),
+    "correct-teacher": Command("fine-tune the teacher with the LM loss on the distillation data", _correct_parser,
+                               _correct),
+    "teacher-logits": Command("run the teacher once and store its top-k log-probabilities per token (for distill "
+                              "--teacher-logits)", _teacher_logits_parser, _teacher_logits),
+    "distill": Command("distil a (corrected) teacher into a pruned student", _distill_parser, _distill),
+    "evaluate": Command("token-weighted perplexity on a dataset split", _evaluate_parser, _evaluate),
+    "pipeline": Command("run the whole recipe from a YAML config", _pipeline_parser, _pipeline),
+    "demo": Command("offline end-to-end demo on Tiny Shakespeare and WikiText-2", _demo_parser, _demo),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``minitron`` command (one subparser per :data:`COMMANDS` entry)."""
+    parser = _Parser(
+        prog="minitron",
+        description="Minitron-style structured pruning and logit distillation of Hugging Face LLMs.",
+    )
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="logging level (default: INFO)")
+    parser.add_argument("--dist-timeout", type=float, default=600.0,
+                        help="under torchrun: seconds a collective waits for the other ranks (a dead rank makes "
+                             "the others fail after this long; default: 600)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name, cmd in COMMANDS.items():
+        cmd.build(sub.add_parser(name, help=cmd.help, description=cmd.help, add_help=name != "info"))
     return parser
 
 
 def _run(a: argparse.Namespace) -> int:
-    from minitron import api
-
-    if a.command == "info":
-        from minitron.info import main as info_main
-
-        return int(info_main(list(a.rest)) or 0)
-    if a.command == "importance":
-        metrics = tuple(m.strip() for m in a.layer_metrics.split(",") if m.strip())
-        scores = api.estimate_importance(
-            a.model, a.data, output_dir=a.output, overwrite=a.overwrite, batch_size=a.batch_size,
-            max_batches=a.max_batches, seq_agg=a.seq_agg, batch_agg=a.batch_agg, layer_metrics=metrics,
-            device=a.device, backend=a.backend, progress=True, streaming=a.streaming, spill_dir=a.spill_dir,
-            **_data_kwargs(a),
-        )
-        _say(f"importance of {scores.num_layers} layers saved to {a.output}")
-        return 0
-    if a.command == "prune":
-        import torch
-
-        from minitron.runtime import count_parameters
-
-        model = api.prune(
-            a.model, importance=a.importance, output_dir=a.output, overwrite=a.overwrite, tokenizer=a.tokenizer,
-            hidden_size=a.hidden_size, intermediate_size=a.intermediate_size,
-            num_attention_heads=a.num_attention_heads, num_key_value_heads=a.num_key_value_heads,
-            num_hidden_layers=a.num_hidden_layers, depth_metric=a.depth_metric, contiguous=not a.non_contiguous,
-            layers_to_drop=a.layers_to_drop, backend=a.backend, streaming=a.streaming, shard_bytes=a.shard_size,
-        )
-        if isinstance(model, torch.nn.Module):
-            print(f"pruned model ({count_parameters(model):,} parameters) saved to {a.output}")
-        else:
-            print(f"pruned model (streamed) saved to {a.output}")
-        return 0
-    if a.command == "teacher-logits":
-        out = api.write_teacher_logits(
-            a.model, a.data, output_dir=a.output, top_k=a.top_k, temperature=a.temperature,
-            value_encoding=a.value_encoding, batch_size=a.batch_size, device=a.device, overwrite=a.overwrite,
-            resume=a.resume, progress=True, **_data_kwargs(a),
-        )
-        print(f"teacher top-{a.top_k} store written to {out}")
-        return 0
-    if a.command == "correct-teacher":
-        res = api.correct_teacher(a.model, a.data, output_dir=a.output, overwrite=a.overwrite, resume=a.resume,
-                                  **_data_kwargs(a, eval_data=True), **_train_kwargs(a))
-        _say(_train_summary(res))
-        return 0
-    if a.command == "distill":
-        res = api.distill(
-            a.student, a.teacher, a.data, output_dir=a.output, overwrite=a.overwrite, resume=a.resume,
-            teacher_logits=a.teacher_logits, tail=a.tail,
-            mode=a.kl_mode, temperature=a.temperature, beta=a.beta, kl_weight=a.kl_weight,
-            lm_loss_weight=a.lm_loss_weight, chunk_size=a.chunk_size, kl_backend=a.backend,
-            **_data_kwargs(a, eval_data=True), **_train_kwargs(a),
-        )
-        _say(_train_summary(res))
-        return 0
-    if a.command == "evaluate":
-        res = api.evaluate_perplexity(
-            a.model, a.data, batch_size=a.batch_size, max_batches=a.max_batches, device=a.device, bf16=a.bf16,
-            output=a.output, overwrite=a.overwrite, allow_nonfinite=a.allow_nonfinite, **_data_kwargs(a),
-        )
-        print(json.dumps({k: res[k] for k in ("ppl", "loss", "tokens", "sequences", "seq_len")}))
-        return 0
-    if a.command == "pipeline":
-        from minitron.pipeline import run_pipeline
-
-        res = run_pipeline(a.config, output_dir=a.output, overwrite=a.overwrite, resume=a.resume)
-        print(res["table"], end="")
-        print(f"results in {res['output_dir']}/results.md")
-        return 0
-    if a.command == "demo":
-        from minitron.demo import run_demo
-
-        out = a.output or ("runs/demo-quick" if a.quick else "runs/demo")
-        res = run_demo(out, quick=a.quick, data_dir=a.data_dir, shakespeare=a.shakespeare,
-                       wikitext_valid=a.wikitext_valid, wikitext_test=a.wikitext_test, overwrite=a.overwrite,
-                       resume=a.resume, device=a.device, backend=a.backend, threads=a.threads, seed=a.seed)
-        print(res["table"], end="")
-        rec = res["loss_gap_recovered_by_distillation"]
-        print("distillation recovered " + ", ".join(
-            f"{k}: {v * 100:.0f}%" if v is not None else f"{k}: n/a" for k, v in rec.items()
-        ) + " of the pruning loss gap")
-        print(f"total {res['timings']['total']:.0f}s; results in {res['output_dir']}/results.md")
-        return 0
-    raise AssertionError(a.command)  # pragma: no cover
+    return COMMANDS[a.command].run(a)
 
 
 def _say(text: str) -> None:

@@ -68,26 +68,12 @@ def _meminfo_available() -> Optional[int]:
 
 
 def should_stream_prune(src_dir: PathLike, *, fraction: float = 0.5) -> tuple[bool, str]:
-    """Whether pruning ``src_dir`` should stream, and why (a sentence to log).
+    """Whether pruning ``src_dir`` should stream, and why: :func:`minitron.compress.streaming.should_stream` on
+    the weights in their stored dtype (the in-memory path holds the whole model plus one layer's cut copies)."""
+    from minitron.compress.streaming import should_stream
 
-    Streams when the checkpoint's weights exceed ``fraction`` of the memory available now
-    (``MemAvailable``): the in-memory path holds the whole model plus one layer's cut copies, and the rest of
-    the machine needs room. Where the available memory cannot be read (not Linux) it answers in-memory.
-    Reads only the checkpoint's headers.
-
-    Returns:
-        ``(stream, reason)``.
-    """
-    ck = ShardedCheckpoint(src_dir)
-    size = ck.nbytes
-    avail = _meminfo_available()
-    if avail is None:
-        return False, f"weights {size / 2**30:.2f} GiB; available memory unknown: pruning in memory"
-    if size > fraction * avail:
-        return True, (f"weights {size / 2**30:.2f} GiB > {fraction:.0%} of the {avail / 2**30:.2f} GiB available "
-                      "memory: streaming tensor by tensor")
-    return False, (f"weights {size / 2**30:.2f} GiB <= {fraction:.0%} of the {avail / 2**30:.2f} GiB available "
-                   "memory: pruning in memory")
+    return should_stream(src_dir, compute_dtype=None, fraction=fraction, available=_meminfo_available(),
+                         task="pruning")
 
 
 def _cut_shape(shape: tuple[int, ...], cuts: Sequence[Cut]) -> tuple[int, ...]:

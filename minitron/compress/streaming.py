@@ -32,6 +32,7 @@ of the in-memory path (same kernels, same order of accumulation per accumulator)
 from __future__ import annotations
 
 import json
+import math
 import logging
 import os
 import shutil
@@ -180,26 +181,38 @@ def _mem_available() -> int:
     return avail if avail is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def should_stream(checkpoint_dir: str | os.PathLike, *, compute_dtype: torch.dtype = torch.float32,
-                  fraction: float = STREAM_MEMORY_FRACTION) -> tuple[bool, str]:
-    """Decide whether importance should be layer-streamed for this checkpoint.
+def should_stream(checkpoint_dir: str | os.PathLike, *, compute_dtype: Optional[torch.dtype] = torch.float32,
+                  fraction: float = STREAM_MEMORY_FRACTION, available: Optional[int] = None,
+                  task: str = "importance") -> tuple[bool, str]:
+    """The one streaming policy of the driver (streamed importance and streamed pruning).
 
-    Streams when the in-memory compute copy of the weights (every tensor in ``compute_dtype``) would exceed
-    ``fraction`` of the memory available now (``MemAvailable``).
+    Streams when the in-memory copy of the weights (every tensor in ``compute_dtype``, or in its stored dtype
+    when ``compute_dtype`` is None) would exceed ``fraction`` (:data:`STREAM_MEMORY_FRACTION`, one half) of the
+    memory available now (``available`` bytes, default ``MemAvailable``; where it cannot be read, nothing streams).
+    Reads only the checkpoint's headers (:class:`minitron.io.shards.ShardedCheckpoint`).
 
     Returns:
         ``(stream, reason)``: the decision and a one-line reason with the figures (for the log).
     """
-    reader = CheckpointReader(checkpoint_dir)
-    elem = torch.empty((), dtype=compute_dtype).element_size()
-    need = reader.numel() * elem
-    avail = _mem_available()
-    limit = int(avail * fraction)
+    from minitron.io.shards import ShardedCheckpoint
+
+    ck = ShardedCheckpoint(checkpoint_dir)
+    if compute_dtype is None:
+        need, what = ck.nbytes, "weights"
+    else:
+        elem = torch.empty((), dtype=compute_dtype).element_size()
+        need = sum(math.prod(ck.shape(k)) for k in ck.keys()) * elem
+        what = f"the {str(compute_dtype).replace('torch.', '')} copy of the weights"
+    modes = {"importance": ("layer-streamed importance", "in-memory importance"),
+             "pruning": ("streaming tensor by tensor", "pruning in memory")}[task]
+    avail = _mem_available() if available is None else available
     gib = 1024 ** 3
+    if avail is None:
+        return False, f"{what} {need / gib:.2f} GiB; available memory unknown: {modes[1]}"
+    limit = int(avail * fraction)
     verdict = need > limit
-    reason = (f"the {str(compute_dtype).replace('torch.', '')} copy of the weights needs {need / gib:.2f} GiB, "
-              f"{'more' if verdict else 'not more'} than {fraction:.0%} of the {avail / gib:.2f} GiB available "
-              f"({limit / gib:.2f} GiB): {'layer-streamed' if verdict else 'in-memory'} importance")
+    reason = (f"{what} needs {need / gib:.2f} GiB, {'more' if verdict else 'not more'} than {fraction:.0%} of the "
+              f"{avail / gib:.2f} GiB available ({limit / gib:.2f} GiB): {modes[0] if verdict else modes[1]}")
     return verdict, reason
 
 

@@ -25,10 +25,21 @@ import torch.nn.functional as F
 
 from minitron.train.loop import Callback, TrainConfig, TrainResult, train
 from minitron.io.data import Batch, PackedDataset
+from minitron.options import option
 
 log = logging.getLogger(__name__)
 
 KL_MODES = ("forward", "reverse", "jsd")
+
+
+def check_temperature(t: Any, name: str) -> None:
+    """Refuse a temperature outside ``(0, MAX_TEMPERATURE]`` (the loss ops' declared limit), naming ``name``."""
+    from minitron.ops import MAX_TEMPERATURE
+
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+        raise TypeError(f"{name} must be a finite number, got {t!r}")
+    if not 0 < t <= MAX_TEMPERATURE:
+        raise ValueError(f"{name} must be in (0, {MAX_TEMPERATURE:g}] (MAX_TEMPERATURE of the loss ops), got {t:g}")
 
 
 @dataclass
@@ -45,13 +56,14 @@ class DistillConfig:
         backend: KL kernel backend ("auto", "cpp", "cuda", "triton", "reference").
     """
 
-    mode: str = "forward"
-    temperature: float = 1.0
-    beta: float = 0.5
-    kl_weight: float = 1.0
-    lm_loss_weight: float = 0.0
-    chunk_size: Optional[int] = None
-    backend: str = "auto"
+    mode: str = option("forward", help="KL direction", choices=KL_MODES, flag=("--kl-mode",))
+    temperature: float = option(1.0, help="softmax temperature of both models, in (0, MAX_TEMPERATURE]")
+    beta: float = option(0.5, help="JSD mixing weight, in [0, 1] (--kl-mode jsd)")
+    kl_weight: float = option(1.0, help="weight of the KL term")
+    lm_loss_weight: float = option(0.0, help="weight of the student's LM loss mixed in")
+    chunk_size: Optional[int] = option(None, help="tokens per chunk in the fused KL", default_text="the op's")
+    backend: str = option("auto", help="KL kernel backend: auto, cpp, cuda, triton, reference",
+                          aliases=("kl_backend",))
 
     def __post_init__(self) -> None:
         self.validate()
@@ -64,8 +76,7 @@ class DistillConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
                 raise TypeError(f"DistillConfig.{name} must be a finite number, got {v!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"DistillConfig.temperature must be > 0, got {self.temperature}")
+        check_temperature(self.temperature, "DistillConfig.temperature")
         if not 0 <= self.beta <= 1:
             raise ValueError(f"DistillConfig.beta must be in [0, 1], got {self.beta}")
         if self.kl_weight < 0 or self.lm_loss_weight < 0 or self.kl_weight + self.lm_loss_weight == 0:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from minitron.io.data import Batch, BatchStream, PackedDataset
 from minitron.io.files import atomic_write_json, atomic_write_text, current_umask, read_json, json_default as _json_default
 from minitron.runtime import autocast_context, resolve_bf16, resolve_device, seed_everything
+from minitron.options import option, parse_bf16
 from minitron.train.distributed import (DistState, DistributedError, LossModule, ShardedBatchStream, all_reduce_mean,
                                         barrier, check_same_across_ranks, data_fingerprint, gathered,
                                         mixed_precision_policy, rank_and_world, resolve_strategy, shard_fsdp2)
@@ -97,25 +98,27 @@ class TrainConfig:
             True (default backend, inductor) or a ``torch.compile`` backend name ("inductor", "aot_eager").
     """
 
-    steps: int = 100
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 10
-    weight_decay: float = 0.01
-    betas: Tuple[float, float] = (0.9, 0.95)
-    max_grad_norm: Optional[float] = 1.0
-    eval_every: int = 0
-    eval_batches: Optional[int] = None
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    log_every: int = 1
-    seed: int = 0
-    bf16: Union[str, bool] = "auto"
-    device: str = "auto"
-    strategy: Optional[str] = None
-    compile: Union[bool, str] = False
+    steps: int = option(100, help="optimizer steps")
+    batch_size: int = option(8, help="sequences per micro-batch (per rank under torchrun)")
+    grad_accum: int = option(1, help="micro-batches per optimizer step")
+    lr: float = option(1e-3, help="peak learning rate")
+    min_lr_ratio: float = option(0.1, help="cosine floor as a fraction of --lr")
+    warmup_steps: int = option(10, help="linear warmup steps")
+    weight_decay: float = option(0.01, help="AdamW weight decay (matrices only)")
+    betas: Tuple[float, float] = option((0.9, 0.95), help="AdamW betas", cli=False)
+    max_grad_norm: Optional[float] = option(1.0, help="gradient-norm clipping")
+    eval_every: int = option(0, help="evaluate every N steps (0: at the end only)")
+    eval_batches: Optional[int] = option(None, help="cap on evaluation batches", default_text="all")
+    save_every: int = option(0, help="checkpoint every N steps (0: at the end only)")
+    keep_checkpoints: int = option(2, help="how many of the newest checkpoints to keep")
+    log_every: int = option(1, help="log a training record every N steps")
+    seed: int = option(0, help="seed of the RNGs and the data order")
+    bf16: Union[str, bool] = option("auto", help="bf16 autocast: auto (CUDA with bf16), on, off", parse=parse_bf16)
+    device: str = option("auto", help="auto, cpu, cuda, cuda:N")
+    strategy: Optional[str] = option(None, help="under torchrun: ddp (replicated student) or fsdp2 (student and "
+                                     "teacher sharded per decoder layer)", choices=("ddp", "fsdp2"),
+                                     default_text="ddp")
+    compile: Union[bool, str] = option(False, help="torch.compile the loss module (True or a backend name)", cli=False)
 
     def __post_init__(self) -> None:
         self.validate()

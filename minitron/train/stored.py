@@ -29,6 +29,8 @@ import torch
 from minitron.io.data import Batch, PackedDataset
 from minitron.io.logit_store import StoreError, TeacherLogitStore
 from minitron.train.loop import Callback, TrainConfig, TrainResult, train
+from minitron.options import option
+from minitron.train.distill import check_temperature
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +53,13 @@ class StoredDistillConfig:
         backend: op backend ("auto", "cpp", "cuda", "triton", "reference").
     """
 
-    kl_weight: float = 1.0
-    lm_loss_weight: float = 0.0
-    tail: bool = True
-    temperature: Optional[float] = None
-    chunk_size: Optional[int] = None
-    backend: str = "auto"
+    kl_weight: float = option(1.0, help="weight of the top-k KL term")
+    lm_loss_weight: float = option(0.0, help="weight of the student's LM loss mixed in")
+    tail: bool = option(True, help="with --teacher-logits: renormalise the teacher over its k entries instead of "
+                        "matching its remaining mass as one bucket", flag=("--no-tail",), default_text="tail on")
+    temperature: Optional[float] = option(None, help="must equal the store's", default_text="the store's")
+    chunk_size: Optional[int] = option(None, help="tokens per chunk in the fused op", default_text="the op's")
+    backend: str = option("auto", help="op backend", aliases=("kl_backend",))
 
     def __post_init__(self) -> None:
         self.validate()
@@ -71,9 +74,8 @@ class StoredDistillConfig:
             raise ValueError("StoredDistillConfig: kl_weight and lm_loss_weight must not both be 0")
         if not isinstance(self.tail, bool):
             raise TypeError(f"StoredDistillConfig.tail must be a bool, got {self.tail!r}")
-        t = self.temperature
-        if t is not None and (not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t <= 0):
-            raise ValueError(f"StoredDistillConfig.temperature must be a number > 0 or None, got {t!r}")
+        if self.temperature is not None:
+            check_temperature(self.temperature, "StoredDistillConfig.temperature")
         if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
             raise ValueError(f"StoredDistillConfig.chunk_size must be a positive int or None, got {self.chunk_size!r}")
         if not isinstance(self.backend, str):

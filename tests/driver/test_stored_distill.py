@@ -8,7 +8,8 @@ import torch
 
 from minitron import _ext
 from minitron.io.data import PackedDataset
-from minitron.io.logit_store import StoreError, TeacherLogitStore, topk_logprobs, write_teacher_logits
+from minitron.io.logit_store import StoreError, TeacherLogitStore, topk_logprobs
+from minitron.train.teacher_logits import write_teacher_logits
 from minitron.train.distill import final_hidden_and_head
 from minitron.train.loop import TrainConfig, read_log
 from minitron.train.stored import (StoreBackedData, StoredDistillConfig, distill_from_store,

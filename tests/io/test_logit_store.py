@@ -14,8 +14,8 @@ import torch
 
 from minitron.io.data import PackedDataset
 from minitron.io.logit_store import (MANIFEST_NAME, VALUE_ENCODINGS, StoreError, TeacherLogitStore, bytes_per_token,
-                                     decode_values, encode_values, index_bits, pack_bits, topk_logprobs, unpack_bits,
-                                     write_teacher_logits)
+                                     decode_values, encode_values, index_bits, pack_bits, topk_logprobs, unpack_bits)
+from minitron.train.teacher_logits import write_teacher_logits
 from minitron.io.safety import OutputExistsError
 from tests.driver.conftest import make_model
 
@@ -260,7 +260,7 @@ _KILL_SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)
     from tests.io.test_logit_store import make_data
     from tests.driver.conftest import make_model
-    from minitron.io.logit_store import write_teacher_logits
+    from minitron.train.teacher_logits import write_teacher_logits
 
     def kill(i, entry):
         if i == 1:
