@@ -257,29 +257,45 @@ def check_chunk_size(chunk_size: object) -> None:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
-def check_student_linear(sh: Tensor, sw: Tensor, sb: Optional[Tensor], allowed: tuple[torch.dtype, ...],
-                         hidden_name: str = "H") -> None:
-    """Checks of a fused-linear op's student LM head: ``student_hidden [..., H]``, ``student_weight [V, H]``
-    (V >= 1), ``student_bias [V]`` or None, one float dtype of ``allowed``. ``hidden_name`` names H in errors."""
-    check_float_tensor("student_hidden", sh, allowed)
-    check_float_tensor("student_weight", sw, allowed)
-    if sb is not None:
-        check_float_tensor("student_bias", sb, allowed)
-    if sw.dim() != 2:
-        raise ValueError(f"student_weight must be 2-D [V, {hidden_name}], got shape {tuple(sw.shape)}")
-    if sh.dim() < 1 or sh.shape[-1] != sw.shape[1]:
-        raise ValueError(f"student_hidden's last dimension ({sh.shape[-1] if sh.dim() else None}) must equal "
-                         f"student_weight.shape[1] ({sw.shape[1]})")
-    if sb is not None and tuple(sb.shape) != (sw.shape[0],):
-        raise ValueError(f"student_bias must have shape ({sw.shape[0]},), got {tuple(sb.shape)}")
-    if sh.dtype != sw.dtype or (sb is not None and sb.dtype != sh.dtype):
-        raise TypeError(f"student_hidden ({sh.dtype}), student_weight ({sw.dtype}) and student_bias must share a dtype")
+def check_lm_head(who: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                  allowed: tuple[torch.dtype, ...], hidden_name: str = "H") -> None:
+    """Checks of one model's LM head in a fused-linear op (``who`` is ``"student"`` or ``"teacher"``, naming the
+    arguments ``{who}_hidden [..., H]``, ``{who}_weight [V, H]``, ``{who}_bias [V]`` or None): float tensors of
+    ``allowed`` dtypes sharing one dtype, matching shapes. ``hidden_name`` names H in errors."""
+    h, w, b = f"{who}_hidden", f"{who}_weight", f"{who}_bias"
+    check_float_tensor(h, hidden, allowed)
+    check_float_tensor(w, weight, allowed)
+    if bias is not None:
+        check_float_tensor(b, bias, allowed)
+    if weight.dim() != 2:
+        raise ValueError(f"{w} must be 2-D [V, {hidden_name}], got shape {tuple(weight.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{h}'s last dimension ({hidden.shape[-1] if hidden.dim() else None}) must equal "
+                         f"{w}.shape[1] ({weight.shape[1]})")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{b} must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != hidden.dtype):
+        raise TypeError(f"{h} ({hidden.dtype}), {w} ({weight.dtype}) and {b} must share a dtype")
 
 
 def needs_grad(*tensors: Optional[Tensor]) -> bool:
     """Whether a gradient can flow to any of ``tensors`` (grad mode on and one of them requires grad): the
     loss ops compute the loss only otherwise (no gradient pass)."""
     return bool(torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+
+def reduce_reference(per_token: Tensor, counted: Optional[Tensor], reduction: str) -> Tensor:
+    """The reduction of the plain-torch reference losses (the tests' oracles): ``per_token [...]`` zeroed where
+    the bool ``counted [...]`` is False (None: every token counts), then kept (``"none"``), summed, or averaged
+    over the counted tokens (``"mean"``; 0 when none counts)."""
+    if counted is not None:
+        per_token = torch.where(counted, per_token, torch.zeros_like(per_token))
+    if reduction == "none":
+        return per_token
+    if reduction == "sum":
+        return per_token.sum()
+    count = per_token.numel() if counted is None else counted.sum()
+    return per_token.sum() / torch.clamp(torch.as_tensor(count, device=per_token.device), min=1)
 
 
 def reduce_token_loss(loss_tok: Tensor, lead: torch.Size, reduction: str, *,
@@ -360,7 +376,7 @@ def fused_linear_op(spec: FusedLinearSpec) -> Callable[[Callable], Any]:
         names = tuple(sig.parameters)
         missing = [n for n in (*spec.grad_inputs, spec.need_grad) if n not in names]
         if missing:
-            raise TypeError(f"{spec.name}: the op's signature has no argument(s) {missing} named by its FusedLinearSpec")
+            raise TypeError(f"{spec.name}: the op's signature lacks the argument(s) {missing} named by its spec")
 
         def bind(args: tuple, kwargs: dict) -> dict[str, Any]:
             bound = sig.bind(*args, **kwargs)

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from minitron.ops._common import FusedLinearSpec, check_chunk_size, check_float_tensor, check_student_linear
+from minitron.ops._common import FusedLinearSpec, check_chunk_size, check_lm_head
 from minitron.ops._common import default_chunk_size, fused_linear_chunks, fused_linear_op, needs_grad
 from minitron.ops._common import reduce_token_loss, token_weights
 from minitron.ops.kl import _KERNEL_DTYPES, MODES, _has_transform, _mask_from_labels, _validate_mask
@@ -75,26 +75,14 @@ def fused_linear_kl_div_fwd(student_hidden: Tensor, student_weight: Tensor, teac
 
 
 def _validate_fused_args(sh, sw, th, tw, sb, tb, mode, temperature, beta, reduction, mask, chunk_size) -> None:
-    check_student_linear(sh, sw, sb, _KERNEL_DTYPES, hidden_name="H_student")
-    for name, t in (("teacher_hidden", th), ("teacher_weight", tw)):
-        check_float_tensor(name, t, _KERNEL_DTYPES)
-    if tb is not None:
-        check_float_tensor("teacher_bias", tb, _KERNEL_DTYPES)
-    if tw.dim() != 2:
-        raise ValueError(f"teacher_weight must be 2-D [V, H_teacher], got shape {tuple(tw.shape)}")
-    if th.dim() < 1 or th.shape[-1] != tw.shape[1]:
-        raise ValueError(f"teacher_hidden's last dimension ({th.shape[-1] if th.dim() else None}) must equal "
-                         f"teacher_weight.shape[1] ({tw.shape[1]})")
+    check_lm_head("student", sh, sw, sb, _KERNEL_DTYPES, hidden_name="H_student")
+    check_lm_head("teacher", th, tw, tb, _KERNEL_DTYPES, hidden_name="H_teacher")
     if sw.shape[0] != tw.shape[0]:
         raise ValueError(f"vocabulary size mismatch: student_weight has {sw.shape[0]} rows, teacher_weight has "
                          f"{tw.shape[0]}")
     if sh.shape[:-1] != th.shape[:-1]:
         raise ValueError(f"student_hidden tokens {tuple(sh.shape[:-1])} != teacher_hidden tokens "
                          f"{tuple(th.shape[:-1])}")
-    if tb is not None and tuple(tb.shape) != (tw.shape[0],):
-        raise ValueError(f"teacher_bias must have shape ({tw.shape[0]},), got {tuple(tb.shape)}")
-    if th.dtype != tw.dtype or (tb is not None and tb.dtype != th.dtype):
-        raise TypeError(f"teacher_hidden ({th.dtype}), teacher_weight ({tw.dtype}) and teacher_bias must share a dtype")
     if sh.dtype != th.dtype:
         raise TypeError(f"student and teacher tensors must share a dtype, got {sh.dtype} and {th.dtype}")
     devices = {t.device for t in (sh, sw, th, tw, sb, tb) if t is not None}

@@ -54,7 +54,8 @@ from torch import Tensor, nn
 
 from minitron.ops._common import as_rows as _as_rows
 from minitron.ops._common import check_float_tensor as _check_float_tensor
-from minitron.ops._common import check_reduction, check_temperature, needs_grad, reduce_token_loss
+from minitron.ops._common import check_reduction, check_temperature, needs_grad, reduce_reference
+from minitron.ops._common import reduce_token_loss
 from minitron.ops._common import register_row_loss_autograd, token_weights
 from minitron.ops._dispatch import native_unavailable, op_backends, triton_unavailable
 
@@ -181,14 +182,7 @@ def kl_div_reference(student_logits: Tensor, teacher_logits: Tensor, *, mode: st
     per_token = _divergence_reference(s, t, mode, temperature, beta)
     if scale_by_t2:
         per_token = per_token * (temperature * temperature)
-    if mask is not None:
-        per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
-    if reduction == "none":
-        return per_token
-    if reduction == "sum":
-        return per_token.sum()
-    count = per_token.numel() if mask is None else mask.sum()
-    return per_token.sum() / torch.clamp(torch.as_tensor(count, device=per_token.device), min=1)
+    return reduce_reference(per_token, mask, reduction)
 
 
 

@@ -42,9 +42,10 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from minitron.ops._common import FusedLinearSpec, check_chunk_size, check_reduction, check_student_linear
+from minitron.ops._common import FusedLinearSpec, check_chunk_size, check_lm_head, check_reduction
 from minitron.ops._common import check_temperature, default_chunk_size, fused_linear_chunks, fused_linear_op
-from minitron.ops._common import needs_grad, reduce_token_loss, register_row_loss_autograd, token_weights
+from minitron.ops._common import needs_grad, reduce_reference, reduce_token_loss, register_row_loss_autograd
+from minitron.ops._common import token_weights
 from minitron.ops._common import as_rows as _as_rows
 from minitron.ops._common import check_float_tensor as _check_float_tensor
 from minitron.ops._common import eager as _eager
@@ -118,18 +119,7 @@ def topk_kl_div_reference(student_logits: Tensor, teacher_indices: Tensor, teach
     if scale_by_t2:
         per_token = per_token * (temperature * temperature)
     counted = _counted(mask, labels, ignore_index)
-    if counted is not None:
-        per_token = torch.where(counted, per_token, torch.zeros_like(per_token))
-    return _reduce(per_token, counted, reduction)
-
-
-def _reduce(per_token: Tensor, counted: Optional[Tensor], reduction: str) -> Tensor:
-    if reduction == "none":
-        return per_token
-    if reduction == "sum":
-        return per_token.sum()
-    count = per_token.numel() if counted is None else counted.sum()
-    return per_token.sum() / torch.clamp(torch.as_tensor(count, device=per_token.device), min=1)
+    return reduce_reference(per_token, counted, reduction)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -458,7 +448,7 @@ def fused_linear_topk_kl_div_fwd(student_hidden: Tensor, student_weight: Tensor,
 
 def _validate_fused_args(sh, sw, sb, indices, logprobs, temperature, reduction, mask, labels, chunk_size,
                          ce_weight, kl_weight, ignore_index=-100) -> None:
-    check_student_linear(sh, sw, sb, _KERNEL_DTYPES)
+    check_lm_head("student", sh, sw, sb, _KERNEL_DTYPES)
     devices = {t.device for t in (sh, sw, sb) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"student_hidden, student_weight and student_bias must be on one device, got "
@@ -552,9 +542,7 @@ def fused_linear_topk_kl_div_reference(student_hidden: Tensor, student_weight: T
         lz = torch.log_softmax(logits.to(dtype), dim=-1)
         ce = -lz.gather(-1, lab.unsqueeze(-1)).squeeze(-1)
         per_token = per_token + float(ce_weight) * ce
-    if counted is not None:
-        per_token = torch.where(counted, per_token, torch.zeros_like(per_token))
-    return _reduce(per_token, counted, reduction)
+    return reduce_reference(per_token, counted, reduction)
 
 
 class FusedLinearTopKKLDivLoss(nn.Module):
