@@ -44,8 +44,8 @@ GGUF_MAGIC = b"GGUF"
 #: GGUF format versions read here (v1 used 32-bit counts and is long gone).
 _VERSIONS = (2, 3)
 #: ``general.architecture`` values accepted, and the transformers ``model_type`` each becomes. llama.cpp
-#: stores Mistral models as ``llama``; transformers tells them apart by ``general.name`` (see
-#: :func:`_model_type`).
+#: stores Mistral models as ``llama``, and transformers loads them as Llama (the same computation) unless
+#: ``general.name`` is exactly ``mistral`` (see :func:`_model_type`).
 SUPPORTED_GGUF_ARCHITECTURES: dict[str, str] = {
     "llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
 }
@@ -250,8 +250,11 @@ def _dequantizable(type_id: int) -> tuple[str, bool]:
 
 def _model_type(architecture: str, name: Optional[str]) -> Optional[str]:
     model_type = SUPPORTED_GGUF_ARCHITECTURES.get(architecture)
-    if model_type == "llama" and name and "mistral" in name.lower():
-        return "mistral"  # transformers' own rule for llama.cpp's Mistral files
+    if model_type == "llama" and name == "mistral":
+        # transformers' rule (checked on 5.25): only a general.name of exactly "mistral" makes a llama file
+        # a Mistral one -- which then fails in transformers with gguf 0.19 (no "mistral" tensor-name table);
+        # any other llama file, real Mistral GGUFs included, loads as Llama, which computes the same thing
+        return "mistral"
     return model_type
 
 
@@ -319,8 +322,13 @@ def inspect_gguf(path: PathLike) -> GGUFInfo:
             f"GGUF file {str(p)!r} holds a {arch!r} model, an architecture minitron does not prune; supported "
             f"GGUF architectures: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)}"
         )
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf import GGML_QUANT_SIZES, MODEL_ARCH_NAMES, GGMLQuantizationType
 
+    if model_type not in MODEL_ARCH_NAMES.values():  # transformers maps tensor names through gguf's table
+        raise GGUFError(
+            f"GGUF file {str(p)!r} (architecture {arch!r}, general.name {gname!r}) would load as a {model_type!r} "
+            f"model, whose tensor names the installed gguf package does not know; transformers cannot read it"
+        )
     alignment = meta.get("general.alignment", 32)
     if not isinstance(alignment, int) or alignment <= 0 or alignment % 8:
         raise GGUFError(f"GGUF file {str(p)!r} is corrupt: general.alignment is {alignment!r}")
@@ -413,9 +421,9 @@ def load_gguf(path: PathLike, dtype: Any = torch.float32, *, tokenizer: bool = T
         raise GGUFError(f"GGUF file {str(info.path)!r} could not be loaded by transformers: {e}") from e
     model = _plain_copy(loaded, torch_dtype)
     del loaded
-    if model.config.model_type != info.model_type:
-        raise GGUFError(f"GGUF file {str(info.path)!r} loaded as {model.config.model_type!r}, expected "
-                        f"{info.model_type!r}")
+    if model.config.model_type not in SUPPORTED_GGUF_ARCHITECTURES.values():
+        raise GGUFError(f"GGUF file {str(info.path)!r} loaded as a {model.config.model_type!r} model, which "
+                        f"minitron does not prune")
     tok = None
     if tokenizer:
         try:

@@ -60,7 +60,7 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_tiny_gguf(path: Path, *, arch: str = "llama", tied: bool = False, quant: Q = Q.Q8_0,
-                    seed: int = 0) -> torch.nn.Module:
+                    seed: int = 0, name: str = "tiny test llama") -> torch.nn.Module:
     """Write a tiny Llama GGUF to ``path``; return the HF model holding the weights the file dequantizes to."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -74,7 +74,7 @@ def write_tiny_gguf(path: Path, *, arch: str = "llama", tied: bool = False, quan
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
 
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_name("tiny test llama")
+    w.add_name(name)
     w.add_block_count(LAYERS)
     w.add_context_length(128)
     w.add_embedding_length(HIDDEN)
@@ -297,6 +297,24 @@ def test_truncated_files_are_refused_before_any_output(tiny, tmp_path):
     junk.write_bytes(b"PK\x03\x04" + bytes(100))
     _assert_refused(junk, tmp_path / "out", r"not a GGUF file")
     _assert_refused(tmp_path / "missing.gguf", tmp_path / "out", "does not exist")
+
+
+def test_version_and_mistral_naming(tiny, tmp_path):
+    path, _ = tiny
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<I", data, 4, 1)
+    old = tmp_path / "v1.gguf"
+    old.write_bytes(bytes(data))
+    _assert_refused(old, tmp_path / "out", "format version 1; versions 2 and 3 are supported")
+    # llama.cpp stores Mistral models as 'llama'; transformers loads them as Llama (the same computation)
+    path = tmp_path / "mistral.gguf"
+    write_tiny_gguf(path, name="Mistral 7B Instruct v0.3")
+    info = inspect_gguf(path)
+    assert (info.architecture, info.model_type) == ("llama", "llama")
+    assert load_gguf(path, tokenizer=False)[0].config.model_type == "llama"
+    # ... except with general.name exactly "mistral", which transformers cannot then read: refused up front
+    write_tiny_gguf(path, name="mistral")
+    _assert_refused(path, tmp_path / "out", r"would load as a 'mistral' model.*transformers cannot read it")
 
 
 def test_an_architecture_we_do_not_prune_is_refused(tmp_path):
