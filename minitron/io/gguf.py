@@ -17,15 +17,17 @@ Commands that stream a checkpoint tensor by tensor do not read GGUF: they call
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import os
 import shutil
 import struct
+import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 
@@ -412,25 +414,47 @@ def load_gguf(path: PathLike, dtype: Any = torch.float32, *, tokenizer: bool = T
     info = inspect_gguf(path)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder, fname = str(info.path.resolve().parent), info.path.name
     log.info("dequantizing GGUF %s (%s, %d tensors: %s) to %s", info.path, info.model_type, len(info.tensors),
              ", ".join(f"{n} {k}" for k, n in info.tensor_types.items()), torch_dtype)
-    try:  # dequantized in float32 (transformers warns about any other dtype), cast afterwards
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
-    except (ValueError, KeyError, NotImplementedError, RuntimeError) as e:
-        raise GGUFError(f"GGUF file {str(info.path)!r} could not be loaded by transformers: {e}") from e
-    model = _plain_copy(loaded, torch_dtype)
-    del loaded
-    if model.config.model_type not in SUPPORTED_GGUF_ARCHITECTURES.values():
-        raise GGUFError(f"GGUF file {str(info.path)!r} loaded as a {model.config.model_type!r} model, which "
-                        f"minitron does not prune")
-    tok = None
-    if tokenizer:
-        try:
-            tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+    with _alone(info.path) as (folder, fname):
+        try:  # dequantized in float32 (transformers warns about any other dtype), cast afterwards
+            loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
         except (ValueError, KeyError, NotImplementedError, RuntimeError) as e:
-            raise GGUFError(f"GGUF file {str(info.path)!r}: its tokenizer could not be built: {e}") from e
+            raise GGUFError(f"GGUF file {str(info.path)!r} could not be loaded by transformers: {e}") from e
+        model = _plain_copy(loaded, torch_dtype)
+        del loaded
+        if model.config.model_type not in SUPPORTED_GGUF_ARCHITECTURES.values():
+            raise GGUFError(f"GGUF file {str(info.path)!r} loaded as a {model.config.model_type!r} model, which "
+                            f"minitron does not prune")
+        tok = None
+        if tokenizer:
+            try:
+                tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+            except (ValueError, KeyError, NotImplementedError, RuntimeError) as e:
+                raise GGUFError(f"GGUF file {str(info.path)!r}: its tokenizer could not be built: {e}") from e
     return model, tok
+
+
+@contextlib.contextmanager
+def _alone(path: Path) -> Iterator[tuple[str, str]]:
+    """``(folder, file name)`` of a private folder holding only a link to ``path``.
+
+    ``from_pretrained(folder, gguf_file=...)`` prefers tokenizer files lying beside the GGUF to the GGUF's
+    own tokenizer (checked on transformers 5.25): a GGUF next to another model's ``tokenizer.json`` would
+    silently get the wrong tokenizer.
+    """
+    src = path.resolve()
+    with tempfile.TemporaryDirectory(prefix="minitron-gguf-") as tmp:
+        link = Path(tmp) / src.name
+        try:
+            os.symlink(src, link)
+        except OSError:  # no symlinks here: a hard link, else the folder as it is
+            try:
+                os.link(src, link)
+            except OSError:
+                yield str(src.parent), src.name
+                return
+        yield tmp, src.name
 
 
 def convert_gguf(path: PathLike, output_dir: PathLike, dtype: Any = "fp32", overwrite: bool = False) -> Path:

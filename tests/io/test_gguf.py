@@ -191,6 +191,22 @@ def test_load_gives_a_plain_model_with_the_original_logits(tiny):
     torch.testing.assert_close(_logits(bf), _logits(expected), rtol=0.05, atol=0.05)
 
 
+def test_files_beside_the_gguf_are_not_used(tiny, tmp_path):
+    """transformers prefers a tokenizer.json lying beside the GGUF to the GGUF's own: load_gguf must not."""
+    from tokenizers import Tokenizer, models
+
+    path, expected = tiny
+    beside = tmp_path / "tiny.gguf"
+    beside.write_bytes(path.read_bytes())
+    Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]")).save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32,
+                                                      "num_hidden_layers": 1}))
+    model, tok = load_gguf(beside)
+    assert len(tok) == 299 and model.config.hidden_size == HIDDEN
+    torch.testing.assert_close(_logits(model), _logits(expected), rtol=1e-5, atol=1e-5)
+
+
 RELOAD = textwrap.dedent("""
     import json, sys, torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
