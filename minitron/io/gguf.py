@@ -12,8 +12,10 @@ and rebuilds a *plain* model of the same class from the config — no quantizer 
 writes that model as an ordinary safetensors checkpoint (``config.json``, ``generation_config.json``,
 weights, tokenizer files) atomically: into a hidden sibling directory, renamed into place when complete.
 
-Commands that stream a checkpoint tensor by tensor do not read GGUF: they call
-:func:`require_not_gguf`, whose error tells the user to run ``minitron convert`` first.
+Commands that stream a checkpoint tensor by tensor either refuse a GGUF with :func:`require_not_gguf`,
+whose error tells the user to run ``minitron convert`` first, or read it with
+:class:`GGUFCheckpointReader`: the same ``config`` / ``keys()`` / ``get(name)`` interface as the
+safetensors readers, each tensor dequantized from the memory-mapped file when asked for.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from minitron.io.safety import check_output_dir
 log = logging.getLogger(__name__)
 
 __all__ = ["GGUFError", "GGUFInfo", "GGUFTensorInfo", "GGUF_MAGIC", "SUPPORTED_GGUF_ARCHITECTURES", "is_gguf",
-           "inspect_gguf", "require_not_gguf", "load_gguf", "convert_gguf", "resolve_dtype"]
+           "inspect_gguf", "require_not_gguf", "load_gguf", "convert_gguf", "resolve_dtype", "GGUFCheckpointReader"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -511,3 +513,111 @@ def _check_written(work: Path, source: Path) -> None:
         missing.append("*.safetensors")
     if missing:
         raise RuntimeError(f"converting {source}: the checkpoint lacks {', '.join(missing)}")
+
+
+# --------------------------------------------------------------------------------------------- streaming
+
+class GGUFCheckpointReader:
+    """Tensor-by-tensor reader of a GGUF file under transformers' parameter names (memory-mapped).
+
+    The interface of :class:`minitron.compress.streaming.CheckpointReader`: ``reader.config`` (the
+    transformers config, without ``quantization_config``), ``keys()``, ``get(name)``, ``shape(name)``,
+    ``numel()``, ``nbytes_on_disk()``. ``get`` dequantizes one tensor (float32, transformers' layout:
+    llama.cpp's q/k row order undone) from the memory-mapped file; nothing else is held. As in a saved
+    checkpoint, a tied ``lm_head.weight`` is not a key.
+
+    The GGUF-to-transformers name mapping and the per-architecture tensor fix-ups are transformers' own
+    (``transformers.modeling_gguf_pytorch_utils``, the code ``from_pretrained(gguf_file=)`` runs).
+
+    Raises (at construction, before any tensor is read):
+        GGUFError: the file fails :func:`inspect_gguf`, or a tensor of the file maps to no parameter.
+    """
+
+    def __init__(self, path: PathLike) -> None:
+        import numpy as np
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import modeling_gguf_pytorch_utils as hf_gguf
+
+        self.info = inspect_gguf(path)
+        self.path = self.info.path
+        with _alone(self.path) as (folder, fname):
+            config = AutoConfig.from_pretrained(folder, gguf_file=fname)
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        self.config = config
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+        processor_cls = hf_gguf.TENSOR_PROCESSORS.get(self.info.architecture, hf_gguf.TensorProcessor)
+        self._processor = processor_cls(config=config.to_dict())
+        self._mapping = hf_gguf.get_gguf_hf_weights_map(skeleton, self._processor)
+        self._file = np.memmap(self.path, dtype=np.uint8, mode="r")
+        self._tensors: dict[str, GGUFTensorInfo] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        expected = dict(skeleton.state_dict())
+        unmapped = []
+        for t in self.info.tensors:
+            hf = self._mapping.get(t.name)
+            if hf is None or hf not in expected:
+                unmapped.append(t.name)
+                continue
+            self._tensors[hf] = t
+            self._shapes[hf] = tuple(int(d) for d in expected[hf].shape)
+        if unmapped:
+            raise GGUFError(f"GGUF file {str(self.path)!r}: tensors {unmapped[:5]} map to no parameter of "
+                            f"{type(skeleton).__name__}")
+
+    def keys(self) -> list[str]:
+        """Every parameter name the file holds (transformers' names)."""
+        return list(self._tensors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def file_of(self, name: str) -> Path:
+        """The GGUF file (every tensor lives in it)."""
+        if name not in self._tensors:
+            raise KeyError(f"tensor {name!r} is not in the GGUF file {str(self.path)!r}")
+        return self.path
+
+    def get(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` dequantized to a float32 CPU tensor in transformers' layout."""
+        import numpy as np
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        t = self._tensors.get(name)
+        if t is None:
+            raise KeyError(f"tensor {name!r} is not in the GGUF file {str(self.path)!r}")
+        start = self.info.data_start + t.offset
+        raw = self._file[start:start + t.nbytes]
+        qtype = GGMLQuantizationType(t.type_id)
+        if qtype == GGMLQuantizationType.F32:
+            packed = raw.view(np.float32).reshape(t.shape)
+        elif qtype == GGMLQuantizationType.F16:
+            packed = raw.view(np.float16).reshape(t.shape)
+        else:  # blocks: the last axis in bytes
+            block, size = GGML_QUANT_SIZES[qtype]
+            packed = raw.reshape(*t.shape[:-1], t.shape[-1] // block * size)
+        weights = np.asarray(dequantize(packed, qtype), dtype=np.float32).reshape(t.shape)
+        out = self._processor.process(weights=weights, name=t.name, tensor_key_mapping=self._mapping,
+                                      parsed_parameters={})
+        return torch.from_numpy(np.array(out.weights, dtype=np.float32, copy=True)).reshape(self._shapes[name])
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of tensor ``name`` (nothing is read)."""
+        self.file_of(name)
+        return self._shapes[name]
+
+    def numel(self) -> int:
+        """Total elements of every tensor."""
+        total = 0
+        for shape in self._shapes.values():
+            n = 1
+            for d in shape:
+                n *= d
+            total += n
+        return total
+
+    def nbytes_on_disk(self) -> int:
+        """Size of the GGUF file in bytes."""
+        return self.info.file_size

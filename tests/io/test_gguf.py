@@ -24,8 +24,8 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 from gguf.quants import dequantize, quantize  # noqa: E402
 
-from minitron.io.gguf import (GGUFError, convert_gguf, inspect_gguf, is_gguf, load_gguf,  # noqa: E402
-                              require_not_gguf)
+from minitron.io.gguf import (GGUFCheckpointReader, GGUFError, convert_gguf, inspect_gguf, is_gguf,  # noqa: E402
+                              load_gguf, require_not_gguf)
 from minitron.io.safety import OutputExistsError  # noqa: E402
 
 HIDDEN, INTER, LAYERS, HEADS, KV_HEADS = 64, 128, 2, 4, 2
@@ -252,6 +252,29 @@ def test_convert_writes_a_checkpoint_plain_transformers_loads(tmp_path, tied, dt
     assert got["ids"] == tok_ids
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_streaming_reader_gives_the_converted_checkpoints_tensors(tmp_path, tied):
+    """GGUFCheckpointReader: the streamed readers' interface, tensor by tensor, equal to the conversion."""
+    from safetensors import safe_open
+
+    src = tmp_path / "tiny.gguf"
+    write_tiny_gguf(src, tied=tied, seed=2)
+    reader = GGUFCheckpointReader(src)
+    assert reader.config.model_type == "llama" and not hasattr(reader.config, "quantization_config")
+    assert reader.nbytes_on_disk() == src.stat().st_size
+    out = convert_gguf(src, tmp_path / "ckpt")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert sorted(reader.keys()) == sorted(f.keys())
+        assert ("lm_head.weight" in reader) is not tied
+        for name in reader.keys():
+            t = reader.get(name)
+            assert t.dtype == torch.float32 and reader.shape(name) == tuple(t.shape)
+            torch.testing.assert_close(t, f.get_tensor(name), rtol=0, atol=0)
+        assert reader.numel() == sum(f.get_tensor(n).numel() for n in f.keys())
+    with pytest.raises(KeyError, match="not in the GGUF file"):
+        reader.get("model.nope.weight")
+
+
 def test_existing_output_is_refused_and_overwrite_replaces_it(tiny, tmp_path):
     path, _ = tiny
     out = tmp_path / "ckpt"
@@ -401,6 +424,13 @@ def test_real_smollm2_converts(tmp_path):
     cfg = model.config
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
             cfg.intermediate_size, cfg.vocab_size, cfg.tie_word_embeddings) == (30, 576, 9, 3, 1536, 49152, True)
+    # the streamed reader gives the same tensors (q/k in transformers' row order), cast like the conversion
+    reader = GGUFCheckpointReader(src)
+    assert reader.numel() == n and len(reader.keys()) == 272
+    state = model.state_dict()
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.29.self_attn.k_proj.weight",
+                 "model.embed_tokens.weight", "model.norm.weight"):
+        torch.testing.assert_close(reader.get(name).to(torch.bfloat16).float(), state[name], rtol=0, atol=0)
     ids = tok("The capital of France is Paris. The capital of Italy is Rome.", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         loss = model(ids, labels=ids).loss
