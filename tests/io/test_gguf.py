@@ -385,8 +385,6 @@ def test_a_type_gguf_cannot_dequantize_is_refused_naming_tensor_and_type(tiny, t
 
 def _real_smollm2() -> Path | None:
     """The SmolLM2 GGUF from the fetch cache or a downloaded wheel in /tmp/smol, if either is here."""
-    import zipfile
-
     from minitron.io.fetch import cache_root, model_entry
 
     entry = model_entry("smollm2-135m")
