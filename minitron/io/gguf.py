@@ -231,8 +231,8 @@ class _Cursor:
 
 @lru_cache(maxsize=None)
 def _dequantizable(type_id: int) -> tuple[str, bool]:
-    """``(type name, whether the installed gguf package can dequantize it)``; the name is ``type <id>``
-    for an id the package does not know."""
+    """``(type name, whether the installed gguf package can dequantize it)``; the name is
+    ``unknown type <id>`` for an id the package does not know."""
     import numpy as np
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
     from gguf.quants import dequantize
@@ -241,6 +241,8 @@ def _dequantizable(type_id: int) -> tuple[str, bool]:
         qtype = GGMLQuantizationType(type_id)
     except ValueError:
         return f"unknown type {type_id}", False
+    if qtype not in GGML_QUANT_SIZES:
+        return qtype.name, False
     block, size = GGML_QUANT_SIZES[qtype]
     try:  # probe one zero block: the package raises NotImplementedError for types it cannot read
         out = dequantize(np.zeros(size, dtype=np.uint8), qtype)
