@@ -86,6 +86,7 @@ setup(
         "tqdm",
         "pyyaml",
         "matplotlib",
+        "gguf>=0.19",
     ],
     extras_require={"triton": ["triton>=3.0"]},
     entry_points={"console_scripts": ["minitron=minitron.cli:main"]},
