@@ -260,7 +260,7 @@ def _demo(a: argparse.Namespace) -> int:
 
 def _convert_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("gguf", help="the .gguf file to convert (a family minitron prunes: llama, mistral, qwen2, qwen3, "
-                                "phi3)")
+                                "phi3; required)")
     _add_output(p, help="directory for the plain safetensors checkpoint")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
                    help="dtype of the written weights (default: fp32)")
@@ -275,7 +275,8 @@ def _convert(a: argparse.Namespace) -> int:
 
 
 def _fetch_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name", help="a model of the catalogue (minitron/resources/models.json), e.g. smollm2-135m")
+    p.add_argument("name", help="a model of the catalogue (minitron/resources/models.json), e.g. smollm2-135m "
+                                "(required)")
     _add_output(p, required=False, help="also copy the checkpoint here (default: only the cache, $MINITRON_CACHE "
                                         "or ~/.cache/minitron)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
