@@ -74,7 +74,7 @@ setup(
     description="Custom-kernel toolkit for Minitron-style pruning and distillation of LLMs",
     packages=find_packages(include=["minitron", "minitron.*"]),
     # the demo/study text data (3.4 MB, licences in its README), found via importlib.resources
-    package_data={"minitron.resources": ["data/README.md", "data/*/*.txt", "architectures/*.json"]},
+    package_data={"minitron.resources": ["data/README.md", "data/*/*.txt", "architectures/*.json", "models.json"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.13,<2.15",
@@ -86,6 +86,7 @@ setup(
         "tqdm",
         "pyyaml",
         "matplotlib",
+        "gguf>=0.19",
     ],
     extras_require={"triton": ["triton>=3.0"]},
     entry_points={"console_scripts": ["minitron=minitron.cli:main"]},

@@ -35,6 +35,9 @@ class CompareReport:
     skipped: list[str] = field(default_factory=list)
     tolerance: float = 0.25
     note: str = ""
+    unbaselined: list[str] = field(default_factory=list)  # current cases of ours with no baseline entry
+    machine_class: Optional[str] = None
+    cross: bool = False  # no baseline records of this run's machine class: compared across classes
 
     @property
     def regressions(self) -> list[Finding]:
@@ -42,10 +45,30 @@ class CompareReport:
 
     @property
     def ok(self) -> bool:
-        return not self.regressions and bool(self.findings)
+        """No regression. A case without a baseline entry, or a run that shares no case with the baseline, is
+        reported (see :meth:`verdict`), never a failure: the baseline, not the user's machine, lacks something."""
+        return not self.regressions
+
+    def verdict(self) -> str:
+        """One line: what was compared, against which baseline class, and what could not be compared."""
+        compared = sorted({(f.case, f.provider) for f in self.findings})
+        where = (f"against other machine classes at the cross-machine tolerance (no baseline of {self.machine_class})"
+                 if self.cross else f"against a baseline of this machine class ({self.machine_class})")
+        cannot = []
+        if self.unbaselined:
+            cannot.append(f"{len(self.unbaselined)} without a baseline entry (record: {RECORD_BASELINE_CMD})")
+        not_run = [s for s in self.skipped if "not run now" in s]
+        if not_run:
+            cannot.append(f"{len(not_run)} baseline cases not run now")
+        tail = "; could not compare " + ", ".join(cannot) if cannot else ""
+        return (f"verdict: {'PASS' if self.ok else 'FAIL'}: compared {len(compared)} cases "
+                f"{where}{tail}")
 
 
 RATIO_HOW = "time /"
+# how a machine records (or extends) the wall-clock baseline: several runs on a clean commit, appended
+RECORD_BASELINE_CMD = ("for i in 1 2 3; do python -m benchmarks --quick --no-save --save-baseline /tmp/b$i.jsonl; "
+                       "done; cat /tmp/b?.jsonl >> benchmarks/baselines/cpu.jsonl")
 MEMORY_SLACK_BYTES = 4 * 2**20  # RSS is page/allocator granular: ignore growth below this
 
 
@@ -103,8 +126,9 @@ def compare(current: list[dict], baseline: list[dict], tolerance: float = 0.25,
     (default +200%: catches a lost kernel or a fallback to a slow path, not a 25% slowdown). The report says
     which applied.
 
-    A case of ours in ``current`` that the baseline lacks fails against a baseline of the same machine class
-    (and is listed as skipped against another class). ``gate_time=False``: time findings are reported (their
+    A case of ours in ``current`` that the baseline lacks is listed as skipped and counted in the verdict with
+    the command that records it, never a failure (a new case, or a machine class the baseline predates, is
+    the baseline's gap, not a regression). ``gate_time=False``: time findings are reported (their
     verdict in the detail) but never fail; memory, status and missing cases still do.
     """
     mem_tol = tolerance if memory_tolerance is None else memory_tolerance
@@ -118,7 +142,7 @@ def compare(current: list[dict], baseline: list[dict], tolerance: float = 0.25,
             and r.get("machine_class") == cur_class]
     cross = not same
     base = _aggregate(same if same else baseline)
-    rep = CompareReport(tolerance=tolerance)
+    rep = CompareReport(tolerance=tolerance, machine_class=cur_class, cross=cross)
     if cross:
         known = sorted({str(r.get("machine_class")) for r in baseline if r.get("kind", "result") == "result"})
         rep.note = (f"no baseline records of this machine class ({cur_class}); baseline classes: "
@@ -163,12 +187,9 @@ def compare(current: list[dict], baseline: list[dict], tolerance: float = 0.25,
     for key, c in cur.items():
         if not c.get("ours") or key in base:
             continue
-        if cross:
-            rep.skipped.append(f"{key[0]} [{key[1]}]: no baseline entry (baseline of another machine class)")
-        else:
-            rep.findings.append(Finding(key[0], key[1], "missing", None, None, "baseline entry", True,
-                                        "no baseline entry for this case in a baseline of the same machine "
-                                        "class: record one (see docs/performance.md)"))
+        rep.unbaselined.append(f"{key[0]} [{key[1]}]")
+        rep.skipped.append(f"{key[0]} [{key[1]}]: no baseline entry "
+                           f"({'baseline of another machine class' if cross else 'not measured in the baseline'})")
     if not gate_time:
         for f in rep.findings:
             if f.kind == "time" and f.regressed:
@@ -225,5 +246,9 @@ def format_compare(rep: CompareReport) -> str:
         lines.append(f"  [   skipped] {s}")
     if not rep.findings:
         lines.append("  nothing could be compared: no case of the baseline was measured in this run")
+    if rep.unbaselined:
+        lines.append(f"  note: {len(rep.unbaselined)} cases have no baseline entry; to record them on this machine "
+                     f"(clean commit): {RECORD_BASELINE_CMD}")
+    lines.append(rep.verdict())
     lines.append("RESULT: " + ("PASS" if rep.ok else "FAIL"))
     return "\n".join(lines)

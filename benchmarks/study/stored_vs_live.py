@@ -7,7 +7,7 @@ sequences, it distils:
 
 * ``live``: the corrected teacher in memory, dense forward KL (:func:`minitron.train.distill.distill_model`, the
   demo's row);
-* ``store k=K``: a top-K store of the corrected teacher (:func:`minitron.io.logit_store.write_teacher_logits`)
+* ``store k=K``: a top-K store of the corrected teacher (:func:`minitron.train.teacher_logits.write_teacher_logits`)
   and :func:`minitron.train.stored.distill_from_store` (no teacher loaded), for each K and value encoding given;
 
 and reports the WikiText-2 test perplexity of each student, the wall time per training step, the store's
@@ -41,7 +41,8 @@ def run_study(output: Path, *, quick: bool, ks: List[int], encodings: List[str],
     from minitron.demo import PRESETS, run_demo
     from minitron.io.checkpoint import load_model
     from minitron.io.data import load_packed
-    from minitron.io.logit_store import TeacherLogitStore, tokenizer_hash, write_teacher_logits
+    from minitron.io.logit_store import TeacherLogitStore, tokenizer_hash
+    from minitron.train.teacher_logits import write_teacher_logits
     from minitron.train.distill import DistillConfig, distill_model
     from minitron.train.loop import TrainConfig
     from minitron.train.stored import StoredDistillConfig, distill_from_store

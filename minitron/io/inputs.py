@@ -30,7 +30,18 @@ def is_path(x: Any) -> bool:
 
 
 def resolve_model_path(path: Union[str, os.PathLike]) -> str:
-    """A checkpoint directory, the ``model/`` inside a training output directory, or a hub name."""
+    """A checkpoint directory, the ``model/`` inside a training output directory, or a hub name.
+
+    A ``.gguf`` file is checked (:func:`minitron.io.gguf.inspect_gguf`: truncation, architecture, quantization
+    types; errors name the file) and converted once into the cache (:func:`minitron.io.fetch.converted_checkpoint`,
+    fp32): the plain checkpoint directory there is returned, so every command and path (in memory or streamed)
+    reads a ``.gguf`` like any checkpoint."""
+    from minitron.io.gguf import is_gguf
+
+    if is_gguf(path):
+        from minitron.io.fetch import converted_checkpoint
+
+        return str(converted_checkpoint(path))
     p = Path(path)
     if (p / "config.json").is_file():
         return str(p)

@@ -16,19 +16,21 @@ one makes ``D = +inf`` (never NaN from ``0 * inf``). A row whose teacher is enti
 student is a distribution) contributes 0 with a zero gradient, like a masked token; a row with NaN
 anywhere, or whose student is entirely ``-inf``, gets a NaN loss.
 
-The public op (validation, reductions, autograd, dispatch) lives in :mod:`minitron.ops.kl_div`;
+The public op (validation, reductions, autograd, dispatch) lives in :mod:`minitron.ops.kl`;
 this module only implements the backend contract :func:`kl_div_fwd`.
 """
 from __future__ import annotations
 
 import logging
 import math
-import os
 import struct
 
 import torch
 import triton
 import triton.language as tl
+
+from minitron.kernels._launch import block_v as block_v_for
+from minitron.kernels._launch import launch, num_warps, require_interpreter
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +42,6 @@ MODE_REVERSE = 1  # KL(Q || P)
 MODE_JSD = 2  # beta * KL(P || M) + (1 - beta) * KL(Q || M),  M = beta P + (1 - beta) Q (TRL convention)
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_MAX_BLOCK_V = 2048  # 8 warps x 8 elements per thread: no register spills on sm_80/sm_90
-_MIN_BLOCK_V = 16
 
 
 @triton.jit
@@ -94,6 +94,44 @@ def _load_scaled(s_row, t_row, idx, msk, inv_t):
     a = tl.load(s_row + idx, mask=msk, other=float("-inf")).to(tl.float32) * inv_t
     b = tl.load(t_row + idx, mask=msk, other=float("-inf")).to(tl.float32) * inv_t
     return a, b
+
+
+@triton.jit
+def _jsd_row_sums(s_row, t_row, V, inv_t, lse_a, lse_b, lse_diff, beta, one_m_beta, log_beta, log_1m_beta,
+                  BLOCK_V: tl.constexpr):
+    """One row's JSD sums over its ``V`` columns: ``(sum of the divergence terms (fp32), sum_k Q_k g_k,
+    sum_k Q_k)``, the last two in float64 (see csrc/common/kl_math.h JsdPartial: for a peaked Q the gradient
+    Q_k (g_k - G) cancels down to the rounding of G)."""
+    ninf = float("-inf")
+    offs = tl.arange(0, BLOCK_V)
+    d_vec = tl.zeros([BLOCK_V], dtype=tl.float32)
+    qg_vec = tl.zeros([BLOCK_V], dtype=tl.float64)
+    qs_vec = tl.zeros([BLOCK_V], dtype=tl.float64)
+    for start in range(0, V, BLOCK_V):
+        idx = start + offs
+        a, b = _load_scaled(s_row, t_row, idx, idx < V, inv_t)
+        d_term, g, log_q = _jsd_terms(a, b, lse_a, lse_b, lse_diff, beta, one_m_beta, log_beta, log_1m_beta)
+        d_vec += d_term
+        q = tl.where(log_q == ninf, 0.0, tl.exp(log_q))
+        qg_vec += q.to(tl.float64) * tl.where(log_q == ninf, 0.0, g).to(tl.float64)
+        qs_vec += q.to(tl.float64)
+    return tl.sum(d_vec, axis=0), tl.sum(qg_vec, axis=0), tl.sum(qs_vec, axis=0)
+
+
+@triton.jit
+def _jsd_centre(qg, qs):
+    """``G = sum Q g / sum Q`` (fp64 sums) as an fp32 pair ``(hi, lo)`` with ``hi + lo`` ~ G."""
+    centre = qg / tl.where(qs > 0.0, qs, 1.0)
+    c_hi = centre.to(tl.float32)
+    c_lo = (centre - c_hi.to(tl.float64)).to(tl.float32)
+    return c_hi, c_lo
+
+
+@triton.jit
+def _jsd_grad(a, b, lse_a, lse_b, lse_diff, beta, one_m_beta, log_beta, log_1m_beta, coef, c_hi, c_lo):
+    """The JSD gradient of one chunk: ``coef * Q * (g - G)``, 0 where Q = 0 (``G = c_hi + c_lo``)."""
+    d_term, g, log_q = _jsd_terms(a, b, lse_a, lse_b, lse_diff, beta, one_m_beta, log_beta, log_1m_beta)
+    return tl.where(log_q == float("-inf"), 0.0, coef * tl.exp(log_q) * ((g - c_hi) - c_lo))
 
 
 @triton.jit
@@ -190,49 +228,39 @@ def _kl_div_fwd_kernel(
                     g = tl.where(empty, 0.0, tl.where(a == ninf, 0.0, coef * g))
                     tl.store(g_row + idx, g.to(grad_ptr.dtype.element_ty), mask=msk)
         else:
-            # ---- pass 2: D and G = sum_k Q_k g_k / sum_k Q_k, the sums in float64 (see csrc/common/kl_math.h
-            # JsdPartial: for a peaked Q the gradient Q_k (g_k - G) cancels down to the rounding of G) ----
-            d_vec = tl.zeros([BLOCK_V], dtype=tl.float32)
-            qg_vec = tl.zeros([BLOCK_V], dtype=tl.float64)
-            qs_vec = tl.zeros([BLOCK_V], dtype=tl.float64)
-            for start in range(0, V, BLOCK_V):
-                idx = start + offs
-                msk = idx < V
-                a = tl.load(s_row + idx, mask=msk, other=ninf).to(tl.float32) * inv_t
-                b = tl.load(t_row + idx, mask=msk, other=ninf).to(tl.float32) * inv_t
-                d_term, g, log_q = _jsd_terms(a, b, lse_a, lse_b, lse_diff, beta, one_m_beta, log_beta,
-                                              log_1m_beta)
-                d_vec += d_term
-                q = tl.where(log_q == ninf, 0.0, tl.exp(log_q))
-                qg_vec += q.to(tl.float64) * tl.where(log_q == ninf, 0.0, g).to(tl.float64)
-                qs_vec += q.to(tl.float64)
-            d = tl.sum(d_vec, axis=0)
+            # ---- pass 2: D and G = sum_k Q_k g_k / sum_k Q_k ----
+            d, qg, qs = _jsd_row_sums(s_row, t_row, V, inv_t, lse_a, lse_b, lse_diff, beta, one_m_beta, log_beta,
+                                      log_1m_beta, BLOCK_V)
             d = tl.where(degenerate, float("nan"), d)
-            qs = tl.sum(qs_vec, axis=0)
-            centre = tl.sum(qg_vec, axis=0) / tl.where(qs > 0.0, qs, 1.0)
-            c_hi = centre.to(tl.float32)
-            c_lo = (centre - c_hi.to(tl.float64)).to(tl.float32)
+            c_hi, c_lo = _jsd_centre(qg, qs)
             # ---- pass 3: grad = coef * Q * (g - G), 0 where Q = 0 ----
             if WRITE_GRAD:
                 for start in range(0, V, BLOCK_V):
                     idx = start + offs
                     msk = idx < V
                     a, b = _load_scaled(s_row, t_row, idx, msk, inv_t)
-                    d_term, g, log_q = _jsd_terms(a, b, lse_a, lse_b, lse_diff, beta, one_m_beta, log_beta,
-                                                  log_1m_beta)
-                    gr = tl.where(log_q == ninf, 0.0, coef * tl.exp(log_q) * ((g - c_hi) - c_lo))
+                    gr = _jsd_grad(a, b, lse_a, lse_b, lse_diff, beta, one_m_beta, log_beta, log_1m_beta, coef,
+                                   c_hi, c_lo)
                     gr = tl.where(empty, 0.0, gr)
                     tl.store(g_row + idx, gr.to(grad_ptr.dtype.element_ty), mask=msk)
         loss = tl.where(empty, 0.0, w * scale * d)
     tl.store(loss_ptr + row, loss)
 
 
-def _block_v(V: int, block_v: int | None) -> int:
-    if block_v is not None:
-        if block_v < 1 or block_v & (block_v - 1):
-            raise ValueError(f"block_v must be a positive power of two, got {block_v}")
-        return block_v
-    return max(_MIN_BLOCK_V, min(triton.next_power_of_2(V), _MAX_BLOCK_V))
+def _float32_end_mode(mode: int, beta: float) -> int:
+    """A JSD whose beta is (or rounds to, in float32) 0 / 1 runs as forward / reverse KL exactly (TRL
+    convention), as in the C++ kernels; every other mode is returned unchanged."""
+    beta_f = struct.unpack("f", struct.pack("f", float(beta)))[0]
+    if mode == MODE_JSD and beta_f == 0.0:
+        return MODE_FORWARD
+    if mode == MODE_JSD and beta_f == 1.0:
+        return MODE_REVERSE
+    return mode
+
+
+def _check_mode(mode: int) -> None:
+    if mode not in (MODE_FORWARD, MODE_REVERSE, MODE_JSD):
+        raise ValueError(f"mode must be 0 (forward), 1 (reverse) or 2 (jsd), got {mode}")
 
 
 def kl_div_fwd(
@@ -267,69 +295,30 @@ def kl_div_fwd(
         ``(loss, grad)``: loss [N] float32 with ``loss_i = weight_i * scale * D_i``; grad [N, V]
         contiguous in the input dtype, ``grad_i = weight_i * scale * dD_i / d student_i``.
     """
-    if student.dim() != 2 or teacher.shape != student.shape:
-        raise ValueError(f"student and teacher must be 2-D of the same shape, got "
-                         f"{tuple(student.shape)} and {tuple(teacher.shape)}")
-    if student.dtype not in _DTYPES or teacher.dtype != student.dtype:
-        raise TypeError(f"student/teacher dtype must match and be one of {_DTYPES}, got "
-                        f"{student.dtype} and {teacher.dtype}")
-    if teacher.device != student.device or weight.device != student.device:
-        raise ValueError("student, teacher and weight must be on the same device")
-    n, v = student.shape
-    if weight.shape != (n,) or weight.dtype != torch.float32 or not weight.is_contiguous():
-        raise ValueError(f"weight must be a contiguous float32 [N={n}] tensor, got "
-                         f"{weight.dtype} {tuple(weight.shape)}")
-    if mode not in (MODE_FORWARD, MODE_REVERSE, MODE_JSD):
-        raise ValueError(f"mode must be 0 (forward), 1 (reverse) or 2 (jsd), got {mode}")
+    n, v = _check_rows(student, teacher, weight, None)
+    _check_mode(mode)
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     loss = torch.empty(n, dtype=torch.float32, device=student.device)
     grad = torch.empty((n if need_grad else 0, v), dtype=student.dtype, device=student.device)
     if n == 0 or v == 0:
         return loss, grad.zero_()
-    for name, x in (("student", student), ("teacher", teacher)):
-        if x.stride(1) != 1 or x.stride(0) < v:
-            raise ValueError(f"{name} must have stride(1) == 1 and stride(0) >= V, got stride "
-                             f"{tuple(x.stride())} for shape {tuple(x.shape)}")
-    if student.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("Triton kl_div on CPU tensors needs TRITON_INTERPRET=1 set before "
-                           "triton is imported")
-
-    block = _block_v(v, block_v)
-    num_warps = 4 if block <= 1024 else 8
-    # A beta that is (or rounds to, in float32) 0 / 1 runs as forward / reverse KL exactly (TRL convention), as
-    # in the C++ kernels. 1 - beta and the logs are formed in double (1 - beta of a float32 beta near 1 is off).
-    beta = float(beta)
-    beta_f = struct.unpack("f", struct.pack("f", beta))[0]
-    if mode == MODE_JSD and beta_f == 0.0:
-        mode = MODE_FORWARD
-    elif mode == MODE_JSD and beta_f == 1.0:
-        mode = MODE_REVERSE
-    jsd = mode == MODE_JSD
-    log_beta = math.log(beta) if jsd else 0.0
-    log_1m_beta = math.log1p(-beta) if jsd else 0.0
-    log.debug("kl_div triton: N=%d V=%d mode=%d block=%d dtype=%s", n, v, mode, block,
-              student.dtype)
-
-    def launch() -> None:
-        _kl_div_fwd_kernel[(n,)](
-            student, teacher, weight, loss, grad if need_grad else student,  # unused without WRITE_GRAD
-            v, student.stride(0), teacher.stride(0),
-            float(inv_temperature), beta, 1.0 - beta, log_beta, log_1m_beta, float(scale),
-            MODE=mode, BLOCK_V=block, WRITE_GRAD=bool(need_grad), num_warps=num_warps,
-        )
-
-    if student.device.type == "cuda":
-        with torch.cuda.device(student.device):
-            launch()
-    else:
-        launch()
+    require_interpreter(student.device, "kl_div")
+    block = block_v_for(v, block_v)
+    mode = _float32_end_mode(mode, beta)
+    # 1 - beta and the logs are formed in double (1 - beta of a float32 beta near 1 is off).
+    jsd = _jsd_args(beta) if mode == MODE_JSD else (float(beta), 1.0 - float(beta), 0.0, 0.0)
+    log.debug("kl_div triton: N=%d V=%d mode=%d block=%d dtype=%s", n, v, mode, block, student.dtype)
+    launch(student.device, lambda: _kl_div_fwd_kernel[(n,)](
+        student, teacher, weight, loss, grad if need_grad else student,  # unused without WRITE_GRAD
+        v, student.stride(0), teacher.stride(0), float(inv_temperature), *jsd, float(scale),
+        MODE=mode, BLOCK_V=block, WRITE_GRAD=bool(need_grad), num_warps=num_warps(block)))
     return loss, grad
 
 
 # ------------------------------------------------------------------------------------------------
-# Vocab-parallel pieces (minitron.ops.kl, kl_div(..., process_group=...)): one program per row of one
-# rank's [N, V_local] slice; the row statistics are combined across ranks between the launches.
+# Vocab-parallel pieces (minitron.ops.kl_vocab_parallel, kl_div(..., process_group=...)): one program per row of
+# one rank's [N, V_local] slice; the row statistics are combined across ranks between the launches.
 # ------------------------------------------------------------------------------------------------
 
 
@@ -412,28 +401,19 @@ def _kl_div_jsd_sums_kernel(
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * stride_s
     t_row = t_ptr + row * stride_t
-    offs = tl.arange(0, BLOCK_V)
     w = tl.load(w_ptr + row)
-    ninf = float("-inf")
     lse_a, lse_b, lse_diff, div, empty = _global_row(st_ptr, row, 2)
-    d_vec = tl.zeros([BLOCK_V], dtype=tl.float32)
-    qg_vec = tl.zeros([BLOCK_V], dtype=tl.float64)
-    qs_vec = tl.zeros([BLOCK_V], dtype=tl.float64)
+    d = tl.full((), 0.0, tl.float32)
+    qg = tl.full((), 0.0, tl.float64)
+    qs = tl.full((), 0.0, tl.float64)
     skip = (w == 0.0) | empty
     if not skip:
-        for start in range(0, V, BLOCK_V):
-            idx = start + offs
-            msk = idx < V
-            a, b = _load_scaled(s_row, t_row, idx, msk, inv_t)
-            d_term, g, log_q = _jsd_terms(a, b, lse_a, lse_b, lse_diff, beta, one_m_beta, log_beta, log_1m_beta)
-            d_vec += d_term
-            q = tl.where(log_q == ninf, 0.0, tl.exp(log_q))
-            qg_vec += q.to(tl.float64) * tl.where(log_q == ninf, 0.0, g).to(tl.float64)
-            qs_vec += q.to(tl.float64)
+        d, qg, qs = _jsd_row_sums(s_row, t_row, V, inv_t, lse_a, lse_b, lse_diff, beta, one_m_beta, log_beta,
+                                  log_1m_beta, BLOCK_V)
     o = out_ptr + row * 3
-    tl.store(o, tl.sum(d_vec, axis=0).to(tl.float64))
-    tl.store(o + 1, tl.sum(qg_vec, axis=0))
-    tl.store(o + 2, tl.sum(qs_vec, axis=0))
+    tl.store(o, d.to(tl.float64))
+    tl.store(o + 1, qg)
+    tl.store(o + 2, qs)
 
 
 @triton.jit
@@ -452,17 +432,13 @@ def _kl_div_vp_fwd_kernel(
     g_row = grad_ptr + row * V
     offs = tl.arange(0, BLOCK_V)
     w = tl.load(w_ptr + row)
-    ninf = float("-inf")
     lse_a, lse_b, lse_diff, div, empty = _global_row(st_ptr, row, MODE)
     skip = (w == 0.0) | empty
     coef = w * scale * inv_t
     if MODE == 2:
         sm = sums_ptr + row * 3
         div = tl.where(lse_a == lse_a, tl.load(sm).to(tl.float32), lse_a)  # NaN rows stay NaN
-        qs = tl.load(sm + 2)
-        centre = tl.load(sm + 1) / tl.where(qs > 0.0, qs, 1.0)
-        c_hi = centre.to(tl.float32)
-        c_lo = (centre - c_hi.to(tl.float64)).to(tl.float32)
+        c_hi, c_lo = _jsd_centre(tl.load(sm + 1), tl.load(sm + 2))
     if WRITE_GRAD:
         for start in range(0, V, BLOCK_V):
             idx = start + offs
@@ -474,16 +450,16 @@ def _kl_div_vp_fwd_kernel(
                 q = tl.exp(a - lse_a)
                 g = tl.where(q == 0.0, 0.0, q * (((a - b) - lse_diff) - div) * coef)
             else:
-                d_term, gk, log_q = _jsd_terms(a, b, lse_a, lse_b, lse_diff, beta, one_m_beta, log_beta,
-                                               log_1m_beta)
-                g = tl.where(log_q == ninf, 0.0, coef * tl.exp(log_q) * ((gk - c_hi) - c_lo))
+                g = _jsd_grad(a, b, lse_a, lse_b, lse_diff, beta, one_m_beta, log_beta, log_1m_beta, coef, c_hi,
+                              c_lo)
             g = tl.where(skip, 0.0, g)
             tl.store(g_row + idx, g.to(grad_ptr.dtype.element_ty), mask=msk)
     tl.store(loss_ptr + row, tl.where(skip, 0.0, w * scale * div))
 
 
-def _vp_check(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor,
-              stats: torch.Tensor | None) -> tuple[int, int]:
+def _check_rows(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor,
+                stats: torch.Tensor | None) -> tuple[int, int]:
+    """``(N, V)`` after checking the row inputs of every kernel here (and ``stats`` when given)."""
     if student.dim() != 2 or teacher.shape != student.shape:
         raise ValueError(f"student and teacher must be 2-D of the same shape, got "
                          f"{tuple(student.shape)} and {tuple(teacher.shape)}")
@@ -505,8 +481,6 @@ def _vp_check(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor
         if v > 0 and n > 0 and (x.stride(1) != 1 or x.stride(0) < v):
             raise ValueError(f"{name} must have stride(1) == 1 and stride(0) >= V, got stride "
                              f"{tuple(x.stride())} for shape {tuple(x.shape)}")
-    if student.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("Triton kl_div on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
     return n, v
 
 
@@ -515,36 +489,29 @@ def _jsd_args(beta: float) -> tuple[float, float, float, float]:
     return beta, 1.0 - beta, math.log(beta), math.log1p(-beta)
 
 
-def _launch(device: torch.device, fn) -> None:
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            fn()
-    else:
-        fn()
-
-
 def kl_div_stats(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor, mode: int,
                  inv_temperature: float, *, block_v: int | None = None) -> torch.Tensor:
     """fp32 ``[N, 5]`` online-softmax statistics ``(m_a, s_a, m_b, s_b, c)`` of each row of a vocabulary slice
-    (see ``minitron.ops.kl.kl_div_stats``). Inputs as :func:`kl_div_fwd`."""
-    n, v = _vp_check(student, teacher, weight, None)
-    if mode not in (MODE_FORWARD, MODE_REVERSE, MODE_JSD):
-        raise ValueError(f"mode must be 0 (forward), 1 (reverse) or 2 (jsd), got {mode}")
+    (see ``minitron.ops.kl_vocab_parallel.kl_div_stats``). Inputs as :func:`kl_div_fwd`."""
+    n, v = _check_rows(student, teacher, weight, None)
+    require_interpreter(student.device, "kl_div")
+    _check_mode(mode)
     out = torch.empty((n, 5), dtype=torch.float32, device=student.device)
     if n == 0:
         return out
-    block = _block_v(v, block_v)
-    _launch(student.device, lambda: _kl_div_stats_kernel[(n,)](
+    block = block_v_for(v, block_v)
+    launch(student.device, lambda: _kl_div_stats_kernel[(n,)](
         student, teacher, weight, out, v, student.stride(0), teacher.stride(0), float(inv_temperature),
-        MODE=mode, BLOCK_V=block, num_warps=4 if block <= 1024 else 8))
+        MODE=mode, BLOCK_V=block, num_warps=num_warps(block)))
     return out
 
 
 def kl_div_jsd_sums(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor, stats: torch.Tensor,
                     inv_temperature: float, beta: float, *, block_v: int | None = None) -> torch.Tensor:
     """fp64 ``[N, 3]`` JSD sums ``(loss terms, sum Q g, sum Q)`` of each row of a vocabulary slice, given the
-    global statistics (see ``minitron.ops.kl.kl_div_jsd_sums``); ``0 < beta < 1`` in float32."""
-    n, v = _vp_check(student, teacher, weight, stats)
+    global statistics (see ``minitron.ops.kl_vocab_parallel.kl_div_jsd_sums``); ``0 < beta < 1`` in float32."""
+    n, v = _check_rows(student, teacher, weight, stats)
+    require_interpreter(student.device, "kl_div")
     beta_f = struct.unpack("f", struct.pack("f", float(beta)))[0]
     if not 0.0 < beta_f < 1.0:
         raise ValueError(f"beta must be strictly between 0 and 1 in float32 (the ends are forward / reverse KL), "
@@ -552,10 +519,10 @@ def kl_div_jsd_sums(student: torch.Tensor, teacher: torch.Tensor, weight: torch.
     out = torch.empty((n, 3), dtype=torch.float64, device=student.device)
     if n == 0:
         return out
-    block = _block_v(v, block_v)
-    _launch(student.device, lambda: _kl_div_jsd_sums_kernel[(n,)](
+    block = block_v_for(v, block_v)
+    launch(student.device, lambda: _kl_div_jsd_sums_kernel[(n,)](
         student, teacher, weight, stats, out, v, student.stride(0), teacher.stride(0), float(inv_temperature),
-        *_jsd_args(beta), BLOCK_V=block, num_warps=4 if block <= 1024 else 8))
+        *_jsd_args(beta), BLOCK_V=block, num_warps=num_warps(block)))
     return out
 
 
@@ -563,15 +530,12 @@ def kl_div_vp_fwd(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Te
                   jsd_sums: torch.Tensor | None, mode: int, inv_temperature: float, beta: float, scale: float, *,
                   need_grad: bool = True, block_v: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row loss ``[N]`` fp32 (the whole row's, from the global statistics) and the gradient ``[N, V_local]``
-    of a vocabulary slice (see ``minitron.ops.kl.kl_div_vp_fwd``); ``jsd_sums`` fp64 ``[N, 3]`` for mode 2."""
-    n, v = _vp_check(student, teacher, weight, stats)
-    if mode not in (MODE_FORWARD, MODE_REVERSE, MODE_JSD):
-        raise ValueError(f"mode must be 0 (forward), 1 (reverse) or 2 (jsd), got {mode}")
-    beta_f = struct.unpack("f", struct.pack("f", float(beta)))[0]
-    if mode == MODE_JSD and beta_f == 0.0:
-        mode = MODE_FORWARD
-    elif mode == MODE_JSD and beta_f == 1.0:
-        mode = MODE_REVERSE
+    of a vocabulary slice (see ``minitron.ops.kl_vocab_parallel.kl_div_vp_fwd``); ``jsd_sums`` fp64 ``[N, 3]`` for
+    mode 2."""
+    n, v = _check_rows(student, teacher, weight, stats)
+    require_interpreter(student.device, "kl_div")
+    _check_mode(mode)
+    mode = _float32_end_mode(mode, beta)
     if mode == MODE_JSD and (jsd_sums is None or jsd_sums.shape != (n, 3) or jsd_sums.dtype != torch.float64
                              or not jsd_sums.is_contiguous() or jsd_sums.device != student.device):
         raise ValueError("the JSD needs jsd_sums, a contiguous float64 [N, 3] tensor on the logits' device")
@@ -579,10 +543,10 @@ def kl_div_vp_fwd(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Te
     grad = torch.empty((n if need_grad else 0, v), dtype=student.dtype, device=student.device)
     if n == 0:
         return loss, grad
-    block = _block_v(v, block_v)
+    block = block_v_for(v, block_v)
     jsd = _jsd_args(beta) if mode == MODE_JSD else (0.5, 0.5, 0.0, 0.0)
-    _launch(student.device, lambda: _kl_div_vp_fwd_kernel[(n,)](
+    launch(student.device, lambda: _kl_div_vp_fwd_kernel[(n,)](
         student, teacher, weight, stats, jsd_sums if mode == MODE_JSD else stats, loss,
         grad if need_grad else student, v, student.stride(0), teacher.stride(0), float(inv_temperature), *jsd,
-        float(scale), MODE=mode, BLOCK_V=block, WRITE_GRAD=bool(need_grad), num_warps=4 if block <= 1024 else 8))
+        float(scale), MODE=mode, BLOCK_V=block, WRITE_GRAD=bool(need_grad), num_warps=num_warps(block)))
     return loss, grad

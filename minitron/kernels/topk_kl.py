@@ -17,19 +17,19 @@ Everything is accumulated in fp32. Rows whose KL and CE weights are both 0 get l
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from minitron.kernels._launch import block_v as block_v_for
+from minitron.kernels._launch import launch, num_warps, require_interpreter
 
 log = logging.getLogger(__name__)
 
 __all__ = ["topk_kl_div_fwd"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_MAX_BLOCK_V = 2048
-_MIN_BLOCK_V = 16
 
 
 @triton.jit
@@ -161,14 +161,6 @@ def _topk_kl_fwd_kernel(
                 tl.store(g_row + j, tl.zeros([BLOCK_V], dtype=g_ptr.dtype.element_ty), mask=j < V)
 
 
-def _block_v(v: int, block_v: int | None) -> int:
-    if block_v is not None:
-        if block_v < 1 or block_v & (block_v - 1):
-            raise ValueError(f"block_v must be a positive power of two, got {block_v}")
-        return block_v
-    return max(_MIN_BLOCK_V, min(triton.next_power_of_2(v), _MAX_BLOCK_V))
-
-
 def topk_kl_div_fwd(student: torch.Tensor, indices: torch.Tensor, logprobs: torch.Tensor, weight: torch.Tensor,
                     labels: torch.Tensor, ce_weight: torch.Tensor, inv_temperature: float, tail: bool, *,
                     block_v: int | None = None, need_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,26 +201,16 @@ def topk_kl_div_fwd(student: torch.Tensor, indices: torch.Tensor, logprobs: torc
         return loss, grad
     if v > 1 and student.stride(1) != 1 or (n > 1 and student.stride(0) < v):
         raise ValueError(f"student must have stride(1) == 1 and stride(0) >= V, got {tuple(student.stride())}")
-    if student.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("Triton topk_kl_div on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
-    block = _block_v(v, block_v)
+    require_interpreter(student.device, "topk_kl_div")
+    block = block_v_for(v, block_v)
     block_k = max(16, triton.next_power_of_2(k))
     log_k = max(1, int(k).bit_length())  # ceil(log2(k + 1))
-    num_warps = 4 if block <= 1024 else 8
     log.debug("topk_kl_div triton: N=%d V=%d k=%d block=%d dtype=%s", n, v, k, block, student.dtype)
 
-    def launch() -> None:
-        _topk_kl_fwd_kernel[(n,)](
-            student, indices, logprobs, weight, labels if has_ce else indices, ce_weight if has_ce else weight,
-            loss, grad if need_grad else student,
-            v, k, student.stride(0) if n > 1 else v, float(inv_temperature),
-            TAIL=bool(tail), HAS_CE=has_ce, SAME_T=float(inv_temperature) == 1.0, WRITE_GRAD=bool(need_grad),
-            BLOCK_V=block, BLOCK_K=block_k, LOG_K=log_k, num_warps=num_warps,
-        )
-
-    if student.device.type == "cuda":
-        with torch.cuda.device(student.device):
-            launch()
-    else:
-        launch()
+    launch(student.device, lambda: _topk_kl_fwd_kernel[(n,)](
+        student, indices, logprobs, weight, labels if has_ce else indices, ce_weight if has_ce else weight,
+        loss, grad if need_grad else student,
+        v, k, student.stride(0) if n > 1 else v, float(inv_temperature),
+        TAIL=bool(tail), HAS_CE=has_ce, SAME_T=float(inv_temperature) == 1.0, WRITE_GRAD=bool(need_grad),
+        BLOCK_V=block, BLOCK_K=block_k, LOG_K=log_k, num_warps=num_warps(block)))
     return loss, grad

@@ -1,8 +1,18 @@
 """Public op API of minitron.
 
-KL divergence family (``minitron.ops.kl``):
-    kl_div, fused_linear_kl_div, KLDivLoss, FusedLinearKLDivLoss, kl_div_reference,
-    fused_linear_kl_div_reference, vp_bytes_per_row (kl_div(..., process_group=g): vocab-parallel logits)
+KL divergence family:
+    ``minitron.ops.kl`` (the plain op): kl_div, KLDivLoss, kl_div_reference
+    ``minitron.ops.kl_vocab_parallel`` (kl_div(..., process_group=g): vocab-parallel logits): vp_bytes_per_row
+    ``minitron.ops.fused_linear_kl`` (logits never materialised): fused_linear_kl_div, FusedLinearKLDivLoss,
+    fused_linear_kl_div_reference
+    (every name above is also importable from ``minitron.ops.kl``, where it lived before the split)
+KL options' declared bounds (``minitron.ops.kl``), for a driver that validates where the user typed them:
+    KL_MODES          the accepted ``mode`` values ("forward", "reverse", "jsd")
+    KL_REDUCTIONS     the accepted ``reduction`` values ("mean", "sum", "none"; also those of the top-k ops)
+    BETA_RANGE        the closed interval of the JSD ``beta`` ((0.0, 1.0))
+    MAX_TEMPERATURE   the largest accepted ``temperature`` (100.0; fp32 cannot resolve the divergence of the
+                      nearly uniform softmaxes beyond it; docs/kl.md). Temperatures must also be finite and > 0.
+    check_kl_options(mode, temperature, beta, reduction)  raises the TypeError/ValueError the KL ops would raise
 Importance reduction (``minitron.ops.importance``):
     ImportanceAccumulator, BlockInfluence, importance_reference, block_influence_reference
 Sparse top-k KL (``minitron.ops.topk_kl``):
@@ -23,13 +33,17 @@ from minitron.ops._dispatch import BackendUnavailableError
 
 _EXPORTS = {
     "kl_div": "kl",
-    "fused_linear_kl_div": "kl",
+    "fused_linear_kl_div": "fused_linear_kl",
     "KLDivLoss": "kl",
-    "FusedLinearKLDivLoss": "kl",
+    "FusedLinearKLDivLoss": "fused_linear_kl",
     "kl_div_reference": "kl",
     "MAX_TEMPERATURE": "kl",
-    "fused_linear_kl_div_reference": "kl",
-    "vp_bytes_per_row": "kl",
+    "KL_MODES": "kl",
+    "KL_REDUCTIONS": "kl",
+    "BETA_RANGE": "kl",
+    "check_kl_options": "kl",
+    "fused_linear_kl_div_reference": "fused_linear_kl",
+    "vp_bytes_per_row": "kl_vocab_parallel",
     "ImportanceAccumulator": "importance",
     "NonFiniteActivationError": "importance",
     "BlockInfluence": "importance",
@@ -46,7 +60,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["BackendUnavailableError", "load_all"]
 
 # Every op module, imported by load_all() so all torch.ops.minitron.* schemas are registered.
-OP_MODULES = ("kl", "importance", "slicing", "topk_kl")
+OP_MODULES = ("kl", "kl_vocab_parallel", "fused_linear_kl", "importance", "slicing", "topk_kl")
 
 
 def __getattr__(name: str) -> Any:

@@ -42,12 +42,13 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from minitron.ops._common import FusedLinearSpec, check_chunk_size, check_lm_head, check_reduction
+from minitron.ops._common import check_temperature, default_chunk_size, fused_linear_chunks, fused_linear_op
+from minitron.ops._common import needs_grad, reduce_reference, reduce_token_loss, register_row_loss_autograd
+from minitron.ops._common import token_weights
 from minitron.ops._common import as_rows as _as_rows
 from minitron.ops._common import check_float_tensor as _check_float_tensor
-from minitron.ops._common import add_chunk_grads_, default_chunk_size, register_row_loss_autograd, token_weights
-from minitron.ops._common import uniform_grad_hook
 from minitron.ops._common import eager as _eager
-from minitron.ops._common import is_one as _is_one
 from minitron.ops._dispatch import native_unavailable, op_backends, triton_unavailable
 
 __all__ = [
@@ -76,27 +77,32 @@ def _tol(dtype: torch.dtype) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
+def _sparse_divergence(lq: Tensor, idx: Tensor, lp: Tensor, tail: bool
+                       ) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Per-row ``D`` from the student log-probabilities ``lq [..., V]`` and the teacher's entries ``idx`` (int64)
+    / ``lp [..., k]`` (``lq``'s dtype), in plain torch (differentiable). Also returns what the closed-form
+    gradient needs: the teacher probabilities at ``idx`` (``p``, or ``p'`` for ``tail=False``) and, for
+    ``tail=True``, ``p_tail`` and ``log q_tail`` (else None)."""
+    zero = torch.zeros((), dtype=lq.dtype, device=lq.device)
+    lqk = lq.gather(-1, idx)
+    if tail:
+        p = lp.exp()
+        terms = torch.where(p > 0, p * (lp - lqk), zero).sum(-1)
+        pt = torch.clamp(1.0 - p.sum(-1), min=0.0) * float(idx.shape[-1] < lq.shape[-1])
+        lqt = torch.logsumexp(lq.scatter(-1, idx, float("-inf")), dim=-1)
+        safe_pt = torch.where(pt > 0, pt, torch.ones_like(pt))
+        return terms + torch.where(pt > 0, pt * (safe_pt.log() - lqt), zero), p, pt, lqt
+    lpn = lp - torch.logsumexp(lp, dim=-1, keepdim=True)
+    pn = lpn.exp()
+    return torch.where(pn > 0, pn * (lpn - lqk), zero).sum(-1), pn, None, None
+
+
 def _divergence_reference(student: Tensor, indices: Tensor, logprobs: Tensor, temperature: float,
                           tail: bool) -> Tensor:
     """Per-row ``D`` for ``student [..., V]``, ``indices``/``logprobs [..., k]`` in plain torch (>= fp32)."""
     dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
     lq = torch.log_softmax(student.to(dtype) / temperature, dim=-1)
-    idx = indices.long()
-    lqk = lq.gather(-1, idx)
-    lp = logprobs.to(dtype)
-    zero = torch.zeros((), dtype=dtype, device=student.device)
-    if tail:
-        p = lp.exp()
-        terms = torch.where(p > 0, p * (lp - lqk), zero).sum(-1)
-        pt = torch.clamp(1.0 - p.sum(-1), min=0.0) * float(idx.shape[-1] < lq.shape[-1])
-        comp = lq.scatter(-1, idx, float("-inf"))
-        lqt = torch.logsumexp(comp, dim=-1)
-        safe_pt = torch.where(pt > 0, pt, torch.ones_like(pt))
-        tterm = torch.where(pt > 0, pt * (safe_pt.log() - lqt), zero)
-        return terms + tterm
-    lpn = lp - torch.logsumexp(lp, dim=-1, keepdim=True)
-    pn = lpn.exp()
-    return torch.where(pn > 0, pn * (lpn - lqk), zero).sum(-1)
+    return _sparse_divergence(lq, indices.long(), logprobs.to(dtype), tail)[0]
 
 
 def topk_kl_div_reference(student_logits: Tensor, teacher_indices: Tensor, teacher_logprobs: Tensor, *,
@@ -113,18 +119,7 @@ def topk_kl_div_reference(student_logits: Tensor, teacher_indices: Tensor, teach
     if scale_by_t2:
         per_token = per_token * (temperature * temperature)
     counted = _counted(mask, labels, ignore_index)
-    if counted is not None:
-        per_token = torch.where(counted, per_token, torch.zeros_like(per_token))
-    return _reduce(per_token, counted, reduction)
-
-
-def _reduce(per_token: Tensor, counted: Optional[Tensor], reduction: str) -> Tensor:
-    if reduction == "none":
-        return per_token
-    if reduction == "sum":
-        return per_token.sum()
-    count = per_token.numel() if counted is None else counted.sum()
-    return per_token.sum() / torch.clamp(torch.as_tensor(count, device=per_token.device), min=1)
+    return reduce_reference(per_token, counted, reduction)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,12 +128,8 @@ def _reduce(per_token: Tensor, counted: Optional[Tensor], reduction: str) -> Ten
 
 
 def _validate_common(temperature: float, reduction: str) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    check_reduction(reduction, REDUCTIONS)
+    check_temperature(temperature)
 
 
 def _validate_teacher(indices: Tensor, logprobs: Tensor, lead: torch.Size, vocab: int, device: torch.device,
@@ -265,23 +256,14 @@ def _fwd_reference(s: Tensor, idx: Tensor, lp: Tensor, w: Tensor, labels: Tensor
     z = s.to(dtype)
     lq = torch.log_softmax(z * inv_t, dim=-1)
     q = lq.exp()
-    lqk = lq.gather(-1, idx)
-    lpd = lp.to(dtype)
     zero = torch.zeros((), dtype=dtype, device=s.device)
+    d, p, pt, lqt = _sparse_divergence(lq, idx, lp.to(dtype), tail)
+    # dD/da: q - p at the teacher's entries; q (1 - p_tail / q_tail) (tail) or q elsewhere
     if tail:
-        p = lpd.exp()
-        d = torch.where(p > 0, p * (lpd - lqk), zero).sum(-1)
-        pt = torch.clamp(1.0 - p.sum(-1), min=0.0) * float(idx.shape[-1] < lq.shape[-1])
-        lqt = torch.logsumexp(lq.scatter(-1, idx, float("-inf")), dim=-1)
-        safe_pt = torch.where(pt > 0, pt, torch.ones_like(pt))
-        d = d + torch.where(pt > 0, pt * (safe_pt.log() - lqt), zero)
-        ratio = torch.where((pt > 0).unsqueeze(-1), pt.unsqueeze(-1) * torch.exp(lq - lqt.unsqueeze(-1)), zero)
-        g = (q - ratio).scatter(-1, idx, q.gather(-1, idx) - p)
+        q_off = q - torch.where((pt > 0).unsqueeze(-1), pt.unsqueeze(-1) * torch.exp(lq - lqt.unsqueeze(-1)), zero)
     else:
-        lpn = lpd - torch.logsumexp(lpd, dim=-1, keepdim=True)
-        pn = lpn.exp()
-        d = torch.where(pn > 0, pn * (lpn - lqk), zero).sum(-1)
-        g = q.scatter(-1, idx, q.gather(-1, idx) - pn)
+        q_off = q
+    g = q_off.scatter(-1, idx, q.gather(-1, idx) - p)
     wd = w.to(dtype)
     loss = torch.where(wd != 0, wd * d, zero)
     grad = g * (wd * inv_t).unsqueeze(-1)
@@ -354,7 +336,7 @@ def _(student, indices, teacher_logprobs, weight, labels, ce_weight, temperature
             torch.empty((grad_rows, student.shape[1]), dtype=student.dtype, device=student.device))
 
 
-register_row_loss_autograd(topk_kl_div_fwd, num_inputs=10, need_grad_input=9)
+register_row_loss_autograd(topk_kl_div_fwd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,15 +381,13 @@ def topk_kl_div(student_logits: Tensor, teacher_indices: Tensor, teacher_logprob
     weight = token_weights(_counted(mask, labels, ignore_index), n, s2.device, reduction)
     if scale_by_t2:
         weight = weight * float(temperature) ** 2
-    need_grad = bool(torch.is_grad_enabled() and student_logits.requires_grad)
+    need_grad = needs_grad(student_logits)
     empty_l = torch.empty(0, dtype=torch.int64, device=s2.device)
     empty_w = torch.empty(0, dtype=torch.float32, device=s2.device)
     loss_tok, _ = torch.ops.minitron.topk_kl_div_fwd(s2, teacher_indices.reshape(n, k),
                                                      teacher_logprobs.detach().reshape(n, k), weight, empty_l,
                                                      empty_w, float(temperature), bool(tail), backend, need_grad)
-    if reduction == "none":
-        return loss_tok.reshape(lead)
-    return loss_tok.sum()
+    return reduce_token_loss(loss_tok, lead, reduction)
 
 
 class TopKKLDivLoss(nn.Module):
@@ -438,44 +418,11 @@ class TopKKLDivLoss(nn.Module):
 
 
 
-def _fused_impl(sh: Tensor, sw: Tensor, sb: Optional[Tensor], idx: Tensor, lp: Tensor, weight: Tensor,
-                labels: Tensor, cw: Tensor, temperature: float, tail: bool, chunk_size: int, backend: str,
-                need_grads: bool):
-    n = sh.shape[0]
-    device = sh.device
-    loss = torch.zeros(n, dtype=torch.float32, device=device)
-    grad_h = torch.zeros_like(sh) if need_grads else None
-    grad_w = torch.zeros(sw.shape, dtype=torch.float32, device=device) if need_grads else None
-    grad_b = torch.zeros(sw.shape[0], dtype=torch.float32, device=device) if (need_grads and sb is not None) else None
-    has_ce = labels.numel() > 0
-    active = (weight != 0) | (cw != 0) if has_ce else (weight != 0)
-    counted = torch.nonzero(active).flatten() if n else weight.new_zeros(0, dtype=torch.long)
-    chunk = max(1, int(chunk_size))
-    for start in range(0, counted.numel(), chunk):
-        rows = counted[start:start + chunk]
-        contiguous_rows = int(rows[-1]) - int(rows[0]) + 1 == rows.numel()
-        if contiguous_rows:
-            lo, hi = int(rows[0]), int(rows[-1]) + 1
-            sel = slice(lo, hi)
-            h, i_c, l_c, w_c = sh[sel], idx[sel], lp[sel], weight[sel]
-            lab_c, cw_c = (labels[sel], cw[sel]) if has_ce else (labels, cw)
-        else:
-            h, i_c, l_c, w_c = (t.index_select(0, rows) for t in (sh, idx, lp, weight))
-            lab_c, cw_c = (labels.index_select(0, rows), cw.index_select(0, rows)) if has_ce else (labels, cw)
-        logits = h @ sw.t()
-        if sb is not None:
-            logits += sb
-        loss_c, g = _run(logits, i_c, l_c, w_c.contiguous(), lab_c.contiguous(), cw_c.contiguous(), temperature,
-                         tail, backend, need_grads)
-        del logits
-        # fp32_out_gemm=False: 16-bit weight gradients through a product in the input dtype, as before
-        add_chunk_grads_(loss, loss_c, rows, (lo, hi) if contiguous_rows else None, g if need_grads else None, h,
-                         sw, grad_h, grad_w, grad_b, fp32_out_gemm=False)
-        del g
-    return loss, grad_h, grad_w, grad_b
+FUSED_LINEAR_TOPK_KL = FusedLinearSpec(name="minitron::fused_linear_topk_kl_div_fwd",
+                                       public="fused_linear_topk_kl_div")
 
 
-@torch.library.custom_op("minitron::fused_linear_topk_kl_div_fwd", mutates_args=())
+@fused_linear_op(FUSED_LINEAR_TOPK_KL)
 def fused_linear_topk_kl_div_fwd(student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],
                                  indices: Tensor, teacher_logprobs: Tensor, weight: Tensor, labels: Tensor,
                                  ce_weight: Tensor, temperature: float, tail: bool, chunk_size: int, backend: str,
@@ -484,78 +431,31 @@ def fused_linear_topk_kl_div_fwd(student_hidden: Tensor, student_weight: Tensor,
     gradients w.r.t. hidden ``[N, H]``, weight ``[V, H]`` and bias ``[V]`` (empty when there is no bias),
     computed chunk by chunk over tokens. ``need_grad=False``: loss only (the gradients are empty tensors)."""
     idx, lp = _sorted_teacher(indices, teacher_logprobs)
-    loss, gh, gw, gb = _fused_impl(student_hidden, student_weight, student_bias, idx, lp, weight, labels, ce_weight,
-                                   temperature, tail, chunk_size, backend, need_grad)
-    if not need_grad:
-        return (loss, student_hidden.new_empty((0, student_hidden.shape[1])),
-                student_weight.new_empty((0, student_weight.shape[1])), student_hidden.new_zeros(0))
-    gw = gw.to(student_weight.dtype)
-    gb = gb.to(student_bias.dtype) if gb is not None else student_hidden.new_zeros(0)
-    return loss, gh, gw, gb
+    has_ce = labels.numel() > 0
+    active = (weight != 0) | (ce_weight != 0) if has_ce else (weight != 0)
 
+    def chunk_loss(logits: Tensor, rows: dict[str, Optional[Tensor]]) -> tuple[Tensor, Tensor]:
+        lab, cw = (rows["labels"], rows["ce_weight"]) if has_ce else (labels, ce_weight)
+        return _run(logits, rows["indices"], rows["logprobs"], rows["weight"].contiguous(), lab.contiguous(),
+                    cw.contiguous(), temperature, tail, backend, need_grad)
 
-@fused_linear_topk_kl_div_fwd.register_fake
-def _(student_hidden, student_weight, student_bias, indices, teacher_logprobs, weight, labels, ce_weight,
-      temperature, tail, chunk_size, backend, need_grad=True):
-    n = student_hidden.shape[0]
-    loss = student_hidden.new_empty((n,), dtype=torch.float32)
-    if not need_grad:
-        return (loss, student_hidden.new_empty((0, student_hidden.shape[1])),
-                student_weight.new_empty((0, student_weight.shape[1])), student_hidden.new_empty(0))
-    gb = torch.empty_like(student_bias) if student_bias is not None else student_hidden.new_empty(0)
-    return loss, torch.empty_like(student_hidden), torch.empty_like(student_weight), gb
-
-
-def _fl_setup_context(ctx, inputs, output):
-    _, gh, gw, gb = output
-    ctx.has_bias = inputs[2] is not None
-    ctx.need_grad = inputs[12] if len(inputs) > 12 else True
-    ctx.save_for_backward(gh, gw, gb)
-    ctx.mark_non_differentiable(gh, gw, gb)
-    ctx.set_materialize_grads(False)
-
-
-def _fl_backward(ctx, grad_loss: Optional[Tensor], *_unused):
-    gh, gw, gb = ctx.saved_tensors
-    if grad_loss is None:
-        return (None,) * 13
-    if not ctx.need_grad:
-        raise RuntimeError("minitron::fused_linear_topk_kl_div_fwd was called with need_grad=False: it computed "
-                           "no gradient (fused_linear_topk_kl_div passes need_grad=True whenever a student input "
-                           "requires grad)")
-    # the wrapper reduces with a sum (weights carry the mean): the upstream gradient is uniform
-    if grad_loss.numel() > 0 and not _is_one(grad_loss):
-        c = grad_loss.reshape(-1)[0]
-        gh, gw, gb = gh * c.to(gh.dtype), gw * c.to(gw.dtype), gb * c.to(gb.dtype)
-    return (gh, gw, (gb if ctx.has_bias else None)) + (None,) * 10
-
-
-fused_linear_topk_kl_div_fwd.register_autograd(_fl_backward, setup_context=_fl_setup_context)
+    per_row = {"indices": idx, "logprobs": lp, "weight": weight,
+               "labels": labels if has_ce else None, "ce_weight": ce_weight if has_ce else None}
+    # fp32_out_gemm=False: 16-bit weight gradients through a product in the input dtype, as before
+    return fused_linear_chunks(student_hidden, student_weight, student_bias, active, per_row, chunk_size, need_grad,
+                               chunk_loss, fp32_out_gemm=False)
 
 
 def _validate_fused_args(sh, sw, sb, indices, logprobs, temperature, reduction, mask, labels, chunk_size,
                          ce_weight, kl_weight, ignore_index=-100) -> None:
-    _check_float_tensor("student_hidden", sh, _KERNEL_DTYPES)
-    _check_float_tensor("student_weight", sw, _KERNEL_DTYPES)
-    if sb is not None:
-        _check_float_tensor("student_bias", sb, _KERNEL_DTYPES)
-    if sw.dim() != 2:
-        raise ValueError(f"student_weight must be 2-D [V, H], got shape {tuple(sw.shape)}")
-    if sh.dim() < 1 or sh.shape[-1] != sw.shape[1]:
-        raise ValueError(f"student_hidden's last dimension ({sh.shape[-1] if sh.dim() else None}) must equal "
-                         f"student_weight.shape[1] ({sw.shape[1]})")
-    if sb is not None and tuple(sb.shape) != (sw.shape[0],):
-        raise ValueError(f"student_bias must have shape ({sw.shape[0]},), got {tuple(sb.shape)}")
-    if sh.dtype != sw.dtype or (sb is not None and sb.dtype != sh.dtype):
-        raise TypeError(f"student_hidden ({sh.dtype}), student_weight ({sw.dtype}) and student_bias must share a dtype")
+    check_lm_head("student", sh, sw, sb, _KERNEL_DTYPES)
     devices = {t.device for t in (sh, sw, sb) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"student_hidden, student_weight and student_bias must be on one device, got "
                          f"{sorted(map(str, devices))}")
     if sw.shape[0] == 0:
         raise ValueError("student_weight has an empty vocabulary dimension (V = 0)")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     for name, x in (("ce_weight", ce_weight), ("kl_weight", kl_weight)):
         if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
             raise ValueError(f"{name} must be a finite float >= 0, got {x!r}")
@@ -618,17 +518,11 @@ def fused_linear_topk_kl_div(student_hidden: Tensor, student_weight: Tensor, tea
         cw = torch.empty(0, dtype=torch.float32, device=sh.device)
     if chunk_size is None:
         chunk_size = default_chunk_size(n, student_weight.shape[0], sh.shape[1], sh.device.type, 2)
-    need_grad = bool(torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias)))
+    need_grad = needs_grad(student_hidden, student_weight, student_bias)
     loss_tok, _, _, _ = torch.ops.minitron.fused_linear_topk_kl_div_fwd(
         sh, student_weight, student_bias, teacher_indices.reshape(n, k), teacher_logprobs.detach().reshape(n, k),
         kl_w, lab, cw, float(temperature), bool(tail), int(chunk_size), backend, need_grad)
-    if reduction == "none":
-        out = loss_tok.reshape(lead)
-        if out.requires_grad and not torch.compiler.is_compiling():
-            out.register_hook(uniform_grad_hook("fused_linear_topk_kl_div"))
-        return out
-    return loss_tok.sum()
+    return reduce_token_loss(loss_tok, lead, reduction, uniform_grad_op=FUSED_LINEAR_TOPK_KL.public)
 
 
 def fused_linear_topk_kl_div_reference(student_hidden: Tensor, student_weight: Tensor, teacher_indices: Tensor,
@@ -648,9 +542,7 @@ def fused_linear_topk_kl_div_reference(student_hidden: Tensor, student_weight: T
         lz = torch.log_softmax(logits.to(dtype), dim=-1)
         ce = -lz.gather(-1, lab.unsqueeze(-1)).squeeze(-1)
         per_token = per_token + float(ce_weight) * ce
-    if counted is not None:
-        per_token = torch.where(counted, per_token, torch.zeros_like(per_token))
-    return _reduce(per_token, counted, reduction)
+    return reduce_reference(per_token, counted, reduction)
 
 
 class FusedLinearTopKKLDivLoss(nn.Module):

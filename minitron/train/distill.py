@@ -26,21 +26,24 @@ import torch.nn.functional as F
 
 from minitron.train.loop import Callback, TrainConfig, TrainResult, train
 from minitron.io.data import Batch, PackedDataset
+from minitron.ops import KL_MODES  # the ops' declared modes: one list
 from minitron.options import option
 
 log = logging.getLogger(__name__)
 
-KL_MODES = ("forward", "reverse", "jsd")
 
 
 def check_temperature(t: Any, name: str) -> None:
-    """Refuse a temperature outside ``(0, MAX_TEMPERATURE]`` (the loss ops' declared limit), naming ``name``."""
-    from minitron.ops import MAX_TEMPERATURE
+    """Refuse a temperature the loss ops would refuse (outside ``(0, minitron.ops.MAX_TEMPERATURE]``), naming
+    ``name``: the ops' own check (:func:`minitron.ops.check_kl_options`) run where the user typed the value."""
+    from minitron.ops import check_kl_options
 
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
         raise TypeError(f"{name} must be a finite number, got {t!r}")
-    if not 0 < t <= MAX_TEMPERATURE:
-        raise ValueError(f"{name} must be in (0, {MAX_TEMPERATURE:g}] (MAX_TEMPERATURE of the loss ops), got {t:g}")
+    try:
+        check_kl_options(temperature=t)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
 
 
 @dataclass

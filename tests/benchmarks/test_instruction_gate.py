@@ -28,7 +28,12 @@ def test_gate_tolerance_and_median_baseline():
 def test_gate_missing_and_failed_cases():
     base = [_r("a", 1000)]
     rep = gi.compare_instructions([_r("a", 1000), _r("new", 10)], base)
-    assert not rep.ok and [f.verdict for f in rep.failures] == ["MISSING"]  # same class: a case without entry
+    # same class: a case without an entry is reported with the command that records it, never a failure
+    assert rep.ok and [f.verdict for f in rep.findings] == ["ok", "no-entry"]
+    line = rep.verdict()
+    assert line.startswith("verdict: PASS: compared 1 cases against this machine class")
+    assert "could not compare 1 cases without a baseline entry" in line and "benchmarks.instructions --out" in line
+    assert line in gi.format_gate(rep)
     rep = gi.compare_instructions([_r("a", None, status="error")], base)
     assert not rep.ok and rep.failures[0].verdict == "FAILED"
     rep = gi.compare_instructions([_r("a", 1000)], base + [_r("gone", 10)])
@@ -39,8 +44,17 @@ def test_gate_other_machine_class_uses_cross_class_tolerance():
     base = [_r("a", 1000, cls="A")]
     rep = gi.compare_instructions([_r("a", 1300, cls="B"), _r("new", 10, cls="B")], base)
     assert rep.ok and not rep.same_class and "machine class" in rep.note  # reported, missing not failed
+    assert "compared 1 cases against other machine classes" in rep.verdict() and "(no baseline of B)" in rep.verdict()
     rep = gi.compare_instructions([_r("a", 1600, cls="B")], base)
     assert not rep.ok
+
+
+def test_gate_with_no_baseline_at_all_passes_and_says_so():
+    rep = gi.compare_instructions([_r("a", 1000), _r("b", 10)], [])
+    assert rep.ok and not rep.same_class
+    assert "compared 0 cases" in rep.verdict() and "could not compare 2 cases" in rep.verdict()
+    rep = gi.compare_instructions([_r("a", None, status="error")], [])
+    assert not rep.ok  # a case that fails to run fails with or without a baseline
 
 
 def test_gate_cases_are_unique_small_and_ours():
