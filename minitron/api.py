@@ -310,7 +310,7 @@ def estimate_importance(
         output_dir: when given, scores are saved there (``importance.safetensors``/``.json``, plus
             ``importance.png`` with ``plot``).
         options: :class:`ImportanceSpec` (``batch_size``, ``max_batches``, ``seq_agg``, ``batch_agg``,
-            ``layer_metrics``, ``backend``, ``spill_dir``).
+            ``layer_metrics``, ``depth_max_tokens``, ``backend``, ``spill_dir``).
         **fields: any field of the three specs above, by name (``seq_len=32``, ``streaming=True``, ...).
 
     Under ``torchrun`` (an initialised process group, see
@@ -359,7 +359,7 @@ def _importance_scores(m: ModelSpec, module: Optional[torch.nn.Module], batches:
                        dev: torch.device, progress: bool) -> Any:
     """The scores, layer-streamed from ``m``'s files (``module`` None) or from the loaded ``module`` on ``dev``."""
     kw = dict(seq_agg=o.seq_agg, batch_agg=o.batch_agg, layer_metrics=tuple(o.layer_metrics), progress=progress,
-              backend=o.backend)
+              backend=o.backend, depth_max_tokens=o.depth_max_tokens)
     if module is None:
         from minitron.compress.streaming import estimate_importance_streaming
 

@@ -126,6 +126,11 @@ class ImportanceSpec:
     batch_agg: str = option("l2", help="aggregation over batches")
     layer_metrics: Tuple[str, ...] = option(("block_influence", "lm_loss"), help="layer metrics, comma-separated: "
                                             "block_influence, lm_loss", parse=parse_str_tuple)
+    depth_max_tokens: Optional[int] = option(
+        None, help="token budget of the lm_loss depth metric (it costs num_layers extra forwards over its tokens, "
+                   "L(L+1)/2 layer passes per batch when streamed): its base and skip losses use the first "
+                   "calibration batches whose tokens fit, at least one batch",
+        default_text="about the width pass's cost: calibration tokens / num_layers, at least 4096")
     backend: str = option("auto", help="kernel backend: auto, cpp, cuda, triton, reference")
     spill_dir: Optional[str] = option(None, help="where streamed hidden states spill when they do not fit",
                                       default_text="the system temporary directory")
@@ -133,10 +138,11 @@ class ImportanceSpec:
                                          default_text="no shuffling")
 
     def __post_init__(self) -> None:
-        from minitron.compress.importance import validate_options
+        from minitron.compress.importance import check_depth_max_tokens, validate_options
 
         check_positive_int("batch_size", self.batch_size)
         check_positive_int("max_batches", self.max_batches, optional=True)
+        check_depth_max_tokens(self.depth_max_tokens)
         self.layer_metrics = tuple(validate_options(self.seq_agg, self.batch_agg, self.layer_metrics))
 
 

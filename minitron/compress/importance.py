@@ -574,10 +574,11 @@ def _check_estimation_args(seq_agg: Any, batch_agg: Any, layer_metrics: Any, max
 
 
 def _args_fingerprint(adapter: ModelAdapter, config: Any, signature: str, *, seq_agg: str, batch_agg: str,
-                      layer_metrics: Sequence[str], max_batches: Optional[int], mode: str) -> dict:
+                      layer_metrics: Sequence[str], max_batches: Optional[int], mode: str,
+                      depth_max_tokens: Optional[int] = None) -> dict:
     """The arguments every rank of a distributed run must share (compared by an all-gather)."""
     return {"seq_agg": seq_agg, "batch_agg": batch_agg, "layer_metrics": list(layer_metrics),
-            "max_batches": max_batches, "model (config fingerprint)": adapter.fingerprint(config),
+            "max_batches": max_batches, "depth_max_tokens": depth_max_tokens, "model (config fingerprint)": adapter.fingerprint(config),
             "model (shape signature)": signature, "mode": mode}
 
 
@@ -651,6 +652,53 @@ def _drops_from_sums(sums: list[float], counts: list[int], base_loss: float) -> 
     return drops
 
 
+DEPTH_MIN_TOKENS = 4096
+"""Floor of the default depth (LM-loss-drop) token budget."""
+
+
+def depth_token_budget(depth_max_tokens: Optional[int], total_tokens: int, num_layers: int) -> int:
+    """The token budget of the LM-loss-drop depth metric.
+
+    ``depth_max_tokens`` when given (a positive int); by default about the cost of the width pass: the calibration
+    tokens divided by the number of layers (rounded up), but never below :data:`DEPTH_MIN_TOKENS`.
+    """
+    if depth_max_tokens is not None:
+        check_depth_max_tokens(depth_max_tokens)
+        return int(depth_max_tokens)
+    return max(DEPTH_MIN_TOKENS, -(-int(total_tokens) // max(int(num_layers), 1)))
+
+
+def check_depth_max_tokens(value: Any) -> None:
+    """ValueError naming ``depth_max_tokens`` (``--depth-max-tokens``) unless ``value`` is None or an int >= 1."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"depth_max_tokens (--depth-max-tokens) must be a positive int or None, got {value!r}")
+
+
+def depth_batch_count(batch_tokens: Sequence[int], budget: int) -> int:
+    """How many of the first calibration batches (global order) the depth metric uses: the longest prefix whose
+    tokens fit ``budget``, at least one batch."""
+    k, used = 0, 0
+    for n in batch_tokens:
+        if k and used + n > budget:
+            break
+        if not k and n > budget:
+            return 1
+        k, used = k + 1, used + n
+    return max(k, 1)
+
+
+def _batch_tokens(ids: torch.Tensor, mask: Optional[torch.Tensor]) -> int:
+    return int(mask.sum()) if mask is not None else ids.numel()
+
+
+def _log_depth_cost(mode: str, num_layers: int, k: int, tokens: int, total_batches: int, budget: int) -> None:
+    passes = (f"{num_layers} full forward passes over those batches" if mode == "in-memory" else
+              f"{num_layers * (num_layers + 1) // 2} layer passes per batch, "
+              f"{k * num_layers * (num_layers + 1) // 2} in all")
+    log.info("depth (LM-loss drop) scores, %s: %d layers on the first %d of %d calibration batches (%d tokens, "
+             "budget %d, --depth-max-tokens): %s", mode, num_layers, k, total_batches, tokens, budget, passes)
+
+
 def estimate_importance(
     model: nn.Module,
     batches: Iterable[Mapping[str, torch.Tensor]],
@@ -661,6 +709,7 @@ def estimate_importance(
     max_batches: Optional[int] = None,
     progress: bool = True,
     backend: str = "auto",
+    depth_max_tokens: Optional[int] = None,
 ) -> ImportanceScores:
     """Estimate the importance of every prunable unit of ``model`` on calibration batches.
 
@@ -680,11 +729,15 @@ def estimate_importance(
         seq_agg: aggregation over the tokens of one sample (default ``"mean"``, the papers' best).
         batch_agg: aggregation over samples (default ``"l2"``, the papers' best).
         layer_metrics: any of ``"block_influence"`` and ``"lm_loss"``. ``"lm_loss"`` costs one extra
-            pass over the batches per layer (the layer is swapped for an identity module).
+            pass over the depth batches per layer (the layer is swapped for an identity module).
         max_batches: use at most this many batches (counted over all ranks).
         progress: show a tqdm progress bar (stderr; rank 0 only under torch.distributed).
         backend: kernel backend for the accumulators (``"auto"``, ``"cpp"``, ``"cuda"``, ``"triton"``,
             ``"reference"``).
+        depth_max_tokens: token budget of the ``"lm_loss"`` metric: its base and skip losses use the first
+            calibration batches (global order) whose tokens fit it, at least one batch; None (default): the
+            calibration tokens / the number of layers, at least :data:`DEPTH_MIN_TOKENS`
+            (:func:`depth_token_budget`). The counts are in ``meta`` (``depth_num_batches``, ``depth_num_tokens``).
     Returns:
         :class:`ImportanceScores` (fp32 CPU tensors).
     Raises:
@@ -698,13 +751,15 @@ def estimate_importance(
     adapter = get_adapter(model)
     adapter.check_model(model)
     _check_estimation_args(seq_agg, batch_agg, layer_metrics, max_batches, backend, batches)
+    check_depth_max_tokens(depth_max_tokens)
     want_loss = "lm_loss" in layer_metrics
     info = rank_info()
     progress = bool(progress) and info.rank == 0  # one progress bar per run, not one per rank
     signature = shape_signature(model)
     check_same_on_all_ranks(
         _args_fingerprint(adapter, model.config, signature, seq_agg=seq_agg, batch_agg=batch_agg,
-                          layer_metrics=layer_metrics, max_batches=max_batches, mode="in-memory"),
+                          layer_metrics=layer_metrics, max_batches=max_batches, mode="in-memory",
+                          depth_max_tokens=depth_max_tokens),
         stage="arguments")
     device = _model_device(model)
     collector = _Collector(model, adapter, seq_agg=seq_agg, batch_agg=batch_agg,
@@ -714,10 +769,17 @@ def estimate_importance(
     model.eval()
     try:
         run = _calibration_pass(model, adapter, collector, batches, max_batches, want_loss, progress)
-        base_loss, lm_loss_drop = None, None
+        base_loss, lm_loss_drop, depth_meta = None, None, None
         if want_loss:
-            base_loss = _base_loss(run.loss_sum, run.loss_count)
-            sums, counts = _layer_loss_sums(model, adapter, run.kept, collector.layer_returns_tuple, device,
+            n_layers = adapter.dims(model.config).num_hidden_layers
+            budget = depth_token_budget(depth_max_tokens, sum(run.batch_tokens), n_layers)
+            k = depth_batch_count(run.batch_tokens, budget)
+            depth_meta = {"depth_max_tokens": budget, "depth_num_batches": k,
+                          "depth_num_tokens": sum(run.batch_tokens[:k])}
+            _log_depth_cost("in-memory", n_layers, k, depth_meta["depth_num_tokens"], len(run.batch_tokens), budget)
+            kept = [(ids, mask) for i, ids, mask, _, _ in run.kept if i < k]
+            base_loss = _base_loss(sum(e[3] for e in run.kept if e[0] < k), sum(e[4] for e in run.kept if e[0] < k))
+            sums, counts = _layer_loss_sums(model, adapter, kept, collector.layer_returns_tuple, device,
                                             progress)
             sums, counts = _reduce_loss_sums(sums, counts)
             lm_loss_drop = _drops_from_sums(sums, counts, base_loss)
@@ -729,7 +791,8 @@ def estimate_importance(
     scores = _assemble_scores(collector, adapter, model.config, signature, seq_agg=seq_agg, batch_agg=batch_agg,
                             layer_metrics=layer_metrics, num_samples=run.num_samples, num_tokens=run.num_tokens,
                             num_batches=run.num_batches, base_loss=base_loss, lm_loss_drop=lm_loss_drop,
-                            extra_meta={"world_size": info.world} if info.distributed else None)
+                            extra_meta={**({"world_size": info.world} if info.distributed else {}),
+                                        **(depth_meta or {})})
     if info.distributed:
         from minitron.compress.distributed import barrier
 
@@ -739,12 +802,12 @@ def estimate_importance(
 
 @dataclasses.dataclass
 class _PassTotals:
-    """What the calibration pass counted (reduced over the ranks, except ``kept`` and the loss sums): the batches
-    kept for the LM-loss metric, the base NLL sum and target count, samples/tokens/batches."""
+    """What the calibration pass counted (reduced over the ranks, except ``kept``): this rank's batches kept for the
+    LM-loss metric as ``(global index, ids, mask, base NLL sum, target count)``, the token count of every batch
+    (all ranks', global order), samples/tokens/batches."""
 
     kept: list = dataclasses.field(default_factory=list)
-    loss_sum: float = 0.0
-    loss_count: int = 0
+    batch_tokens: list = dataclasses.field(default_factory=list)
     num_samples: int = 0
     num_tokens: int = 0
     num_batches: int = 0
@@ -787,12 +850,11 @@ def _calibration_pass(model: nn.Module, adapter: ModelAdapter, collector: "_Coll
                 if max_batches is not None and i >= max_batches:
                     break
                 ids, mask = _validate_batch(batch, i, vocab)
+                t.batch_tokens.append(_batch_tokens(ids, mask))
                 if info.distributed:
                     digest.update(ids, mask)
                     if not owns_batch(i, info):
                         continue
-                if want_loss:
-                    t.kept.append((ids, mask))
                 ids_d = ids.to(device)
                 mask_d = None if mask is None else mask.to(device)
                 collector.mask = mask_d
@@ -800,10 +862,10 @@ def _calibration_pass(model: nn.Module, adapter: ModelAdapter, collector: "_Coll
                              use_cache=False)
                 if want_loss:
                     s, c = _lm_loss_sums(out.logits, ids_d, mask_d)
-                    t.loss_sum, t.loss_count = t.loss_sum + s, t.loss_count + c
+                    t.kept.append((i, ids, mask, s, c))
                 t.num_batches += 1
                 t.num_samples += ids.shape[0]
-                t.num_tokens += int(mask.sum()) if mask is not None else ids.numel()
+                t.num_tokens += t.batch_tokens[-1]
                 bar.update(1)
     finally:
         bar.close()

@@ -45,10 +45,11 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from minitron.compress.importance import (ImportanceScores, _args_fingerprint, _assemble_scores,
+from minitron.compress.importance import (ImportanceScores, _args_fingerprint, _assemble_scores, _batch_tokens,
                                           _check_estimation_args, _Collector, _data_fingerprint, _drops_from_sums,
-                                          _first_tensor, _lm_loss_sums, _output_tensor, _reduce_counts,
-                                          _reduce_loss_sums, _validate_batch, shape_signature)
+                                          _first_tensor, _lm_loss_sums, _log_depth_cost, _output_tensor,
+                                          _reduce_counts, _reduce_loss_sums, _validate_batch, check_depth_max_tokens,
+                                          depth_batch_count, depth_token_budget, shape_signature)
 from minitron.io.shards import ShardedCheckpoint
 from minitron.models import get_adapter
 
@@ -408,6 +409,7 @@ def estimate_importance_streaming(
     progress: bool = True,
     backend: str = "auto",
     options: Optional[StreamOptions] = None,
+    depth_max_tokens: Optional[int] = None,
     **stream: Any,
 ) -> ImportanceScores:
     """Importance of a safetensors checkpoint computed one decoder layer at a time (see the module docstring).
@@ -422,6 +424,9 @@ def estimate_importance_streaming(
             :func:`~minitron.compress.importance.estimate_importance`. ``"lm_loss"`` is exact here too
             (skip streams; up to ``num_layers + 1`` sets of hidden states).
         options: a :class:`StreamOptions` (compute_dtype, spill_dir, max_hidden_bytes, reader, prefetch).
+        depth_max_tokens: the ``"lm_loss"`` metric's token budget, as in
+            :func:`~minitron.compress.importance.estimate_importance`: skip streams (``L(L+1)/2`` layer passes per
+            batch) run on the depth batches only.
         **stream: any field of :class:`StreamOptions` by name (``compute_dtype=torch.bfloat16``), over
             ``options``.
     Returns:
@@ -436,9 +441,11 @@ def estimate_importance_streaming(
 
     (o,) = fold("estimate_importance_streaming", stream, options if options is not None else StreamOptions())
     _check_estimation_args(seq_agg, batch_agg, layer_metrics, max_batches, backend, batches)
+    check_depth_max_tokens(depth_max_tokens)
     o.check()
     run = _StreamedEstimation(checkpoint_dir, o, seq_agg=seq_agg, batch_agg=batch_agg,
-                              layer_metrics=layer_metrics, max_batches=max_batches, progress=progress)
+                              layer_metrics=layer_metrics, max_batches=max_batches, progress=progress,
+                              depth_max_tokens=depth_max_tokens)
     run.read_batches(batches)
     run.prepare_skeleton(backend)
     run.capture_layer_calls()
@@ -460,12 +467,14 @@ class _StreamedEstimation:
 
 
     def __init__(self, checkpoint_dir: str | os.PathLike, o: StreamOptions, *, seq_agg: str, batch_agg: str,
-                 layer_metrics: Sequence[str], max_batches: Optional[int], progress: bool) -> None:
+                 layer_metrics: Sequence[str], max_batches: Optional[int], progress: bool,
+                 depth_max_tokens: Optional[int] = None) -> None:
         from minitron.compress.distributed import check_same_on_all_ranks, rank_info
 
         self.o, self.dtype = o, o.compute_dtype
         self.seq_agg, self.batch_agg, self.layer_metrics = seq_agg, batch_agg, layer_metrics
         self.max_batches = max_batches
+        self.depth_max_tokens = depth_max_tokens
         self.reader = o.reader if o.reader is not None else CheckpointReader(checkpoint_dir)
         self.config = self.reader.config
         self.adapter = get_adapter(self.config)
@@ -487,9 +496,13 @@ class _StreamedEstimation:
         _check_checkpoint(model, self.reader, self.head_aliases)
         check_same_on_all_ranks(
             _args_fingerprint(self.adapter, self.config, self.signature, seq_agg=seq_agg, batch_agg=batch_agg,
-                              layer_metrics=layer_metrics, max_batches=max_batches, mode="streamed"),
+                              layer_metrics=layer_metrics, max_batches=max_batches, mode="streamed",
+                              depth_max_tokens=depth_max_tokens),
             stage="arguments")
         self.own: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = []
+        self.own_index: list[int] = []  # global batch index of each of this rank's batches
+        self.n_depth = 0  # this rank's depth batches: the first n_depth of self.own
+        self.depth_meta: dict = {}
         self.calls: list[list[tuple[tuple, dict]]] = []  # [batch][layer] -> (args, kwargs)
         self.first: list[torch.Tensor] = []
         self.store: Optional[_HiddenStore] = None
@@ -503,16 +516,27 @@ class _StreamedEstimation:
         from minitron.compress.distributed import BatchDigest, check_same_on_all_ranks, owns_batch
 
         digest = BatchDigest()
+        batch_tokens: list[int] = []
         for i, batch in enumerate(batches):
             if self.max_batches is not None and i >= self.max_batches:
                 break
             ids, mask = _validate_batch(batch, i, self.dims.vocab_size)
             digest.update(ids, mask)
+            batch_tokens.append(_batch_tokens(ids, mask))
             if owns_batch(i, self.info):
                 self.own.append((ids, mask))
+                self.own_index.append(i)
         check_same_on_all_ranks(_data_fingerprint(digest), stage="calibration data")
         if digest.count == 0:
             raise ValueError("batches is empty: importance needs at least one calibration batch")
+        if self.want_loss:
+            budget = depth_token_budget(self.depth_max_tokens, sum(batch_tokens), self.n_layers)
+            k = depth_batch_count(batch_tokens, budget)
+            self.n_depth = sum(1 for i in self.own_index if i < k)
+            self.depth_meta = {"depth_max_tokens": budget, "depth_num_batches": k,
+                               "depth_num_tokens": sum(batch_tokens[:k])}
+            _log_depth_cost("streamed", self.n_layers, k, self.depth_meta["depth_num_tokens"], len(batch_tokens),
+                            budget)
 
     def prepare_skeleton(self, backend: str) -> None:
         """Load the embedding and the final norm, rebuild the rotary buffers, set up the accumulators."""
@@ -571,8 +595,8 @@ class _StreamedEstimation:
         n_layers = self.n_layers
         shapes = [tuple(h.shape) for h in self.first]
         elem = torch.empty((), dtype=self.dtype).element_size()
-        streams_needed = (n_layers + 1) if self.want_loss else 1
-        need = sum(b * s * h for b, s, h in shapes) * elem * streams_needed
+        need = (sum(b * s * h for b, s, h in shapes) + n_layers * sum(b * s * h for b, s, h in shapes[:self.n_depth])
+                ) * elem
         mhb = self.o.max_hidden_bytes
         limit = mhb if mhb is not None else int(_mem_available() * HIDDEN_MEMORY_FRACTION)
         if need > limit:
@@ -581,7 +605,7 @@ class _StreamedEstimation:
             log.info("streamed importance: hidden states need %.1f MiB > %.1f MiB: spilling to %s",
                      need / 2 ** 20, limit / 2 ** 20, self.spill_root)
         self.store = _HiddenStore(shapes, self.dtype, self.spill_root)
-        total_passes = len(self.own) * (n_layers * (n_layers + 1) // 2 if self.want_loss else n_layers)
+        total_passes = len(self.own) * n_layers + self.n_depth * (n_layers * (n_layers - 1) // 2)
         self.bar = tqdm(total=total_passes, desc="importance (streamed)", unit="layer-batch",
                         disable=not self.progress)
         for i, h in enumerate(self.first):
@@ -624,10 +648,11 @@ class _StreamedEstimation:
         for i, (ids, mask) in enumerate(self.own):
             args, kwargs = self.calls[i][l]
             h_in = store.get(main, i)
-            if self.want_loss:
+            depth = i < self.n_depth  # skip streams only on the depth batches
+            if depth:
                 store.put(l, i, h_in)  # skip stream l: layer l is the identity
             collector.active = False
-            for d in range(l if self.want_loss else 0):
+            for d in range(l if depth else 0):
                 out = layer(store.get(d, i), *args, **kwargs)
                 store.put(d, i, _output_tensor(out))
                 self.bar.update(1)
@@ -654,6 +679,8 @@ class _StreamedEstimation:
                 hn = norm(store.get(n_layers, i))
                 collector.mask = None
                 if head is None:
+                    continue
+                if i >= self.n_depth:
                     continue
                 s, c = _lm_loss_sums(head(hn), ids, mask)
                 main_sum, main_cnt = main_sum + s, main_cnt + c
@@ -703,7 +730,7 @@ class _StreamedEstimation:
             batch_agg=self.batch_agg, layer_metrics=self.layer_metrics, num_samples=num_samples,
             num_tokens=num_tokens, num_batches=num_batches, base_loss=self.base_loss, lm_loss_drop=self.lm_loss_drop,
             extra_meta={"streamed": True, "compute_dtype": dtype_name,
-                        "hidden_states_spilled": self.spill_root is not None,
+                        "hidden_states_spilled": self.spill_root is not None, **self.depth_meta,
                         **({"world_size": info.world} if info.distributed else {})})
         if info.distributed:
             from minitron.compress.distributed import barrier
