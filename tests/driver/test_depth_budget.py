@@ -118,3 +118,56 @@ def test_meta_saved(tmp_path):
     got.save(tmp_path / "imp")
     back = ImportanceScores.load(tmp_path / "imp")
     assert (back.meta["depth_num_batches"], back.meta["depth_num_tokens"]) == (1, TOKENS_PER_BATCH)
+
+
+def _dist_rank(rank: int, world: int, tmp: str, streamed: bool, budget: int) -> None:
+    import os
+    import traceback
+    from datetime import timedelta
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    out, code = Path(tmp), 0
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=60))
+        try:
+            kw = dict(progress=False, backend=BACKEND, depth_max_tokens=budget)
+            if streamed:
+                s = estimate_importance_streaming(out / "ckpt", make_batches(n=5), **kw)
+            else:
+                s = estimate_importance(make_model("llama"), make_batches(n=5), **kw)
+            torch.save({"lm_loss_drop": s.lm_loss_drop, "meta": s.meta}, out / f"rank{rank}.pt")
+        finally:
+            dist.destroy_process_group()
+    except BaseException as e:
+        (out / f"error{rank}.txt").write_text(f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+        code = 1
+    os._exit(code)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["memory", "streamed"])
+def test_distributed_budget_is_global(streamed, tmp_path):
+    """Under torch.distributed the depth batches are the first K global batches (spread over the ranks)."""
+    model = make_model("llama")
+    model.save_pretrained(str(tmp_path / "ckpt"))
+    budget = 3 * TOKENS_PER_BATCH  # global batches 0, 1, 2: rank 0 runs 0 and 2, rank 1 runs 1
+    ref = estimate_importance(model, make_batches(n=5), progress=False, backend=BACKEND, depth_max_tokens=budget)
+    ctx = torch.multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_dist_rank, args=(r, 2, str(tmp_path), streamed, budget)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(240)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    errs = "\n".join(f.read_text() for f in tmp_path.glob("error*.txt"))
+    assert not alive and [p.exitcode for p in procs] == [0, 0], errs
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
+        torch.testing.assert_close(got["lm_loss_drop"], ref.lm_loss_drop, rtol=1e-5, atol=1e-6)
+        assert got["meta"]["base_lm_loss"] == pytest.approx(ref.meta["base_lm_loss"], rel=1e-6)
+        assert (got["meta"]["depth_num_batches"], got["meta"]["depth_num_tokens"]) == (3, 3 * TOKENS_PER_BATCH)
