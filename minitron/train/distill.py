@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from minitron.train.loop import Callback, TrainConfig, TrainResult, train
 from minitron.io.data import Batch, PackedDataset
-from minitron.ops import KL_MODES  # the ops' declared modes: one list
+from minitron.ops import KL_MODES, MAX_TEMPERATURE  # the ops' declared modes and bound: one list, one number
 from minitron.options import option
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,8 @@ class DistillConfig:
     """
 
     mode: str = option("forward", help="KL direction", choices=KL_MODES, flag=("--kl-mode",))
-    temperature: float = option(1.0, help="softmax temperature of both models, in (0, MAX_TEMPERATURE]")
+    temperature: float = option(1.0, help=f"softmax temperature of both models, in (0, {MAX_TEMPERATURE:g}] "
+                                         "(minitron.ops.MAX_TEMPERATURE)")
     beta: float = option(0.5, help="JSD mixing weight, in [0, 1] (--kl-mode jsd)")
     kl_weight: float = option(1.0, help="weight of the KL term")
     lm_loss_weight: float = option(0.0, help="weight of the student's LM loss mixed in")
