@@ -452,6 +452,9 @@ def test_committed_cpu_baseline_is_valid():
     assert results, "baseline has no result records"
     assert all(r["device_type"] == "cpu" for r in results)
     assert any(r["ours"] and r["status"] == "ok" for r in results), "baseline measured none of our providers"
+    # a baseline names the code it measured: a clean commit, never a dirty tree
+    dirty = {r.get("git_commit") for r in recs if not r.get("git_commit") or str(r["git_commit"]).endswith("-dirty")}
+    assert not dirty, f"baseline records without a clean commit: {dirty}"
 
 
 def test_compare_prefers_fastest_sample_ratio():
