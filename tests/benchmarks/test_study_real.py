@@ -48,14 +48,20 @@ def tiny_checkpoint(tmp_path_factory):
     return path
 
 
-@needs_data
-def test_real_teacher_quick_run(tiny_checkpoint, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def real_quick_run(tiny_checkpoint, tmp_path_factory):
     from benchmarks.minitron_study import main
 
-    out = tmp_path / "real"
+    out = tmp_path_factory.mktemp("study_real") / "real"
     rc = main(["--teacher", str(tiny_checkpoint), "--quick", "--seeds", "1", "--out", str(out), "--backend",
                _backend(), "--threads", "1"])
     assert rc == 0
+    return out
+
+
+@needs_data
+def test_real_teacher_quick_run(real_quick_run, tiny_checkpoint):
+    out = real_quick_run
     res = json.loads((out / "results.json").read_text())
     assert res["config"]["teacher_model"] == str(tiny_checkpoint)
     assert res["teacher"]["pretrain_tokens"] == 0
@@ -98,3 +104,54 @@ def test_one_pass_sweep_matches_estimate_importance():
         for name in ("heads", "kv_groups", "neurons", "channels"):
             torch.testing.assert_close(getattr(swept[(s, b)], name), getattr(ref, name), msg=f"{s}/{b} {name}")
         assert swept[(s, b)].meta["config_fingerprint"] == ref.meta["config_fingerprint"]
+
+
+README_SAMPLE = """# minitron
+
+## Before
+
+text
+
+## The papers in miniature
+
+The toy study's prose and table.
+
+| arm | test ppl |
+| --- | --- |
+| (a) | 1 |
+
+## Layout
+"""
+
+
+@needs_data
+def test_table_generator_inserts_then_rewrites_the_block(real_quick_run, tmp_path):
+    from benchmarks.study import tables
+
+    readme = tmp_path / "README.md"
+    readme.write_text(README_SAMPLE)
+    results = real_quick_run / "results.json"
+    assert tables.main(["--results", str(results), "--readme", str(readme), "--check"]) == 1
+    assert tables.main(["--results", str(results), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    # the block opens the section; the toy table stays below it
+    section = text.split("## The papers in miniature", 1)[1]
+    assert section.lstrip("\n").startswith(tables.BEGIN)
+    assert section.index(tables.END) < section.index("The toy study's prose and table.")
+    block = section.split(tables.BEGIN, 1)[1].split(tables.END, 1)[0]
+    res = json.loads(results.read_text())
+    for key in ("a", "b", "c", "d", "e"):
+        assert f"| ({key}) " in block
+    c_ppl = res["arms"]["c"]["seeds"]["0"]["test_ppl"]
+    assert f"{c_ppl:,.2f}" in block
+    assert "Budget:" in block and "Licences:" in block and "(f) Perplexity right after width pruning" in block
+    # idempotent, and --check agrees
+    assert tables.main(["--results", str(results), "--readme", str(readme), "--check"]) == 0
+    assert tables.main(["--results", str(results), "--readme", str(readme)]) == 0
+    assert readme.read_text() == text
+    # a partial record (seed 1 planned, not run) is labelled as such
+    res["config"]["seeds"] = [0, 1]
+    body = tables.render(res)
+    assert "*Partial run*" in body
+    # the marker never collides with benchmarks.report's generated blocks
+    assert "generated:" not in tables.BEGIN + tables.END
