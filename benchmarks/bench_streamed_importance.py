@@ -257,6 +257,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", default=None,
                     help="a real checkpoint (local directory or catalogue name, e.g. smollm2-135m) instead of random "
                          "weights; its shape replaces --hidden/--mlp/--heads/--kv-heads/--layers/--vocab")
+    ap.add_argument("--max-layers", type=int, default=None,
+                    help="with --model: time only its first N decoder layers (a truncated fp32 copy in a temporary "
+                         "directory; the per-layer figures are unchanged, the run shorter)")
     ap.add_argument("--data", type=Path, default=None,
                     help="calibration text of --model (default: the shipped WikiText-2 test)")
     ap.add_argument("--ranks", type=int, default=0,
@@ -294,6 +297,17 @@ def main(argv: list[str] | None = None) -> dict:
             ckpt = real_ckpt
             probe = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32)
             linear = model_layer_linear(probe)
+            if args.max_layers is not None and args.max_layers < args.layers:
+                from minitron.models import get_adapter
+
+                keep = list(get_adapter(probe).layers(probe))[: args.max_layers]
+                probe.model.layers = torch.nn.ModuleList(keep)
+                probe.config.num_hidden_layers = args.max_layers
+                ckpt = Path(tmp) / "ckpt"
+                probe.save_pretrained(str(ckpt))
+                args.layers = args.max_layers
+                results["shape"]["layers"] = args.max_layers
+                results["model"]["layers_timed"] = f"the first {args.max_layers} of {c.num_hidden_layers}"
             del probe
         else:
             ckpt = Path(tmp) / "ckpt"
