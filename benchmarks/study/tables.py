@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from benchmarks.study.experiment import ARMS, MAGNITUDE, PAPERS_BEST, REPO_ROOT, summarize
+from benchmarks.study.experiment import ARMS, MAGNITUDE, PAPERS_BEST, REPO_ROOT, evaluate_claims, summarize
 
 NAME = "study-real"
 BEGIN = f"<!-- study-table:{NAME} begin -->"
@@ -41,7 +41,7 @@ def _fmt(values: Sequence[float], digits: int = 1) -> str:
 def _arm_label(key: str, arm: Dict[str, Any], results: Dict[str, Any]) -> str:
     shape = arm.get("shape") or {}
     if key == "d":
-        kept = shape.get("num_hidden_layers")
+        kept = shape.get("num_hidden_layers") or results.get("shapes", {}).get("depth", {}).get("num_hidden_layers")
         total = results.get("teacher", {}).get("config", {}).get("num_hidden_layers")
         return f"({key}) depth-pruned ({kept} of {total} layers, one contiguous block) + distillation"
     text = {
@@ -77,7 +77,8 @@ def render(results: Dict[str, Any], *, source: str = "docs/study-smollm2/results
         f"Budget: {budget:,} training tokens per arm ({cfg['student_steps']} steps x {cfg['batch_size']} x "
         f"{cfg['seq_len']}) from WikiText-2 valid + Tiny Shakespeare; test perplexity on the first "
         f"{results.get('data', {}).get('test_tokens', 0):,} tokens of WikiText-2 test; "
-        f"{len(seeds)} seeds planned. Whole run: {timing.get('total', 0) / 60:.0f} minutes on "
+        f"{len(seeds)} seeds planned. {'Whole run' if complete else 'Run time so far'}: "
+        f"{timing.get('total', 0) / 60:.0f} minutes on "
         f"{env.get('cpus')} shared cores ({env.get('threads')} threads; load average at start "
         f"{(env.get('load_average_at_start') or [float('nan')])[0]:.1f})."
     )
@@ -99,10 +100,9 @@ def render(results: Dict[str, Any], *, source: str = "docs/study-smollm2/results
                                                                 if s.get("start_val_ppl") is not None], 0)
         ratio = f"{statistics.fmean(tp) / corrected:.2f}x" if tp and corrected else "—"
         n_seeds = f" ({len(tp)} seed{'s' if len(tp) != 1 else ''})" if len(tp) != len(seeds) else ""
-        lines.append(
-            f"| {_arm_label(key, arm, results)} | {arm.get('parameters', 0) / 1e6:.1f}M "
-            f"({arm.get('non_embedding_parameters', 0) / 1e6:.1f}M) | {start} | **{_fmt(tp, 2)}**{n_seeds} | {ratio} |"
-        )
+        params = (f"{arm['parameters'] / 1e6:.1f}M ({arm.get('non_embedding_parameters', 0) / 1e6:.1f}M)"
+                  if arm.get("parameters") else "—")
+        lines.append(f"| {_arm_label(key, arm, results)} | {params} | {start} | **{_fmt(tp, 2)}**{n_seeds} | {ratio} |")
     orig = t.get("original", {}).get("test_ppl")
     lines.append(f"| teacher before / after correction | {t.get('parameters', 0) / 1e6:.1f}M "
                  f"({t.get('non_embedding_parameters', 0) / 1e6:.1f}M) | — | "
@@ -126,7 +126,19 @@ def render(results: Dict[str, Any], *, source: str = "docs/study-smollm2/results
             s += f"; plain weight-magnitude importance: {statistics.fmean(agg[MAGNITUDE]):,.0f}"
         lines.append(s + ".")
         lines.append("")
-    claims = results.get("claims") or []
+    def mean_ppl(key: str) -> Optional[float]:
+        vals = [s["test_ppl"] for s in arms.get(key, {}).get("seeds", {}).values() if s.get("test_ppl") is not None]
+        return statistics.fmean(vals) if vals else None
+
+    c, a = mean_ppl("c"), mean_ppl("a")
+    if c is not None and corrected:
+        s = (f"Target: the width student after distillation, (c), is at {c / corrected:.2f}x the corrected teacher's "
+             f"perplexity")
+        if a is not None:
+            s += f"; training the same architecture from scratch on the same {budget:,} tokens, (a), is {a / c:,.0f}x worse"
+        lines.append(s + ".")
+        lines.append("")
+    claims = [x for x in (results.get("claims") or evaluate_claims(results)) if x["verdict"] != "not measured"]
     if claims:
         lines.append("Verdicts (paired by seed): " + "; ".join(f"{c['claim']} ({c['comparison']}): {c['verdict']}"
                                                              for c in claims) + ".")
