@@ -140,8 +140,14 @@ def render(results: Dict[str, Any], *, source: str = "docs/study-smollm2/results
         lines.append("")
     claims = [x for x in (results.get("claims") or evaluate_claims(results)) if x["verdict"] != "not measured"]
     if claims:
-        lines.append("Verdicts (paired by seed): " + "; ".join(f"{c['claim']} ({c['comparison']}): {c['verdict']}"
-                                                             for c in claims) + ".")
+        def one(c: Dict[str, Any]) -> str:
+            text = f"{c['claim']} ({c['comparison']}): {c['verdict']}"
+            if c["comparison"] == "f":  # the rule weighs the range against the largest seed sd of any pair
+                sd = c["evidence"].split("largest seed sd ")[-1].split(")")[0]
+                text += f" (the rule compares the spread with the largest seed sd of any pair, here {sd})"
+            return text
+
+        lines.append("Verdicts (paired by seed, the study's rules): " + "; ".join(one(c) for c in claims) + ".")
         lines.append("")
     lic = results.get("licences") or {}
     if lic:
