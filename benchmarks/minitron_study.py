@@ -14,7 +14,7 @@ Examples::
     python -m benchmarks.minitron_study --backend reference   # without the built C++ extension
     python -m benchmarks.minitron_study --threads 2           # on an otherwise idle machine
     python -m benchmarks.minitron_study --teacher smollm2-135m --threads 2 --out docs/study-smollm2
-                                                              # a real pretrained teacher (~45 min, 2 idle cores)
+                                                              # a real pretrained teacher (15-52 min on 2 cores)
     python -m benchmarks.minitron_study --teacher ./tiny-ckpt --quick   # any local checkpoint (or .gguf)
 
 With ``--teacher NAME_OR_PATH`` the teacher is a pretrained checkpoint (a catalogue name of ``minitron fetch``,

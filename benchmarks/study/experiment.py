@@ -229,8 +229,8 @@ class StudyConfig:
         checkpoint directory or a ``.gguf`` file): no pre-training, the checkpoint's tokenizer, training text =
         WikiText-2 valid (minus the held-out tail) + Tiny Shakespeare, evaluation on WikiText-2 test.
 
-        The defaults are sized for about 45 minutes on an idle 2-core CPU with SmolLM2-135M (measured throughput,
-        see ``docs/study.md``): every arm trains on 16 x 1 x 512 = 8,192 tokens. ``quick=True``: tiny budgets for
+        Defaults: every arm trains on 16 x 1 x 512 = 8,192 tokens, two seeds; with SmolLM2-135M this took 52 minutes
+        on 2 cores shared with other jobs and about 15 on quiet ones (``docs/study.md``). ``quick=True``: tiny budgets for
         tests (a tiny local checkpoint as ``teacher``).
         """
         kw: Dict[str, Any] = dict(
