@@ -13,7 +13,7 @@ Examples::
     python -m benchmarks.minitron_study --seeds 3 --out runs/study3
     python -m benchmarks.minitron_study --backend reference   # without the built C++ extension
     python -m benchmarks.minitron_study --threads 2           # on an otherwise idle machine
-    python -m benchmarks.minitron_study --teacher smollm2-135m --threads 2 --out docs/study-smollm2
+    python -m benchmarks.minitron_study --teacher smollm2-135m --threads 2 --out runs/study-smollm2
                                                               # a real pretrained teacher (15-52 min on 2 cores)
     python -m benchmarks.minitron_study --teacher ./tiny-ckpt --quick   # any local checkpoint (or .gguf)
 
