@@ -25,6 +25,14 @@ Usage::
 ``--memory`` adds the peak anonymous memory (sampled every 5 ms, above the level after the imports) and the peak
 resident file pages of streamed and in-memory fp32 importance, each in a fresh process.
 
+``--model PATH_OR_NAME`` times a real checkpoint instead of random weights (a local checkpoint directory, or a
+catalogue name of ``minitron fetch`` such as ``smollm2-135m``, fetched or taken from the cache): its own shape
+(``--hidden`` etc. are ignored) and real text as calibration data (``--data``, default WikiText-2 test, packed
+with the checkpoint's tokenizer). Example (the figures in ``docs/study.md``)::
+
+    python benchmarks/bench_streamed_importance.py --model smollm2-135m --tokens 2048 --seq 512 --threads 2 \
+        --bf16 --repeats 2 --json docs/study-smollm2/bench_importance.json
+
 ``--ranks N`` adds the torch.distributed figure (issue 12): in-memory importance on 1 and N gloo processes
 with one thread each (the batches sharded over the ranks), the speedup and scaling efficiency, and the
 bytes each rank all-reduces (once per run, computed from the shapes).
@@ -184,6 +192,42 @@ def peak_memory(ckpt: Path, n_batches: int, seq: int, vocab: int) -> dict:
     return out
 
 
+def model_layer_linear(model: torch.nn.Module) -> int:
+    """Weights of the linear layers of one decoder layer (the first) of a loaded causal LM."""
+    from minitron.models import get_adapter
+
+    layer = list(get_adapter(model).layers(model))[0]
+    return sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear))
+
+
+def real_checkpoint(name: str) -> Path:
+    """A local checkpoint directory as given, else :func:`minitron.api.fetch` of the catalogue name."""
+    p = Path(name).expanduser()
+    if p.is_dir():
+        return p
+    from minitron.api import fetch
+
+    return Path(fetch(name))
+
+
+def real_batches(ckpt: Path, data: Path | None, tokens: int, seq: int) -> list:
+    """``tokens // seq`` batches of one ``seq``-token sequence of real text, packed with the checkpoint's
+    tokenizer (default text: the shipped WikiText-2 test)."""
+    from transformers import AutoTokenizer
+
+    from minitron.io.data import load_packed
+
+    if data is None:
+        from benchmarks.study.experiment import resolve_data_path
+
+        data = resolve_data_path("wikitext-2/test.txt")
+    tok = AutoTokenizer.from_pretrained(str(ckpt))
+    packed = load_packed(str(data), tok, seq_len=seq, max_tokens=tokens)
+    if len(packed) < max(1, tokens // seq):
+        raise ValueError(f"{data} holds only {len(packed)} sequences of {seq} tokens; lower --tokens")
+    return [{"input_ids": packed.input_ids[i: i + 1]} for i in range(max(1, tokens // seq))]
+
+
 def cases(cfg: object) -> list:
     """No harness cases: this is a standalone script (``python benchmarks/bench_streamed_importance.py``),
     discovered by ``python -m benchmarks`` only to be skipped quietly."""
@@ -210,6 +254,14 @@ def main(argv: list[str] | None = None) -> dict:
                     help="also time both fp32 paths with the LM-loss-drop depth metric (seconds only)")
     ap.add_argument("--memory", action="store_true",
                     help="also measure peak anonymous memory of streamed vs in-memory importance (fresh processes)")
+    ap.add_argument("--model", default=None,
+                    help="a real checkpoint (local directory or catalogue name, e.g. smollm2-135m) instead of random "
+                         "weights; its shape replaces --hidden/--mlp/--heads/--kv-heads/--layers/--vocab")
+    ap.add_argument("--max-layers", type=int, default=None,
+                    help="with --model: time only its first N decoder layers (a truncated fp32 copy in a temporary "
+                         "directory; the per-layer figures are unchanged, the run shorter)")
+    ap.add_argument("--data", type=Path, default=None,
+                    help="calibration text of --model (default: the shipped WikiText-2 test)")
     ap.add_argument("--ranks", type=int, default=0,
                     help="also time in-memory importance on 1 and RANKS gloo processes (one thread each)")
     args = ap.parse_args(argv)
@@ -222,16 +274,45 @@ def main(argv: list[str] | None = None) -> dict:
     from minitron.compress.streaming import estimate_importance_streaming
 
     n_batches = max(1, args.tokens // args.seq)
-    g = torch.Generator().manual_seed(0)
-    batches = [{"input_ids": torch.randint(0, args.vocab, (1, args.seq), generator=g)} for _ in range(n_batches)]
+    real_ckpt = real_checkpoint(args.model) if args.model else None
+    if real_ckpt is not None:
+        from transformers import AutoConfig
+
+        c = AutoConfig.from_pretrained(str(real_ckpt))
+        args.hidden, args.mlp, args.heads = c.hidden_size, c.intermediate_size, c.num_attention_heads
+        args.kv_heads, args.layers, args.vocab = c.num_key_value_heads, c.num_hidden_layers, c.vocab_size
+        batches = real_batches(real_ckpt, args.data, n_batches * args.seq, args.seq)
+    else:
+        g = torch.Generator().manual_seed(0)
+        batches = [{"input_ids": torch.randint(0, args.vocab, (1, args.seq), generator=g)} for _ in range(n_batches)]
     tokens = n_batches * args.seq
     kw = dict(layer_metrics=("block_influence",), progress=False)
     results: dict = {"shape": {k: getattr(args, k) for k in ("hidden", "mlp", "heads", "kv_heads", "layers", "vocab")},
                      "tokens": tokens, "threads": args.threads, "providers": {}}
+    if real_ckpt is not None:
+        results["model"] = {"name": args.model, "checkpoint": str(real_ckpt),
+                            "data": str(args.data) if args.data else "WikiText-2 test (shipped)"}
     with tempfile.TemporaryDirectory(prefix="minitron-bench-stream-") as tmp:
-        ckpt = Path(tmp) / "ckpt"
-        linear = write_checkpoint(ckpt, hidden=args.hidden, mlp=args.mlp, heads=args.heads, kv_heads=args.kv_heads,
-                                  layers=args.layers, vocab=args.vocab)
+        if real_ckpt is not None:
+            ckpt = real_ckpt
+            probe = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32)
+            linear = model_layer_linear(probe)
+            if args.max_layers is not None and args.max_layers < args.layers:
+                from minitron.models import get_adapter
+
+                keep = list(get_adapter(probe).layers(probe))[: args.max_layers]
+                probe.model.layers = torch.nn.ModuleList(keep)
+                probe.config.num_hidden_layers = args.max_layers
+                ckpt = Path(tmp) / "ckpt"
+                probe.save_pretrained(str(ckpt))
+                args.layers = args.max_layers
+                results["shape"]["layers"] = args.max_layers
+                results["model"]["layers_timed"] = f"the first {args.max_layers} of {c.num_hidden_layers}"
+            del probe
+        else:
+            ckpt = Path(tmp) / "ckpt"
+            linear = write_checkpoint(ckpt, hidden=args.hidden, mlp=args.mlp, heads=args.heads,
+                                      kv_heads=args.kv_heads, layers=args.layers, vocab=args.vocab)
         flops = 2.0 * tokens * linear * args.layers
         # the machine's GEMM rate (the shape of one batch's MLP), sampled before every timed run and at the
         # end: the best sample is the reference (on a shared machine a single sample may catch a busy moment)
@@ -283,7 +364,7 @@ def main(argv: list[str] | None = None) -> dict:
             results["lm_loss_seconds"] = {"streamed-fp32": t_stream, "in-memory-fp32": t_mem}
         if args.memory:
             results["memory"] = peak_memory(ckpt, n_batches, args.seq, args.vocab)
-            results["checkpoint_bytes"] = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+            results["checkpoint_bytes"] = sum(f.stat().st_size for f in Path(ckpt).glob("*.safetensors"))
         if args.ranks > 1:
             results["ranks"] = rank_scaling(ckpt, tmp, args.ranks, n_batches, args.seq, args.vocab)
             results["ranks"]["allreduce_bytes_per_rank"] = allreduce_bytes(args.hidden, args.mlp, args.heads,
@@ -300,6 +381,8 @@ def main(argv: list[str] | None = None) -> dict:
             ref = mm_bf16 if name.endswith("bf16") else mm
             r["fraction_of_matmul"] = r["gflops"] / ref
 
+    if "model" in results:
+        print(f"model {results['model']['name']} ({results['model']['checkpoint']}), real text")
     print(f"shape {results['shape']}, {tokens} tokens ({n_batches} x {args.seq}), {args.threads} thread(s)")
     print(f"fp32 matmul: {mm:.1f} GFLOP/s" + (f", bf16 matmul: {mm_bf16:.1f} GFLOP/s" if mm_bf16 else "")
           + f"; decoder linear work {flops / 1e9:.1f} GFLOP (bf16 providers: fraction of the bf16 matmul rate)")

