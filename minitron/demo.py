@@ -104,6 +104,23 @@ DATA_FILES = {
 }
 
 
+def _data_files(data_dir: Optional[PathLike], given: Dict[str, Optional[PathLike]]) -> Dict[str, Path]:
+    """The demo's text files for the keys of ``given`` (of :data:`DATA_FILES`): the given path, else the file in
+    ``data_dir`` (default: the data shipped in the package); each must exist and be text (errors name its flag)."""
+    from minitron.api import check_text_file
+
+    base = Path(data_dir) if data_dir is not None else default_data_dir()
+    files = {key: Path(given[key]) if given[key] is not None else base.joinpath(*DATA_FILES[key]) for key in given}
+    holding = " and ".join(f"{sub}/{name}" for sub, name in (DATA_FILES[k] for k in given))
+    for key, f in files.items():
+        if not f.is_file():
+            raise FileNotFoundError(f"demo data file {str(f)!r} not found; pass --data-dir DIR (holding {holding}) "
+                                    f"or --{key.replace('_', '-')} FILE")
+    for key, f in files.items():
+        check_text_file(f, f"--{key.replace('_', '-')}")
+    return files
+
+
 def default_data_dir() -> Path:
     """The text data shipped inside the package (:func:`minitron.resources.data_dir`)."""
     return api.packaged_data_dir()
@@ -146,25 +163,14 @@ def run_toy_demo(
         device, backend: where to run and which kernel backend every op uses.
         threads: ``torch.set_num_threads`` (default: leave torch's setting).
     """
-    from minitron.api import abandon_output, begin_output, check_output_dir, check_text_file, finish_output
+    from minitron.api import abandon_output, begin_output, check_output_dir, finish_output
     from minitron.runtime import check_backends, resolve_device
 
     preset = PRESETS["quick" if quick else "default"]
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive int, got {threads!r}")
-    base = Path(data_dir) if data_dir is not None else default_data_dir()
-    given = {"shakespeare": shakespeare, "wikitext_valid": wikitext_valid, "wikitext_test": wikitext_test}
-    files: Dict[str, Path] = {}
-    for key, (sub, name) in DATA_FILES.items():
-        f = Path(given[key]) if given[key] is not None else base / sub / name
-        if not f.is_file():
-            raise FileNotFoundError(
-                f"demo data file {str(f)!r} not found; pass --data-dir DIR (holding tinyshakespeare/input.txt and "
-                f"wikitext-2/valid.txt, test.txt) or --{key.replace('_', '-')} FILE"
-            )
-        files[key] = f
-    for key, f in files.items():
-        check_text_file(f, f"--{key.replace('_', '-')}")
+    files = _data_files(data_dir, {"shakespeare": shakespeare, "wikitext_valid": wikitext_valid,
+                                   "wikitext_test": wikitext_test})
     out = check_output_dir(output_dir, overwrite=overwrite, resume=resume, resumable=True,
                            inputs={"--data-dir": data_dir, **{f"--{k.replace('_', '-')}": v for k, v in files.items()}})
     dev = resolve_device(device)
@@ -434,21 +440,14 @@ def run_real_demo(
     Raises:
         FetchError: the model is a catalogue name and cannot be fetched (before anything is written).
     """
-    from minitron.api import abandon_output, begin_output, check_output_dir, check_text_file, finish_output
+    from minitron.api import abandon_output, begin_output, check_output_dir, finish_output
     from minitron.runtime import check_backends, resolve_device
 
     p = REAL_PRESETS[preset] if isinstance(preset, str) else preset
     threads = p.threads if threads is None else threads
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
         raise ValueError(f"threads must be a positive int, got {threads!r}")
-    base = Path(data_dir) if data_dir is not None else default_data_dir()
-    files = {"wikitext_valid": Path(wikitext_valid) if wikitext_valid is not None else base / "wikitext-2" / "valid.txt",
-             "wikitext_test": Path(wikitext_test) if wikitext_test is not None else base / "wikitext-2" / "test.txt"}
-    for key, f in files.items():
-        if not f.is_file():
-            raise FileNotFoundError(f"demo data file {str(f)!r} not found; pass --data-dir DIR (holding "
-                                    f"wikitext-2/valid.txt, test.txt) or --{key.replace('_', '-')} FILE")
-        check_text_file(f, f"--{key.replace('_', '-')}")
+    files = _data_files(data_dir, {"wikitext_valid": wikitext_valid, "wikitext_test": wikitext_test})
     dev = resolve_device(device)
     check_backends(dev, backend)
     t0 = time.time()
