@@ -2,26 +2,44 @@
 
 ``get_adapter(model_or_config)`` returns the adapter for a model, a config or a ``model_type`` string;
 any other family raises ``ValueError`` listing :data:`SUPPORTED_MODEL_TYPES`. Adding a family is one
-small module with a :class:`~minitron.models.base.ModelAdapter` subclass, registered in ``_ADAPTERS``.
+small module in this package with a :class:`~minitron.models.base.ModelAdapter` subclass that sets
+``model_type``: every module of the package is scanned once at import (:func:`_discover`), so no list
+needs editing.
 """
 from __future__ import annotations
 
+import importlib
+import inspect
+import pkgutil
 from typing import Any
 
 from minitron.models.base import Dims, ModelAdapter, RowSpan
-from minitron.models.llama import LlamaAdapter
-from minitron.models.mistral import MistralAdapter
-from minitron.models.phi3 import Phi3Adapter
-from minitron.models.qwen2 import Qwen2Adapter
-from minitron.models.qwen3 import Qwen3Adapter
-
-_ADAPTERS: dict[str, type[ModelAdapter]] = {
-    cls.model_type: cls for cls in (LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter, Phi3Adapter)
-}
-
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_ADAPTERS)
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "get_adapter", "ModelAdapter", "Dims", "RowSpan"]
+
+# the families of the first waves first (their order is the order of SUPPORTED_MODEL_TYPES), then the rest
+_FIRST = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+
+
+def _discover() -> dict[str, type[ModelAdapter]]:
+    """``model_type -> adapter class`` for every ModelAdapter subclass defined in a module of this package."""
+    names = sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "base" and not m.name.startswith("_"))
+    names.sort(key=lambda n: (_FIRST.index(n) if n in _FIRST else len(_FIRST), n))
+    found: dict[str, type[ModelAdapter]] = {}
+    for name in names:
+        module = importlib.import_module(f"{__name__}.{name}")
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if issubclass(cls, ModelAdapter) and cls.__module__ == module.__name__ and cls.model_type:
+                if cls.model_type in found and found[cls.model_type] is not cls:
+                    raise RuntimeError(f"two adapters claim model_type {cls.model_type!r}: "
+                                       f"{found[cls.model_type].__name__} and {cls.__name__}")
+                found[cls.model_type] = cls
+    return found
+
+
+_ADAPTERS: dict[str, type[ModelAdapter]] = _discover()
+
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_ADAPTERS)
 
 
 def get_adapter(model_or_config: Any) -> ModelAdapter:
