@@ -24,8 +24,8 @@ one Qwen3-30B-A3B layer in bf16, ``gate_up_proj`` ``[128, 1536, 2048]`` -> 64 ex
 576]``, each alone and both in one call (``tensor=layer``). Providers: ours; ``torch-index_select`` (the
 reference: ``w.index_select(0, experts).index_select(1, rows)``), ``torch-indexing`` (advanced indexing,
 ``w[experts][:, rows]``) and ``torch-compile`` (``torch.compile`` of the ``index_select`` chain; unavailable
-where inductor cannot compile). ``--quick``: a tiny ``[16, 192, 256]`` / ``[16, 256, 96]`` pair, so the case
-stays a few seconds.
+where inductor cannot compile). ``--quick``: a tiny ``[16, 192, 256]`` / ``[16, 256, 96]`` pair in one call,
+without ``torch-compile`` (whose compilation alone takes tens of seconds), so the case stays a few seconds.
 
 ``bytes_moved`` = read + write of the kept data (2 x result bytes), the compulsory traffic; the harness
 reports it as a fraction of the copy bandwidth it measures in the same run (``dst.copy_(src)``). Note
@@ -213,7 +213,8 @@ def _moe_cases(cfg: BenchConfig, provs: list[str]) -> list[Case]:
     for which in (["layer"] if cfg.quick else ["gate_up", "down", "layer"]):
         names = list(specs) if which == "layer" else [which]
         moved = 2 * sum(specs[n][2] for n in names)
-        for p in provs + MOE_TORCH:
+        # --quick leaves out torch-compile: its compilation alone takes tens of seconds here
+        for p in provs + (MOE_TORCH[:1] if cfg.quick else MOE_TORCH):
             out.append(Case(
                 bench="gather_slices_moe", provider=p, mode="forward",
                 shape={"E": c["E"], "I": c["I"], "H": c["H"]}, dtype="bfloat16",
