@@ -400,9 +400,9 @@ def test_opcheck_3d_two_cuts(backend):
 @needs_cpp
 def test_torch_compile_fullgraph_two_cuts():
     def f(gu, dn, c, e, n, h):
-        a, b = gather_slices([gu, dn], [(e, n), (e, h)], [(0, 1), (0, 2)], backend="cpp")
+        a, b, m = gather_slices([gu, dn, dn[0]], [(e, n), (e, h), h], [(0, 1), (0, 2), 1], backend="cpp")
         v = compact_(c, h, 2, backend="cpp")
-        return a * 2, b, v + 1
+        return a * 2, b, v + 1, m
 
     gu, dn = _rand((6, 10, 8), torch.float32, 1), _rand((6, 8, 5), torch.float32, 2)
     c = _rand((3, 4, 5), torch.float32, 3)
@@ -413,6 +413,7 @@ def test_torch_compile_fullgraph_two_cuts():
     for g_, w in zip(got, want):
         _same(g_, w)
     _same(want[0], _chain(gu, [(e, 0, 1), (n, 1, 1)]) * 2)
+    _same(want[3], _chain(dn[0], [(h, 1, 1)]))
 
 
 # ----------------------------------------------------------------------------------------------
