@@ -98,8 +98,10 @@ def test_emulated_matches_reference(emu, dtype, units, group_size):
     assert int(offsets[-1]) > r
     x[r, 0] = float("nan")
     x[r, 1] = float("inf")
+    batch_cases = ((AGGREGATIONS["l2"], w), (AGGREGATIONS["var"], None), (AGGREGATIONS["max"], w))
     for seq_agg in AGGREGATIONS.values():
-        for batch_agg, weights in ((AGGREGATIONS["l2"], w), (AGGREGATIONS["var"], None), (AGGREGATIONS["max"], w)):
+        # fp32: every (seq, batch) pair; the half types differ only in the loads: one batch case per seq_agg
+        for batch_agg, weights in batch_cases if dtype == torch.float32 else batch_cases[seq_agg % 3:][:1]:
             state = torch.rand(groups, 2, units)  # prior state: the update must fold into it
             state[:, 1] = state[:, 1] * 0.1
             count = torch.tensor([[2, 0, 1], [0, 0, 0], [10, 0, 7]], dtype=torch.int64)
