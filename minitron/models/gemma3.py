@@ -18,11 +18,11 @@ __all__ = ["Gemma3Adapter", "MULTIMODAL_MESSAGE", "embed_scale_factor", "rescale
 
 #: Why ``Gemma3ForConditionalGeneration`` (model_type ``gemma3``, the 4B/12B/27B image+text checkpoints) is refused.
 MULTIMODAL_MESSAGE = (
-    "model_type 'gemma3' is the image+text Gemma3ForConditionalGeneration (vision tower, projector and a "
-    "language model under 'language_model'); minitron prunes the text model only: use a text-only "
-    "checkpoint (Gemma3ForCausalLM, config model_type 'gemma3_text', e.g. gemma-3-1b or gemma-3-270m), or "
-    "extract the language model first (Gemma3ForCausalLM built from config.text_config, loaded with the "
-    "'model.language_model.*' weights renamed to 'model.*' and saved with save_pretrained)"
+    "model_type 'gemma3' is the image+text Gemma3ForConditionalGeneration (vision tower, projector and the "
+    "language model); minitron prunes the text model only: use a text-only checkpoint (Gemma3ForCausalLM, "
+    "config model_type 'gemma3_text', e.g. gemma-3-270m or gemma-3-1b), or extract the language model first: "
+    "text = Gemma3ForCausalLM(mm.config.text_config); "
+    "text.model.load_state_dict(mm.model.language_model.state_dict()); text.save_pretrained(folder)"
 )
 
 
