@@ -26,16 +26,23 @@ MULTIMODAL_MESSAGE = (
 )
 
 
-def embed_scale_factor(hidden_before: int, hidden_after: int) -> float:
-    """``c = sqrt(hidden_before / hidden_after)``: the factor the kept embedding rows are multiplied by.
+def embed_scale_factor(hidden_before: int, hidden_after: int, dtype: torch.dtype = torch.float32) -> float:
+    """``c``: the factor the kept embedding rows are multiplied by, ``sqrt(hidden_before / hidden_after)`` as the
+    model applies it in ``dtype``.
 
     transformers builds ``Gemma3TextScaledWordEmbedding`` with ``embed_scale = hidden_size ** 0.5`` from the
-    config, so a reloaded pruned model scales by sqrt(hidden_after) where the cut teacher scaled by
-    sqrt(hidden_before); multiplying the stored rows by ``c`` restores the teacher's product.
+    config and multiplies by ``embed_scale.to(weight.dtype)``, so a reloaded pruned model scales by
+    ``q(sqrt(hidden_after))`` where the cut teacher scaled by ``q(sqrt(hidden_before))``, ``q`` rounding to
+    ``dtype`` (in bf16 sqrt(1152) = 33.94 becomes 34.0). ``c = q(sqrt(H0)) / q(sqrt(H1))`` restores the
+    teacher's product exactly up to the rounding of the rescaled rows.
     """
     if hidden_before < 1 or hidden_after < 1:
         raise ValueError(f"hidden sizes must be >= 1, got {hidden_before} -> {hidden_after}")
-    return math.sqrt(hidden_before / hidden_after)
+
+    def q(x: float) -> float:
+        return float(torch.tensor(x, dtype=torch.float64).to(dtype))
+
+    return q(math.sqrt(hidden_before)) / q(math.sqrt(hidden_after))
 
 
 def rescale_embedding(weight: torch.Tensor, c: float) -> torch.Tensor:
@@ -156,7 +163,8 @@ class Gemma3Adapter(ModelAdapter):
     def width_transforms(self, config_before: Any, config_after: Any) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         """Functions applied to state-dict tensors after the width cuts: the embedding-scale compensation.
 
-        With ``H0 = config_before.hidden_size`` and ``H1 = config_after.hidden_size``, ``c = sqrt(H0 / H1)``:
+        With ``H0 = config_before.hidden_size`` and ``H1 = config_after.hidden_size``, ``c = sqrt(H0 / H1)`` (as the
+        model rounds the two scales in the tensor's dtype, :func:`embed_scale_factor`):
         ``model.embed_tokens.weight`` [vocab, H1] is multiplied by ``c`` (a reload scales by sqrt(H1), the cut
         teacher by sqrt(H0)) and, the LM head being tied to it, ``model.norm.weight`` [H1] becomes
         ``(1 + w) / c - 1`` so the logits stay those of the cut teacher. An untied LM head needs no final-norm
@@ -165,11 +173,10 @@ class Gemma3Adapter(ModelAdapter):
         h0, h1 = int(config_before.hidden_size), int(config_after.hidden_size)
         if h0 == h1:
             return {}
-        c = embed_scale_factor(h0, h1)
         out: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-            "model.embed_tokens.weight": lambda w: rescale_embedding(w, c)}
+            "model.embed_tokens.weight": lambda w: rescale_embedding(w, embed_scale_factor(h0, h1, w.dtype))}
         if bool(getattr(config_after, "tie_word_embeddings", True)):
-            out["model.norm.weight"] = lambda w: rescale_norm_weight(w, c)
+            out["model.norm.weight"] = lambda w: rescale_norm_weight(w, embed_scale_factor(h0, h1, w.dtype))
         return out
 
     def sync_pruned_modules(self, model: nn.Module, base: Optional[nn.Module] = None) -> None:
