@@ -366,10 +366,10 @@ def test_removing_layers_equals_bypassing():
     torch.testing.assert_close(logits_of(model, batches), expect, **TOL)
 
 
-@pytest.mark.parametrize("drop", [[1, 2], [1]])
+@pytest.mark.parametrize("drop", [[1, 2], [1], [1, 3], [0, 2]])
 def test_generate_with_cache_after_depth_pruning(drop, tmp_path):
-    """Greedy generation past the sliding window: the KV cache (sliding + full layers) gives the no-cache tokens,
-    in memory and after a plain reload."""
+    """Greedy generation past the sliding window: the KV cache (sliding + full layers, only sliding, only full)
+    gives the no-cache tokens, in memory and after a plain reload."""
     model = gemma_model()
     prune_depth(model, num_hidden_layers=4 - len(drop), layers_to_drop=drop)
     prompt = torch.randint(3, 96, (2, 5), generator=torch.Generator().manual_seed(1))
