@@ -45,6 +45,7 @@ __all__ = ["prune_checkpoint_streaming", "should_stream_prune", "random_importan
 
 PathLike = Union[str, os.PathLike]
 _WIDTH_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+_MOE_KEYS = ("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size")
 
 
 def random_importance(config: Any, seed: int = 0) -> ImportanceScores:
@@ -55,11 +56,20 @@ def random_importance(config: Any, seed: int = 0) -> ImportanceScores:
     L = d.num_hidden_layers
     heads = torch.rand(L, d.num_attention_heads, generator=g)
     kv = heads.view(L, d.num_key_value_heads, d.heads_per_group).sum(-1)
+    moe: dict = {}
+    m = adapter.moe_dims(config)
+    if m is not None:
+        moe = {"experts": torch.rand(L, m.num_experts, generator=g),
+               "expert_frequency": torch.rand(L, m.num_experts, generator=g),
+               "expert_neurons": torch.rand(L, m.num_experts, m.moe_intermediate_size, generator=g),
+               "shared_neurons": None if m.shared_expert_intermediate_size is None else
+               torch.rand(L, m.shared_expert_intermediate_size, generator=g)}
     return ImportanceScores(
         heads=heads, kv_groups=kv, neurons=torch.rand(L, d.intermediate_size, generator=g),
         channels=torch.rand(d.hidden_size, generator=g), block_influence=torch.rand(L, generator=g),
         lm_loss_drop=None,
         meta={"model_type": adapter.model_type, "config_fingerprint": adapter.fingerprint(config), "random": True},
+        **moe,
     )
 
 
@@ -79,10 +89,10 @@ def should_stream_prune(src_dir: PathLike, *, fraction: float = 0.5) -> tuple[bo
 
 
 def _cut_shape(shape: tuple[int, ...], cuts: Sequence[Cut]) -> tuple[int, ...]:
-    s = list(shape)
+    s = tuple(shape)
     for c in cuts:
-        s[c.dim] = int(c.index.numel()) * c.block
-    return tuple(s)
+        s = c.shape_after(s)
+    return s
 
 
 def _rename(name: str, renames: dict[str, Optional[str]]) -> Optional[str]:
@@ -169,9 +179,9 @@ def prune_checkpoint_streaming(
     if width_targets is not None:
         if not isinstance(width_targets, dict):
             raise TypeError(f"width_targets must be a dict or None, got {type(width_targets).__name__}")
-        unknown = set(width_targets) - set(_WIDTH_KEYS)
+        unknown = set(width_targets) - set(_WIDTH_KEYS) - set(_MOE_KEYS)
         if unknown:
-            raise TypeError(f"unknown width target(s) {sorted(unknown)}; expected {_WIDTH_KEYS}")
+            raise TypeError(f"unknown width target(s) {sorted(unknown)}; expected {_WIDTH_KEYS + _MOE_KEYS}")
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     src = Path(src_dir)
@@ -225,9 +235,8 @@ def _plan_streamed_prune(ckpt: ShardedCheckpoint, scores: Optional[ImportanceSco
     config = copy.deepcopy(ckpt.config)
     adapter = get_adapter(config)
     d = adapter.dims(config)
-    plan = plan_width(config, scores, **(width_targets or {}))
-    width_changes = plan.hidden is not None or any(h is not None for h in plan.heads) or any(
-        n is not None for n in plan.neurons)
+    plan = plan_width(config, scores, **{k: v for k, v in (width_targets or {}).items() if v is not None})
+    width_changes = plan.changes
     kept = _resolve_depth(config, keep_layers, drop_layers)
     from transformers import AutoModelForCausalLM
 
