@@ -478,3 +478,51 @@ def test_bad_depth_target_raises_before_work():
     with pytest.raises(ValueError, match="layers_to_drop"):
         prune_depth(model, num_hidden_layers=3, layers_to_drop=[4])
     assert_unchanged(model, snap)
+
+
+def test_hub_style_legacy_config(tmp_path):
+    """A config.json as on the Hub (transformers 4.5x: no layer_types, sliding_window_pattern 3, rope_theta and
+    rope_local_base_freq, cache_implementation "hybrid"): width + depth pruning, streamed and in memory, agree,
+    and the output keeps each kept layer's type and the per-type rope bases, reloads and generates with a cache."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    legacy = {"architectures": ["Gemma3ForCausalLM"], "attn_logit_softcapping": None, "bos_token_id": 2,
+              "cache_implementation": "hybrid", "eos_token_id": [1, 106], "final_logit_softcapping": None,
+              "head_dim": 16, "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 32, "intermediate_size": 48,
+              "max_position_embeddings": 128, "model_type": "gemma3_text", "num_attention_heads": 4,
+              "num_hidden_layers": 7, "num_key_value_heads": 1, "pad_token_id": 0, "query_pre_attn_scalar": 16,
+              "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000, "rope_scaling": None, "rope_theta": 1000000,
+              "sliding_window": 4, "sliding_window_pattern": 3, "torch_dtype": "float32",
+              "transformers_version": "4.52.4", "use_cache": True, "vocab_size": 110}
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(legacy))
+    cfg = AutoConfig.from_pretrained(str(src))
+    assert cfg.layer_types == [S, S, F, S, S, F, S]
+    torch.manual_seed(0)
+    model = randomize_(AutoModelForCausalLM.from_config(cfg)).float().eval()
+    model.save_pretrained(str(src))
+    (src / "config.json").write_text(json.dumps(legacy))  # the Hub's form on disk
+    scores = random_importance(cfg, seed=1)
+    width = dict(hidden_size=24, intermediate_size=40, num_attention_heads=2, num_key_value_heads=1)
+    s = prune_checkpoint_streaming(src, tmp_path / "s", scores=scores, width_targets=width, drop_layers=[1, 4],
+                                   backend=BACKEND, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    prune_width(model, scores, backend=BACKEND, **width)
+    prune_depth(model, num_hidden_layers=5, layers_to_drop=[1, 4])
+    save_model(model, tmp_path / "m")
+    a, b = _state(s), _state(tmp_path / "m")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    c = json.loads((s / "config.json").read_text())
+    assert c == json.loads((tmp_path / "m" / "config.json").read_text())
+    assert c["layer_types"] == [S, F, S, F, S] and "sliding_window_pattern" not in c
+    assert c["rope_parameters"]["sliding_attention"]["rope_theta"] == 10000
+    assert c["rope_parameters"]["full_attention"]["rope_theta"] == 1000000
+    again = _reload(s)
+    assert [l.self_attn.is_sliding for l in again.model.layers] == [True, False, True, False, True]
+    batches = make_batches(vocab=110, seq=12)
+    assert torch.equal(logits_of(again, batches), logits_of(model, batches))
+    prompt = torch.randint(3, 110, (1, 4), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        assert torch.equal(again.generate(prompt, use_cache=True, **kw), again.generate(prompt, use_cache=False, **kw))
