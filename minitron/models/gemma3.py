@@ -14,6 +14,9 @@ from torch import nn
 
 from minitron.models.base import ModelAdapter
 
+#: Elements per chunk of :func:`rescale_embedding` (64 MiB of fp32 temporaries).
+_CHUNK_ELEMENTS = 1 << 24
+
 __all__ = ["Gemma3Adapter", "MULTIMODAL_MESSAGE", "embed_scale_factor", "rescale_embedding", "rescale_norm_weight"]
 
 #: Why ``Gemma3ForConditionalGeneration`` (model_type ``gemma3``, the 4B/12B/27B image+text checkpoints) is refused.
@@ -46,9 +49,19 @@ def embed_scale_factor(hidden_before: int, hidden_after: int, dtype: torch.dtype
 
 
 def rescale_embedding(weight: torch.Tensor, c: float) -> torch.Tensor:
-    """The embedding [vocab, hidden] times ``c``, computed in fp32 (fp64 for fp64 weights), in ``weight``'s dtype."""
+    """The embedding [vocab, hidden] times ``c``, computed in fp32 (fp64 for fp64 weights), in ``weight``'s dtype.
+
+    Works through the rows in chunks of about :data:`_CHUNK_ELEMENTS` elements, so a bf16 Gemma-3 embedding
+    (262k x 5376 = 2.8 GB) needs one output tensor and a small fp32 temporary, not a full fp32 copy.
+    """
     wide = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    return (weight.to(wide) * c).to(weight.dtype)
+    if weight.dim() < 2:
+        return (weight.to(wide) * c).to(weight.dtype)
+    out = torch.empty_like(weight)
+    rows = max(1, _CHUNK_ELEMENTS // max(1, math.prod(weight.shape[1:])))
+    for i in range(0, weight.shape[0], rows):
+        out[i:i + rows].copy_(weight[i:i + rows].to(wide) * c)
+    return out
 
 
 def rescale_norm_weight(weight: torch.Tensor, c: float) -> torch.Tensor:

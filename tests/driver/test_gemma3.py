@@ -281,6 +281,19 @@ def test_compensation_formulas(dtype):
     assert rescale_norm_weight(n_old.weight, 1.0).dtype == dtype
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_rescale_embedding_chunks_equal_one_pass(dtype, monkeypatch):
+    """Row chunks (the memory bound for 262k-row embeddings) give bit for bit the one-pass product."""
+    import minitron.models.gemma3 as g3
+
+    w = torch.randn(1000, 37, generator=torch.Generator().manual_seed(0)).to(dtype)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    expect = (w.to(wide) * 1.2247).to(dtype)
+    monkeypatch.setattr(g3, "_CHUNK_ELEMENTS", 100)  # 2 rows per chunk
+    assert torch.equal(rescale_embedding(w, 1.2247), expect) and torch.equal(w, w.clone())
+    assert rescale_embedding(w[:0], 2.0).shape == (0, 37)
+
+
 def test_scale_factor_follows_the_models_rounding():
     """In bf16 the model multiplies by bf16(sqrt(hidden)) (sqrt(1152) = 33.94 -> 34.0): c is the ratio of those."""
     assert embed_scale_factor(1152, 768, torch.bfloat16) == 34.0 / 27.75
