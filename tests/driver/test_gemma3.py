@@ -289,8 +289,9 @@ def test_rescale_embedding_chunks_equal_one_pass(dtype, monkeypatch):
     w = torch.randn(1000, 37, generator=torch.Generator().manual_seed(0)).to(dtype)
     wide = torch.float64 if dtype == torch.float64 else torch.float32
     expect = (w.to(wide) * 1.2247).to(dtype)
+    before = w.clone()
     monkeypatch.setattr(g3, "_CHUNK_ELEMENTS", 100)  # 2 rows per chunk
-    assert torch.equal(rescale_embedding(w, 1.2247), expect) and torch.equal(w, w.clone())
+    assert torch.equal(rescale_embedding(w, 1.2247), expect) and torch.equal(w, before)  # input not modified
     assert rescale_embedding(w[:0], 2.0).shape == (0, 37)
 
 
