@@ -15,6 +15,8 @@ KL options' declared bounds (``minitron.ops.kl``), for a driver that validates w
     check_kl_options(mode, temperature, beta, reduction)  raises the TypeError/ValueError the KL ops would raise
 Importance reduction (``minitron.ops.importance``):
     ImportanceAccumulator, BlockInfluence, importance_reference, block_influence_reference
+Grouped (per-expert) importance reduction (``minitron.ops.grouped_importance``):
+    GroupedImportanceAccumulator, grouped_importance_reference, grouped_segments
 Sparse top-k KL (``minitron.ops.topk_kl``):
     topk_kl_div, fused_linear_topk_kl_div, TopKKLDivLoss, FusedLinearTopKKLDivLoss, topk_kl_div_reference,
     fused_linear_topk_kl_div_reference
@@ -49,6 +51,9 @@ _EXPORTS = {
     "BlockInfluence": "importance",
     "importance_reference": "importance",
     "block_influence_reference": "importance",
+    "GroupedImportanceAccumulator": "grouped_importance",
+    "grouped_importance_reference": "grouped_importance",
+    "grouped_segments": "grouped_importance",
     "gather_slices": "slicing",
     "compact_": "slicing",
     "gather_slices_reference": "slicing",
