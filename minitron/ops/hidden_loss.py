@@ -75,7 +75,9 @@ def _per_token_reference(s: Tensor, t: Tensor, loss: str) -> Tensor:
     den = torch.where(zs, one, ss).sqrt() * torch.where(zt, one, tt).sqrt()
     out = 1.0 - (dot / den).clamp(-1.0, 1.0)
     out = torch.where(zs & zt, torch.zeros_like(out), out)
-    return torch.where(zs ^ zt, torch.ones_like(out), out)
+    out = torch.where(zs ^ zt, torch.ones_like(out), out)
+    bad = ~(torch.isfinite(dot) & torch.isfinite(ss) & torch.isfinite(tt))  # NaN/inf in the token: NaN
+    return torch.where(bad, torch.full_like(out, float("nan")), out)
 
 
 def hidden_state_loss_reference(student: Tensor, teacher: Tensor, mask: Optional[Tensor] = None, *,
@@ -190,6 +192,8 @@ def _fwd_reference(s: Tensor, t: Tensor, w: Tensor, code: int, need_grad: bool):
         cos = dot / (ns * nt)
         g = (cos / torch.where(regular, ss, one)).unsqueeze(-1) * sd - (1.0 / (ns * nt)).unsqueeze(-1) * td
         g = torch.where(regular.unsqueeze(-1), g, zero)
+        bad = ~(torch.isfinite(dot) & torch.isfinite(ss) & torch.isfinite(tt))
+        g = torch.where(bad.unsqueeze(-1), torch.full_like(g, float("nan")), g)
     loss = torch.where(counted, wd * per, zero).to(torch.float32)
     if not need_grad:
         return loss, s.new_empty((0, s.shape[-1]))
