@@ -8,7 +8,8 @@
 //
 // Rows run in parallel (at::parallel_for, a few rows per task). Per row (vector paths, W = 16 / 8 lanes):
 //   cosine  pass 1 reads s and t once, accumulating s.t, |s|^2, |t|^2 in two W-lane fp32 accumulator sets;
-//           pass 2 re-reads the (cache-hot: a row is D * 2 elements) inputs and writes cs * s + ct * t.
+//           pass 2 re-reads the (cache-hot: a row is D * 2 elements) inputs, writes cs * s + ct * t and sums
+//           |s/|s| - t/|t||^2, whose half is the loss 1 - cos without cancellation (hidden_loss_math.h).
 //   MSE     one pass: the gradient (2 w / D) (s - t) needs no sum, so it is written while |s - t|^2 is summed.
 // Gradients larger than the caches are written with non-temporal stores (no read-for-ownership of the
 // destination lines), and the fresh gradient buffer is advised for transparent huge pages.
@@ -128,7 +129,7 @@ struct VecKernel {
         }
       }
       if (stream) simd::stream_fence();
-      P.loss[i] = hidden::hl_mse_row(simd::hsum<W>(a0 + a1), w, d).loss;
+      P.loss[i] = hidden::hl_mse_loss(simd::hsum<W>(a0 + a1), w, d);
       return;
     }
     // cosine: pass 1, the three sums
@@ -142,16 +143,42 @@ struct VecKernel {
                              m == W ? In::load(t + j) : load_tail(t + j, m));
     }
     const HlRow r = hidden::hl_cosine_row(simd::hsum<W>(a0 + a1), simd::hsum<W>(b0 + b1), simd::hsum<W>(c0 + c1), w);
-    P.loss[i] = r.loss;
-    if (g == nullptr) return;
-    // pass 2: the gradient, from the cache-hot rows
-    for (int64_t j = 0; j < d1; j += W) store(g + j, hidden::hl_grad<MODE>(In::load(s + j), In::load(t + j), r.cs, r.ct), stream);
-    if (d1 < d) {
-      const int64_t m = d - d1;
-      simd::store_partial<W, E>(g + d1, hidden::hl_grad<MODE>(load_tail(s + d1, m), load_tail(t + d1, m), r.cs, r.ct),
-                                m);
+    if (!r.regular) {  // zero or non-finite vectors: loss known, gradient 0 / NaN
+      P.loss[i] = r.loss;
+      if (g != nullptr) {
+        for (int64_t j = 0; j < d1; j += W) store(g + j, simd::splat<F>(r.cs), stream);
+        if (d1 < d) simd::store_partial<W, E>(g + d1, simd::splat<F>(r.cs), d - d1);
+        if (stream) simd::stream_fence();
+      }
+      return;
+    }
+    // pass 2, over the cache-hot rows: the loss as |s/|s| - t/|t||^2 / 2 and the gradient
+    F e0 = zero, e1 = zero;
+    for (int64_t j = 0; j < d2; j += 2 * W) {
+      const F s0 = In::load(s + j), t0 = In::load(t + j), s1 = In::load(s + j + W), t1 = In::load(t + j + W);
+      hidden::hl_cosine_dist(e0, s0, t0, r.us, r.ut);
+      hidden::hl_cosine_dist(e1, s1, t1, r.us, r.ut);
+      if (g != nullptr) {
+        store(g + j, hidden::hl_grad<MODE>(s0, t0, r.cs, r.ct), stream);
+        store(g + j + W, hidden::hl_grad<MODE>(s1, t1, r.cs, r.ct), stream);
+      }
+    }
+    for (int64_t j = d2; j < d; j += W) {
+      const int64_t m = std::min<int64_t>(W, d - j);
+      const F s0 = m == W ? In::load(s + j) : load_tail(s + j, m);
+      const F t0 = m == W ? In::load(t + j) : load_tail(t + j, m);
+      hidden::hl_cosine_dist(e0, s0, t0, r.us, r.ut);
+      if (g != nullptr) {
+        const F gv = hidden::hl_grad<MODE>(s0, t0, r.cs, r.ct);
+        if (m == W) {
+          store(g + j, gv, stream);
+        } else {
+          simd::store_partial<W, E>(g + j, gv, m);
+        }
+      }
     }
     if (stream) simd::stream_fence();
+    P.loss[i] = hidden::hl_cosine_loss(simd::hsum<W>(e0 + e1), w);
   }
 
   static MINITRON_SIMD_INLINE void rows(const Problem& P, int64_t b, int64_t e) {
@@ -199,13 +226,28 @@ struct ScalarKernel {
       tot = hidden::hl_sums_add(tot, cs);
     }
     if (MODE == kMse) {
-      P.loss[i] = hidden::hl_mse_row(tot.a, w, d).loss;
+      P.loss[i] = hidden::hl_mse_loss(tot.a, w, d);
       return;
     }
     const HlRow r = hidden::hl_cosine_row(tot.a, tot.b, tot.c, w);
-    P.loss[i] = r.loss;
-    if (g == nullptr) return;
-    for (int64_t j = 0; j < d; ++j) store1(g + j, hidden::hl_grad<MODE>(load1(s + j), load1(t + j), r.cs, r.ct));
+    if (!r.regular) {
+      P.loss[i] = r.loss;
+      if (g != nullptr)
+        for (int64_t j = 0; j < d; ++j) store1(g + j, r.cs);
+      return;
+    }
+    float e = 0.f;
+    for (int64_t c = 0; c < d; c += kScalarChunk) {
+      const int64_t ce = std::min(c + kScalarChunk, d);
+      float ec = 0.f;
+      for (int64_t j = c; j < ce; ++j) {
+        const float sv = load1(s + j), tv = load1(t + j);
+        hidden::hl_cosine_dist(ec, sv, tv, r.us, r.ut);
+        if (g != nullptr) store1(g + j, hidden::hl_grad<MODE>(sv, tv, r.cs, r.ct));
+      }
+      e += ec;
+    }
+    P.loss[i] = hidden::hl_cosine_loss(e, w);
   }
 
   static void rows(const Problem& P, int64_t b, int64_t e) {

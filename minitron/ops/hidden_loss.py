@@ -10,7 +10,8 @@ Zero vectors (the convention of block influence, :mod:`minitron.ops.importance`)
 (nothing to align); exactly one zero -> ``l = 1`` (``cos`` taken as 0). The gradient is 0 in both cases
 (``1 - cos`` is not differentiable at ``s = 0``; with ``t = 0`` it is constant). Otherwise the gradient of the
 cosine loss is ``dl/ds = cos * s / |s|^2 - t / (|s| |t|)`` (computed with the unclamped ``cos``), that of the
-MSE ``dl/ds = 2 (s - t) / D``. A NaN or an infinity in a counted token gives NaN for that token.
+MSE ``dl/ds = 2 (s - t) / D``. For the cosine loss a NaN or an infinity in a counted token gives NaN for that token (loss and gradient row);
+for the MSE they follow the arithmetic (a NaN gives NaN, an infinity ``+inf``).
 
 ``teacher`` is a constant: no gradient flows to it (it is detached), whatever its ``requires_grad``.
 
@@ -19,10 +20,12 @@ Reductions: ``"mean"`` over the counted tokens (0, with a zero gradient, when no
 the loss, and their gradient rows are 0.
 
 Implementation: every backend computes, in one pass per token (the token's two rows are read once for the
-sums; the gradient pass re-reads them while they are cache-hot), the per-token loss AND its gradient with
-respect to the student; backward only rescales that saved gradient by the upstream gradient, in place (a
-no-op for ``"mean"``/``"sum"``). So forward + backward allocate no ``[tokens, D]`` temporary beyond the
-gradient itself (plus a contiguous copy of an input whose last axis is not unit-stride). Accumulation is in
+sums; the cosine's gradient pass re-reads them while they are cache-hot), the per-token loss AND its gradient
+with respect to the student. The cosine loss is computed in that second pass as ``|s/|s| - t/|t||^2 / 2``
+(equal to ``1 - cos``), which keeps its error relative to the loss: ``1 - s.t / (|s| |t|)`` loses everything
+below ~1e-7 in fp32 to cancellation when the student is close to the teacher. Backward only rescales the
+saved gradient by the upstream gradient, in place (a no-op for ``"mean"``/``"sum"``). So forward + backward
+allocate no ``[tokens, D]`` temporary beyond the gradient itself (plus a contiguous copy of an input whose last axis is not unit-stride). Accumulation is in
 fp32 for every input dtype; the gradient has the student's dtype. Backends: CPU C++ (``csrc/cpu/
 hidden_loss.cpp``), CUDA C++ (``csrc/cuda/hidden_loss.cu``), Triton (``minitron/kernels/hidden_loss.py``),
 all sharing the per-token math of ``csrc/common/hidden_loss_math.h``; the torch ``reference`` backend runs only
@@ -184,12 +187,14 @@ def _fwd_reference(s: Tensor, t: Tensor, w: Tensor, code: int, need_grad: bool):
         per = diff.square().mean(-1)
         g = diff * (2.0 / s.shape[-1])
     else:
-        per = _per_token_reference(sd, td, "cosine")
         ss, tt, dot = sd.square().sum(-1), td.square().sum(-1), (sd * td).sum(-1)
         regular = (ss != 0) & (tt != 0)
         one = torch.ones_like(ss)
         ns, nt = torch.where(regular, ss, one).sqrt(), torch.where(regular, tt, one).sqrt()
         cos = dot / (ns * nt)
+        # 1 - cos as |s/|s| - t/|t||^2 / 2 (no cancellation; as the kernels compute it), special rows as defined
+        dist = (sd / ns.unsqueeze(-1) - td / nt.unsqueeze(-1)).square().sum(-1).mul(0.5).clamp(max=2.0)
+        per = torch.where(regular, dist, _per_token_reference(sd, td, "cosine"))
         g = (cos / torch.where(regular, ss, one)).unsqueeze(-1) * sd - (1.0 / (ns * nt)).unsqueeze(-1) * td
         g = torch.where(regular.unsqueeze(-1), g, zero)
         bad = ~(torch.isfinite(dot) & torch.isfinite(ss) & torch.isfinite(tt))
