@@ -35,6 +35,10 @@ row writes the gradient). Backward only rescales that gradient by the incoming g
 so the extra memory beyond the gradient is O(tokens). A second backward through the same graph is
 therefore refused (the saved gradient has been consumed).
 
+Padded vocabularies: ``vocab_size=V`` (every KL op, both families) makes columns ``>= V`` of either input count
+as ``-inf`` (no mass, zero gradient), so the two widths may differ (see ``docs/kl.md``; Liger-Kernel instead pads
+the student with logit 0, which leaves mass on the padding).
+
 Vocab-parallel logits (tensor-parallel LM heads): ``kl_div(..., process_group=g)`` with each rank holding a
 contiguous slice of the vocabulary; the ranks exchange the per-row online-softmax statistics (20 bytes per row,
 JSD 40), never a row (:mod:`minitron.ops.kl_vocab_parallel`; docs/kl.md). The fused-linear form, which never
