@@ -11,6 +11,8 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from minitron import _ext
 from minitron.ops._dispatch import BackendUnavailableError, op_backends
@@ -182,6 +184,33 @@ def test_matches_torch_functional():
     torch.testing.assert_close(hidden_state_loss_reference(s64, t64, loss="cosine"),
                                (1 - F.cosine_similarity(s64, t64, dim=-1)).mean())
     torch.testing.assert_close(hidden_state_loss_reference(s64, t64, loss="mse"), F.mse_loss(s64, t64))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(0, 6), d=st.integers(1, 300), loss=st.sampled_from(LOSSES),
+       reduction=st.sampled_from(REDUCTIONS), scale=st.sampled_from([1e-3, 1.0, 1e3]),
+       cos_target=st.floats(-0.99, 0.999), masked=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_property_cpp_matches_fp64(n, d, loss, reduction, scale, cos_target, masked, seed):
+    """Random sizes, scales and student/teacher angles: the C++ kernel stays within fp32 rounding of fp64."""
+    _backend_or_skip("cpp")
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(n, d, generator=g, dtype=torch.float64)
+    noise = torch.randn(n, d, generator=g, dtype=torch.float64)
+    s = (cos_target * t + (1 - cos_target ** 2) ** 0.5 * noise) * scale
+    s, t = s.float(), (t * scale).float()
+    mask = torch.rand(n, generator=g) > 0.3 if masked else None
+    truth_v, truth_g = _oracle(s, t, mask, loss, reduction)
+    v, gr = _run(s, t, mask, loss, reduction, "cpp")
+    vscale = max(float(truth_v.abs().max()) if truth_v.numel() else 0.0, 1e-30)
+    gscale = max(float(truth_g.abs().max()) if truth_g.numel() else 0.0, 1e-30)
+    if loss == "cosine" and n > 0:
+        # the cosine gradient's two terms are each ~ w / |s| per entry and cancel when s is (anti)parallel to t
+        # (always for D = 1): its rounding error is relative to that size, not to the (small) result
+        counted = torch.ones(n, dtype=torch.bool) if mask is None else mask
+        w = 1.0 / max(int(counted.sum()), 1) if reduction == "mean" else 1.0
+        gscale = max(gscale, float((2 * w / s.double().norm(dim=-1).clamp(min=1e-30)).max()))
+    assert _err(v, truth_v) <= 2e-5 * vscale + 1e-6 * (scale * scale if loss == "mse" else 1.0)
+    assert _err(gr, truth_g) <= 2e-5 * gscale
 
 
 # ----------------------------------------------------------------------------------------------
