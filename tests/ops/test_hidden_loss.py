@@ -442,3 +442,36 @@ def test_triton_refused_on_cpu_without_interpreter(monkeypatch):
     assert reason is not None
     with pytest.raises(BackendUnavailableError):
         hidden_state_loss(torch.randn(2, 4), torch.randn(2, 4), backend="triton")
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA tensors (skipped without a GPU): the CUDA C++ and compiled Triton backends
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("gpu_backend", ["cuda", "triton"])
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_backends(gpu_backend, loss, dtype):
+    try:
+        op_backends("hidden_state_loss").select(gpu_backend, "cuda", dtype)
+    except BackendUnavailableError as exc:
+        pytest.skip(str(exc))
+    for lead, d in (((4, 33), 4096), ((3,), 1031), ((2, 5), 7)):
+        s, t = _inputs(lead, d, seed=d, dtype=dtype)
+        mask = torch.rand(*lead, generator=torch.Generator().manual_seed(23)) > 0.3
+        s[(0,) * len(lead)] = 0  # a zero student row (if counted: loss 1, gradient 0)
+        truth_v, truth_g = _oracle(s, t, mask, loss, "none")
+        sc, tc, mc = s.cuda(), t.cuda(), mask.cuda()
+        v, g = _run(sc, tc, mc, loss, "none", gpu_backend)
+        assert g.dtype == dtype and g.device.type == "cuda"
+        v, g = v.cpu(), g.cpu()
+        if dtype == torch.float32:
+            plain_v, plain_g = _oracle(s, t, mask, loss, "none", dtype=torch.float32)
+            assert _err(v, truth_v) <= 2 * _err(plain_v, truth_v) + _ulps(truth_v)
+            assert _err(g, truth_g) <= 2 * _err(plain_g, truth_g) + _ulps(truth_g)
+        else:
+            assert _err(v, truth_v) <= 1e-5 * max(1.0, float(truth_v.abs().max()))
+            assert _err(g, truth_g) <= torch.finfo(dtype).eps * float(truth_g.abs().max()) + 1e-7
+        assert torch.all(g[~mask] == 0)
