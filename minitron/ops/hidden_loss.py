@@ -46,6 +46,7 @@ from minitron.ops._dispatch import native_unavailable, op_backends, triton_unava
 __all__ = [
     "HIDDEN_LOSSES",
     "HIDDEN_REDUCTIONS",
+    "check_hidden_loss_options",
     "hidden_state_loss",
     "hidden_state_loss_reference",
     "HiddenStateLoss",
