@@ -25,7 +25,8 @@ Shapes
 ------
 CPU default (the headline): fp32 ``[8, 2048, 4096]``, both losses, ``full`` mode (forward + backward) with a
 ragged padding mask; also bf16 cosine and the ``forward`` (loss only, under ``no_grad``) mode of the fp32
-cosine (``--skip-heavy``: ``[2, 2048, 4096]`` instead). ``--quick``: ``[2, 256, 1024]`` fp32, both losses, ``full`` (torch.compile only for the cosine).
+cosine (``--skip-heavy``: ``[2, 2048, 4096]`` instead). ``--quick``: ``[2, 256, 1024]`` fp32, both losses,
+``full`` (torch.compile only for the cosine).
 ``bytes_moved`` is the compulsory traffic of a fused implementation: read both inputs (the counted rows) and,
 when a gradient is computed, write it.
 """

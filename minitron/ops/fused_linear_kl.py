@@ -136,7 +136,8 @@ def fused_linear_kl_div(student_hidden: Tensor, student_weight: Tensor, teacher_
                          mode, temperature, beta, reduction, mask, chunk_size, vocab_size)
     _validate_transforms(student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap)
     # padded head rows (>= vocab_size) dropped: contiguous row views; autograd gives them a zero gradient
-    student_weight, teacher_weight = vocab_view(student_weight, vocab_size, 0), vocab_view(teacher_weight, vocab_size, 0)
+    student_weight = vocab_view(student_weight, vocab_size, 0)
+    teacher_weight = vocab_view(teacher_weight, vocab_size, 0)
     student_bias, teacher_bias = vocab_view(student_bias, vocab_size, 0), vocab_view(teacher_bias, vocab_size, 0)
     lead = student_hidden.shape[:-1]
     mask = _mask_from_labels(mask, labels, ignore_index, lead, student_hidden.device,
@@ -171,7 +172,8 @@ def fused_linear_kl_div_reference(student_hidden: Tensor, student_weight: Tensor
     if vocab_size is not None:
         check_vocab_size(vocab_size, {"student_weight": student_weight.shape[0],
                                       "teacher_weight": teacher_weight.shape[0]})
-    student_weight, teacher_weight = vocab_view(student_weight, vocab_size, 0), vocab_view(teacher_weight, vocab_size, 0)
+    student_weight = vocab_view(student_weight, vocab_size, 0)
+    teacher_weight = vocab_view(teacher_weight, vocab_size, 0)
     student_bias, teacher_bias = vocab_view(student_bias, vocab_size, 0), vocab_view(teacher_bias, vocab_size, 0)
     s_logits = torch.nn.functional.linear(student_hidden, student_weight, student_bias)
     with torch.no_grad():

@@ -6,30 +6,30 @@ Definitions, per token, for ``s`` (student) and ``t`` (teacher) vectors of ``D``
     loss="cosine":  l = 1 - cos(s, t),   cos = (s . t) / (|s| |t|), clamped to [-1, 1]   (l in [0, 2])
     loss="mse":     l = mean_d (s_d - t_d)^2 = |s - t|^2 / D
 
-Zero vectors (the convention of block influence, :mod:`minitron.ops.importance`): both zero -> ``l = 0``
-(nothing to align); exactly one zero -> ``l = 1`` (``cos`` taken as 0). The gradient is 0 in both cases
-(``1 - cos`` is not differentiable at ``s = 0``; with ``t = 0`` it is constant). Otherwise the gradient of the
-cosine loss is ``dl/ds = cos * s / |s|^2 - t / (|s| |t|)`` (computed with the unclamped ``cos``), that of the
-MSE ``dl/ds = 2 (s - t) / D``. For the cosine loss a NaN or an infinity in a counted token gives NaN for that token (loss and gradient row);
-for the MSE they follow the arithmetic (a NaN gives NaN, an infinity ``+inf``).
+Zero vectors (the convention of block influence, :mod:`minitron.ops.importance`): both zero -> ``l = 0`` (nothing to
+align); exactly one zero -> ``l = 1`` (``cos`` taken as 0). The gradient is 0 in both cases (``1 - cos`` is not
+differentiable at ``s = 0``; with ``t = 0`` it is constant). Otherwise the gradient of the cosine loss is ``dl/ds =
+cos * s / |s|^2 - t / (|s| |t|)`` (computed with the unclamped ``cos``), that of the MSE ``dl/ds = 2 (s - t) / D``.
+For the cosine loss a NaN or an infinity in a counted token gives NaN for that token (loss and gradient row); for
+the MSE they follow the arithmetic (a NaN gives NaN, an infinity ``+inf``).
 
 ``teacher`` is a constant: no gradient flows to it (it is detached), whatever its ``requires_grad``.
 
-Reductions: ``"mean"`` over the counted tokens (0, with a zero gradient, when none counts), ``"sum"``, or
-``"none"`` (per-token ``[...]``, 0 where masked). Masked tokens are skipped: their entries are never read into
-the loss, and their gradient rows are 0.
+Reductions: ``"mean"`` over the counted tokens (0, with a zero gradient, when none counts), ``"sum"``, or ``"none"``
+(per-token ``[...]``, 0 where masked). Masked tokens are skipped: their entries are never read into the loss, and
+their gradient rows are 0.
 
-Implementation: every backend computes, in one pass per token (the token's two rows are read once for the
-sums; the cosine's gradient pass re-reads them while they are cache-hot), the per-token loss AND its gradient
-with respect to the student. The cosine loss is computed in that second pass as ``|s/|s| - t/|t||^2 / 2``
-(equal to ``1 - cos``), which keeps its error relative to the loss: ``1 - s.t / (|s| |t|)`` loses everything
-below ~1e-7 in fp32 to cancellation when the student is close to the teacher. Backward only rescales the
-saved gradient by the upstream gradient, in place (a no-op for ``"mean"``/``"sum"``). So forward + backward
-allocate no ``[tokens, D]`` temporary beyond the gradient itself (plus a contiguous copy of an input whose last axis is not unit-stride). Accumulation is in
-fp32 for every input dtype; the gradient has the student's dtype. Backends: CPU C++ (``csrc/cpu/
-hidden_loss.cpp``), CUDA C++ (``csrc/cuda/hidden_loss.cu``), Triton (``minitron/kernels/hidden_loss.py``),
-all sharing the per-token math of ``csrc/common/hidden_loss_math.h``; the torch ``reference`` backend runs only
-when asked for by name.
+Implementation: every backend computes, in one pass per token (the token's two rows are read once for the sums; the
+cosine's gradient pass re-reads them while they are cache-hot), the per-token loss AND its gradient with respect to
+the student. The cosine loss is computed in that second pass as ``|s/|s| - t/|t||^2 / 2`` (equal to ``1 - cos``),
+which keeps its error relative to the loss: ``1 - s.t / (|s| |t|)`` loses everything below ~1e-7 in fp32 to
+cancellation when the student is close to the teacher. Backward only rescales the saved gradient by the upstream
+gradient, in place (a no-op for ``"mean"``/``"sum"``). So forward + backward allocate no ``[tokens, D]`` temporary
+beyond the gradient itself (plus a contiguous copy of an input whose last axis is not unit-stride). Accumulation is
+in fp32 for every input dtype; the gradient has the student's dtype. Backends: CPU C++
+(``csrc/cpu/hidden_loss.cpp``), CUDA C++ (``csrc/cuda/hidden_loss.cu``), Triton (``minitron/kernels/hidden_loss.py``), all
+sharing the per-token math of ``csrc/common/hidden_loss_math.h``; the torch ``reference`` backend runs only when
+asked for by name.
 """
 from __future__ import annotations
 
