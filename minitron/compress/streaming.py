@@ -458,6 +458,42 @@ def estimate_importance_streaming(
     return run.scores()
 
 
+class _ViewReader:
+    """A checkpoint reader presenting the model's state-dict names where the checkpoint saves tensors otherwise
+    (:class:`minitron.compress.moe_layout.CheckpointView`: a MoE layer's per-expert tensors are read and fused)."""
+
+    def __init__(self, reader: Any, view: Any) -> None:
+        self.reader, self.view = reader, view
+        self.path = getattr(reader, "path", None)
+        self.config = reader.config
+        hidden = {src for name in list(view.stacked) + list(view.alias) for src in view.sources(name)}
+        self._keys = [k for k in reader.keys() if k not in hidden] + list(view.stacked) + list(view.alias)
+
+    @classmethod
+    def wrap(cls, reader: Any, model: nn.Module) -> Any:
+        from minitron.compress.moe_layout import CheckpointView
+
+        view = CheckpointView(model, reader.keys())
+        return cls(reader, view) if (view.stacked or view.alias) else reader
+
+    def keys(self) -> list:
+        return list(self._keys)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.view.read(self.reader, name)
+
+    def shape(self, name: str) -> tuple:
+        srcs = self.view.sources(name)
+        if name not in self.view.stacked:
+            return tuple(self.reader.shape(srcs[0]))
+        parts = self.view.stacked[name]
+        R, C = self.reader.shape(parts[0][0])
+        return (len(parts), R * len(parts[0]), C)
+
+    def file_of(self, name: str) -> Any:
+        return getattr(self.reader, "file_of", lambda n: "?")(self.view.sources(name)[0])
+
+
 class _StreamedEstimation:
     """One streamed estimation run, phase by phase: the checkpoint and its skeleton (:meth:`__init__`), the
     calibration batches of this rank (:meth:`read_batches`), embedding / norm / rotary and the hooks
@@ -488,6 +524,7 @@ class _StreamedEstimation:
         self.n_layers = self.dims.num_hidden_layers
         self.signature = shape_signature(model)
         self.prefix_of = {id(m): n + "." for n, m in model.named_modules() if n}
+        self.reader = _ViewReader.wrap(self.reader, model)  # MoE: per-expert tensors on disk, fused in the model
         self.head = self.adapter.lm_head(model)
         self.embed = self.adapter.embedding(model)
         tied = bool(getattr(self.config, "tie_word_embeddings", False))
