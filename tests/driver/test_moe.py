@@ -430,3 +430,22 @@ def test_scores_without_expert_scores_refused(moe_family):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in snap.items())
     # dense axes still prune with scores lacking expert scores
     prune_width(model, plain, num_attention_heads=3, num_key_value_heads=1, backend=BACKEND)
+
+
+def test_api_prune_passes_moe_targets(moe_sources, tmp_path):
+    """PruneSpec's MoE fields flow through minitron.api.prune (in memory and streamed) unchanged."""
+    from transformers import AutoConfig
+
+    from minitron import api
+
+    src = moe_sources["qwen2_moe"]
+    scores = random_importance(AutoConfig.from_pretrained(str(src)), seed=9)
+    kw = dict(num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=12, backend=BACKEND)
+    s = api.prune(str(src), importance=scores, output_dir=tmp_path / "s", streaming=True, **kw)
+    m = api.prune(str(src), importance=scores, output_dir=tmp_path / "m", streaming=False, **kw)
+    a, b = _state(Path(s)), _state(tmp_path / "m")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (m.config.num_experts, m.config.moe_intermediate_size, m.config.shared_expert_intermediate_size) == (4, 16, 12)
+    with pytest.raises(ValueError, match="num_experts=1 is below num_experts_per_tok"):
+        api.prune(str(src), importance=scores, output_dir=tmp_path / "x", num_experts=1)
+    assert not (tmp_path / "x").exists()
