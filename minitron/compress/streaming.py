@@ -462,25 +462,27 @@ class _ViewReader:
     """A checkpoint reader presenting the model's state-dict names where the checkpoint saves tensors otherwise
     (:class:`minitron.compress.moe_layout.CheckpointView`: a MoE layer's per-expert tensors are read and fused)."""
 
-    def __init__(self, reader: Any, view: Any) -> None:
-        self.reader, self.view = reader, view
+    def __init__(self, reader: Any, view: Any, dtype: Optional[torch.dtype] = None) -> None:
+        self.reader, self.view, self.dtype = reader, view, dtype
         self.path = getattr(reader, "path", None)
         self.config = reader.config
         hidden = {src for name in list(view.stacked) + list(view.alias) for src in view.sources(name)}
         self._keys = [k for k in reader.keys() if k not in hidden] + list(view.stacked) + list(view.alias)
 
     @classmethod
-    def wrap(cls, reader: Any, model: nn.Module) -> Any:
+    def wrap(cls, reader: Any, model: nn.Module, dtype: Optional[torch.dtype] = None) -> Any:
+        """``reader`` itself when the checkpoint holds the model's names, else a view of it whose fused tensors are
+        assembled directly in ``dtype`` (one copy)."""
         from minitron.compress.moe_layout import CheckpointView
 
         view = CheckpointView(model, reader.keys())
-        return cls(reader, view) if (view.stacked or view.alias) else reader
+        return cls(reader, view, dtype) if (view.stacked or view.alias) else reader
 
     def keys(self) -> list:
         return list(self._keys)
 
     def get(self, name: str) -> torch.Tensor:
-        return self.view.read(self.reader, name)
+        return self.view.read(self.reader, name, self.dtype if name in self.view.stacked else None)
 
     def shape(self, name: str) -> tuple:
         srcs = self.view.sources(name)
@@ -524,7 +526,8 @@ class _StreamedEstimation:
         self.n_layers = self.dims.num_hidden_layers
         self.signature = shape_signature(model)
         self.prefix_of = {id(m): n + "." for n, m in model.named_modules() if n}
-        self.reader = _ViewReader.wrap(self.reader, model)  # MoE: per-expert tensors on disk, fused in the model
+        # MoE: per-expert tensors on disk, fused in the model (assembled in the compute dtype)
+        self.reader = _ViewReader.wrap(self.reader, model, self.dtype)
         self.head = self.adapter.lm_head(model)
         self.embed = self.adapter.embedding(model)
         tied = bool(getattr(self.config, "tie_word_embeddings", False))
