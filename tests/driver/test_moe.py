@@ -449,3 +449,24 @@ def test_api_prune_passes_moe_targets(moe_sources, tmp_path):
     with pytest.raises(ValueError, match="num_experts=1 is below num_experts_per_tok"):
         api.prune(str(src), importance=scores, output_dir=tmp_path / "x", num_experts=1)
     assert not (tmp_path / "x").exists()
+
+
+def test_streamed_bad_moe_inputs_refused_before_output(moe_sources, tmp_path):
+    """Streamed: scores without expert scores, a per-expert width list, a shared-expert target without shared
+    expert -- each refused, naming the argument, before anything is written."""
+    from transformers import AutoConfig
+
+    src = moe_sources["qwen3_moe"]
+    s = random_importance(AutoConfig.from_pretrained(str(src)))
+    plain = ImportanceScores(heads=s.heads, kv_groups=s.kv_groups, neurons=s.neurons, channels=s.channels,
+                             block_influence=s.block_influence, meta=s.meta)
+    for scores, targets, exc, match in (
+            (plain, {"num_experts": 3}, ValueError, "num_experts: the importance scores have no 'experts'"),
+            (plain, {"moe_intermediate_size": 10}, ValueError, "moe_intermediate_size: the importance scores"),
+            (s, {"moe_intermediate_size": [10] * 6}, TypeError, "moe_intermediate_size must be one int"),
+            (s, {"shared_expert_intermediate_size": 4}, ValueError, "shared_expert_intermediate_size=4"),
+    ):
+        with pytest.raises(exc, match=match):
+            prune_checkpoint_streaming(src, tmp_path / "out", scores=scores, width_targets=targets, progress=False)
+        assert not (tmp_path / "out").exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
