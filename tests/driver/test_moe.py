@@ -470,3 +470,46 @@ def test_streamed_bad_moe_inputs_refused_before_output(moe_sources, tmp_path):
             prune_checkpoint_streaming(src, tmp_path / "out", scores=scores, width_targets=targets, progress=False)
         assert not (tmp_path / "out").exists()
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+@pytest.mark.parametrize("targets", [dict(num_experts=3, hidden_size=32), dict(hidden_size=32),
+                                     dict(num_experts=4, moe_intermediate_size=12, hidden_size=40)])
+def test_fused_expert_cuts_equal_index_select(targets, tmp_path):
+    """In memory (fused 3-D tensors: experts + channels in one 3-D gather, per-expert neurons through 2-D views)
+    and streamed from a checkpoint that holds the fused tensors: both equal plain index_select."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    model = make_moe_model("mixtral")
+    ref = copy.deepcopy(model)
+    s = _scores(model, seed=11)
+    ex = torch.topk(s.experts[0], targets.get("num_experts", 6)).indices.sort().values
+    hid = torch.topk(s.channels, targets["hidden_size"]).indices.sort().values
+    src = tmp_path / "fused"
+    src.mkdir()
+    model.config.save_pretrained(str(src))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(src / "model.safetensors"))
+    out = prune_checkpoint_streaming(src, tmp_path / "out", scores=s, width_targets=targets, progress=False)
+    prune_width(model, s, backend=BACKEND, **targets)
+    streamed = _state(out)
+    for l in range(4):
+        old = ref.model.layers[l].mlp.experts
+        gu, dn = old.gate_up_proj[ex], old.down_proj[ex]
+        if "moe_intermediate_size" in targets:
+            ex_l = torch.topk(s.experts[l], targets["num_experts"]).indices.sort().values
+            gu, dn = old.gate_up_proj[ex_l], old.down_proj[ex_l]
+            n = torch.stack([torch.topk(s.expert_neurons[l, e], 12).indices.sort().values for e in ex_l.tolist()])
+            gu = torch.stack([torch.cat([g[r], g[20 + r]]) for g, r in zip(gu, n)])
+            dn = torch.stack([d[:, r] for d, r in zip(dn, n)])
+        elif "num_experts" in targets:
+            ex_l = torch.topk(s.experts[l], targets["num_experts"]).indices.sort().values
+            gu, dn = old.gate_up_proj[ex_l], old.down_proj[ex_l]
+        else:
+            gu, dn = old.gate_up_proj, old.down_proj
+        gu, dn = gu[:, :, hid], dn[:, hid, :]
+        new = model.model.layers[l].mlp.experts
+        assert torch.equal(new.gate_up_proj, gu) and torch.equal(new.down_proj, dn), l
+        assert torch.equal(streamed[f"model.layers.{l}.mlp.experts.gate_up_proj"], gu)
+        assert torch.equal(streamed[f"model.layers.{l}.mlp.experts.down_proj"], dn)
+    loaded = AutoModelForCausalLM.from_pretrained(str(out))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
