@@ -384,9 +384,16 @@ int dtype_code(const at::Tensor& t) {
 }
 
 // Runs fn(i) for i in [0, n) on at::parallel_for's threads, handing indices out dynamically.
+// Work below kSerialWork elements runs on the calling thread (a parallel region costs more than it saves).
+constexpr int64_t kSerialWork = int64_t{1} << 18;
+
 template <class F>
-void parallel_dynamic(int64_t n, const F& fn) {
+void parallel_dynamic(int64_t n, int64_t work, const F& fn) {
   if (n <= 0) return;
+  if (work < kSerialWork || at::get_num_threads() <= 1 || at::in_parallel_region()) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
   std::atomic<int64_t> next{0};
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(n, at::get_num_threads()));
   at::parallel_for(0, workers, 1, [&](int64_t lo, int64_t hi) {
@@ -454,7 +461,7 @@ void grouped_importance_update_cpu(const at::Tensor& state, const at::Tensor& co
   const ChunkFn fn = pick_chunk_fn(detect_isa(), dt, static_cast<int>(seq_agg));
   const int64_t items = nchunks * nblk;
   std::vector<int64_t> nonfinite(static_cast<size_t>(items), 0);
-  parallel_dynamic(items, [&](int64_t w) {
+  parallel_dynamic(items, N * U * group_size, [&](int64_t w) {
     const int64_t c = w / nblk;
     const int64_t u0 = (w % nblk) * ub;
     const int64_t u1 = std::min(U, u0 + ub);
@@ -470,7 +477,8 @@ void grouped_importance_update_cpu(const at::Tensor& state, const at::Tensor& co
   const int sa = static_cast<int>(seq_agg), ba = static_cast<int>(batch_agg);
   constexpr int64_t kUnitsPerTask = 256;
   const int64_t utasks = (U + kUnitsPerTask - 1) / kUnitsPerTask;
-  at::parallel_for(0, NG * utasks, 1, [&](int64_t lo, int64_t hi) {
+  const int64_t grain = NG * U * NB < kSerialWork ? NG * utasks : 1;  // small: one task, no parallel region
+  at::parallel_for(0, NG * utasks, grain, [&](int64_t lo, int64_t hi) {
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t g = t / utasks;
       const int64_t ua = (t % utasks) * kUnitsPerTask;

@@ -253,6 +253,24 @@ def test_many_unit_blocks_cpp(cpp, units, group_size):
         _check(2, units, [x], [o], [w], cpp, group_size=group_size, seq_agg=sa, batch_agg=ba)
 
 
+@pytest.mark.parametrize("units,max_len", [(300, 120), (8200, 4)])
+def test_parallel_paths_deterministic_cpp(cpp, units, max_len):
+    """Large enough for the threaded phases (>= 2**18 elements); bitwise equal for 1 and 2 threads."""
+    x, o, w = _ragged(8, 4, units, seed=33, max_len=max_len, weights=True)
+    assert x.numel() >= 2**18
+    prev = torch.get_num_threads()
+    values = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for sa, ba in [("mean", "l2"), ("var", "var")]:
+                acc = _check(8, units, [x], [o], [w], cpp, seq_agg=sa, batch_agg=ba)
+                values.append(acc.state.clone())
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(values[0], values[2]) and torch.equal(values[1], values[3])
+
+
 def test_native_op_checks(cpp):
     op = torch.ops.minitron._grouped_importance_update_native
     state, count = torch.zeros(2, 2, 4), torch.zeros(3, 2, dtype=torch.int64)
@@ -351,6 +369,76 @@ def test_merge_and_state_dict(backend, batch_agg):
     _close(whole.value(), ref)
     resumed.reset()
     assert int(resumed.count.sum()) == 0 and float(resumed.state.abs().sum()) == 0.0
+
+
+def _dist_parts() -> list:
+    """Seven deterministic updates; update 4 routes nothing to any group (all segments empty)."""
+    parts = [_ragged(3, 1 + i % 3, 5, seed=40 + i, empty_group=i % 3, weights=True) for i in range(7)]
+    parts[4] = (torch.zeros(0, 5), torch.zeros(3 * 2 + 1, dtype=torch.int64), None)
+    return parts
+
+
+DIST_CASES = [("mean", ba) for ba in AGGS] + [("var", "var"), ("max", "max")]
+
+
+def _dist_accs(indices, backend, reduce: bool) -> dict:
+    parts = _dist_parts()
+    out = {}
+    for sa, ba in DIST_CASES:
+        acc = GroupedImportanceAccumulator(3, 5, seq_agg=sa, batch_agg=ba, backend=backend)
+        for i in indices:
+            acc.update(*parts[i])
+        if reduce:
+            acc.all_reduce()
+        out[f"{sa}-{ba}"] = acc.value()
+        out[f"{sa}-{ba}-n"] = acc.count.clone()
+    return out
+
+
+def _dist_worker(rank: int, store_file: str, backend: str, out_dir: str) -> None:
+    import datetime
+    import sys
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        out = _dist_accs([0, 1, 2, 3, 5] if rank == 0 else [4, 6], backend, reduce=True)
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # as tests/ops/test_importance_distributed.py: no interpreter finalisation racing gloo threads
+
+
+def test_all_reduce_two_processes_equals_one(tmp_path):
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    try:
+        backend = _backend_or_skip("cpp")
+    except pytest.skip.Exception:
+        backend = "reference"
+    mp.spawn(_dist_worker, args=(str(tmp_path / "store"), backend, str(tmp_path)), nprocs=2, join=True)
+    expect = _dist_accs(range(7), backend, reduce=False)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        for key, ref in expect.items():
+            if key.endswith("-n"):
+                assert torch.equal(got[key], ref), (rank, key)
+            else:
+                _close(got[key], ref, rtol=1e-5)
+
+
+def test_all_reduce_needs_process_group():
+    with pytest.raises(RuntimeError, match="process group"):
+        GroupedImportanceAccumulator(3, 4).all_reduce()
 
 
 def test_state_dict_mismatch():
