@@ -1,14 +1,17 @@
 // CPU kernels of the structured slicing ops:
-//   torch.ops.minitron._gather_slices_native(tensors, indices, dims, blocks, outs)   (out of place)
-//   torch.ops.minitron._compact_native(tensor, index, dim, block, new_strides)        (in place)
+//   torch.ops.minitron._gather_slices_native(tensors, indices, dims, blocks, outs, dims2=[], blocks2=[])
+//       (out of place; tensors of up to 3 dims; dims2[i] != -1: a second cut of tensor i, whose index
+//        follows the n first ones in `indices`, in tensor order)
+//   torch.ops.minitron._compact_native(tensor, index, dim, block, new_strides)        (in place; 1-D/2-D)
 //
 // The Python layer (minitron/ops/slicing.py) validates the arguments (raising ValueError/TypeError),
 // sorts the indices, converts them to int64 and allocates the outputs; the checks here only guard
 // the memory accesses (TORCH_CHECK, RuntimeError).
 //
-// Work decomposition (csrc/common/slicing_math.h describes the canonical [lines, elements] form):
-//   * outer selection (whole lines) with unit-stride lines -> "pieces": contiguous byte ranges,
-//     merged across adjacent units when source and destination are dense, split to <= 512 KiB;
+// Work decomposition (csrc/common/slicing_math.h describes the canonical [groups, lines, elements]
+// form; output line o reads a source line looked up through the group and line selections):
+//   * no inner selection (whole lines) with unit-stride lines -> "pieces": contiguous byte ranges,
+//     merged across adjacent lines when source and destination both continue, split to <= 512 KiB;
 //   * inner selection (same positions of every line) -> ranges of lines; each line is copied by
 //     one of: RUNS (merged runs of adjacent kept units, vector copies), COMPRESS (AVX-512
 //     compress of 64-byte chunks with a per-line-invariant keep mask; for short runs such as

@@ -23,13 +23,13 @@ __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_c
 
 // Element offsets of (global) output line o in the source and the destination.
 __device__ __forceinline__ int64_t src_line(const GatherDesc& d, int64_t o) {
-  const int64_t g = o / d.lines_per_group;
+  const int64_t g = d.grouped ? o / d.lines_per_group : 0;
   const int64_t l = o - g * d.lines_per_group;
   return slicing::select_source(d.gidx, g, d.gblock) * d.sg + slicing::select_source(d.lidx, l, d.lblock) * d.so;
 }
 
 __device__ __forceinline__ int64_t dst_line(const GatherDesc& d, int64_t o) {
-  const int64_t g = o / d.lines_per_group;
+  const int64_t g = d.grouped ? o / d.lines_per_group : 0;
   return g * d.dsg + (o - g * d.lines_per_group - d.line0) * d.dso;
 }
 

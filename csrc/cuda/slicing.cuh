@@ -57,10 +57,12 @@ struct GatherDesc {
   int64_t cta_start;        // first virtual CTA of this descriptor
   int32_t es;               // element size in bytes: 1, 2, 4 or 8
   int32_t select_inner;     // 1: positions inside every line are selected (iidx); 0: whole lines are copied
+  int32_t grouped;          // 1: the lines handled span more than one group (3-D); 0: group 0 only (no division)
 };
 
-// Virtual CTAs a descriptor needs (fills chunks_per_line; cta_start is left to the caller).
+// Virtual CTAs a descriptor needs (fills chunks_per_line and grouped; cta_start is left to the caller).
 inline int64_t gather_ctas(GatherDesc& d) {
+  d.grouped = d.line0 + d.out_lines > d.lines_per_group ? 1 : 0;
   if (d.out_inner <= 0 || d.out_lines <= 0) {
     d.chunks_per_line = 0;
     return 0;

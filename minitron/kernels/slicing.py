@@ -2,7 +2,8 @@
 
 One launch per element size gathers the kept rows/columns of *all* tensors of a call (a transformer
 layer's matrices share one dtype: one launch). Every tensor gets a row of a descriptor table (int64:
-source/destination/index addresses, canonical extents and strides, see ``csrc/common/slicing_math.h``)
+source/destination/index addresses, canonical extents and strides, see ``csrc/common/slicing_math.h``:
+tensors of up to 3 dims as groups x lines x elements in memory order, any one or two of the three axes cut)
 uploaded asynchronously; program ``p`` finds its descriptor with one vector compare against the table's
 program starts and copies a tile of ``BLOCK_L`` output lines x ``BLOCK_C`` output positions:
 

@@ -22,10 +22,11 @@ size 0 along ``dim``).
 cut along two distinct dims in the same call: ``indices[i] = (idx_a, idx_b)``, ``dims[i] = (da, db)``
 and ``block[i]`` an int (both cuts) or a pair; the result is the selection along both dims (e.g. the
 fused experts of a mixture-of-experts layer, ``gate_up_proj`` ``[E, 2*I, H]``, cut to kept experts
-along dim 0 and kept neurons along dim 1 at once). The custom op carries the second cut in three
-optional trailing lists ``dims2``/``blocks2`` (``dims2[i] = -1``: no second cut of tensor ``i``), and
-their indices follow the first cuts' in ``indices`` (``len(tensors)`` first-cut indices, then one per
-tensor with a second cut, in tensor order); a call without second cuts is the op's original form.
+along dim 0 and kept neurons along dim 1 at once), one kernel launch on every backend. The custom
+op carries the second cut in two optional trailing lists ``dims2``/``blocks2`` (``dims2[i] = -1``: no
+second cut of tensor ``i``), and their indices follow the first cuts' in ``indices``
+(``len(tensors)`` first-cut indices, then one per tensor with a second cut, in tensor order); a call
+without second cuts is the op's original form.
 
 Dtypes: any dtype with 1/2/4/8-byte elements in :data:`SLICE_DTYPES` (the copy is bitwise);
 fp32/bf16/fp16 are the ones the weights use. Inputs may be non-contiguous: a tensor is read in its
@@ -35,7 +36,12 @@ column-major when the input is column-major (``t.stride(0) < t.stride(1)``, e.g.
 matrix). In general (3-D) the output's dims are laid out in the input's order of decreasing stride
 (:func:`minitron.kernels._layout.dim_order`; dims of extent 1 keep their place): a permuted
 contiguous tensor gives an output with the same permutation, a contiguous or sliced (non-dense)
-tensor gives a contiguous output. Zero strides (``expand``) are fine for :func:`gather_slices`.
+tensor gives a contiguous output. Zero strides (``expand``) are fine for :func:`gather_slices` (a
+broadcast dim sorts innermost, as for 2-D).
+
+:func:`compact_` on a 3-D tensor (one cut dim) works on a 2-D view of the same memory; tensors whose
+dims on either side of the cut dim cannot be merged raise ``ValueError`` (see :func:`compact_`).
+Overview and examples: ``docs/slicing.md``.
 
 Not differentiable: weights are cut under ``torch.no_grad()``; the wrappers run the ops under
 ``no_grad`` and the results never require grad (no autograd formula is registered).
@@ -557,13 +563,12 @@ def _unpack_indices(n: int, indices: Sequence[Tensor], dims2: Optional[Sequence[
     """Inverse of :func:`_pack_indices` (placeholders where a tensor has no second cut)."""
     if dims2 is None:
         return list(indices), None
-    if isinstance(dims2, (list, tuple)) and len(dims2) == n:
-        m = sum(1 for d in dims2 if d != -1)
-        if len(indices) != n + m:
-            raise ValueError(f"indices has {len(indices)} entries; with {m} second cuts (dims2 != -1) on {n} tensors "
-                             f"it needs {n + m} (first cuts, then second cuts in tensor order)")
-    else:
-        return list(indices), list(indices)  # lengths are reported by _check_gather
+    if len(dims2) != n:
+        raise ValueError(f"dims2 has {len(dims2)} entries but tensors has {n}")
+    m = sum(1 for d in dims2 if d != -1)
+    if len(indices) != n + m:
+        raise ValueError(f"indices has {len(indices)} entries; with {m} second cuts (dims2 != -1) on {n} tensors "
+                         f"it needs {n + m} (first cuts, then second cuts in tensor order)")
     rest = iter(indices[n:])
     return list(indices[:n]), [next(rest) if d != -1 else _empty_index(indices[0] if n else None) for d in dims2]
 
