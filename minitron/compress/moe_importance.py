@@ -168,6 +168,10 @@ class MoeCapture:
         self.patched: list[nn.Module] = []
 
     def attach(self) -> None:
+        impl = getattr(getattr(self.collector.model, "config", None), "_experts_implementation", "grouped_mm")
+        if self.captures and impl not in (None, "grouped_mm"):
+            log.info("MoE capture computes the experts as transformers' grouped_mm path; this model uses %r, so its "
+                     "outputs during calibration may differ from the unhooked model's in the last bits", impl)
         for cap in self.captures.values():
             layer = cap.layer
             experts = self.adapter.experts(layer)

@@ -316,6 +316,9 @@ def _check_checkpoint(model: nn.Module, reader: Any, aliases: Mapping[str, str])
     Shapes are compared when the reader offers ``shape(name)`` (header only); otherwise each tensor's shape
     is checked when its layer is loaded.
     """
+    if isinstance(reader, _ViewReader):
+        _check_view_checkpoint(model, reader)
+        return
     available = _key_set(reader)
     shape_of = getattr(reader, "shape", None)
     missing, wrong = [], []
@@ -334,6 +337,27 @@ def _check_checkpoint(model: nn.Module, reader: Any, aliases: Mapping[str, str])
                          f"{' ...' if len(missing) > 5 else ''}")
     if wrong:
         raise ValueError(f"checkpoint tensor {wrong[0]}" + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""))
+
+
+def _check_view_checkpoint(model: nn.Module, reader: "_ViewReader") -> None:
+    """:func:`_check_checkpoint` for a checkpoint saved in another layout (MoE: one tensor per expert): every
+    tensor the model is assembled from is present with its shape."""
+    inner = reader.reader
+    available = _key_set(inner)
+    shape_of = getattr(inner, "shape", None)
+    expected = reader.view.expected_shapes(model)
+    where = str(getattr(inner, "path", "the checkpoint"))
+    missing = [k for k in expected if k not in available]
+    if missing:
+        raise ValueError(f"the checkpoint {where!r} lacks tensors this config needs: {', '.join(missing[:5])}"
+                         f"{' ...' if len(missing) > 5 else ''}")
+    if callable(shape_of):
+        for k, shape in expected.items():
+            got = tuple(shape_of(k))
+            if got != tuple(shape):
+                file = getattr(inner, "file_of", lambda n: "?")(k)
+                raise ValueError(f"checkpoint tensor {k!r} in {str(file)!r} has shape {got}, the config makes it "
+                                 f"{tuple(shape)}")
 
 
 def _free_module(module: nn.Module) -> None:

@@ -513,3 +513,22 @@ def test_fused_expert_cuts_equal_index_select(targets, tmp_path):
         assert torch.equal(streamed[f"model.layers.{l}.mlp.experts.down_proj"], dn)
     loaded = AutoModelForCausalLM.from_pretrained(str(out))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def test_streamed_importance_names_a_missing_or_misshaped_expert_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from minitron.compress.streaming import estimate_importance_streaming
+
+    make_moe_model("qwen3_moe").save_pretrained(str(tmp_path / "ck"))
+    f = tmp_path / "ck" / "model.safetensors"
+    state = load_file(str(f))
+    name = "model.layers.2.mlp.experts.4.up_proj.weight"
+    state[name] = state[name][:-1].clone()
+    save_file(state, str(f), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"checkpoint tensor '{name}' .* has shape \\(19, 48\\)"):
+        estimate_importance_streaming(tmp_path / "ck", make_batches(n=1), progress=False, backend=IMP_BACKEND)
+    del state[name]
+    save_file(state, str(f), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"lacks tensors this config needs: {name}"):
+        estimate_importance_streaming(tmp_path / "ck", make_batches(n=1), progress=False, backend=IMP_BACKEND)
