@@ -498,7 +498,7 @@ class _Collector:
         if adapter.moe_dims(model.config) is not None:
             from minitron.compress.moe_importance import MoeCapture
 
-            self.moe = MoeCapture(self, adapter, self.layers, model.config, kw)  # type: ignore[arg-type]
+            self.moe = MoeCapture(self, adapter, self.layers, model.config, kw, dtype)  # type: ignore[arg-type]
         self.norm_modules = [n for layer in self.layers for n in adapter.layer_norms(layer)] + [adapter.final_norm(model)]
         self.channels = [ImportanceAccumulator(d.hidden_size, **kw) for _ in self.norm_modules]
         self.bi = None

@@ -87,14 +87,15 @@ class _LayerCapture:
     """The accumulators and hooks of one MoE layer."""
 
     def __init__(self, owner: "MoeCapture", index: int, layer: nn.Module, num_experts: int, width: int,
-                 shared: Optional[int], kw: dict) -> None:
+                 hidden: int, shared: Optional[int], kw: dict) -> None:
         from minitron.ops import ImportanceAccumulator
         from minitron.ops.grouped_importance import GroupedImportanceAccumulator
 
         self.owner, self.index, self.layer, self.num_experts = owner, index, layer, num_experts
         self.neurons = GroupedImportanceAccumulator(num_experts, width, **kw)
-        self.experts = GroupedImportanceAccumulator(num_experts, 1, **{**kw, "seq_agg": EXPERT_SEQ_AGG,
-                                                                       "batch_agg": EXPERT_BATCH_AGG})
+        # one unit of `hidden` channels: its magnitude is the L2 norm of the router-weighted output row
+        self.experts = GroupedImportanceAccumulator(num_experts, 1, group_size=hidden,
+                                                    **{**kw, "seq_agg": EXPERT_SEQ_AGG, "batch_agg": EXPERT_BATCH_AGG})
         self.shared = None if shared is None else ImportanceAccumulator(shared, **kw)
         self.shape: Optional[tuple[int, int]] = None
 
@@ -118,15 +119,19 @@ class _LayerCapture:
         B, S = self.shape
         k = top_k_index.size(-1)
         mask = self.owner.collector.mask
-        token, slot, offsets = grouped_segments(top_k_index.view(B, S, k), self.num_experts, mask=mask)
-        rows = inv_perm[token * k + slot]
+        _, slot, offsets = grouped_segments(top_k_index.view(B, S, k), self.num_experts, mask=mask)
+        rows = inv_perm[slot]  # slot = token * k + j: the flat routing entry; inv_perm: its row in act/weighted
         self.neurons.update(act[rows], offsets)
-        norms = torch.linalg.vector_norm(weighted[rows].float(), dim=-1, keepdim=True)
-        self.experts.update(norms, offsets)
+        self.experts.update(weighted[rows], offsets)
 
     def shared_pre_hook(self, module: nn.Module, args: tuple) -> None:
         if self.owner.collector.active and self.shared is not None:
-            self.shared.update(args[0], self.owner.collector.mask)
+            x = args[0]
+            if x.dim() == 2:  # the MoE block runs its shared expert on the flattened [B*S, H] tokens
+                if self.shape is None:
+                    raise RuntimeError(f"MoE capture of layer {self.index}: the shared expert ran outside its block")
+                x = x.view(*self.shape, x.shape[-1])
+            self.shared.update(x, self.owner.collector.mask)
 
 
 class MoeCapture:
@@ -138,9 +143,16 @@ class MoeCapture:
         layers: the decoder layers (modules; may be on the ``meta`` device until loaded).
         config: the model's config.
         kw: ``seq_agg``, ``batch_agg``, ``device``, ``backend`` of the run's accumulators.
+        dtype: the activations' dtype (one tiny update proves the grouped backend runs on it, before any forward).
     """
 
-    def __init__(self, collector: Any, adapter: MoeAdapter, layers: list[nn.Module], config: Any, kw: dict) -> None:
+    def __init__(self, collector: Any, adapter: MoeAdapter, layers: list[nn.Module], config: Any, kw: dict,
+                 dtype: torch.dtype = torch.float32) -> None:
+        from minitron.ops.grouped_importance import GroupedImportanceAccumulator
+
+        probe = GroupedImportanceAccumulator(1, 1, **kw)
+        probe.update(torch.zeros(1, 1, device=probe.device, dtype=dtype),
+                     torch.tensor([0, 1], dtype=torch.int64, device=probe.device))
         self.collector, self.adapter = collector, adapter
         self.dims = adapter.moe_dims(config)
         m = self.dims
@@ -150,12 +162,16 @@ class MoeCapture:
                 continue
             _check_experts_module(adapter.experts(layer), f"layer {i}")
             self.captures[i] = _LayerCapture(self, i, layer, m.num_experts, m.moe_intermediate_size,
-                                             m.shared_expert_intermediate_size
+                                             int(config.hidden_size), m.shared_expert_intermediate_size
                                              if adapter.shared_expert(layer) is not None else None, kw)
         self.handles: list[Any] = []
         self.patched: list[nn.Module] = []
 
     def attach(self) -> None:
+        impl = getattr(getattr(self.collector.model, "config", None), "_experts_implementation", "grouped_mm")
+        if self.captures and impl not in (None, "grouped_mm"):
+            log.info("MoE capture computes the experts as transformers' grouped_mm path; this model uses %r, so its "
+                     "outputs during calibration may differ from the unhooked model's in the last bits", impl)
         for cap in self.captures.values():
             layer = cap.layer
             experts = self.adapter.experts(layer)

@@ -318,9 +318,10 @@ class ExpertCut:
     Keeps experts ``experts`` (dim 0; None = all) and, along ``dim`` (1 or 2), the units ``units`` of ``block``
     rows/columns each: a 1-D index shared by every kept expert (embedding channels), or a 2-D ``[E', k]`` index
     whose row ``j`` lists what the ``j``-th kept expert keeps (each expert's own neurons); None = keep all.
-    Each application is one :func:`minitron.ops.gather_slices` call on 2-D views of the tensor: dim 1 (and the
-    expert dim) as rows of the ``[E*R, C]`` view; dim 2 as columns of that view when shared by all experts,
-    else as columns of each kept expert's ``[R, C]`` matrix (one call over the list, stacked).
+    Each application is one :func:`minitron.ops.gather_slices` call: the expert dim and a shared index cut the 3-D
+    tensor at once (its two-dim form, ``indices=(experts, units)``, ``dims=(0, dim)``); per-expert units (a
+    cross product cannot express them) go through 2-D views: dim 1 as rows of the ``[E*R, C]`` view (one flat row
+    index), dim 2 as columns of each kept expert's ``[R, C]`` matrix (one call over the list, then stacked).
     """
 
     experts: Optional[torch.Tensor]
@@ -352,18 +353,20 @@ def _apply_expert_cut(t: torch.Tensor, c: ExpertCut, backend: str) -> torch.Tens
     if c.units is None:
         if ex is None:
             return t.clone()
-        return gather_slices([t.view(E, R * C)], [ex], [0], backend=backend)[0].view(n_ex, R, C)
+        return gather_slices([t], [ex], [0], backend=backend)[0]
     units = c.units.to(dev)
+    if units.dim() == 1:  # the same units in every kept expert: one 3-D gather, both dims at once
+        if ex is None:
+            return gather_slices([t], [units], [c.dim], block=b, backend=backend)[0]
+        return gather_slices([t], [(ex, units)], [(0, c.dim)], block=[(1, b)], backend=backend)[0]
     if units.dim() == 2 and units.shape[0] != n_ex:
         raise RuntimeError(f"an expert cut has {units.shape[0]} rows of units for {n_ex} kept experts")
     if c.dim == 1:
         first = (torch.arange(E, device=dev) if ex is None else ex) * (R // b)
         rows = (first[:, None] + (units if units.dim() == 2 else units[None, :])).reshape(-1)
         return gather_slices([t.view(E * R, C)], [rows], [0], block=b, backend=backend)[0].view(n_ex, -1, C)
-    if units.dim() == 1 and ex is None:
-        return gather_slices([t.view(E * R, C)], [units], [1], block=b, backend=backend)[0].view(E, R, -1)
     which = range(E) if ex is None else ex.tolist()
-    idx = [units if units.dim() == 1 else units[j] for j in range(n_ex)]
+    idx = [units[j] for j in range(n_ex)]
     return torch.stack(gather_slices([t[e] for e in which], idx, [1] * n_ex, block=b, backend=backend))
 
 
@@ -384,7 +387,13 @@ class _CutRecorder:
     def add_cut(self, module: nn.Module, name: str, cut: Any) -> None:
         if getattr(module, name, None) is None:
             return
-        self.group.setdefault(f"{self.names[id(module)]}.{name}", []).append(cut)
+        cuts = self.group.setdefault(f"{self.names[id(module)]}.{name}", [])
+        last = cuts[-1] if cuts else None
+        if (isinstance(cut, ExpertCut) and isinstance(last, ExpertCut) and last.units is None and cut.experts is None
+                and cut.units is not None and cut.units.dim() == 1):
+            cuts[-1] = ExpertCut(last.experts, cut.units, cut.dim, cut.block)  # experts + channels: one 3-D gather
+            return
+        cuts.append(cut)
 
 
 def _row_blocks(spans: list[RowSpan], kept: list[torch.Tensor], block: int) -> dict[nn.Linear, torch.Tensor]:

@@ -33,6 +33,7 @@ from minitron.compress.importance import ImportanceScores
 from minitron.compress.prune import (Cut, _check_slicing_backend, apply_cuts, apply_width_transforms,
                                      depth_config_update, layer_rename, plan_depth, plan_width,
                                      update_pruning_record, width_config_update, width_cut_plan)
+from minitron.compress.moe_layout import CheckpointView, expert_disk_cuts, validate_checkpoint
 from minitron.io.checkpoint import copy_tokenizer_files
 from minitron.io.files import make_temp_dir, normalize_permissions, publish_dir, remove_stale_temporaries
 from minitron.io.safety import check_output_dir
@@ -103,12 +104,20 @@ def _rename(name: str, renames: dict[str, Optional[str]]) -> Optional[str]:
 
 
 def streamed_output_layout(
-    ckpt: ShardedCheckpoint, cut_plan: dict[str, list[Cut]], renames: dict[str, Optional[str]]
+    ckpt: ShardedCheckpoint, cut_plan: dict[str, list[Cut]], renames: dict[str, Optional[str]],
+    exact: Optional[dict[str, Optional[str]]] = None,
 ) -> list[tuple[str, str, tuple[int, ...], torch.dtype]]:
-    """``[(input name, output name, output shape, dtype)]`` in input file order (dropped layers left out)."""
+    """``[(input name, output name, output shape, dtype)]`` in input file order (dropped layers left out).
+
+    ``exact`` renames single tensors first (None: dropped; MoE experts renumbered after expert pruning), then
+    ``renames`` renames name prefixes (the layers kept by depth pruning)."""
     out = []
+    exact = exact or {}
     for name in ckpt.keys():
-        new = _rename(name, renames)
+        new = exact.get(name, name)
+        if new is None:
+            continue
+        new = _rename(new, renames)
         if new is None:
             continue
         out.append((name, new, _cut_shape(ckpt.shape(name), cut_plan.get(name, [])), ckpt.dtype(name)))
@@ -185,7 +194,7 @@ def prune_checkpoint_streaming(
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     src = Path(src_dir)
-    ckpt = ShardedCheckpoint(src).validate()
+    ckpt = validate_checkpoint(ShardedCheckpoint(src))
     out = check_output_dir(dst_dir, overwrite=overwrite, inputs={"src_dir": src}, what="dst_dir")
     p = _plan_streamed_prune(ckpt, scores, width_targets, keep_layers, drop_layers)
     for dt in {dt for _, _, _, dt in p.layout}:
@@ -242,7 +251,14 @@ def _plan_streamed_prune(ckpt: ShardedCheckpoint, scores: Optional[ImportanceSco
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
-    cut_plan = width_cut_plan(skeleton, plan) if width_changes else {}
+    model_cuts = width_cut_plan(skeleton, plan) if width_changes else {}
+    # model names -> the checkpoint's names (MoE: per-expert 2-D tensors on disk, fused 3-D in memory)
+    view = CheckpointView(skeleton, ckpt.keys())
+    cut_plan = {view.alias.get(n, n): c for n, c in model_cuts.items() if n not in view.stacked}
+    exact: dict[str, Optional[str]] = {}
+    if view.experts and width_changes:
+        expert_cuts, exact = expert_disk_cuts(view, plan, plan.hidden)
+        cut_plan.update(expert_cuts)
     names = {id(m): n for n, m in skeleton.named_modules()}
     prefix = names[id(adapter.layers(skeleton))]
     renames = layer_rename(prefix, d.num_hidden_layers, kept) if len(kept) != d.num_hidden_layers else {}
@@ -252,7 +268,7 @@ def _plan_streamed_prune(ckpt: ShardedCheckpoint, scores: Optional[ImportanceSco
     if width_changes:
         update_pruning_record(new_config, kept_channels=plan.hidden)
         width_config_update(new_config, plan, d.head_dim)
-        transforms = adapter.width_transforms(config, new_config)
+        transforms = {view.alias.get(n, n): fn for n, fn in adapter.width_transforms(config, new_config).items()}
         unknown = [n for n in transforms if n not in ckpt.keys()]
         if unknown:
             raise RuntimeError(f"{adapter!r}.width_transforms names no tensor of the checkpoint: {unknown}")
@@ -260,7 +276,7 @@ def _plan_streamed_prune(ckpt: ShardedCheckpoint, scores: Optional[ImportanceSco
         update_pruning_record(new_config, kept_layers=kept)
         depth_config_update(new_config, kept)
     adapter.check_config(new_config)
-    layout = streamed_output_layout(ckpt, cut_plan, renames)
+    layout = streamed_output_layout(ckpt, cut_plan, renames, exact)
     if not layout:
         raise ValueError(f"checkpoint {str(ckpt.path)!r}: nothing to write")
     return _StreamedPrunePlan(config, new_config, layout, cut_plan, prefix, transforms)

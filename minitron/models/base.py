@@ -397,6 +397,24 @@ class MoeAdapter(ModelAdapter):
             config.decoder_sparse_step = 1
             config.mlp_only_layers = [new for new, old in enumerate(kept) if not flags[old]]
 
+    # ------------------------------------------------------------------ checkpoint names
+    def checkpoint_name(self, name: str) -> str:
+        """The name a (non-expert) state-dict tensor has in the family's saved checkpoints (default: the same)."""
+        return name
+
+    def expert_checkpoint_names(self, experts_name: str, e: int) -> tuple[str, str, str]:
+        """The saved names of expert ``e``'s gate, up and down weights ([I, H], [I, H], [H, I]).
+
+        transformers 5 fuses the experts in memory (``experts.gate_up_proj`` / ``experts.down_proj``) but reads and
+        writes checkpoints (Hub files and ``save_pretrained``) with one 2-D tensor per expert and projection.
+
+        Args:
+            experts_name: the state-dict prefix of the fused experts module (``model.layers.3.mlp.experts``).
+            e: the expert index.
+        """
+        p = self.checkpoint_name(experts_name)
+        return f"{p}.{e}.gate_proj.weight", f"{p}.{e}.up_proj.weight", f"{p}.{e}.down_proj.weight"
+
     # ------------------------------------------------------------------ per-layer modules
     def is_moe_layer(self, layer: nn.Module) -> bool:
         return hasattr(self.mlp(layer), "experts")

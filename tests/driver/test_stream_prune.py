@@ -317,3 +317,20 @@ def test_width_transforms_and_record_streamed_equal_in_memory(sources, tmp_path,
     assert cfg == json.loads((m / "config.json").read_text())
     assert cfg[PRUNING_RECORD] == {"source_num_hidden_layers": 4, "kept_layers": [1, 2, 3], "source_hidden_size": 48,
                                    "kept_channels": keep.tolist()}
+
+
+@pytest.mark.parametrize("fam", ("qwen3_moe", "qwen2_moe", "mixtral"))
+def test_moe_families_streamed_depth_equals_in_memory(fam, tmp_path):
+    """Mixture-of-experts families (width cases in tests/driver/test_moe.py): depth pruning streamed equals in memory
+    (per-expert checkpoint tensors renamed with their layers; the kept layers keep their MoE/dense kind)."""
+    from tests.driver.test_moe import make_moe_model
+
+    src = tmp_path / "src"
+    make_moe_model(fam).save_pretrained(str(src), max_shard_size="40KB")
+    (src / "tokenizer.json").write_bytes(TOKENIZER_BYTES)
+    s = prune_checkpoint_streaming(src, tmp_path / "s", drop_layers=DROP, shard_bytes=30_000, progress=False)
+    _in_memory(src, tmp_path / "m", None, None, DROP)
+    a, b = _state(s), _state(tmp_path / "m")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((s / "config.json").read_text()) == json.loads((tmp_path / "m" / "config.json").read_text())
+    assert (s / "tokenizer.json").read_bytes() == TOKENIZER_BYTES
