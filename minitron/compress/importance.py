@@ -667,8 +667,8 @@ def _assemble_scores(collector: "_Collector", adapter: ModelAdapter, config: Any
         "num_batches": num_batches,
         "base_lm_loss": base_loss,
         "kv_group_aggregation": "sum of the group's query-head scores",
-        "channel_sources": "outputs of input_layernorm, post_attention_layernorm (every layer) and the final norm, "
-                           "aggregated per norm then summed",
+        "channel_sources": f"outputs of {', '.join(_norm_names(adapter, collector.layers[0]))} (every layer) and "
+                           "the final norm, aggregated per norm then summed",
     }
     meta.update(extra_meta or {})
     log.info("importance estimated on %d samples (%d tokens)", num_samples, num_tokens)
@@ -678,6 +678,12 @@ def _assemble_scores(collector: "_Collector", adapter: ModelAdapter, config: Any
                                  "tokens routed to the expert, aggregated with seq_agg/batch_agg")
     return ImportanceScores(heads=heads, kv_groups=kv, neurons=neurons, channels=channels, block_influence=bi,
                             lm_loss_drop=lm_loss_drop, meta=meta, **moe_fields)
+
+
+def _norm_names(adapter: ModelAdapter, layer: nn.Module) -> list[str]:
+    """The attribute paths of ``adapter.layer_norms(layer)`` inside ``layer`` (e.g. ``input_layernorm``)."""
+    names = {id(m): n for n, m in layer.named_modules() if n}
+    return [names.get(id(m), type(m).__name__) for m in adapter.layer_norms(layer)]
 
 
 def _drops_from_sums(sums: list[float], counts: list[int], base_loss: float) -> torch.Tensor:

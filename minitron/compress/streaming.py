@@ -72,6 +72,15 @@ HIDDEN_MEMORY_FRACTION = 0.25
 CheckpointReader = ShardedCheckpoint
 
 
+def _final_logits(config: Any, logits: torch.Tensor) -> torch.Tensor:
+    """The LM head's output as the model's forward returns it: ``final_logit_softcapping`` (Gemma-2/3) applied as
+    ``cap * tanh(logits / cap)`` when the config sets it."""
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is None:
+        return logits
+    return torch.tanh(logits / cap) * cap
+
+
 def _mem_available() -> int:
     """MemAvailable in bytes, or total physical memory where /proc/meminfo cannot be read."""
     from minitron.runtime import available_memory_bytes
@@ -746,11 +755,11 @@ class _StreamedEstimation:
                     continue
                 if i >= self.n_depth:
                     continue
-                s, c = _lm_loss_sums(head(hn), ids, mask)
+                s, c = _lm_loss_sums(_final_logits(self.config, head(hn)), ids, mask)
                 main_sum, main_cnt = main_sum + s, main_cnt + c
                 collector.active = False
                 for d in range(n_layers):
-                    s, c = _lm_loss_sums(head(norm(store.get(d, i))), ids, mask)
+                    s, c = _lm_loss_sums(_final_logits(self.config, head(norm(store.get(d, i)))), ids, mask)
                     skip_sums[d], skip_cnts[d] = skip_sums[d] + s, skip_cnts[d] + c
                 collector.active = True
         if head is not None:

@@ -50,7 +50,7 @@ def test_dims_and_head_dim(family):
     model = make_model(family)
     d = get_adapter(model).dims(model.config)
     assert (d.hidden_size, d.intermediate_size, d.num_attention_heads, d.num_key_value_heads) == (48, 64, 6, 2)
-    assert d.head_dim == (12 if family == "qwen3" else 8)
+    assert d.head_dim == (12 if family in ("qwen3", "gemma3_text") else 8)
     assert d.heads_per_group == 3
 
 

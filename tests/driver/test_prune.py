@@ -73,7 +73,10 @@ def zero_hooks(model, *, heads=None, neurons=None, channels=None):
 
         def norm_hook(m, args, out):
             x = args[0].float()[..., channels]
-            y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon) * m.weight[channels]
+            if hasattr(m, "variance_epsilon"):  # Llama-style RMSNorm: normed * w
+                y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon) * m.weight[channels]
+            else:  # Gemma RMSNorm: normed * (1 + w), in fp32
+                y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.eps) * (1.0 + m.weight[channels].float())
             full = torch.zeros_like(out)
             full[..., channels] = y.to(out.dtype)
             return full
@@ -117,7 +120,7 @@ def test_prune_neurons_equals_zeroing(family):
 def test_prune_heads_within_groups_equals_zeroing(family):
     m = check_width(family, num_attention_heads=4)
     assert m.config.num_attention_heads == 4 and m.config.num_key_value_heads == 2
-    assert m.config.head_dim == (12 if family == "qwen3" else 8)
+    assert m.config.head_dim == (12 if family in ("qwen3", "gemma3_text") else 8)
 
 
 def test_prune_kv_groups_equals_zeroing(family):
