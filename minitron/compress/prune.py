@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["validate_width_targets", "prune_width", "prune_depth", "plan_width", "plan_depth", "WidthPlan",
            "DEPTH_METRICS", "Cut", "CutPlan", "width_cut_plan", "apply_cuts", "width_config_update",
-           "depth_config_update", "layer_rename"]
+           "depth_config_update", "layer_rename", "PRUNING_RECORD", "pruning_record", "update_pruning_record",
+           "apply_width_transforms"]
 
 DEPTH_METRICS = ("lm_loss", "block_influence")
 _WIDTH_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
@@ -350,6 +351,76 @@ def width_config_update(config: Any, plan: WidthPlan, head_dim: int) -> None:
     config.head_dim = int(head_dim)
 
 
+#: Config attribute holding the pruning record (see :func:`pruning_record`); saved in config.json.
+PRUNING_RECORD = "minitron_pruning"
+
+
+def pruning_record(config: Any) -> dict:
+    """Where this model's layers and hidden channels came from, as ``config.minitron_pruning`` records it.
+
+    Returns a new dict ``{"source_num_hidden_layers": L0, "kept_layers": [teacher layer of each layer],
+    "source_hidden_size": H0, "kept_channels": [teacher channel of each channel] or None (hidden unchanged)}``;
+    the identity record of ``config`` when it has none (an unpruned model is its own teacher). A record that does
+    not match the config's sizes (edited by hand) is ignored with a warning.
+    """
+    L, H = int(config.num_hidden_layers), int(config.hidden_size)
+    ident = {"source_num_hidden_layers": L, "kept_layers": list(range(L)), "source_hidden_size": H,
+             "kept_channels": None}
+    rec = getattr(config, PRUNING_RECORD, None)
+    if rec is None:
+        return ident
+    try:
+        L0, H0 = int(rec["source_num_hidden_layers"]), int(rec["source_hidden_size"])
+        layers = [int(i) for i in rec["kept_layers"]]
+        channels = None if rec.get("kept_channels") is None else [int(c) for c in rec["kept_channels"]]
+        ok = (len(layers) == L and all(0 <= i < L0 for i in layers)
+              and (channels is None and H0 == H or channels is not None and len(channels) == H
+                   and all(0 <= c < H0 for c in channels)))
+    except (TypeError, KeyError, ValueError):
+        ok = False
+    if not ok:
+        log.warning("config.%s does not match the config's sizes (%d layers, hidden %d); starting a new record",
+                    PRUNING_RECORD, L, H)
+        return ident
+    return {"source_num_hidden_layers": L0, "kept_layers": layers, "source_hidden_size": H0, "kept_channels": channels}
+
+
+def update_pruning_record(config: Any, *, kept_layers: Optional[Sequence[int]] = None,
+                          kept_channels: Optional[Any] = None) -> None:
+    """Compose ``config.minitron_pruning`` with one more cut (in place); call it *before* the sizes change.
+
+    Args:
+        config: the config being pruned, still holding the sizes before this cut.
+        kept_layers: indices (into the current layers, increasing) of the layers depth pruning keeps.
+        kept_channels: indices (into the current hidden channels, increasing; a tensor or a list) width pruning
+            keeps, or None when the hidden size does not change.
+    """
+    rec = pruning_record(config)
+    if kept_layers is not None:
+        rec["kept_layers"] = [rec["kept_layers"][int(i)] for i in kept_layers]
+    if kept_channels is not None:
+        kc = [int(c) for c in (kept_channels.tolist() if isinstance(kept_channels, torch.Tensor) else kept_channels)]
+        prev = rec["kept_channels"]
+        rec["kept_channels"] = kc if prev is None else [prev[c] for c in kc]
+    setattr(config, PRUNING_RECORD, rec)
+
+
+def apply_width_transforms(tensors: dict[str, torch.Tensor], transforms: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """``{name: transforms[name](t)}`` for the named tensors that have a transform (others unchanged); checks that
+    each transform keeps the shape and dtype (:meth:`ModelAdapter.width_transforms`)."""
+    out = dict(tensors)
+    for name, t in tensors.items():
+        fn = transforms.get(name)
+        if fn is None:
+            continue
+        new = fn(t)
+        if not isinstance(new, torch.Tensor) or new.shape != t.shape or new.dtype != t.dtype:
+            raise RuntimeError(f"the width transform of {name!r} changed its shape/dtype {tuple(t.shape)} {t.dtype} -> "
+                               f"{getattr(new, 'shape', None)} {getattr(new, 'dtype', None)}")
+        out[name] = new
+    return out
+
+
 def depth_config_update(config: Any, kept: Sequence[int]) -> None:
     """Cut ``config``'s per-layer fields to the kept layers and set ``num_hidden_layers`` (in place)."""
     get_adapter(config).cut_per_layer_config(config, list(kept))
@@ -386,10 +457,24 @@ def _apply_width_plan(model: nn.Module, adapter: ModelAdapter, plan: WidthPlan, 
     d = adapter.dims(model.config)
     emb, lm_head = adapter.embedding(model), adapter.lm_head(model)
     tied = lm_head.weight is emb.weight
+    before = copy.deepcopy(model.config)
+    after = copy.deepcopy(model.config)
+    update_pruning_record(after, kept_channels=plan.hidden)
+    width_config_update(after, plan, d.head_dim)
+    transforms = adapter.width_transforms(before, after)
+    unknown = [n for n in transforms if n not in dict(model.named_parameters(remove_duplicate=False))]
+    if unknown:
+        raise RuntimeError(f"{adapter!r}.width_transforms names no parameter of the model: {unknown}")
     for group in _width_cut_groups(model, adapter, plan):  # one decoder layer at a time, then the rest
         _apply_cut_group(model, group, backend)
+    for name in transforms:
+        owner, _, attr = name.rpartition(".")
+        old = model.get_parameter(name)
+        new = apply_width_transforms({name: old.data}, transforms)[name]
+        setattr(model.get_submodule(owner), attr, nn.Parameter(new, requires_grad=old.requires_grad))
     if tied:
         lm_head.weight = emb.weight
+    update_pruning_record(model.config, kept_channels=plan.hidden)
     width_config_update(model.config, plan, d.head_dim)
     _sync_module_attributes(model, adapter, plan.sizes)
 
@@ -552,6 +637,7 @@ def prune_depth(
             if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = new_idx
     adapter.set_layers(model, new_layers)
+    update_pruning_record(config, kept_layers=kept)
     depth_config_update(config, kept)
     base = adapter.base_model(model)
     if hasattr(base, "has_sliding_layers") and isinstance(getattr(config, "layer_types", None), (list, tuple)):

@@ -30,8 +30,9 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from minitron.compress.importance import ImportanceScores
-from minitron.compress.prune import (Cut, _check_slicing_backend, apply_cuts, depth_config_update, layer_rename,
-                                     plan_depth, plan_width, width_config_update, width_cut_plan)
+from minitron.compress.prune import (Cut, _check_slicing_backend, apply_cuts, apply_width_transforms,
+                                     depth_config_update, layer_rename, plan_depth, plan_width,
+                                     update_pruning_record, width_config_update, width_cut_plan)
 from minitron.io.checkpoint import copy_tokenizer_files
 from minitron.io.files import make_temp_dir, normalize_permissions, publish_dir, remove_stale_temporaries
 from minitron.io.safety import check_output_dir
@@ -214,6 +215,7 @@ class _StreamedPrunePlan:
     layout: list
     cut_plan: dict
     layer_prefix: str
+    transforms: dict = dataclasses.field(default_factory=dict)
 
 
 def _plan_streamed_prune(ckpt: ShardedCheckpoint, scores: Optional[ImportanceScores],
@@ -237,15 +239,22 @@ def _plan_streamed_prune(ckpt: ShardedCheckpoint, scores: Optional[ImportanceSco
     renames = layer_rename(prefix, d.num_hidden_layers, kept) if len(kept) != d.num_hidden_layers else {}
     del skeleton
     new_config = copy.deepcopy(config)
+    transforms: dict = {}
     if width_changes:
+        update_pruning_record(new_config, kept_channels=plan.hidden)
         width_config_update(new_config, plan, d.head_dim)
+        transforms = adapter.width_transforms(config, new_config)
+        unknown = [n for n in transforms if n not in ckpt.keys()]
+        if unknown:
+            raise RuntimeError(f"{adapter!r}.width_transforms names no tensor of the checkpoint: {unknown}")
     if renames:
+        update_pruning_record(new_config, kept_layers=kept)
         depth_config_update(new_config, kept)
     adapter.check_config(new_config)
     layout = streamed_output_layout(ckpt, cut_plan, renames)
     if not layout:
         raise ValueError(f"checkpoint {str(ckpt.path)!r}: nothing to write")
-    return _StreamedPrunePlan(config, new_config, layout, cut_plan, prefix)
+    return _StreamedPrunePlan(config, new_config, layout, cut_plan, prefix, transforms)
 
 
 def _write_tensors(ckpt: ShardedCheckpoint, p: _StreamedPrunePlan, tmp: Path, shard_bytes: int, backend: str,
@@ -265,6 +274,9 @@ def _write_tensors(ckpt: ShardedCheckpoint, p: _StreamedPrunePlan, tmp: Path, sh
             if cuts:
                 with torch.no_grad():
                     t = apply_cuts([t], [cuts], backend)[0]
+            if name in p.transforms:
+                with torch.no_grad():
+                    t = apply_width_transforms({name: t}, p.transforms)[name]
             if pending is not None:
                 pending.result()
             pending = pool.submit(writer.add, new_name, t)

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
-from torch import nn
+from torch import Tensor, nn
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,24 @@ class ModelAdapter:
                 raise ValueError(
                     f"the pruned {self.model_type} config would be rejected by transformers: {exc}"
                 ) from exc
+
+    def width_transforms(self, config_before: Any, config_after: Any) -> dict[str, Callable[[Tensor], Tensor]]:
+        """Functions applied to tensors after width pruning has cut them (default: none).
+
+        Width pruning (in memory, :func:`minitron.compress.prune.prune_width`, and shard-streamed,
+        :func:`minitron.compress.stream_prune.prune_checkpoint_streaming`) calls this once with the config before
+        and after the width cut, then replaces each named tensor ``t`` (after its cuts, in the width-pruned shape,
+        before any depth renaming) by ``fn(t)``. A family whose forward depends on a size in a way slicing alone
+        does not keep (Gemma-3 scales the embedding by ``sqrt(hidden_size)``) compensates here.
+
+        Args:
+            config_before: the config before width pruning (not modified).
+            config_after: the config after width pruning (not modified).
+        Returns:
+            ``{state-dict name: fn}``; ``fn`` takes and returns a tensor of the same shape and dtype and must not
+            modify its input. A tied LM head is not a separate tensor: name the embedding.
+        """
+        return {}
 
     # ------------------------------------------------------------------ model-level modules
     def check_model(self, model: nn.Module) -> None:

@@ -287,3 +287,33 @@ def test_should_stream_prune(sources, monkeypatch):
     monkeypatch.setattr(sp, "_meminfo_available", lambda: 1000)
     stream, why = should_stream_prune(sources["llama"])
     assert stream is True and "streaming" in why
+
+
+def test_width_transforms_and_record_streamed_equal_in_memory(sources, tmp_path, monkeypatch):
+    """The adapter's width_transforms hook and the pruning record apply alike in memory and streamed."""
+    from transformers import AutoConfig
+
+    from minitron.compress.prune import PRUNING_RECORD
+    from minitron.models.base import ModelAdapter
+
+    def transforms(self, before, after):
+        scale = (before.hidden_size / after.hidden_size) ** 0.5
+        return {"model.embed_tokens.weight": lambda t: t * scale, "model.norm.weight": lambda t: t / scale}
+
+    monkeypatch.setattr(ModelAdapter, "width_transforms", transforms)
+    src = sources["qwen2"]
+    scores = random_importance(AutoConfig.from_pretrained(str(src)), seed=4)
+    width = dict(hidden_size=32)
+    s = prune_checkpoint_streaming(src, tmp_path / "s", scores=scores, width_targets=width, drop_layers=[0],
+                                   backend=BACKEND, progress=False)
+    m = tmp_path / "m"
+    _in_memory(src, m, scores, width, [0])
+    a, b = _state(s), _state(m)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    plain = _state(src)
+    keep = torch.topk(scores.channels, 32).indices.sort().values
+    torch.testing.assert_close(a["model.embed_tokens.weight"], plain["model.embed_tokens.weight"][:, keep] * 1.5 ** 0.5)
+    cfg = json.loads((s / "config.json").read_text())
+    assert cfg == json.loads((m / "config.json").read_text())
+    assert cfg[PRUNING_RECORD] == {"source_num_hidden_layers": 4, "kept_layers": [1, 2, 3], "source_hidden_size": 48,
+                                   "kept_channels": keep.tolist()}
