@@ -124,7 +124,7 @@ class DistillConfig:
         kl_weight: weight of the KL term.
         lm_loss_weight: weight of the student's next-token cross-entropy (0: pure distillation).
         chunk_size: tokens per chunk in the fused KL (None: the op's default).
-        backend: kernel backend of the KL and hidden-state ops ("auto", "cpp", "cuda", "triton", "reference").
+        backend: KL kernel backend ("auto", "cpp", "cuda", "triton", "reference").
         hidden_loss: "none" (logits only), "cosine" or "mse" between the outputs of mapped decoder layers.
         hidden_weight: weight of the hidden-state term (the mean over the mapped pairs).
         layer_map: "auto" (from the student's pruning record ``config.minitron_pruning``; 1:1 when the layer
@@ -133,6 +133,7 @@ class DistillConfig:
             an error for equal widths), False (never: an error for different widths).
         hidden_balance: "none" (``hidden_weight`` as is) or "dynamic" (rescaled every step so that the hidden
             term weighs ``hidden_weight`` times the logit terms; see the module docstring).
+        hidden_backend: backend of :func:`minitron.ops.hidden_loss.hidden_state_loss` (same names as ``backend``).
         vocab_size: the real vocabulary for the KL (columns at or above it count as -inf on both sides);
             None: detected from the tokenizers and heads (:func:`resolve_vocab_size`).
     """
@@ -144,7 +145,7 @@ class DistillConfig:
     kl_weight: float = option(1.0, help="weight of the KL term")
     lm_loss_weight: float = option(0.0, help="weight of the student's LM loss mixed in")
     chunk_size: Optional[int] = option(None, help="tokens per chunk in the fused KL", default_text="the op's")
-    backend: str = option("auto", help="KL and hidden-state kernel backend: auto, cpp, cuda, triton, reference",
+    backend: str = option("auto", help="KL kernel backend: auto, cpp, cuda, triton, reference",
                           aliases=("kl_backend",))
     hidden_loss: str = option("none", help="hidden-state loss between the outputs of mapped decoder layers",
                               choices=HIDDEN_LOSSES)
@@ -156,6 +157,7 @@ class DistillConfig:
                                                default_text="exactly when the hidden sizes differ")
     hidden_balance: str = option("none", help="none, or dynamic: rescale the hidden term every step to "
                                  "--hidden-weight times the logit terms", choices=HIDDEN_BALANCES)
+    hidden_backend: str = option("auto", help="hidden-state loss kernel backend: auto, cpp, cuda, triton, reference")
     vocab_size: Optional[int] = option(None, help="real vocabulary size for the KL (padded columns at or above it "
                                        "count as -inf)", default_text="detected from the tokenizers and heads")
 
@@ -199,8 +201,9 @@ class DistillConfig:
             raise ValueError(f"DistillConfig.vocab_size must be a positive int or None, got {self.vocab_size!r}")
         if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
             raise ValueError(f"DistillConfig.chunk_size must be a positive int or None, got {self.chunk_size!r}")
-        if not isinstance(self.backend, str):
-            raise TypeError(f"DistillConfig.backend must be a string, got {self.backend!r}")
+        for name in ("backend", "hidden_backend"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"DistillConfig.{name} must be a string, got {getattr(self, name)!r}")
 
     @classmethod
     def from_dict(cls, d: Optional[Dict[str, Any]]) -> "DistillConfig":
@@ -223,7 +226,7 @@ class DistillConfig:
 
 
 _LATER_DEFAULTS = {"hidden_loss": "none", "hidden_weight": 1.0, "layer_map": "auto", "hidden_projection": None,
-                   "hidden_balance": "none", "vocab_size": None}
+                   "hidden_balance": "none", "hidden_backend": "auto", "vocab_size": None}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -554,7 +557,7 @@ class DistillationLoss:
             if hs.dtype != ht.dtype:
                 ht = ht.to(hs.dtype)
             term = hidden_state_loss(hs, ht, mask, loss=self.config.hidden_loss, reduction="mean",
-                                     backend=self.config.backend).float()
+                                     backend=self.config.hidden_backend).float()
             total = term if total is None else total + term
         assert total is not None
         return total / len(self.hidden.pairs)
@@ -676,7 +679,11 @@ def distill_model(
     plan = plan_hidden_distillation(distill_config, student.config, teacher.config)
     projections = None
     if plan is not None:
-        import minitron.ops.hidden_loss  # noqa: F401  (fail here, before any training, when the op is missing)
+        from minitron.ops.hidden_loss import hidden_state_loss
+        from minitron.runtime import resolve_device as _dev
+
+        probe = torch.zeros(1, 2, device=_dev(train_config.device))  # the backend must run here: fail before training
+        hidden_state_loss(probe, probe, loss=distill_config.hidden_loss, backend=distill_config.hidden_backend)
 
         log.info("hidden-state distillation (%s, weight %g, balance %s): %d layer pairs from %s: %s%s",
                  distill_config.hidden_loss, distill_config.hidden_weight, distill_config.hidden_balance,
