@@ -496,6 +496,31 @@ class TeacherLogitStore:
                 raise StoreError(f"{where} was made from other data: the {what} hash differs "
                                  f"({str(d.get(key))[:12]}... stored vs {got[key][:12]}...)")
 
+    def token_ids(self, sequence_indices: Sequence[int]) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """``(input_ids, attention_mask)`` int64 ``[B, S]`` of the given sequences when the store keeps its token ids
+        (an imported store: :func:`minitron.io.served.import_teacher_logits`), else ``(None, None)``."""
+        if not (self.manifest.get("data") or {}).get("stored_token_ids"):
+            return None, None
+        ids, mask = [], []
+        for i in sequence_indices:
+            si = bisect.bisect_right(self._starts, int(i)) - 1
+            sh = self._shards[si]
+            h = self._handle(si)
+            try:
+                ids.append(h.get_slice("input_ids")[int(i) - sh.start: int(i) - sh.start + 1])
+                mask.append(h.get_slice("attention_mask")[int(i) - sh.start: int(i) - sh.start + 1])
+            except Exception as e:
+                raise StoreError(f"cannot read the token ids of store shard {str(sh.path)!r} ({type(e).__name__}: "
+                                 f"{e})") from None
+        return torch.cat(ids).long(), torch.cat(mask).long()
+
+    def stored_data(self) -> Optional[PackedDataset]:
+        """The packed sequences the store describes, when it keeps its token ids (else None): distil with them."""
+        ids, mask = self.token_ids(range(len(self)))
+        if ids is None or mask is None:
+            return None
+        return PackedDataset(ids, mask, str(self.manifest["data"].get("description") or "stored token ids"))
+
     def dataset(self, data: PackedDataset) -> "TeacherLogitDataset":
         """A torch ``Dataset`` over ``data`` with this store's entries (checks compatibility first)."""
         return TeacherLogitDataset(self, data)

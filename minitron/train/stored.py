@@ -8,7 +8,8 @@ store's temperature, optionally mixed with the student's next-token cross-entrop
 
 ``tail=True`` (default) matches the teacher's unstored mass against the student's mass outside the k entries;
 ``tail=False`` renormalises the teacher over its k entries (DistillKit's sparse KL); see ``docs/topk_kl.md``.
-Counted tokens: the real (unpadded) positions; with an LM term, the last position of each sequence (whose next
+Counted tokens: the real (unpadded) positions that hold a teacher distribution (a position whose stored entries
+are all ``-inf`` has none: imported served records end so); with an LM term, the last position of each sequence (whose next
 token is unknown) counts for neither term, since both come from one fused kernel call.
 
 The training batches carry the stored entries: :func:`distill_from_store` wraps the data so that every batch the
@@ -171,6 +172,9 @@ def make_stored_distillation_loss(store: TeacherLogitStore, config: StoredDistil
             s_hidden = s_hidden.to(s_weight.dtype)
         t_idx = t_idx.to(s_hidden.device, non_blocking=True)
         t_lp = t_lp.to(s_hidden.device, non_blocking=True)
+        # a position without a teacher distribution (all entries -inf: e.g. the last prompt position of imported
+        # served records) counts for nothing
+        mask = mask & torch.isfinite(t_lp[..., 0])
         labels = None
         if config.lm_loss_weight > 0:
             ids = batch["input_ids"]
