@@ -57,6 +57,8 @@ def _args(argv: Any = None) -> argparse.Namespace:
     p.add_argument("--hidden-weight", type=float, default=1.0)
     p.add_argument("--hidden-balance", default="dynamic", choices=["none", "dynamic"])
     p.add_argument("--calib-tokens", type=int, default=1024)
+    p.add_argument("--layers-to-drop", default=None, help="skip the importance pass: drop these layers (comma-separated, "
+                   "e.g. the block an earlier run of this script chose; recorded)")
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--hidden-backend", default="auto")
@@ -114,14 +116,21 @@ def main(argv: Any = None) -> int:
     n_cal = max(1, a.calib_tokens // a.seq)
     calib = [{"input_ids": train.input_ids[-n_cal:], "attention_mask": train.attention_mask[-n_cal:]}]
     t0 = time.time()
-    scores = estimate_importance(teacher, calib, layer_metrics=("lm_loss",), progress=False)
     L = teacher.config.num_hidden_layers
-    student0 = prune_depth(copy.deepcopy(teacher), num_hidden_layers=L - a.drop, scores=scores, metric="lm_loss",
-                           contiguous=True)
+    if a.layers_to_drop:
+        drop = [int(x) for x in a.layers_to_drop.split(",")]
+        student0 = prune_depth(copy.deepcopy(teacher), num_hidden_layers=L - len(drop), layers_to_drop=drop)
+        scores = None
+    else:
+        scores = estimate_importance(teacher, calib, layer_metrics=("lm_loss",), progress=False)
+        student0 = prune_depth(copy.deepcopy(teacher), num_hidden_layers=L - a.drop, scores=scores, metric="lm_loss",
+                               contiguous=True)
     kept = student0.config.minitron_pruning["kept_layers"]
     summary["pruning"] = {"dropped": [i for i in range(L) if i not in kept], "kept_layers": kept,
                           "importance_seconds": round(time.time() - t0, 1),
-                          "lm_loss_scores": [round(float(x), 5) for x in scores.layer_scores("lm_loss")]}
+                          "lm_loss_scores": None if scores is None else
+                          [round(float(x), 5) for x in scores.layer_scores("lm_loss")],
+                          "given": a.layers_to_drop}
     log.info("dropped layers %s", summary["pruning"]["dropped"])
     summary["pruned"] = _ppl(student0, test)
     log.info("pruned student: %s", summary["pruned"])
@@ -168,8 +177,10 @@ def _write(out: Path, summary: Dict[str, Any], t_start: float) -> None:
 def _markdown(s: Dict[str, Any]) -> str:
     a = s["settings"]
     lines = [f"# Logit-only vs logit + hidden-state KD: depth-pruned {s['model']}", "",
-             f"Student: {s['model']} minus layers {s['pruning']['dropped']} (contiguous block of {a['drop']}, least "
-             f"LM-loss importance on {a['calib_tokens']} tokens); distillation on WikiText-2 valid, "
+             f"Student: {s['model']} minus layers {s['pruning']['dropped']} (" + (
+                 f"given, --layers-to-drop {a['layers_to_drop']}" if a.get("layers_to_drop") else
+                 f"contiguous block of {a['drop']}, least LM-loss importance on {a['calib_tokens']} tokens") +
+             "); distillation on WikiText-2 valid, "
              f"{s['train_tokens_per_run']:,} tokens per run ({a['steps']} steps x {a['batch']} x {a['seq']}), lr "
              f"{a['lr']}; hidden arm: {a['hidden_loss']} on all {len(s['pruning']['kept_layers'])} kept-layer pairs "
              f"(layer map auto), weight {a['hidden_weight']}, balance {a['hidden_balance']}. WikiText-2 test "

@@ -377,11 +377,11 @@ def _top(ent: List[Tuple[int, float, Optional[int]]], k: int) -> List[Tuple[int,
 def _tensors(seqs: List[_Seq], k: int, seq_len: int, pad_id: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                           torch.Tensor]:
     """``(input_ids, attention_mask [n, S], indices int64 [n, S, k], logprobs fp32 [n, S, k])`` of parsed sequences;
-    positions without entries hold -inf (index 0)."""
+    positions without entries hold -inf (ids 0..k-1, distinct as the ops require)."""
     n = len(seqs)
     ids = torch.full((n, seq_len), pad_id, dtype=torch.long)
     mask = torch.zeros(n, seq_len, dtype=torch.long)
-    idx = torch.zeros(n, seq_len, k, dtype=torch.long)
+    idx = torch.arange(k, dtype=torch.long).expand(n, seq_len, k).clone()  # distinct ids where there are none
     lp = torch.full((n, seq_len, k), float("-inf"), dtype=torch.float32)
     for r, s in enumerate(seqs):
         ln = len(s.token_ids)
