@@ -27,8 +27,9 @@ Vocabularies that differ in size (a head padded to a multiple of 64/128, appende
 real vocabulary size (``vocab_size``; detected by :func:`resolve_vocab_size` from the tokenizers and the heads), so
 that the columns at or above it count as ``-inf`` on both sides.
 
-Known limitation: models whose logits are post-processed after the LM head (final logit soft-capping
-or scaling) are distilled on the raw ``hidden @ W.T`` logits; none of the supported families do this.
+Final logit soft-capping (``config.final_logit_softcapping``, Gemma-2/3: ``cap * tanh(logits / cap)`` after the LM
+head) is applied to both models' logits, in the fused KL and in the LM term, so the loss sees the logits the models'
+own forward returns. Known limitation: the stored top-k path (``distill --teacher-logits``) does not apply it.
 """
 from __future__ import annotations
 
@@ -466,6 +467,13 @@ def resolve_vocab_size(student: torch.nn.Module, teacher: Optional[torch.nn.Modu
 # the loss
 
 
+def final_logit_softcap(model: Optional[torch.nn.Module]) -> Optional[float]:
+    """``config.final_logit_softcapping`` of ``model`` (Gemma-2/3: logits become ``cap * tanh(logits / cap)`` after
+    the LM head), or None."""
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    return None if cap is None else float(cap)
+
+
 def final_hidden_and_head(model: torch.nn.Module, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Run the decoder stack only.
 
@@ -591,12 +599,16 @@ class DistillationLoss:
                         s_hidden, s_weight, t_hidden, t_weight,
                         student_bias=s_bias, teacher_bias=t_bias, mode=config.mode, temperature=config.temperature,
                         beta=config.beta, reduction="mean", mask=mask, chunk_size=config.chunk_size,
-                        backend=config.backend, **vocab_kw,
+                        backend=config.backend, student_softcap=final_logit_softcap(student),
+                        teacher_softcap=final_logit_softcap(self.teacher), **vocab_kw,
                     )
                     metrics["kl"] = kl.detach()
                     loss = loss + config.kl_weight * kl
         if config.lm_loss_weight > 0:
             logits = F.linear(s_hidden[:, :-1], s_weight, s_bias).float()
+            cap = final_logit_softcap(student)
+            if cap is not None:
+                logits = torch.tanh(logits / cap) * cap
             if self.vocab_size is not None and self.vocab_size < logits.shape[-1]:
                 logits = logits[..., :self.vocab_size]  # padded rows of the head are no tokens
             valid = mask[:, 1:] & mask[:, :-1]

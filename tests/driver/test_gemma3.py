@@ -571,3 +571,28 @@ def test_bf16_checkpoint_streamed_equals_in_memory_and_reload(tmp_path):
     # 0.55 of the bf16 cut teacher, an uncompensated one 3.5 off (max |logit| ~6.5)
     err = (got.float() - expect.float()).abs().max()
     assert err < 0.1 * expect.float().abs().max(), err
+
+
+@pytest.mark.parametrize("lm_weight", [0.0, 1.0])
+def test_distillation_applies_final_logit_softcapping(lm_weight):
+    """The fused KL and the LM term see the soft-capped logits the models' own forward returns."""
+    import torch.nn.functional as F
+
+    from minitron.train.distill import DistillConfig, make_distillation_loss
+
+    teacher = gemma_model(seed=0, final_logit_softcapping=3.0).eval()
+    student = gemma_model(seed=1, final_logit_softcapping=3.0).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    ids = torch.randint(0, teacher.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    loss_fn = make_distillation_loss(teacher, DistillConfig(backend="reference", lm_loss_weight=lm_weight))
+    loss, metrics = loss_fn(student, batch)
+    with torch.no_grad():
+        s, t = student(**batch).logits.double(), teacher(**batch).logits.double()
+    assert float(s.abs().max()) <= 3.0 + 1e-6  # the cap is active in the models' own forward
+    ref_kl = (t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1).mean()
+    assert abs(float(metrics["kl"]) - float(ref_kl)) < 1e-4
+    if lm_weight:
+        ref_ce = F.cross_entropy(s[:, :-1].reshape(-1, s.shape[-1]), ids[:, 1:].reshape(-1))
+        assert abs(float(metrics["lm"]) - float(ref_ce)) < 1e-4
