@@ -232,7 +232,12 @@ class NemotronHAdapter(ModelAdapter):
         for name in ("mamba_head_dim", "ssm_state_size"):
             if int(getattr(config, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
-        self.layer_kinds(config)
+        kinds = self.layer_kinds(config)
+        if "mamba" in kinds and "attention" not in kinds:
+            raise ValueError(
+                f"hybrid_override_pattern {self.pattern(config)!r} has Mamba layers but no attention (*) layer: "
+                "transformers 5.25 cannot run such a NemotronH model with a cache (generate fails in "
+                "Cache.get_mask_sizes: 'can only be called on Attention layers'); keep at least one attention layer")
         super().check_config(config)
 
     # ------------------------------------------------------------------ model-level modules
