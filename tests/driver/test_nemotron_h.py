@@ -398,3 +398,34 @@ def test_mamba_importance_matches_the_reference(model):
         torch.testing.assert_close(heads[l], importance_reference(captured[l], masks, group_size=16), rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(chans[l].reshape(-1), importance_reference(captured[l], masks), rtol=1e-4, atol=1e-6)
     assert heads[0].min() > 0
+
+
+# ---------------------------------------------------------------------------------------------- real shapes
+def test_published_8b_shape_and_4b_target():
+    """nemotron-h-8b builds (meta) with 8,100,852,736 parameters, 24 M / 4 * / 24 - layers; the 4B target's sizes
+    are valid Mamba/width targets of it (112 heads = 14 of 16 per group) and build 4,489,223,040 parameters."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from minitron.resources.architectures import architecture_dict, architectures_dir, load_architecture
+
+    cfg = load_architecture("nemotron-h-8b")
+    ad = get_adapter(cfg)
+    assert ad.pattern(cfg) == "M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-"
+    assert [ad.layer_kinds(cfg).count(k) for k in ("mamba", "attention", "mlp")] == [24, 4, 24]
+    ml = ad.mamba_layout(cfg)
+    assert (ml.num_heads, ml.head_dim, ml.n_groups, ml.state_size, ml.d_inner) == (128, 64, 8, 128, 8192)
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(cfg)
+    assert sum(p.numel() for p in m.parameters()) == 8_100_852_736
+    target = json.loads((architectures_dir() / "nemotron-h-4b-target.json").read_text())["target"]
+    assert target["base"] == "nemotron-h-8b"
+    assert validate_mamba_targets(cfg, **target["mamba"])["mamba_num_heads"] == 112
+    small = load_architecture("nemotron-h-4b-target")
+    assert {k: getattr(small, k) for k in target["width"]} == target["width"]
+    assert ad.pattern(small) == target["hybrid_override_pattern"] == ad.pattern(cfg)
+    with torch.device("meta"):
+        m4 = AutoModelForCausalLM.from_config(small)
+    assert sum(p.numel() for p in m4.parameters()) == 4_489_223_040
+    assert architecture_dict("nemotron-h-4b-target")["mamba_num_heads"] == 112
