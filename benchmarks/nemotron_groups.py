@@ -116,18 +116,34 @@ def perplexity(model: Any, data: torch.Tensor, batch: int = 16) -> float:
 
 
 @torch.no_grad()
-def mamba_scores(model: Any, data: torch.Tensor, batch: int = 16) -> torch.Tensor:
-    """[num_layers, H] Mamba head importance on the calibration windows."""
+def mamba_scores(model: Any, data: torch.Tensor, batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """[num_layers, H] Mamba head importance on the calibration windows: from the out_proj input (the library's
+    :class:`~minitron.compress.mamba.MambaImportance`, after the grouped gated norm) and, for comparison, from the
+    norm's gated input ``y * silu(z)`` (before the per-group normalisation, so heads of different groups compare on
+    one scale)."""
     from minitron.compress.mamba import MambaImportance
+    from minitron.ops import ImportanceAccumulator
 
     imp = MambaImportance(model)
+    ml = imp.layout
+    pre = {l: ImportanceAccumulator(ml.num_heads, group_size=ml.head_dim) for l in imp.layer_ids}
+
+    def hook(l: int) -> Any:
+        return lambda m, a: pre[l].update(a[0] * torch.nn.functional.silu(a[1]))
+
+    handles = [model.model.layers[l].mixer.norm.register_forward_pre_hook(hook(l)) for l in imp.layer_ids]
     imp.attach()
     try:
         for i in range(0, data.shape[0], batch):
             model(input_ids=data[i: i + batch], use_cache=False)
     finally:
         imp.detach()
-    return imp.head_scores()
+        for h in handles:
+            h.remove()
+    pre_scores = torch.zeros(imp.num_layers, ml.num_heads)
+    for l in imp.layer_ids:
+        pre_scores[l] = pre[l].value()
+    return imp.head_scores(), pre_scores
 
 
 def moved_heads(kept: torch.Tensor, n_heads: int, n_groups: int) -> int:
@@ -169,17 +185,22 @@ def run(out: Path, *, steps: int, quick: bool, seed: int, seq: int, batch: int, 
     losses = train(model, train_w, steps=steps, batch=batch, lr=lr, seed=seed)
     t_train = time.perf_counter() - t0
     base = perplexity(model, test_w)
-    scores = mamba_scores(model, calib)
+    scores, pre_scores = mamba_scores(model, calib)
     rows = []
     H, G = config.mamba_num_heads, config.n_groups
+    rand = torch.rand(scores.shape, generator=torch.Generator().manual_seed(seed + 7))
     for keep in keeps or ([12, 8, 4] if not quick else [8]):
-        ga, moved_ga = prune_variant(model, scores, keep, True)
-        ig, moved_ig = prune_variant(model, scores, keep, False)
-        rnd, _ = prune_variant(model, torch.rand(scores.shape, generator=torch.Generator().manual_seed(seed + 7)), keep, True)
-        row = {"mamba_num_heads": f"{H} -> {keep}", "heads_per_group": f"{H // G} -> {keep // G}",
-               "ppl_group_aware": round(perplexity(ga, test_w), 3), "ppl_ignore_groups": round(perplexity(ig, test_w), 3),
-               "ppl_random_group_aware": round(perplexity(rnd, test_w), 3),
-               "heads_moved_to_another_group_ignore_groups": moved_ig, "heads_moved_group_aware": moved_ga}
+        row: dict[str, Any] = {"mamba_num_heads": f"{H} -> {keep}", "heads_per_group": f"{H // G} -> {keep // G}"}
+        for name, sc in (("post_norm", scores), ("pre_norm", pre_scores)):
+            for aware in (True, False):
+                m, moved = prune_variant(model, sc, keep, aware)
+                key = f"{name}_{'group_aware' if aware else 'ignore_groups'}"
+                row[f"ppl_{key}"] = round(perplexity(m, test_w), 3)
+                if not aware:
+                    row[f"moved_{key}"] = moved
+                del m
+        m, _ = prune_variant(model, rand, keep, True)
+        row["ppl_random_group_aware"] = round(perplexity(m, test_w), 3)
         log.info("%s", row)
         rows.append(row)
     result = {
@@ -191,7 +212,9 @@ def run(out: Path, *, steps: int, quick: bool, seed: int, seq: int, batch: int, 
         "training": {"steps": steps, "batch": batch, "seq_len": seq, "lr": lr, "loss_every_25_steps": losses,
                      "train_tokens": int(train_tokens.numel()), "seconds": round(t_train, 1)},
         "eval": {"test_windows": int(test_w.shape[0]), "test_tokens": int(test_w.numel()),
-                 "calibration_windows": int(calib.shape[0]), "importance": "out_proj input per head, seq mean, batch l2"},
+                 "calibration_windows": int(calib.shape[0]),
+                 "importance": "per head, seq mean, batch l2; post_norm: out_proj input (MambaImportance); "
+                               "pre_norm: y * silu(z), the gated norm's input"},
         "ppl_unpruned": round(base, 3),
         "rows": rows,
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
@@ -214,13 +237,20 @@ def markdown(r: dict) -> str:
         f"{r['training']['loss_every_25_steps'][-1]}. Importance on {r['eval']['calibration_windows']} calibration windows; "
         f"perplexity on {r['eval']['test_tokens']:,} WikiText-2 test tokens, right after pruning (no retraining).", "",
         f"Unpruned perplexity: **{r['ppl_unpruned']}**", "",
-        "| Mamba heads (per group) | group-aware | ignoring groups | group-aware, random scores | heads moved to another group (ignoring groups) |",
-        "|---|---|---|---|---|",
+        "Scores per head: *post-norm* = the out_proj input (the library's `MambaImportance`; the grouped gated norm has "
+        "normalised each group, so heads compare fairly only within a group); *pre-norm* = `y * silu(z)`, the norm's "
+        "input (one scale across groups). *Ignoring groups* keeps the global top-k and re-packs the kept heads "
+        "k/G per group in index order; *moved* counts the kept heads (all Mamba layers) that land in another group "
+        "and so read another group's B/C.", "",
+        "| Mamba heads (per group) | post-norm, group-aware | post-norm, ignoring groups (moved) | "
+        "pre-norm, group-aware | pre-norm, ignoring groups (moved) | random, group-aware |",
+        "|---|---|---|---|---|---|",
     ]
     for row in r["rows"]:
-        lines.append(f"| {row['mamba_num_heads']} ({row['heads_per_group']}) | {row['ppl_group_aware']} | "
-                     f"{row['ppl_ignore_groups']} | {row['ppl_random_group_aware']} | "
-                     f"{row['heads_moved_to_another_group_ignore_groups']} |")
+        lines.append(f"| {row['mamba_num_heads']} ({row['heads_per_group']}) | {row['ppl_post_norm_group_aware']} | "
+                     f"{row['ppl_post_norm_ignore_groups']} ({row['moved_post_norm_ignore_groups']}) | "
+                     f"{row['ppl_pre_norm_group_aware']} | {row['ppl_pre_norm_ignore_groups']} "
+                     f"({row['moved_pre_norm_ignore_groups']}) | {row['ppl_random_group_aware']} |")
     lines += ["", f"Command: `python -m benchmarks.nemotron_groups --steps {r['training']['steps']}` "
                   f"(seed {r['seed']}; {r['seconds_total']} s on {r['machine']['threads']} threads, {r['machine']['platform']}).", ""]
     return "\n".join(lines)
