@@ -164,6 +164,26 @@ def prune_variant(model: Any, scores: torch.Tensor, keep: int, group_aware: bool
     return m, moved
 
 
+@torch.no_grad()
+def rotate_groups_(model: Any) -> None:
+    """Hand every Mamba head the B/C of the next SSM group (rows of in_proj and channels of conv1d rolled by one
+    group): isolates what reading another group's B/C costs, the damage ignoring the groups can do."""
+    from minitron.models import get_adapter
+
+    ad = get_adapter(model)
+    ml = ad.mamba_layout(model.config)
+    n = ml.state_size
+    for l in ad.layers_of_kind(model.config, "mamba"):
+        mixer = ad.layers(model)[l].mixer
+        for name, spans in (("in_proj", ml.in_proj_spans()), ("conv1d", ml.conv_spans())):
+            mod = getattr(mixer, name)
+            for part in ("B", "C"):
+                a, b = spans[part]
+                for p in (mod.weight, mod.bias):
+                    if p is not None:
+                        p[a:b] = torch.roll(p[a:b].clone(), shifts=-n, dims=0)
+
+
 def run(out: Path, *, steps: int, quick: bool, seed: int, seq: int, batch: int, lr: float,
         keeps: Optional[list[int]] = None) -> dict:
     from transformers import NemotronHForCausalLM
@@ -185,6 +205,10 @@ def run(out: Path, *, steps: int, quick: bool, seed: int, seq: int, batch: int, 
     losses = train(model, train_w, steps=steps, batch=batch, lr=lr, seed=seed)
     t_train = time.perf_counter() - t0
     base = perplexity(model, test_w)
+    rotated = copy.deepcopy(model)
+    rotate_groups_(rotated)
+    base_rotated = perplexity(rotated, test_w)
+    del rotated
     scores, pre_scores = mamba_scores(model, calib)
     rows = []
     H, G = config.mamba_num_heads, config.n_groups
@@ -201,6 +225,9 @@ def run(out: Path, *, steps: int, quick: bool, seed: int, seq: int, batch: int, 
                 del m
         m, _ = prune_variant(model, rand, keep, True)
         row["ppl_random_group_aware"] = round(perplexity(m, test_w), 3)
+        m, _ = prune_variant(model, scores, keep, True)
+        rotate_groups_(m)
+        row["ppl_post_norm_group_aware_bc_of_next_group"] = round(perplexity(m, test_w), 3)
         log.info("%s", row)
         rows.append(row)
     result = {
@@ -216,6 +243,7 @@ def run(out: Path, *, steps: int, quick: bool, seed: int, seq: int, batch: int, 
                  "importance": "per head, seq mean, batch l2; post_norm: out_proj input (MambaImportance); "
                                "pre_norm: y * silu(z), the gated norm's input"},
         "ppl_unpruned": round(base, 3),
+        "ppl_unpruned_bc_of_next_group": round(base_rotated, 3),
         "rows": rows,
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
         "seed": seed, "quick": quick, "seconds_total": round(time.perf_counter() - t0, 1),
@@ -236,21 +264,24 @@ def markdown(r: dict) -> str:
         f"{r['training']['seq_len']} tokens) on WikiText-2 valid; loss {r['training']['loss_every_25_steps'][0]} -> "
         f"{r['training']['loss_every_25_steps'][-1]}. Importance on {r['eval']['calibration_windows']} calibration windows; "
         f"perplexity on {r['eval']['test_tokens']:,} WikiText-2 test tokens, right after pruning (no retraining).", "",
-        f"Unpruned perplexity: **{r['ppl_unpruned']}**", "",
+        f"Unpruned perplexity: **{r['ppl_unpruned']}**; unpruned with every head reading the next group's B/C: "
+        f"{r['ppl_unpruned_bc_of_next_group']} (what reading another group's B/C costs this model).", "",
         "Scores per head: *post-norm* = the out_proj input (the library's `MambaImportance`; the grouped gated norm has "
         "normalised each group, so heads compare fairly only within a group); *pre-norm* = `y * silu(z)`, the norm's "
         "input (one scale across groups). *Ignoring groups* keeps the global top-k and re-packs the kept heads "
         "k/G per group in index order; *moved* counts the kept heads (all Mamba layers) that land in another group "
         "and so read another group's B/C.", "",
         "| Mamba heads (per group) | post-norm, group-aware | post-norm, ignoring groups (moved) | "
-        "pre-norm, group-aware | pre-norm, ignoring groups (moved) | random, group-aware |",
-        "|---|---|---|---|---|---|",
+        "pre-norm, group-aware | pre-norm, ignoring groups (moved) | random, group-aware | "
+        "post-norm, group-aware, B/C of the next group |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in r["rows"]:
         lines.append(f"| {row['mamba_num_heads']} ({row['heads_per_group']}) | {row['ppl_post_norm_group_aware']} | "
                      f"{row['ppl_post_norm_ignore_groups']} ({row['moved_post_norm_ignore_groups']}) | "
                      f"{row['ppl_pre_norm_group_aware']} | {row['ppl_pre_norm_ignore_groups']} "
-                     f"({row['moved_pre_norm_ignore_groups']}) | {row['ppl_random_group_aware']} |")
+                     f"({row['moved_pre_norm_ignore_groups']}) | {row['ppl_random_group_aware']} | "
+                     f"{row['ppl_post_norm_group_aware_bc_of_next_group']} |")
     lines += ["", f"Command: `python -m benchmarks.nemotron_groups --steps {r['training']['steps']}` "
                   f"(seed {r['seed']}; {r['seconds_total']} s on {r['machine']['threads']} threads, {r['machine']['platform']}).", ""]
     return "\n".join(lines)
