@@ -62,7 +62,7 @@ def model_config(vocab: int, quick: bool) -> Any:
     from transformers import NemotronHConfig
 
     return NemotronHConfig(
-        vocab_size=vocab, hidden_size=64 if quick else 128, hybrid_override_pattern="M-M*M-",
+        vocab_size=vocab, hidden_size=64 if quick else 128, hybrid_override_pattern="M-M*M-" if quick else "M-M-M*M-",
         mamba_num_heads=16, mamba_head_dim=16, n_groups=4, ssm_state_size=16, conv_kernel=4,
         chunk_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=16 if quick else 32,
         intermediate_size=128 if quick else 512, max_position_embeddings=512, pad_token_id=0, bos_token_id=1,
@@ -208,6 +208,11 @@ def run(out: Path, *, steps: int, quick: bool, seed: int, seq: int, batch: int, 
     rotated = copy.deepcopy(model)
     rotate_groups_(rotated)
     base_rotated = perplexity(rotated, test_w)
+    with torch.no_grad():  # every Mamba mixer's output zeroed: how much the Mamba layers carry at all
+        for layer in rotated.model.layers:
+            if layer.block_type == "linear_attention":
+                layer.mixer.out_proj.weight.zero_()
+    base_ablated = perplexity(rotated, test_w)
     del rotated
     scores, pre_scores = mamba_scores(model, calib)
     rows = []
@@ -244,6 +249,7 @@ def run(out: Path, *, steps: int, quick: bool, seed: int, seq: int, batch: int, 
                                "pre_norm: y * silu(z), the gated norm's input"},
         "ppl_unpruned": round(base, 3),
         "ppl_unpruned_bc_of_next_group": round(base_rotated, 3),
+        "ppl_mamba_layers_zeroed": round(base_ablated, 3),
         "rows": rows,
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
         "seed": seed, "quick": quick, "seconds_total": round(time.perf_counter() - t0, 1),
@@ -265,7 +271,8 @@ def markdown(r: dict) -> str:
         f"{r['training']['loss_every_25_steps'][-1]}. Importance on {r['eval']['calibration_windows']} calibration windows; "
         f"perplexity on {r['eval']['test_tokens']:,} WikiText-2 test tokens, right after pruning (no retraining).", "",
         f"Unpruned perplexity: **{r['ppl_unpruned']}**; unpruned with every head reading the next group's B/C: "
-        f"{r['ppl_unpruned_bc_of_next_group']} (what reading another group's B/C costs this model).", "",
+        f"{r['ppl_unpruned_bc_of_next_group']} (what reading another group's B/C costs this model); every Mamba "
+        f"layer's output zeroed: {r['ppl_mamba_layers_zeroed']} (what the Mamba layers carry at all).", "",
         "Scores per head: *post-norm* = the out_proj input (the library's `MambaImportance`; the grouped gated norm has "
         "normalised each group, so heads compare fairly only within a group); *pre-norm* = `y * silu(z)`, the norm's "
         "input (one scale across groups). *Ignoring groups* keeps the global top-k and re-packs the kept heads "
@@ -290,7 +297,7 @@ def markdown(r: dict) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="docs/nemotron-h")
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
     ap.add_argument("--seq", type=int, default=128)
