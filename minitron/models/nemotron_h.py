@@ -282,7 +282,9 @@ class NemotronHAdapter(ModelAdapter):
     def _mixer_of(self, layer: nn.Module, kind: str) -> nn.Module:
         found = self.layer_kind(layer)
         if found != kind:
-            raise TypeError(f"this Nemotron-H layer is a {found} layer, not a {kind} layer: ask layer_kind() first")
+            article = "an" if kind[0] in "aeiou" else "a"
+            raise TypeError(f"this Nemotron-H layer is a {found} layer, not {article} {kind} layer: ask layer_kind() "
+                            "first (compress code must skip the axes a layer kind lacks)")
         return layer.mixer
 
     def attention(self, layer: nn.Module) -> nn.Module:
