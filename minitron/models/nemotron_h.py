@@ -282,9 +282,8 @@ class NemotronHAdapter(ModelAdapter):
     def _mixer_of(self, layer: nn.Module, kind: str) -> nn.Module:
         found = self.layer_kind(layer)
         if found != kind:
-            article = "an" if kind[0] in "aeiou" else "a"
-            raise TypeError(f"this Nemotron-H layer is a {found} layer, not {article} {kind} layer: ask layer_kind() "
-                            "first (compress code must skip the axes a layer kind lacks)")
+            raise TypeError(f"this Nemotron-H layer is of kind {found!r}, not {kind!r}: ask layer_kind() first "
+                            "(compress code must skip the axes a layer kind lacks)")
         return layer.mixer
 
     def attention(self, layer: nn.Module) -> nn.Module:

@@ -86,9 +86,9 @@ def test_registered_and_kinds(model):
     assert ad.embedding(model) is model.model.embeddings and ad.final_norm(model) is model.model.norm_f
     layers = ad.layers(model)
     assert ad.layer_norms(layers[1]) == [layers[1].norm]
-    with pytest.raises(TypeError, match="mamba layer, not an attention"):
+    with pytest.raises(TypeError, match="'mamba', not 'attention'"):
         ad.attention(layers[0])
-    with pytest.raises(TypeError, match="not an mlp"):
+    with pytest.raises(TypeError, match="not 'mlp'"):
         ad.down_proj(layers[1])
     with pytest.raises(TypeError, match="not gated"):
         ad.gate_rows(layers[3], ad.dims(model.config))
