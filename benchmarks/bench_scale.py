@@ -4,9 +4,15 @@ Usage::
 
     python -m benchmarks.bench_scale [--models llama-3.1-8b,mistral-nemo-12b] [--scratch /work/scale-scratch]
         [--importance random|streaming] [--in-memory auto|yes|no] [--calib-tokens 512] [--bandwidth-bytes 2e9]
+        [--overrides '{"num_hidden_layers": 8}'] [--importance-backend auto|reference]
 
 Per model (``llama-3.1-8b`` -> Llama-3.1-Minitron-4B-Width and -4B-Depth; ``mistral-nemo-12b`` ->
-Mistral-NeMo-Minitron-8B), each stage in its own subprocess:
+Mistral-NeMo-Minitron-8B; the mixtures of experts ``qwen3-30b-a3b`` -> half the experts and 3/4 of the expert
+width, ``mixtral-8x7b`` -> 6 of 8 experts and 3/4 of the expert width), each stage in its own subprocess.
+Mixture-of-experts checkpoints are written as transformers saves them (one 2-D tensor per expert and projection).
+Qwen3-30B-A3B is 61 GB in bf16 and Mixtral-8x7B 93 GB: where input plus output do not fit the scratch disk,
+``--overrides '{"num_hidden_layers": N}'`` keeps every per-layer shape and reduces the layer count (the summary and
+the record say so):
 
 1. ``write``: a random-weight bf16 checkpoint (:mod:`benchmarks.write_checkpoint`, ``--init pool``);
 2. ``importance``: layer-streamed importance on WikiText-2 calibration tokens
@@ -51,6 +57,8 @@ MODELS = {
     "llama-3.1-8b": ["llama-3.1-minitron-4b-width", "llama-3.1-minitron-4b-depth"],
     "mistral-nemo-12b": ["mistral-nemo-minitron-8b"],
     "qwen3-8b": [],
+    "qwen3-30b-a3b": ["qwen3-30b-a3b-half-experts"],
+    "mixtral-8x7b": ["mixtral-8x7b-6-experts"],
 }
 SAMPLE_S = 0.02
 
@@ -244,10 +252,11 @@ def _calibration(ckpt: str, tokens: int, seq: int) -> list[dict[str, Any]]:
 
 
 def stage_importance(a: dict[str, Any]) -> dict[str, Any]:
+    from minitron.compress.moe_layout import validate_checkpoint
     from minitron.compress.stream_prune import random_importance
     from minitron.io.shards import ShardedCheckpoint
 
-    ck = ShardedCheckpoint(a["ckpt"]).validate()
+    ck = validate_checkpoint(ShardedCheckpoint(a["ckpt"]))
     info: dict[str, Any] = {"method": a["method"]}
     if a["method"] == "random":
         scores = random_importance(ck.config, seed=0)
@@ -256,11 +265,13 @@ def stage_importance(a: dict[str, Any]) -> dict[str, Any]:
 
         batches = _calibration(a["ckpt"], int(a["tokens"]), int(a["seq"]))
         t0 = time.perf_counter()
-        scores = estimate_importance_streaming(a["ckpt"], batches, layer_metrics=("block_influence",), progress=False)
+        scores = estimate_importance_streaming(a["ckpt"], batches, layer_metrics=("block_influence",), progress=False,
+                                               backend=a.get("backend", "auto"))
         dt = time.perf_counter() - t0
         n = sum(int(b["input_ids"].numel()) for b in batches)
         L = int(ck.config.num_hidden_layers)
-        info.update(tokens=n, seconds=dt, tokens_per_s_per_layer=n * L / dt)
+        info.update(tokens=n, seconds=dt, tokens_per_s_per_layer=n * L / dt, backend=a.get("backend", "auto"),
+                    compute_dtype=scores.meta.get("compute_dtype"), has_expert_scores=scores.experts is not None)
     scores.save(a["out"], overwrite=True)
     return info
 
@@ -375,7 +386,7 @@ def run_model(arch: str, scratch: Path, args: argparse.Namespace, overrides: Opt
             return rec
         st["importance"] = run_stage("importance", {"ckpt": str(ckpt), "out": str(scores_dir),
                                                     "method": args.importance, "tokens": args.calib_tokens,
-                                                    "seq": args.calib_seq})
+                                                    "seq": args.calib_seq, "backend": args.importance_backend})
         if st["importance"]["returncode"]:
             return rec
         ckpt_bytes = st["write"].get("checkpoint_bytes", _du(ckpt))
@@ -424,8 +435,17 @@ def summarize(record: dict[str, Any]) -> list[str]:
     if bw_end:
         lines[0] += f" (at the end: {bw_end / 1e6:.0f} MB/s)"
     for m in record.get("models", []):
+        layers = (m.get("overrides") or {}).get("num_hidden_layers")
+        if layers is not None:
+            from minitron.resources.architectures import architecture_dict
+
+            full = architecture_dict(m["arch"])["num_hidden_layers"]
+            lines.append(f"{m['arch']}: {layers} of its {full} layers (every per-layer shape exact; --overrides)")
         for name, s in m["stages"].items():
             extra = ""
+            if name == "importance" and s.get("seconds"):
+                extra = (f", {s['tokens']} tokens in {s['seconds']:.1f} s = {s['tokens_per_s_per_layer']:.0f} "
+                         f"token-layers/s ({s.get('compute_dtype')}, backend {s.get('backend')})")
             if name.startswith("prune_") and s.get("output_bytes_per_s"):
                 frac = f" = {s['output_bytes_per_s'] / bw:.0%} of bandwidth" if bw else ""
                 extra = f", wrote {s['output_bytes'] / 1e9:.2f} GB at {s['output_bytes_per_s'] / 1e6:.0f} MB/s{frac}"
@@ -445,6 +465,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--scratch", default="/work/scale-scratch")
     ap.add_argument("--importance", default="random", choices=("random", "streaming"))
     ap.add_argument("--in-memory", default="auto", choices=("auto", "yes", "no"))
+    ap.add_argument("--importance-backend", default="auto", help="kernel backend of streamed importance")
     ap.add_argument("--calib-tokens", type=int, default=512)
     ap.add_argument("--calib-seq", type=int, default=256)
     ap.add_argument("--bandwidth-bytes", type=float, default=2e9)

@@ -18,6 +18,15 @@ Headline (the Llama-3-8B MLP matrix, ``[14336, 4096]`` fp32): keep a random half
 7 tensors, one launch) against a loop of ``index_select``. ``--quick``: ``[4096, 4096]`` fp32 rows/columns
 for both ops.
 
+Mixture-of-experts cases (``gather_slices_moe``; 3-D tensors, two cut dims in one call): the fused experts of
+one Qwen3-30B-A3B layer in bf16, ``gate_up_proj`` ``[128, 1536, 2048]`` -> 64 experts and 576 of 768 neurons
+(rows ``cat(keep, 768 + keep)``: ``[64, 1152, 2048]``) and ``down_proj`` ``[128, 2048, 768]`` -> ``[64, 2048,
+576]``, each alone and both in one call (``tensor=layer``). Providers: ours; ``torch-index_select`` (the
+reference: ``w.index_select(0, experts).index_select(1, rows)``), ``torch-indexing`` (advanced indexing,
+``w[experts][:, rows]``) and ``torch-compile`` (``torch.compile`` of the ``index_select`` chain; unavailable
+where inductor cannot compile). ``--quick``: a tiny ``[16, 192, 256]`` / ``[16, 256, 96]`` pair in one call,
+without ``torch-compile`` (whose compilation alone takes tens of seconds), so the case stays a few seconds.
+
 ``bytes_moved`` = read + write of the kept data (2 x result bytes), the compulsory traffic; the harness
 reports it as a fraction of the copy bandwidth it measures in the same run (``dst.copy_(src)``). Note
 that out-of-place results are fresh memory: their first-touch page faults are part of every
@@ -28,6 +37,7 @@ Run: ``python -m benchmarks --only slicing [--quick]`` or ``python benchmarks/be
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,6 +49,11 @@ from benchmarks._harness import BenchConfig, Bench, Case, our_backends  # noqa: 
 
 ELT = {"float32": 4, "bfloat16": 2, "float16": 2}
 REF = "torch-index_select"
+MOE_TORCH = ["torch-indexing", "torch-compile"]
+
+# Qwen3-30B-A3B experts of one layer: E experts of I neurons, hidden H -> keep E/2 experts and 3/4 of the neurons.
+MOE = {"E": 128, "I": 768, "H": 2048, "keep_E": 64, "keep_I": 576}
+MOE_QUICK = {"E": 16, "I": 96, "H": 256, "keep_E": 8, "keep_I": 72}
 
 # Llama-3-8B layer: hidden 4096, 32 query heads / 8 kv heads of 128, MLP 14336 -> pruned to
 # 24 heads / 6 kv groups and MLP 9216 (Minitron-style width pruning).
@@ -143,6 +158,74 @@ def _setup_layer(provider: str, dtype: str, case: Case, device: str) -> Bench:
     return Bench(fn=lambda: [w.index_select(d, r) for w, d, r in zip(ws, dims, rows)], keep=ws)
 
 
+def _moe_specs(c: dict) -> dict[str, tuple[tuple[int, int, int], int, int]]:
+    """name -> (shape, neuron dim, output bytes) of the fused expert tensors (bf16)."""
+    e, i, h, ke, ki = c["E"], c["I"], c["H"], c["keep_E"], c["keep_I"]
+    return {"gate_up": ((e, 2 * i, h), 1, ke * 2 * ki * h * 2), "down": ((e, h, i), 2, ke * h * ki * 2)}
+
+
+def _setup_moe(provider: str, c: dict, which: str, case: Case, device: str) -> Bench:
+    import torch
+
+    from benchmarks._harness import Unavailable, require_free_memory
+
+    specs = _moe_specs(c)
+    names = list(specs) if which == "layer" else [which]
+    need = sum(math.prod(specs[n][0]) * 2 + specs[n][2] for n in names)
+    require_free_memory(2.5 * need, "the MoE slicing case")
+    ws = [_matrix(specs[n][0], "bfloat16", device) for n in names]
+    experts = _index(c["E"], c["keep_E"], seed=1).to(device)
+    neurons = _index(c["I"], c["keep_I"], seed=2).to(device)
+    rows = {"gate_up": torch.cat([neurons, c["I"] + neurons]), "down": neurons}
+    ndims = [specs[n][1] for n in names]
+    nidx = [rows[n] for n in names]
+    if provider.startswith("minitron-"):
+        from minitron.ops import gather_slices
+
+        backend = provider[len("minitron-"):]
+        indices = [(experts, r) for r in nidx]
+        dims = [(0, d) for d in ndims]
+        gather_slices(ws, indices, dims, backend=backend)  # fail early if unavailable
+        return Bench(fn=lambda: gather_slices(ws, indices, dims, backend=backend), keep=ws)
+    if provider == "torch-indexing":
+        def index_one(w, d, r):
+            return w[experts][:, r] if d == 1 else w[experts][:, :, r]
+
+        return Bench(fn=lambda: [index_one(w, d, r) for w, d, r in zip(ws, ndims, nidx)], keep=ws)
+
+    def chain(w, d, r):
+        return w.index_select(0, experts).index_select(d, r)
+
+    if provider == "torch-compile":
+        try:
+            fn = torch.compile(lambda: [chain(w, d, r) for w, d, r in zip(ws, ndims, nidx)], fullgraph=True)
+            fn()
+        except Exception as exc:  # inductor needs a working C++ toolchain
+            raise Unavailable(f"torch.compile failed: {type(exc).__name__}: {str(exc)[:200]}") from None
+        return Bench(fn=fn, keep=ws)
+    return Bench(fn=lambda: [chain(w, d, r) for w, d, r in zip(ws, ndims, nidx)], keep=ws)
+
+
+def _moe_cases(cfg: BenchConfig, provs: list[str]) -> list[Case]:
+    c = MOE_QUICK if cfg.quick else MOE
+    specs = _moe_specs(c)
+    out = []
+    for which in (["layer"] if cfg.quick else ["gate_up", "down", "layer"]):
+        names = list(specs) if which == "layer" else [which]
+        moved = 2 * sum(specs[n][2] for n in names)
+        # --quick leaves out torch-compile: its compilation alone takes tens of seconds here
+        for p in provs + (MOE_TORCH[:1] if cfg.quick else MOE_TORCH):
+            out.append(Case(
+                bench="gather_slices_moe", provider=p, mode="forward",
+                shape={"E": c["E"], "I": c["I"], "H": c["H"]}, dtype="bfloat16",
+                params={"tensor": which, "keep_E": c["keep_E"], "keep_I": c["keep_I"]},
+                setup=functools.partial(_setup_moe, p, c, which), reference=REF, bytes_moved=moved,
+                size=sum(math.prod(specs[n][0]) for n in names), size_label="input elements",
+                note=f"Qwen3-30B-A3B experts {which}: experts {c['E']}->{c['keep_E']}, neurons "
+                     f"{c['I']}->{c['keep_I']} (two cut dims, one call)"))
+    return out
+
+
 def _out_bytes(shape: tuple, dim: int, keep: float, block: int, dtype: str) -> int:
     units = shape[dim] // block
     kept = int(round(units * keep)) * block
@@ -169,7 +252,7 @@ def cases(cfg: BenchConfig) -> list[Case]:
         for op in ("gather_slices", "compact_"):
             add(op, (4096, 4096), 0, 0.5, 1, "float32")
             add(op, (4096, 4096), 1, 0.75, 1, "float32")
-        return out
+        return out + _moe_cases(cfg, provs)
     for op in ("gather_slices", "compact_"):
         add(op, (14336, 4096), 0, 0.5, 1, "float32")
         add(op, (14336, 4096), 1, 0.75, 1, "float32")
@@ -185,7 +268,7 @@ def cases(cfg: BenchConfig) -> list[Case]:
             dtype="bfloat16", params={"tensors": 7}, setup=functools.partial(_setup_layer, p, "bfloat16"),
             reference=REF, bytes_moved=layer_moved, size=1,
             note="Llama-3-8B layer, 32->24 heads, 8->6 kv groups, MLP 14336->9216, one call"))
-    return out
+    return out + _moe_cases(cfg, provs)
 
 
 if __name__ == "__main__":

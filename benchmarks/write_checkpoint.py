@@ -6,7 +6,8 @@ Usage::
         [--seed 0] [--init normal|pool] [--shard-bytes 5e9] [--overwrite] [--no-tokenizer]
 
 The tensors are those of ``AutoModelForCausalLM.from_config(config)`` (built on the ``meta`` device), in its
-state-dict order, written into transformers-style shards with :class:`minitron.io.shards.ShardedWriter`
+state-dict order (mixture-of-experts layers as transformers saves them: one 2-D tensor per expert and projection,
+e.g. ``mlp.experts.{e}.gate_proj.weight``), written into transformers-style shards with :class:`minitron.io.shards.ShardedWriter`
 (5 GB by default), plus ``config.json`` and ``generation_config.json``. Initialisation as transformers'
 ``_init_weights``: matrices normal(0, 0.02), norm weights 1, biases 0. ``--init normal`` draws every
 value (about 80 M values/s per core); ``--init pool`` copies random windows of a 16 Mi-value normal pool
@@ -65,18 +66,17 @@ def byte_level_tokenizer() -> Any:
 
 
 def _layout(config: Any, dtype: torch.dtype) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """The checkpoint's tensors in state-dict order; a mixture-of-experts layer's fused experts are written as
+    transformers saves them, one 2-D tensor per expert and projection
+    (:class:`minitron.compress.moe_layout.CheckpointView`)."""
     from transformers import AutoModelForCausalLM
+
+    from minitron.compress.moe_layout import CheckpointView
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
-    seen: set[int] = set()
-    out = []
-    for k, v in skeleton.state_dict(keep_vars=True).items():
-        if id(v) in seen:
-            continue
-        seen.add(id(v))
-        out.append((k, tuple(v.shape), dtype))
-    return out
+    shapes = CheckpointView(skeleton, ()).expected_shapes(skeleton)
+    return [(k, s, dtype) for k, s in shapes.items()]
 
 
 class _Filler:

@@ -34,7 +34,7 @@ export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 PY=${PYTHON:-python3}
 TOTAL_S=${TOTAL_S:-470}
 BUILD_S=${BUILD_S:-150}; TEST_S=${TEST_S:-130}; BENCH_S=${BENCH_S:-210}
-TESTS=${TESTS:-tests/gpu tests/kernels}
+TESTS=${TESTS:-tests/gpu tests/kernels tests/ops/test_hidden_loss.py tests/ops/test_kl_vocab_size.py tests/ops/test_grouped_importance.py tests/ops/test_slicing_3d.py}
 # the CPU emulations of the CUDA kernels (tests/gpu/test_*_emulated.py) already run on CPU machines: not here
 TEST_ARGS=${TEST_ARGS:--k "not emulated"}
 BENCH_ONLY=${BENCH_ONLY:-slicing,importance}

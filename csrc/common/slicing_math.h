@@ -1,6 +1,14 @@
 // Index arithmetic of the structured slicing ops (gather_slices / compact_), shared by the CPU
 // kernels, the CUDA kernels and their host launch code.
 //
+// 3-D tensors and two cut dims (gather_slices). A tensor of up to 3 dims is seen in memory order
+// (dim_order: dims by decreasing stride) as three canonical axes: groups G (outermost), lines L and
+// the inner axis I (a 2-D tensor has one group, a 1-D tensor one group of one line). Output line o
+// (0 <= o < groups * lines_per_group) is group g = o / lines_per_group, line l = o % lines_per_group;
+// it reads source line select_source(G, g) * sg + select_source(L, l) * sl, where an axis that is
+// not cut maps each position to itself. Any one or two of G, L, I may be cut. The 2-D description
+// below is the one-group case.
+//
 // Canonical form. A 1-D or 2-D tensor is seen in *memory order* as `outer` lines of `inner`
 // elements: line l, element e lives at element offset l * so + e * si from the data pointer, with
 // so >= si (the line axis is the one with the larger stride). A row-major matrix has lines = rows;
@@ -36,6 +44,11 @@ MINITRON_HD int64_t source_of(const int64_t* idx, int64_t j, int64_t block) {
 // n - 1 apart. The GPU column gather uses it to turn a thread's n gathered elements into one vector load.
 MINITRON_HD bool sources_contiguous(const int64_t* idx, int64_t j, int64_t n, int64_t block) {
   return source_of(idx, j + n - 1, block) - source_of(idx, j, block) == n - 1;
+}
+
+// Source position of output position j along an axis that may be uncut (idx == nullptr: identity).
+MINITRON_HD int64_t select_source(const int64_t* idx, int64_t j, int64_t block) {
+  return idx != nullptr ? source_of(idx, j, block) : j;
 }
 
 // ceil(a / b) for a >= 0, b >= 1.
@@ -81,6 +94,50 @@ inline Layout make_layout(int ndim, const int64_t* sizes, const int64_t* strides
   if (L.outer <= 1) L.so = L.inner * L.si;
   return L;
 }
+
+// The dims of a tensor (ndim <= 3) in memory order, outermost first, into order[0..ndim): dims of
+// extent > 1 by decreasing stride (ties keep the logical order), dims of extent <= 1 at their logical
+// positions. Same rule as minitron.kernels._layout.dim_order; for 2-D, {1, 0} exactly when is_col_major.
+inline void dim_order(int ndim, const int64_t* sizes, const int64_t* strides, int* order) {
+  int big[3];
+  int nb = 0;
+  for (int d = 0; d < ndim; ++d)
+    if (sizes[d] > 1) big[nb++] = d;
+  for (int i = 1; i < nb; ++i) {  // stable insertion sort by decreasing stride
+    const int v = big[i];
+    int j = i;
+    while (j > 0 && strides[big[j - 1]] < strides[v]) {
+      big[j] = big[j - 1];
+      --j;
+    }
+    big[j] = v;
+  }
+  int b = 0;
+  for (int d = 0; d < ndim; ++d) order[d] = sizes[d] <= 1 ? d : big[b++];
+}
+
+// The canonical axes of a tensor in a given memory order: which logical dim is the group axis G, the
+// line axis L and the inner axis I (-1: the axis does not exist, extent 1).
+struct Axes {
+  int g = -1, l = -1, i = 0;
+};
+
+inline Axes axes_of(int ndim, const int* order) {
+  Axes a;
+  if (ndim == 3) {
+    a.g = order[0];
+    a.l = order[1];
+    a.i = order[2];
+  } else if (ndim == 2) {
+    a.l = order[0];
+    a.i = order[1];
+  }
+  return a;
+}
+
+// Extent and stride of logical dim d (-1: a missing axis, extent 1, stride 0).
+inline int64_t extent_of(const int64_t* sizes, int d) { return d < 0 ? 1 : sizes[d]; }
+inline int64_t stride_of(const int64_t* strides, int d) { return d < 0 ? 0 : strides[d]; }
 
 // Lines are contiguous and packed back to back (the whole tensor is one dense block).
 inline bool is_dense(const Layout& L) { return L.si == 1 && L.so == L.inner; }

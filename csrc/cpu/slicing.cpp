@@ -1,14 +1,17 @@
 // CPU kernels of the structured slicing ops:
-//   torch.ops.minitron._gather_slices_native(tensors, indices, dims, blocks, outs)   (out of place)
-//   torch.ops.minitron._compact_native(tensor, index, dim, block, new_strides)        (in place)
+//   torch.ops.minitron._gather_slices_native(tensors, indices, dims, blocks, outs, dims2=[], blocks2=[])
+//       (out of place; tensors of up to 3 dims; dims2[i] != -1: a second cut of tensor i, whose index
+//        follows the n first ones in `indices`, in tensor order)
+//   torch.ops.minitron._compact_native(tensor, index, dim, block, new_strides)        (in place; 1-D/2-D)
 //
 // The Python layer (minitron/ops/slicing.py) validates the arguments (raising ValueError/TypeError),
 // sorts the indices, converts them to int64 and allocates the outputs; the checks here only guard
 // the memory accesses (TORCH_CHECK, RuntimeError).
 //
-// Work decomposition (csrc/common/slicing_math.h describes the canonical [lines, elements] form):
-//   * outer selection (whole lines) with unit-stride lines -> "pieces": contiguous byte ranges,
-//     merged across adjacent units when source and destination are dense, split to <= 512 KiB;
+// Work decomposition (csrc/common/slicing_math.h describes the canonical [groups, lines, elements]
+// form; output line o reads a source line looked up through the group and line selections):
+//   * no inner selection (whole lines) with unit-stride lines -> "pieces": contiguous byte ranges,
+//     merged across adjacent lines when source and destination both continue, split to <= 512 KiB;
 //   * inner selection (same positions of every line) -> ranges of lines; each line is copied by
 //     one of: RUNS (merged runs of adjacent kept units, vector copies), COMPRESS (AVX-512
 //     compress of 64-byte chunks with a per-line-invariant keep mask; for short runs such as
@@ -286,48 +289,69 @@ struct Run {
   int64_t len;  // elements
 };
 
+// Selection along one canonical axis: idx == nullptr means "not cut" (position j reads position j).
+struct Sel {
+  const int64_t* idx = nullptr;
+  int64_t block = 1;
+  int64_t k = 0;  // index entries (cut axes)
+};
+
+// One tensor in canonical form (csrc/common/slicing_math.h): output line o = group o / nl, line o % nl.
 struct Plan {
   const char* src = nullptr;
   char* dst = nullptr;
-  int64_t es = 0;           // element size, bytes
-  Layout L;                 // source, canonical
-  int64_t dso = 0, dsi = 1; // destination strides in the same orientation, elements
-  bool select_inner = false;
-  int64_t block = 1, k = 0;
-  const int64_t* idx = nullptr;
-  int64_t out_outer = 0, out_inner = 0;
+  int64_t es = 0;              // element size, bytes
+  int64_t ng = 1, nl = 0, ni = 0;  // output groups, lines per group, elements per line
+  int64_t src_inner = 0;       // elements per source line
+  int64_t sg = 0, sl = 0, si = 1;  // source strides, elements
+  int64_t dg = 0, dl = 0, di = 1;  // destination strides, elements
+  Sel gsel, lsel, isel;
   Strategy strat = Strategy::kGeneric;
   std::vector<Run> runs;
   std::vector<uint64_t> masks;
   std::vector<int64_t> pos;
+
+  bool select_inner() const { return isel.idx != nullptr; }
+  int64_t out_lines() const { return ng * nl; }
+  // Element offsets of output line o in the source and the destination.
+  int64_t src_line(int64_t o) const {
+    const int64_t g = ng == 1 ? 0 : o / nl;
+    const int64_t l = o - g * nl;
+    return slicing::select_source(gsel.idx, g, gsel.block) * sg + slicing::select_source(lsel.idx, l, lsel.block) * sl;
+  }
+  int64_t dst_line(int64_t o) const {
+    const int64_t g = ng == 1 ? 0 : o / nl;
+    return g * dg + (o - g * nl) * dl;
+  }
 };
 
 struct Item {
   int32_t plan;   // index into the plan list, or -1 for a byte piece
-  int64_t a, b;   // line range [a, b) (lines items)
+  int64_t a, b;   // output line range [a, b) (lines items)
   const char* s;  // piece source
   char* d;        // piece destination
   int64_t bytes;  // piece size
 };
 
-bool lines_contiguous(const Plan& p) { return p.L.si == 1 && p.dsi == 1; }
+bool lines_contiguous(const Plan& p) { return p.si == 1 && p.di == 1; }
 
 // Prepares the per-line tables of an inner selection and picks its strategy.
 void plan_inner(Plan& p, const Config& c) {
+  const int64_t block = p.isel.block;
   p.runs.clear();
-  for (int64_t j = 0; j < p.k; ++j) {
-    const int64_t s = p.idx[j] * p.block;
+  for (int64_t j = 0; j < p.isel.k; ++j) {
+    const int64_t s = p.isel.idx[j] * block;
     if (!p.runs.empty() && p.runs.back().src + p.runs.back().len == s) {
-      p.runs.back().len += p.block;
+      p.runs.back().len += block;
     } else {
-      p.runs.push_back(Run{s, j * p.block, p.block});
+      p.runs.push_back(Run{s, j * block, block});
     }
   }
   Strategy st;
   if (!lines_contiguous(p)) {
     st = Strategy::kGeneric;
   } else {
-    const int64_t mean_run_bytes = p.runs.empty() ? 0 : p.out_inner * p.es / static_cast<int64_t>(p.runs.size());
+    const int64_t mean_run_bytes = p.runs.empty() ? 0 : p.ni * p.es / static_cast<int64_t>(p.runs.size());
     if (mean_run_bytes >= kRunsMinBytes) st = Strategy::kRuns;
     else if (can_compress(c, p.es)) st = Strategy::kCompress;
     else st = Strategy::kPos;
@@ -339,20 +363,21 @@ void plan_inner(Plan& p, const Config& c) {
   p.strat = st;
   if (st == Strategy::kCompress) {
     const int64_t cw = 64 / p.es;
-    p.masks.assign(static_cast<size_t>((p.L.inner + cw - 1) / cw), 0);
+    p.masks.assign(static_cast<size_t>((p.src_inner + cw - 1) / cw), 0);
     for (const Run& r : p.runs)
       for (int64_t e = r.src; e < r.src + r.len; ++e) p.masks[e / cw] |= 1ull << (e % cw);
   } else if (st == Strategy::kPos || st == Strategy::kGeneric) {
-    p.pos.resize(static_cast<size_t>(p.out_inner));
-    for (int64_t j = 0; j < p.out_inner; ++j) p.pos[j] = slicing::source_of(p.idx, j, p.block);
+    p.pos.resize(static_cast<size_t>(p.ni));
+    for (int64_t j = 0; j < p.ni; ++j) p.pos[j] = slicing::source_of(p.isel.idx, j, block);
   }
 }
 
-// Outer selection whose lines are contiguous: byte pieces for output units [u0, u1).
-void add_unit_pieces(const Plan& p, int64_t u0, int64_t u1, int64_t piece, std::vector<Item>& items) {
-  const int64_t line_bytes = p.L.inner * p.es;
+// Whole lines (no inner selection) with unit-stride lines: byte pieces for output lines [l0, l1). Lines whose
+// source and destination both continue the previous piece are merged (kept units of a dense tensor: one
+// piece per run of kept units), then pieces are split to at most `piece` bytes.
+void add_line_pieces(const Plan& p, int64_t l0, int64_t l1, int64_t piece, std::vector<Item>& items) {
+  const int64_t line_bytes = p.ni * p.es;
   if (line_bytes == 0) return;
-  const bool merge_lines = p.L.so == p.L.inner && p.dso == p.L.inner;  // dense source and destination
   const char* cs = nullptr;
   char* cd = nullptr;
   int64_t cn = 0;
@@ -361,24 +386,17 @@ void add_unit_pieces(const Plan& p, int64_t u0, int64_t u1, int64_t piece, std::
       items.push_back(Item{-1, 0, 0, cs + off, cd + off, std::min(piece, cn - off)});
     cn = 0;
   };
-  auto add = [&](const char* s, char* d, int64_t n) {
+  for (int64_t o = l0; o < l1; ++o) {
+    const char* s = p.src + p.src_line(o) * p.es;
+    char* d = p.dst + p.dst_line(o) * p.es;
     if (cn > 0 && s == cs + cn && d == cd + cn) {
-      cn += n;
-      return;
+      cn += line_bytes;
+      continue;
     }
     flush();
     cs = s;
     cd = d;
-    cn = n;
-  };
-  for (int64_t u = u0; u < u1; ++u) {
-    const int64_t sl = p.idx[u] * p.block, dl = u * p.block;
-    if (merge_lines) {
-      add(p.src + sl * p.L.so * p.es, p.dst + dl * p.dso * p.es, p.block * line_bytes);
-    } else {
-      for (int64_t l = 0; l < p.block; ++l)
-        add(p.src + (sl + l) * p.L.so * p.es, p.dst + (dl + l) * p.dso * p.es, line_bytes);
-    }
+    cn = line_bytes;
   }
   flush();
 }
@@ -386,7 +404,7 @@ void add_unit_pieces(const Plan& p, int64_t u0, int64_t u1, int64_t piece, std::
 // Line-range items for output lines [l0, l1) of plan `pi`, about kPieceBytes of output each.
 void add_line_items(const Plan& p, int32_t pi, int64_t l0, int64_t l1, int64_t piece,
                     std::vector<Item>& items) {
-  const int64_t line_bytes = std::max<int64_t>(1, p.out_inner * p.es);
+  const int64_t line_bytes = std::max<int64_t>(1, p.ni * p.es);
   const int64_t per = std::max<int64_t>(1, piece / line_bytes);
   for (int64_t a = l0; a < l1; a += per) items.push_back(Item{pi, a, std::min(l1, a + per), nullptr, nullptr, 0});
 }
@@ -395,20 +413,20 @@ template <typename T>
 void generic_lines(const Plan& p, int64_t a, int64_t b) {
   const T* s = reinterpret_cast<const T*>(p.src);
   T* d = reinterpret_cast<T*>(p.dst);
+  const bool inner = p.select_inner();
   for (int64_t o = a; o < b; ++o) {
-    const int64_t sl = p.select_inner ? o : slicing::source_of(p.idx, o, p.block);
-    const T* sline = s + sl * p.L.so;
-    T* dline = d + o * p.dso;
-    if (p.select_inner) {
-      for (int64_t j = 0; j < p.out_inner; ++j) dline[j * p.dsi] = sline[p.pos[j] * p.L.si];
+    const T* sline = s + p.src_line(o);
+    T* dline = d + p.dst_line(o);
+    if (inner) {
+      for (int64_t j = 0; j < p.ni; ++j) dline[j * p.di] = sline[p.pos[j] * p.si];
     } else {
-      for (int64_t j = 0; j < p.out_inner; ++j) dline[j * p.dsi] = sline[j * p.L.si];
+      for (int64_t j = 0; j < p.ni; ++j) dline[j * p.di] = sline[j * p.si];
     }
   }
 }
 
 void run_lines(const Plan& p, int64_t a, int64_t b, const Config& c, bool nt) {
-  if (!p.select_inner || p.strat == Strategy::kGeneric) {
+  if (!p.select_inner() || p.strat == Strategy::kGeneric) {
     switch (p.es) {
       case 1: generic_lines<uint8_t>(p, a, b); break;
       case 2: generic_lines<uint16_t>(p, a, b); break;
@@ -418,8 +436,8 @@ void run_lines(const Plan& p, int64_t a, int64_t b, const Config& c, bool nt) {
     return;
   }
   for (int64_t o = a; o < b; ++o) {
-    const char* sl = p.src + o * p.L.so * p.es;
-    char* dl = p.dst + o * p.dso * p.es;
+    const char* sl = p.src + p.src_line(o) * p.es;
+    char* dl = p.dst + p.dst_line(o) * p.es;
     switch (p.strat) {
       case Strategy::kRuns:
         for (const Run& r : p.runs) copy_bytes(dl + r.dst * p.es, sl + r.src * p.es, r.len * p.es, c, nt);
@@ -428,19 +446,19 @@ void run_lines(const Plan& p, int64_t a, int64_t b, const Config& c, bool nt) {
 #if MINITRON_HAS_X86_DISPATCH
         // (Staging the line and streaming it out was measured slower than the masked stores.)
         switch (p.es) {
-          case 1: compress_line_1(dl, sl, p.L.inner, p.masks.data()); break;
-          case 2: compress_line_2(dl, sl, p.L.inner, p.masks.data()); break;
-          case 4: compress_line_4(dl, sl, p.L.inner, p.masks.data()); break;
-          default: compress_line_8(dl, sl, p.L.inner, p.masks.data()); break;
+          case 1: compress_line_1(dl, sl, p.src_inner, p.masks.data()); break;
+          case 2: compress_line_2(dl, sl, p.src_inner, p.masks.data()); break;
+          case 4: compress_line_4(dl, sl, p.src_inner, p.masks.data()); break;
+          default: compress_line_8(dl, sl, p.src_inner, p.masks.data()); break;
         }
 #endif
         break;
       case Strategy::kPos:
         switch (p.es) {
-          case 1: pos_line<uint8_t>(dl, sl, p.pos.data(), p.out_inner); break;
-          case 2: pos_line<uint16_t>(dl, sl, p.pos.data(), p.out_inner); break;
-          case 4: pos_line<uint32_t>(dl, sl, p.pos.data(), p.out_inner); break;
-          default: pos_line<uint64_t>(dl, sl, p.pos.data(), p.out_inner); break;
+          case 1: pos_line<uint8_t>(dl, sl, p.pos.data(), p.ni); break;
+          case 2: pos_line<uint16_t>(dl, sl, p.pos.data(), p.ni); break;
+          case 4: pos_line<uint32_t>(dl, sl, p.pos.data(), p.ni); break;
+          default: pos_line<uint64_t>(dl, sl, p.pos.data(), p.ni); break;
         }
         break;
       default:
@@ -452,14 +470,15 @@ void run_lines(const Plan& p, int64_t a, int64_t b, const Config& c, bool nt) {
 int64_t item_bytes(const std::vector<Plan>& plans, const Item& it) {
   if (it.plan < 0) return it.bytes;
   const Plan& p = plans[it.plan];
-  return (it.b - it.a) * p.out_inner * p.es;
+  return (it.b - it.a) * p.ni * p.es;
 }
 
 struct Span {
   uintptr_t lo, hi;  // [lo, hi) bytes
 };
 
-// Byte span an item reads (src) and writes (dst).
+// Byte span an item reads (src) and writes (dst). Line items: valid for one group (compaction), whose
+// source and destination lines go up with the output line.
 void item_spans(const std::vector<Plan>& plans, const Item& it, Span& src, Span& dst) {
   if (it.plan < 0) {
     src = {reinterpret_cast<uintptr_t>(it.s), reinterpret_cast<uintptr_t>(it.s) + static_cast<uintptr_t>(it.bytes)};
@@ -467,14 +486,12 @@ void item_spans(const std::vector<Plan>& plans, const Item& it, Span& src, Span&
     return;
   }
   const Plan& p = plans[it.plan];
-  const int64_t sl0 = p.select_inner ? it.a : slicing::source_of(p.idx, it.a, p.block);
-  const int64_t sl1 = p.select_inner ? it.b - 1 : slicing::source_of(p.idx, it.b - 1, p.block);
   const auto base_s = reinterpret_cast<uintptr_t>(p.src);
   const auto base_d = reinterpret_cast<uintptr_t>(p.dst);
-  src = {base_s + static_cast<uintptr_t>(sl0 * p.L.so * p.es),
-         base_s + static_cast<uintptr_t>((sl1 * p.L.so + (p.L.inner - 1) * p.L.si + 1) * p.es)};
-  dst = {base_d + static_cast<uintptr_t>(it.a * p.dso * p.es),
-         base_d + static_cast<uintptr_t>(((it.b - 1) * p.dso + (p.out_inner - 1) * p.dsi + 1) * p.es)};
+  src = {base_s + static_cast<uintptr_t>(p.src_line(it.a) * p.es),
+         base_s + static_cast<uintptr_t>((p.src_line(it.b - 1) + (p.src_inner - 1) * p.si + 1) * p.es)};
+  dst = {base_d + static_cast<uintptr_t>(p.dst_line(it.a) * p.es),
+         base_d + static_cast<uintptr_t>((p.dst_line(it.b - 1) + (p.ni - 1) * p.di + 1) * p.es)};
 }
 
 // In-place compaction: for each item (in output order), how many leading items must be finished
@@ -498,7 +515,6 @@ std::vector<int64_t> compaction_needs(const std::vector<Plan>& plans, const std:
   }
   return need;
 }
-
 // Runs all items with dynamic scheduling over the threads of one at::parallel_for (tickets in
 // item order). With `need` (in-place compaction), item i starts only after items [0, need[i])
 // have finished: a watermark counts the finished prefix; a thread whose item must wait yields.
@@ -561,14 +577,6 @@ void run_items(const std::vector<Plan>& plans, const std::vector<Item>& items, c
 // argument checks (memory safety; user-facing validation is in Python)
 // ---------------------------------------------------------------------------------------------
 
-bool orientation_col_major(const at::Tensor& t) {
-  return t.dim() == 2 && slicing::is_col_major(t.size(0), t.size(1), t.stride(0), t.stride(1));
-}
-
-Layout layout_of(const at::Tensor& t, bool col_major) {
-  return slicing::make_layout(static_cast<int>(t.dim()), t.sizes().data(), t.strides().data(), col_major);
-}
-
 void check_index(const at::Tensor& idx, int64_t units, const char* what) {
   TORCH_CHECK(idx.dim() == 1 && idx.scalar_type() == at::kLong && idx.is_contiguous() && idx.device().is_cpu(),
               what, ": index must be a contiguous 1-D int64 CPU tensor");
@@ -586,31 +594,97 @@ int64_t element_size_checked(const at::Tensor& t, const char* what) {
   return es;
 }
 
-// Fills the common part of a plan: source layout, selection and output extents.
-void fill_plan(Plan& p, const at::Tensor& t, const at::Tensor& idx, int64_t dim, int64_t block, const char* what) {
-  TORCH_CHECK(t.dim() == 1 || t.dim() == 2, what, ": tensor must be 1-D or 2-D, got ", t.dim(), "-D");
-  TORCH_CHECK(dim >= 0 && dim < t.dim(), what, ": dim ", dim, " out of range for a ", t.dim(), "-D tensor");
-  TORCH_CHECK(block >= 1 && t.size(dim) % block == 0, what, ": block ", block, " must divide size ", t.size(dim));
-  check_index(idx, t.size(dim) / block, what);
+struct CutArg {
+  int64_t dim = -1;  // -1: no cut
+  const at::Tensor* idx = nullptr;
+  int64_t block = 1;
+};
+
+// Fills a plan: canonical axes of `t` in its memory order, the cuts mapped onto them, output extents and
+// source strides (destination strides are set by the caller).
+void fill_plan(Plan& p, const at::Tensor& t, const CutArg* cuts, int ncuts, const char* what) {
+  const int nd = static_cast<int>(t.dim());
+  TORCH_CHECK(nd >= 1 && nd <= 3, what, ": tensor must be 1-D, 2-D or 3-D, got ", nd, "-D");
+  int order[3];
+  slicing::dim_order(nd, t.sizes().data(), t.strides().data(), order);
+  const slicing::Axes ax = slicing::axes_of(nd, order);
+  const int64_t* sz = t.sizes().data();
+  const int64_t* st = t.strides().data();
+  int64_t out[3] = {1, 1, 1};
+  for (int d = 0; d < nd; ++d) out[d] = sz[d];
+  for (int c = 0; c < ncuts; ++c) {
+    const CutArg& cut = cuts[c];
+    TORCH_CHECK(cut.dim >= 0 && cut.dim < nd, what, ": dim ", cut.dim, " out of range for a ", nd, "-D tensor");
+    TORCH_CHECK(c == 0 || cut.dim != cuts[0].dim, what, ": the two cut dims must differ");
+    TORCH_CHECK(cut.block >= 1 && sz[cut.dim] % cut.block == 0, what, ": block ", cut.block, " must divide size ",
+                sz[cut.dim]);
+    check_index(*cut.idx, sz[cut.dim] / cut.block, what);
+    Sel s;
+    s.idx = cut.idx->data_ptr<int64_t>();
+    s.block = cut.block;
+    s.k = cut.idx->numel();
+    out[cut.dim] = s.k * cut.block;
+    if (cut.dim == ax.g) p.gsel = s;
+    else if (cut.dim == ax.l) p.lsel = s;
+    else p.isel = s;
+  }
   p.es = element_size_checked(t, what);
-  p.L = layout_of(t, orientation_col_major(t));
-  p.select_inner = dim == p.L.inner_dim;
-  p.block = block;
-  p.k = idx.numel();
-  p.idx = idx.data_ptr<int64_t>();
-  p.out_outer = p.select_inner ? p.L.outer : p.k * block;
-  p.out_inner = p.select_inner ? p.k * block : p.L.inner;
+  p.ng = ax.g < 0 ? 1 : out[ax.g];
+  p.nl = ax.l < 0 ? 1 : out[ax.l];
+  p.ni = out[ax.i];
+  p.src_inner = sz[ax.i];
+  p.sg = slicing::stride_of(st, ax.g);
+  p.sl = slicing::stride_of(st, ax.l);
+  p.si = p.src_inner <= 1 ? 1 : st[ax.i];
+  if (slicing::extent_of(sz, ax.l) <= 1) p.sl = p.src_inner * p.si;
+}
+
+// Destination strides of a plan from `o` (same logical dims as the source; canonical axes of the source).
+void set_dst(Plan& p, const at::Tensor& src, const int64_t* sizes, const int64_t* strides) {
+  const int nd = static_cast<int>(src.dim());
+  int order[3];
+  slicing::dim_order(nd, src.sizes().data(), src.strides().data(), order);
+  const slicing::Axes ax = slicing::axes_of(nd, order);
+  p.dg = slicing::stride_of(strides, ax.g);
+  p.dl = slicing::stride_of(strides, ax.l);
+  p.di = sizes[ax.i] <= 1 ? 1 : strides[ax.i];
+  if (slicing::extent_of(sizes, ax.l) <= 1) p.dl = p.ni * p.di;
+}
+
+// Work items of a plan for output lines [l0, l1) (in output order).
+void add_plan_items(Plan& p, int32_t pi, int64_t l0, int64_t l1, const Config& c, std::vector<Item>& items) {
+  if (p.select_inner()) {
+    plan_inner(p, c);
+    add_line_items(p, pi, l0, l1, c.piece_bytes, items);
+  } else if (lines_contiguous(p) && c.forced != static_cast<int>(Strategy::kGeneric)) {
+    add_line_pieces(p, l0, l1, c.piece_bytes, items);
+  } else {
+    p.strat = Strategy::kGeneric;
+    add_line_items(p, pi, l0, l1, c.piece_bytes, items);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
 // ops
 // ---------------------------------------------------------------------------------------------
 
+// dims2 / blocks2: the second cut of each tensor (dims2[i] == -1: none; empty lists: no tensor has one). The
+// second cuts' indices follow the n first ones in `indices`, in tensor order (as in the Python op's schema).
+// One parallel region copies every tensor.
 void gather_slices_cpu(at::TensorList tensors, at::TensorList indices, at::IntArrayRef dims,
-                       at::IntArrayRef blocks, at::TensorList outs) {
+                       at::IntArrayRef blocks, at::TensorList outs, at::IntArrayRef dims2, at::IntArrayRef blocks2) {
   const size_t n = tensors.size();
-  TORCH_CHECK(indices.size() == n && dims.size() == n && blocks.size() == n && outs.size() == n,
-              "_gather_slices_native: tensors, indices, dims, blocks and outs must have the same length");
+  const bool two = !dims2.empty();
+  size_t m = 0;
+  if (two) {
+    TORCH_CHECK(dims2.size() == n && blocks2.size() == n,
+                "_gather_slices_native: dims2 and blocks2 must be empty or have one entry per tensor");
+    for (size_t i = 0; i < n; ++i) m += dims2[i] != -1 ? 1 : 0;
+  }
+  TORCH_CHECK(indices.size() == n + m && dims.size() == n && blocks.size() == n && outs.size() == n,
+              "_gather_slices_native: tensors, indices (plus one per second cut), dims, blocks and outs must have ",
+              "the same length");
+  size_t next2 = n;
   const Config c = read_config();
   std::vector<Plan> plans(n);
   int64_t out_bytes = 0;
@@ -619,17 +693,20 @@ void gather_slices_cpu(at::TensorList tensors, at::TensorList indices, at::IntAr
     const at::Tensor& o = outs[i];
     TORCH_CHECK(t.device().is_cpu() && o.device().is_cpu(), "_gather_slices_native: CPU tensors expected");
     Plan& p = plans[i];
-    fill_plan(p, t, indices[i], dims[i], blocks[i], "_gather_slices_native");
+    CutArg cuts[2];
+    cuts[0] = CutArg{dims[i], &indices[i], blocks[i]};
+    const int ncuts = two && dims2[i] != -1 ? 2 : 1;
+    if (ncuts == 2) cuts[1] = CutArg{dims2[i], &indices[next2++], blocks2[i]};
+    fill_plan(p, t, cuts, ncuts, "_gather_slices_native");
     TORCH_CHECK(o.scalar_type() == t.scalar_type() && o.dim() == t.dim(),
                 "_gather_slices_native: out[", i, "] must match the tensor's dtype and rank");
     for (int64_t d = 0; d < t.dim(); ++d) {
-      const int64_t want = d == dims[i] ? p.k * blocks[i] : t.size(d);
+      int64_t want = t.size(d);
+      for (int q = 0; q < ncuts; ++q)
+        if (d == cuts[q].dim) want = cuts[q].idx->numel() * cuts[q].block;
       TORCH_CHECK(o.size(d) == want, "_gather_slices_native: out[", i, "] has wrong size ", o.sizes());
     }
-    const bool cm = orientation_col_major(t);
-    const Layout dl = layout_of(o, cm);
-    p.dso = dl.so;
-    p.dsi = dl.si;
+    set_dst(p, t, o.sizes().data(), o.strides().data());
     p.src = static_cast<const char*>(t.data_ptr());
     p.dst = static_cast<char*>(o.data_ptr());
     out_bytes += o.numel() * p.es;
@@ -639,16 +716,8 @@ void gather_slices_cpu(at::TensorList tensors, at::TensorList indices, at::IntAr
   std::vector<Item> items;
   for (size_t i = 0; i < n; ++i) {
     Plan& p = plans[i];
-    if (p.out_outer == 0 || p.out_inner == 0) continue;
-    if (p.select_inner) {
-      plan_inner(p, c);
-      add_line_items(p, static_cast<int32_t>(i), 0, p.out_outer, c.piece_bytes, items);
-    } else if (lines_contiguous(p) && c.forced != static_cast<int>(Strategy::kGeneric)) {
-      add_unit_pieces(p, 0, p.k, c.piece_bytes, items);
-    } else {
-      p.strat = Strategy::kGeneric;
-      add_line_items(p, static_cast<int32_t>(i), 0, p.out_outer, c.piece_bytes, items);
-    }
+    if (p.out_lines() == 0 || p.ni == 0) continue;
+    add_plan_items(p, static_cast<int32_t>(i), 0, p.out_lines(), c, items);
   }
   run_items(plans, items, c, nt);
 }
@@ -656,45 +725,47 @@ void gather_slices_cpu(at::TensorList tensors, at::TensorList indices, at::IntAr
 void compact_cpu(const at::Tensor& tensor, const at::Tensor& index, int64_t dim, int64_t block,
                  at::IntArrayRef new_strides) {
   TORCH_CHECK(tensor.device().is_cpu(), "_compact_native: CPU tensor expected");
+  TORCH_CHECK(tensor.dim() == 1 || tensor.dim() == 2, "_compact_native: tensor must be 1-D or 2-D (the Python ",
+              "layer compacts a 3-D tensor as a 2-D view)");
   const Config c = read_config();
   std::vector<Plan> plans(1);
   Plan& p = plans[0];
-  fill_plan(p, tensor, index, dim, block, "_compact_native");
-  TORCH_CHECK(slicing::is_non_overlapping(p.L), "_compact_native: tensor has overlapping memory");
-  if (p.out_outer == 0 || p.out_inner == 0) return;
+  const CutArg cut{dim, &index, block};
+  fill_plan(p, tensor, &cut, 1, "_compact_native");
+  {
+    Layout L;
+    L.outer = p.nl;
+    L.inner = p.src_inner;
+    L.so = p.sl;
+    L.si = p.si;
+    TORCH_CHECK(slicing::is_non_overlapping(L), "_compact_native: tensor has overlapping memory");
+  }
+  if (p.out_lines() == 0 || p.ni == 0) return;
   TORCH_CHECK(static_cast<int64_t>(new_strides.size()) == tensor.dim(), "_compact_native: new_strides has wrong length");
   // Destination strides: either the tensor's own, or (inner selection of a dense tensor) packed.
   std::vector<int64_t> new_sizes(tensor.sizes().begin(), tensor.sizes().end());
-  new_sizes[dim] = p.k * block;
-  const Layout dl = slicing::make_layout(static_cast<int>(tensor.dim()), new_sizes.data(), new_strides.data(),
-                                         p.L.outer_dim == 1);
-  const Layout same = slicing::make_layout(static_cast<int>(tensor.dim()), new_sizes.data(),
-                                           tensor.strides().data(), p.L.outer_dim == 1);
-  const bool keep = dl.so == same.so && dl.si == same.si;
-  const bool packed = p.select_inner && slicing::is_dense(p.L) && dl.si == 1 && dl.so == p.k * block;
+  new_sizes[dim] = p.select_inner() ? p.ni : p.nl;
+  Plan same = p;
+  set_dst(same, tensor, new_sizes.data(), tensor.strides().data());
+  set_dst(p, tensor, new_sizes.data(), new_strides.data());
+  const bool keep = p.dl == same.dl && p.di == same.di;
+  const bool dense = p.si == 1 && p.sl == p.src_inner;
+  const bool packed = p.select_inner() && dense && p.di == 1 && p.dl == p.ni;
   TORCH_CHECK(keep || packed, "_compact_native: new_strides must be the tensor's strides or (inner selection of a ",
               "dense tensor) the packed strides");
-  p.dso = dl.so;
-  p.dsi = dl.si;
   p.src = static_cast<const char*>(tensor.data_ptr());
   p.dst = static_cast<char*>(tensor.data_ptr());
   const bool nt = c.nt == 1;  // compaction rewrites memory it just read (cache-hot): regular stores by default
   // All items in output order; compaction_needs() orders the ones that could clobber unread data.
   std::vector<Item> items;
-  if (!p.select_inner) {
+  if (!p.select_inner()) {
     // Whole units of lines move down: idx[j] -> j. The prefix with idx[j] == j stays in place.
     int64_t a = 0;
-    while (a < p.k && p.idx[a] == a) ++a;
-    if (lines_contiguous(p) && c.forced != static_cast<int>(Strategy::kGeneric)) {
-      add_unit_pieces(p, a, p.k, c.piece_bytes, items);
-    } else {
-      p.strat = Strategy::kGeneric;
-      add_line_items(p, 0, a * p.block, p.out_outer, c.piece_bytes, items);
-    }
+    while (a < p.lsel.k && p.lsel.idx[a] == a) ++a;
+    add_plan_items(p, 0, a * p.lsel.block, p.out_lines(), c, items);
   } else {
-    if (p.out_inner == p.L.inner) return;  // everything kept: identity
-    plan_inner(p, c);
-    add_line_items(p, 0, 0, p.out_outer, c.piece_bytes, items);
+    if (p.ni == p.src_inner) return;  // everything kept: identity
+    add_plan_items(p, 0, 0, p.out_lines(), c, items);
   }
   const std::vector<int64_t> need = compaction_needs(plans, items);
   run_items(plans, items, c, nt, &need);
@@ -705,7 +776,8 @@ void compact_cpu(const at::Tensor& tensor, const at::Tensor& index, int64_t dim,
 }  // namespace minitron
 
 TORCH_LIBRARY_FRAGMENT(minitron, m) {
-  m.def("_gather_slices_native(Tensor[] tensors, Tensor[] indices, int[] dims, int[] blocks, Tensor(a!)[] outs) -> ()");
+  m.def("_gather_slices_native(Tensor[] tensors, Tensor[] indices, int[] dims, int[] blocks, Tensor(a!)[] outs, "
+        "int[] dims2=[], int[] blocks2=[]) -> ()");
   m.def("_compact_native(Tensor(a!) tensor, Tensor index, int dim, int block, int[] new_strides) -> ()");
 }
 

@@ -21,14 +21,25 @@ __device__ __forceinline__ int find_desc(const GatherDesc* descs, int n, int64_t
 
 __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
-// Outer selection: elements [j0, j1) of output line o (global output line g); j0 is a multiple of the
-// chunk, hence of the 16-byte vector.
+// Element offsets of (global) output line o in the source and the destination.
+__device__ __forceinline__ int64_t src_line(const GatherDesc& d, int64_t o) {
+  const int64_t g = d.grouped ? o / d.lines_per_group : 0;
+  const int64_t l = o - g * d.lines_per_group;
+  return slicing::select_source(d.gidx, g, d.gblock) * d.sg + slicing::select_source(d.lidx, l, d.lblock) * d.so;
+}
+
+__device__ __forceinline__ int64_t dst_line(const GatherDesc& d, int64_t o) {
+  const int64_t g = d.grouped ? o / d.lines_per_group : 0;
+  return g * d.dsg + (o - g * d.lines_per_group - d.line0) * d.dso;
+}
+
+// Whole lines: elements [j0, j1) of global output line g; j0 is a multiple of the chunk, hence of the
+// 16-byte vector.
 template <typename T>
-__device__ __forceinline__ void copy_line_chunk(const GatherDesc& d, int64_t o, int64_t g, int64_t j0, int64_t j1) {
+__device__ __forceinline__ void copy_line_chunk(const GatherDesc& d, int64_t g, int64_t j0, int64_t j1) {
   constexpr int64_t kVec = 16 / static_cast<int64_t>(sizeof(T));
-  const int64_t sline = slicing::source_of(d.idx, g, d.block);  // once per CTA
-  const T* sl = reinterpret_cast<const T*>(d.src) + sline * d.so;
-  T* dl = reinterpret_cast<T*>(d.dst) + o * d.dso;
+  const T* sl = reinterpret_cast<const T*>(d.src) + src_line(d, g);  // once per CTA
+  T* dl = reinterpret_cast<T*>(d.dst) + dst_line(d, g);
   if (d.si == 1 && d.dsi == 1 && aligned16(sl + j0) && aligned16(dl + j0)) {
     const int64_t nvec = (j1 - j0) / kVec;
     const uint4* s4 = reinterpret_cast<const uint4*>(sl + j0);
@@ -72,11 +83,11 @@ __device__ __forceinline__ void copy_col_tile(const GatherDesc& d, int64_t lt, i
   // Source positions of this thread's outputs, computed once for the whole tile (one division).
   int64_t pos[kVec];
   {
-    int64_t u = j / d.block, r = j - (j / d.block) * d.block;
+    int64_t u = j / d.iblock, r = j - (j / d.iblock) * d.iblock;
 #pragma unroll
     for (int v = 0; v < kVec; ++v) {
-      pos[v] = v < n ? d.idx[u] * d.block + r : 0;
-      if (++r == d.block) {
+      pos[v] = v < n ? d.iidx[u] * d.iblock + r : 0;
+      if (++r == d.iblock) {
         r = 0;
         ++u;
       }
@@ -85,16 +96,19 @@ __device__ __forceinline__ void copy_col_tile(const GatherDesc& d, int64_t lt, i
   const T* S = reinterpret_cast<const T*>(d.src);
   T* D = reinterpret_cast<T*>(d.dst);
   if (n == kVec && d.si == 1 && d.dsi == 1) {
-    const bool src_vec = slicing::sources_contiguous(d.idx, j, kVec, d.block) &&
-                         ((d.so * static_cast<int64_t>(sizeof(T))) & 15) == 0 &&
-                         aligned16(S + (d.line0 + l0) * d.so + pos[0]);
-    const bool dst_vec = ((d.dso * static_cast<int64_t>(sizeof(T))) & 15) == 0 && aligned16(D + l0 * d.dso + j);
+    // Every line offset is a combination of the line and group strides: when both are multiples of 16 bytes
+    // and the tile's first line is aligned, every line is.
+    constexpr int64_t es = static_cast<int64_t>(sizeof(T));
+    const bool src_vec = slicing::sources_contiguous(d.iidx, j, kVec, d.iblock) && ((d.so * es) & 15) == 0 &&
+                         ((d.sg * es) & 15) == 0 && aligned16(S + src_line(d, d.line0 + l0) + pos[0]);
+    const bool dst_vec = ((d.dso * es) & 15) == 0 && ((d.dsg * es) & 15) == 0 &&
+                         aligned16(D + dst_line(d, d.line0 + l0) + j);
     for (int64_t l = l0; l < l1; l += kLinesInFlight) {
       Pack<T> p[kLinesInFlight];
 #pragma unroll
       for (int q = 0; q < kLinesInFlight; ++q) {  // loads of several lines before any store
         if (l + q < l1) {
-          const T* sl = S + (d.line0 + l + q) * d.so;
+          const T* sl = S + src_line(d, d.line0 + l + q);
           if (src_vec) {
             p[q].v = __ldg(reinterpret_cast<const uint4*>(sl + pos[0]));
           } else {
@@ -106,7 +120,7 @@ __device__ __forceinline__ void copy_col_tile(const GatherDesc& d, int64_t lt, i
 #pragma unroll
       for (int q = 0; q < kLinesInFlight; ++q) {
         if (l + q < l1) {
-          T* dl = D + (l + q) * d.dso + j;
+          T* dl = D + dst_line(d, d.line0 + l + q) + j;
           if (dst_vec) {
             *reinterpret_cast<uint4*>(dl) = p[q].v;
           } else {
@@ -119,8 +133,8 @@ __device__ __forceinline__ void copy_col_tile(const GatherDesc& d, int64_t lt, i
     return;
   }
   for (int64_t l = l0; l < l1; ++l) {  // strided or tail: element by element
-    const T* sl = S + (d.line0 + l) * d.so;
-    T* dl = D + l * d.dso;
+    const T* sl = S + src_line(d, d.line0 + l);
+    T* dl = D + dst_line(d, d.line0 + l);
     for (int v = 0; v < n; ++v) dl[(j + v) * d.dsi] = sl[pos[v] * d.si];
   }
 }
@@ -135,7 +149,7 @@ __device__ __forceinline__ void run_cta(const GatherDesc& d, int64_t local) {
     const int64_t chunk = kChunkBytes / static_cast<int64_t>(sizeof(T));
     const int64_t j0 = c * chunk;
     const int64_t j1 = j0 + chunk < d.out_inner ? j0 + chunk : d.out_inner;
-    copy_line_chunk<T>(d, a, d.line0 + a, j0, j1);
+    copy_line_chunk<T>(d, d.line0 + a, j0, j1);
   }
 }
 

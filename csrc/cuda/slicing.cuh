@@ -20,6 +20,12 @@
 //     vector too. No transpose, no shared memory.
 //
 // Non-unit strides and misaligned tensors take element-wise paths with the same work shapes.
+//
+// 3-D tensors and two cut dims: a descriptor's output lines are groups of `lines_per_group` lines
+// (canonical axes G, L, I of csrc/common/slicing_math.h); output line o reads source line
+// select_source(gidx, o / lines_per_group) * sg + select_source(lidx, o % lines_per_group) * so, and any
+// of gidx / lidx / iidx may be null (axis not cut). The source line is computed once per CTA (outer work
+// shape) or once per line of the tile (inner work shape).
 #pragma once
 
 #include <cstdint>
@@ -35,23 +41,28 @@ constexpr int kRowUnroll = 4;           // 16-byte vectors per thread in flight,
 constexpr int64_t kTileLines = 16;      // lines per CTA, inner selection
 
 struct GatherDesc {
-  const char* src;     // source data pointer
-  char* dst;           // destination data pointer (its line 0 receives output line `line0`)
-  const int64_t* idx;  // sorted unit numbers, device memory
-  int64_t out_lines;   // output lines handled by this descriptor
-  int64_t out_inner;   // elements per output line
-  int64_t so, si;      // source strides (elements), canonical
-  int64_t dso, dsi;    // destination strides (elements), canonical
-  int64_t block;       // positions per unit
-  int64_t line0;       // first output line handled
+  const char* src;      // source data pointer
+  char* dst;            // destination data pointer (its line 0 receives output line `line0`)
+  const int64_t* gidx;  // sorted kept units of the group axis, device memory (nullptr: not cut)
+  const int64_t* lidx;  // ... of the line axis (nullptr: not cut)
+  const int64_t* iidx;  // ... of the inner axis (nullptr: not cut; then select_inner == 0)
+  int64_t gblock, lblock, iblock;  // positions per unit of each axis
+  int64_t out_lines;    // output lines handled by this descriptor
+  int64_t lines_per_group;  // output lines per group (>= 1; all output lines of a 1-D/2-D tensor)
+  int64_t out_inner;    // elements per output line
+  int64_t sg, so, si;   // source strides (elements), canonical: group, line, element
+  int64_t dsg, dso, dsi;  // destination strides (elements), canonical
+  int64_t line0;        // first output line handled (destination line of output line o: o - line0 in group 0)
   int64_t chunks_per_line;  // outer: chunks of kChunkBytes per line; inner: column tiles per line block
   int64_t cta_start;        // first virtual CTA of this descriptor
   int32_t es;               // element size in bytes: 1, 2, 4 or 8
-  int32_t select_inner;     // 0: lines are selected; 1: positions inside every line are selected
+  int32_t select_inner;     // 1: positions inside every line are selected (iidx); 0: whole lines are copied
+  int32_t grouped;          // 1: the lines handled span more than one group (3-D); 0: group 0 only (no division)
 };
 
-// Virtual CTAs a descriptor needs (fills chunks_per_line; cta_start is left to the caller).
+// Virtual CTAs a descriptor needs (fills chunks_per_line and grouped; cta_start is left to the caller).
 inline int64_t gather_ctas(GatherDesc& d) {
+  d.grouped = d.line0 + d.out_lines > d.lines_per_group ? 1 : 0;
   if (d.out_inner <= 0 || d.out_lines <= 0) {
     d.chunks_per_line = 0;
     return 0;

@@ -49,7 +49,12 @@ __all__ = ["ImportanceScores", "estimate_importance", "LAYER_METRICS", "SCORES_F
 SCORES_FILE = "importance.safetensors"
 META_FILE = "importance.json"
 LAYER_METRICS = ("block_influence", "lm_loss")
-_TENSOR_FIELDS = ("heads", "kv_groups", "neurons", "channels", "block_influence", "lm_loss_drop")
+_TENSOR_FIELDS = ("heads", "kv_groups", "neurons", "channels", "block_influence", "lm_loss_drop", "experts",
+                  "expert_frequency", "expert_neurons", "shared_neurons")
+#: Tensor fields that may be absent (None): the LM-loss drop, and the expert scores (mixture-of-experts models only).
+_OPTIONAL_FIELDS = ("lm_loss_drop", "experts", "expert_frequency", "expert_neurons", "shared_neurons")
+_NDIM = {"heads": 2, "kv_groups": 2, "neurons": 2, "channels": 1, "block_influence": 1, "lm_loss_drop": 1,
+         "experts": 2, "expert_frequency": 2, "expert_neurons": 3, "shared_neurons": 2}
 _FORMAT_VERSION = 1
 
 
@@ -69,6 +74,15 @@ class ImportanceScores:
             not measured.
         meta: model_type, ``config_fingerprint`` (dict of the config sizes), seq_agg, batch_agg,
             num_samples, num_tokens, num_batches, base_lm_loss, layer_metrics.
+        experts: [num_layers, num_experts] per routed expert of each MoE layer: the L2 norm, over every calibration
+            token routed to it, of its router-weighted output ``w * expert(x)`` (0 in dense layers); None for a
+            dense model. See :mod:`minitron.compress.moe_importance`.
+        expert_frequency: [num_layers, num_experts] fraction of the calibration tokens routed to each expert
+            (sums to num_experts_per_tok over the experts of a MoE layer).
+        expert_neurons: [num_layers, num_experts, moe_intermediate_size] per neuron of each expert: the magnitude of
+            ``act(gate) * up`` over only the tokens routed to that expert, aggregated like ``neurons``.
+        shared_neurons: [num_layers, shared_expert_intermediate_size] per shared-expert neuron (input of its
+            down_proj, like ``neurons``); None without shared experts.
     """
 
     heads: torch.Tensor
@@ -78,19 +92,22 @@ class ImportanceScores:
     block_influence: torch.Tensor
     lm_loss_drop: Optional[torch.Tensor] = None
     meta: dict = field(default_factory=dict)
+    experts: Optional[torch.Tensor] = None
+    expert_frequency: Optional[torch.Tensor] = None
+    expert_neurons: Optional[torch.Tensor] = None
+    shared_neurons: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         for name in _TENSOR_FIELDS:
             value = getattr(self, name)
-            if value is None and name == "lm_loss_drop":
+            if value is None and name in _OPTIONAL_FIELDS:
                 continue
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"ImportanceScores.{name} must be a torch.Tensor, got {type(value).__name__}")
         if not isinstance(self.meta, dict):
             raise TypeError(f"ImportanceScores.meta must be a dict, got {type(self.meta).__name__}")
         num_layers = self.heads.shape[0] if self.heads.dim() == 2 else -1
-        expect = {"heads": 2, "kv_groups": 2, "neurons": 2, "channels": 1, "block_influence": 1, "lm_loss_drop": 1}
-        for name, ndim in expect.items():
+        for name, ndim in _NDIM.items():
             value = getattr(self, name)
             if value is None:
                 continue
@@ -176,15 +193,12 @@ class ImportanceScores:
         meta = json.loads(json.dumps(self.meta))
         fp = meta.setdefault("config_fingerprint", {})
         fp["num_hidden_layers"] = len(idx)
-        return ImportanceScores(
-            heads=self.heads[t].clone(),
-            kv_groups=self.kv_groups[t].clone(),
-            neurons=self.neurons[t].clone(),
-            channels=self.channels.clone(),
-            block_influence=self.block_influence[t].clone(),
-            lm_loss_drop=None if self.lm_loss_drop is None else self.lm_loss_drop[t].clone(),
-            meta=meta,
-        )
+        if "moe_layers" in fp:
+            pos = {old: new for new, old in enumerate(idx)}
+            fp["moe_layers"] = [pos[i] for i in fp["moe_layers"] if i in pos]
+        per_layer = {n: None if getattr(self, n) is None else getattr(self, n)[t].clone()
+                     for n in _TENSOR_FIELDS if n != "channels"}
+        return ImportanceScores(channels=self.channels.clone(), meta=meta, **per_layer)
 
     # -------------------------------------------------------------- persistence
     def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> None:
@@ -271,7 +285,7 @@ class ImportanceScores:
             ) from None
         if inner is not None and inner != meta:
             raise ValueError(f"{d}: {SCORES_FILE} and {META_FILE} come from different runs")
-        missing_t = [n for n in _TENSOR_FIELDS if n != "lm_loss_drop" and n not in tensors]
+        missing_t = [n for n in _TENSOR_FIELDS if n not in _OPTIONAL_FIELDS and n not in tensors]
         if missing_t:
             raise ValueError(f"{d / SCORES_FILE} lacks tensors {', '.join(missing_t)}")
         meta.pop("format_version", None)
@@ -477,7 +491,14 @@ class _Collector:
         probe = ImportanceAccumulator(1, **kw)
         probe.update(torch.zeros(1, 1, 1, device=device, dtype=dtype))
         self.heads = [ImportanceAccumulator(d.num_attention_heads, group_size=d.head_dim, **kw) for _ in self.layers]
-        self.neurons = [ImportanceAccumulator(d.intermediate_size, **kw) for _ in self.layers]
+        # dense-MLP neurons (None for a MoE layer: its experts are scored by self.moe)
+        self.neurons = [None if adapter.is_moe_layer(layer) else ImportanceAccumulator(d.intermediate_size, **kw)
+                        for layer in self.layers]
+        self.moe = None
+        if adapter.moe_dims(model.config) is not None:
+            from minitron.compress.moe_importance import MoeCapture
+
+            self.moe = MoeCapture(self, adapter, self.layers, model.config, kw, dtype)  # type: ignore[arg-type]
         self.norm_modules = [n for layer in self.layers for n in adapter.layer_norms(layer)] + [adapter.final_norm(model)]
         self.channels = [ImportanceAccumulator(d.hidden_size, **kw) for _ in self.norm_modules]
         self.bi = None
@@ -494,15 +515,20 @@ class _Collector:
     def attach(self) -> None:
         for i, layer in enumerate(self.layers):
             self.handles.append(self.adapter.o_proj(layer).register_forward_pre_hook(self._pre(self.heads[i])))
-            self.handles.append(self.adapter.down_proj(layer).register_forward_pre_hook(self._pre(self.neurons[i])))
+            if self.neurons[i] is not None:
+                self.handles.append(self.adapter.down_proj(layer).register_forward_pre_hook(self._pre(self.neurons[i])))
             self.handles.append(layer.register_forward_hook(self._layer_hook(i), with_kwargs=True))
         for module, acc in zip(self.norm_modules, self.channels):
             self.handles.append(module.register_forward_hook(self._post(acc)))
+        if self.moe is not None:
+            self.moe.attach()
 
     def detach(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        if self.moe is not None:
+            self.moe.detach()
 
     def all_reduce(self) -> None:
         """Combine every accumulator across the ranks of the default process group (collective)."""
@@ -511,11 +537,14 @@ class _Collector:
         group = group_for(self.heads[0].device if self.heads else torch.device("cpu"))
         for i, (h, n) in enumerate(zip(self.heads, self.neurons)):
             collective(f"all_reduce of the head accumulator of layer {i}", lambda: h.all_reduce(group))
-            collective(f"all_reduce of the neuron accumulator of layer {i}", lambda: n.all_reduce(group))
+            if n is not None:
+                collective(f"all_reduce of the neuron accumulator of layer {i}", lambda: n.all_reduce(group))
         for j, c in enumerate(self.channels):
             collective(f"all_reduce of channel accumulator {j}", lambda: c.all_reduce(group))
         if self.bi is not None:
             collective("all_reduce of the block influence", lambda: self.bi.all_reduce(group))
+        if self.moe is not None:
+            self.moe.all_reduce(group)
 
     def _pre(self, acc: Any) -> Any:
         def hook(module: nn.Module, args: tuple) -> None:
@@ -617,7 +646,9 @@ def _assemble_scores(collector: "_Collector", adapter: ModelAdapter, config: Any
     dims = adapter.dims(config)
     heads = torch.stack([_scores(a, f"attention heads of layer {i}") for i, a in enumerate(collector.heads)])
     kv = heads.view(dims.num_hidden_layers, dims.num_key_value_heads, dims.heads_per_group).sum(-1)
-    neurons = torch.stack([_scores(a, f"MLP neurons of layer {i}") for i, a in enumerate(collector.neurons)])
+    neurons = torch.stack([torch.zeros(dims.intermediate_size) if a is None else _scores(a, f"MLP neurons of layer {i}")
+                           for i, a in enumerate(collector.neurons)])
+    moe_fields = {} if collector.moe is None else collector.moe.scores(dims.num_hidden_layers, num_tokens, _scores)
     channels = torch.stack([_scores(a, f"embedding channels at layer {i}")
                             for i, a in enumerate(collector.channels)]).sum(0)
     if collector.bi is not None:
@@ -636,13 +667,23 @@ def _assemble_scores(collector: "_Collector", adapter: ModelAdapter, config: Any
         "num_batches": num_batches,
         "base_lm_loss": base_loss,
         "kv_group_aggregation": "sum of the group's query-head scores",
-        "channel_sources": "outputs of input_layernorm, post_attention_layernorm (every layer) and the final norm, "
-                           "aggregated per norm then summed",
+        "channel_sources": f"outputs of {', '.join(_norm_names(adapter, collector.layers[0]))} (every layer) and "
+                           "the final norm, aggregated per norm then summed",
     }
     meta.update(extra_meta or {})
     log.info("importance estimated on %d samples (%d tokens)", num_samples, num_tokens)
+    if collector.moe is not None:
+        meta["expert_scores"] = ("experts: L2 norm over the routed tokens of the router-weighted expert output; "
+                                 "expert_frequency: routed tokens / tokens; expert_neurons: act(gate)*up over the "
+                                 "tokens routed to the expert, aggregated with seq_agg/batch_agg")
     return ImportanceScores(heads=heads, kv_groups=kv, neurons=neurons, channels=channels, block_influence=bi,
-                            lm_loss_drop=lm_loss_drop, meta=meta)
+                            lm_loss_drop=lm_loss_drop, meta=meta, **moe_fields)
+
+
+def _norm_names(adapter: ModelAdapter, layer: nn.Module) -> list[str]:
+    """The attribute paths of ``adapter.layer_norms(layer)`` inside ``layer`` (e.g. ``input_layernorm``)."""
+    names = {id(m): n for n, m in layer.named_modules() if n}
+    return [names.get(id(m), type(m).__name__) for m in adapter.layer_norms(layer)]
 
 
 def _drops_from_sums(sums: list[float], counts: list[int], base_loss: float) -> torch.Tensor:

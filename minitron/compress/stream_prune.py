@@ -30,8 +30,10 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from minitron.compress.importance import ImportanceScores
-from minitron.compress.prune import (Cut, _check_slicing_backend, apply_cuts, depth_config_update, layer_rename,
-                                     plan_depth, plan_width, width_config_update, width_cut_plan)
+from minitron.compress.prune import (Cut, _check_slicing_backend, apply_cuts, apply_width_transforms,
+                                     depth_config_update, layer_rename, plan_depth, plan_width,
+                                     update_pruning_record, width_config_update, width_cut_plan)
+from minitron.compress.moe_layout import CheckpointView, expert_disk_cuts, validate_checkpoint
 from minitron.io.checkpoint import copy_tokenizer_files
 from minitron.io.files import make_temp_dir, normalize_permissions, publish_dir, remove_stale_temporaries
 from minitron.io.safety import check_output_dir
@@ -44,6 +46,7 @@ __all__ = ["prune_checkpoint_streaming", "should_stream_prune", "random_importan
 
 PathLike = Union[str, os.PathLike]
 _WIDTH_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+_MOE_KEYS = ("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size")
 
 
 def random_importance(config: Any, seed: int = 0) -> ImportanceScores:
@@ -54,11 +57,20 @@ def random_importance(config: Any, seed: int = 0) -> ImportanceScores:
     L = d.num_hidden_layers
     heads = torch.rand(L, d.num_attention_heads, generator=g)
     kv = heads.view(L, d.num_key_value_heads, d.heads_per_group).sum(-1)
+    moe: dict = {}
+    m = adapter.moe_dims(config)
+    if m is not None:
+        moe = {"experts": torch.rand(L, m.num_experts, generator=g),
+               "expert_frequency": torch.rand(L, m.num_experts, generator=g),
+               "expert_neurons": torch.rand(L, m.num_experts, m.moe_intermediate_size, generator=g),
+               "shared_neurons": None if m.shared_expert_intermediate_size is None else
+               torch.rand(L, m.shared_expert_intermediate_size, generator=g)}
     return ImportanceScores(
         heads=heads, kv_groups=kv, neurons=torch.rand(L, d.intermediate_size, generator=g),
         channels=torch.rand(d.hidden_size, generator=g), block_influence=torch.rand(L, generator=g),
         lm_loss_drop=None,
         meta={"model_type": adapter.model_type, "config_fingerprint": adapter.fingerprint(config), "random": True},
+        **moe,
     )
 
 
@@ -78,10 +90,10 @@ def should_stream_prune(src_dir: PathLike, *, fraction: float = 0.5) -> tuple[bo
 
 
 def _cut_shape(shape: tuple[int, ...], cuts: Sequence[Cut]) -> tuple[int, ...]:
-    s = list(shape)
+    s = tuple(shape)
     for c in cuts:
-        s[c.dim] = int(c.index.numel()) * c.block
-    return tuple(s)
+        s = c.shape_after(s)
+    return s
 
 
 def _rename(name: str, renames: dict[str, Optional[str]]) -> Optional[str]:
@@ -92,12 +104,20 @@ def _rename(name: str, renames: dict[str, Optional[str]]) -> Optional[str]:
 
 
 def streamed_output_layout(
-    ckpt: ShardedCheckpoint, cut_plan: dict[str, list[Cut]], renames: dict[str, Optional[str]]
+    ckpt: ShardedCheckpoint, cut_plan: dict[str, list[Cut]], renames: dict[str, Optional[str]],
+    exact: Optional[dict[str, Optional[str]]] = None,
 ) -> list[tuple[str, str, tuple[int, ...], torch.dtype]]:
-    """``[(input name, output name, output shape, dtype)]`` in input file order (dropped layers left out)."""
+    """``[(input name, output name, output shape, dtype)]`` in input file order (dropped layers left out).
+
+    ``exact`` renames single tensors first (None: dropped; MoE experts renumbered after expert pruning), then
+    ``renames`` renames name prefixes (the layers kept by depth pruning)."""
     out = []
+    exact = exact or {}
     for name in ckpt.keys():
-        new = _rename(name, renames)
+        new = exact.get(name, name)
+        if new is None:
+            continue
+        new = _rename(new, renames)
         if new is None:
             continue
         out.append((name, new, _cut_shape(ckpt.shape(name), cut_plan.get(name, [])), ckpt.dtype(name)))
@@ -168,13 +188,13 @@ def prune_checkpoint_streaming(
     if width_targets is not None:
         if not isinstance(width_targets, dict):
             raise TypeError(f"width_targets must be a dict or None, got {type(width_targets).__name__}")
-        unknown = set(width_targets) - set(_WIDTH_KEYS)
+        unknown = set(width_targets) - set(_WIDTH_KEYS) - set(_MOE_KEYS)
         if unknown:
-            raise TypeError(f"unknown width target(s) {sorted(unknown)}; expected {_WIDTH_KEYS}")
+            raise TypeError(f"unknown width target(s) {sorted(unknown)}; expected {_WIDTH_KEYS + _MOE_KEYS}")
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     src = Path(src_dir)
-    ckpt = ShardedCheckpoint(src).validate()
+    ckpt = validate_checkpoint(ShardedCheckpoint(src))
     out = check_output_dir(dst_dir, overwrite=overwrite, inputs={"src_dir": src}, what="dst_dir")
     p = _plan_streamed_prune(ckpt, scores, width_targets, keep_layers, drop_layers)
     for dt in {dt for _, _, _, dt in p.layout}:
@@ -214,6 +234,7 @@ class _StreamedPrunePlan:
     layout: list
     cut_plan: dict
     layer_prefix: str
+    transforms: dict = dataclasses.field(default_factory=dict)
 
 
 def _plan_streamed_prune(ckpt: ShardedCheckpoint, scores: Optional[ImportanceScores],
@@ -223,29 +244,42 @@ def _plan_streamed_prune(ckpt: ShardedCheckpoint, scores: Optional[ImportanceSco
     config = copy.deepcopy(ckpt.config)
     adapter = get_adapter(config)
     d = adapter.dims(config)
-    plan = plan_width(config, scores, **(width_targets or {}))
-    width_changes = plan.hidden is not None or any(h is not None for h in plan.heads) or any(
-        n is not None for n in plan.neurons)
+    plan = plan_width(config, scores, **{k: v for k, v in (width_targets or {}).items() if v is not None})
+    width_changes = plan.changes
     kept = _resolve_depth(config, keep_layers, drop_layers)
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
-    cut_plan = width_cut_plan(skeleton, plan) if width_changes else {}
+    model_cuts = width_cut_plan(skeleton, plan) if width_changes else {}
+    # model names -> the checkpoint's names (MoE: per-expert 2-D tensors on disk, fused 3-D in memory)
+    view = CheckpointView(skeleton, ckpt.keys())
+    cut_plan = {view.alias.get(n, n): c for n, c in model_cuts.items() if n not in view.stacked}
+    exact: dict[str, Optional[str]] = {}
+    if view.experts and width_changes:
+        expert_cuts, exact = expert_disk_cuts(view, plan, plan.hidden)
+        cut_plan.update(expert_cuts)
     names = {id(m): n for n, m in skeleton.named_modules()}
     prefix = names[id(adapter.layers(skeleton))]
     renames = layer_rename(prefix, d.num_hidden_layers, kept) if len(kept) != d.num_hidden_layers else {}
     del skeleton
     new_config = copy.deepcopy(config)
+    transforms: dict = {}
     if width_changes:
+        update_pruning_record(new_config, kept_channels=plan.hidden)
         width_config_update(new_config, plan, d.head_dim)
+        transforms = {view.alias.get(n, n): fn for n, fn in adapter.width_transforms(config, new_config).items()}
+        unknown = [n for n in transforms if n not in ckpt.keys()]
+        if unknown:
+            raise RuntimeError(f"{adapter!r}.width_transforms names no tensor of the checkpoint: {unknown}")
     if renames:
+        update_pruning_record(new_config, kept_layers=kept)
         depth_config_update(new_config, kept)
     adapter.check_config(new_config)
-    layout = streamed_output_layout(ckpt, cut_plan, renames)
+    layout = streamed_output_layout(ckpt, cut_plan, renames, exact)
     if not layout:
         raise ValueError(f"checkpoint {str(ckpt.path)!r}: nothing to write")
-    return _StreamedPrunePlan(config, new_config, layout, cut_plan, prefix)
+    return _StreamedPrunePlan(config, new_config, layout, cut_plan, prefix, transforms)
 
 
 def _write_tensors(ckpt: ShardedCheckpoint, p: _StreamedPrunePlan, tmp: Path, shard_bytes: int, backend: str,
@@ -265,6 +299,9 @@ def _write_tensors(ckpt: ShardedCheckpoint, p: _StreamedPrunePlan, tmp: Path, sh
             if cuts:
                 with torch.no_grad():
                     t = apply_cuts([t], [cuts], backend)[0]
+            if name in p.transforms:
+                with torch.no_grad():
+                    t = apply_width_transforms({name: t}, p.transforms)[name]
             if pending is not None:
                 pending.result()
             pending = pool.submit(writer.add, new_name, t)

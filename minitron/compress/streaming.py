@@ -72,6 +72,15 @@ HIDDEN_MEMORY_FRACTION = 0.25
 CheckpointReader = ShardedCheckpoint
 
 
+def _final_logits(config: Any, logits: torch.Tensor) -> torch.Tensor:
+    """The LM head's output as the model's forward returns it: ``final_logit_softcapping`` (Gemma-2/3) applied as
+    ``cap * tanh(logits / cap)`` when the config sets it."""
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is None:
+        return logits
+    return torch.tanh(logits / cap) * cap
+
+
 def _mem_available() -> int:
     """MemAvailable in bytes, or total physical memory where /proc/meminfo cannot be read."""
     from minitron.runtime import available_memory_bytes
@@ -316,6 +325,9 @@ def _check_checkpoint(model: nn.Module, reader: Any, aliases: Mapping[str, str])
     Shapes are compared when the reader offers ``shape(name)`` (header only); otherwise each tensor's shape
     is checked when its layer is loaded.
     """
+    if isinstance(reader, _ViewReader):
+        _check_view_checkpoint(model, reader)
+        return
     available = _key_set(reader)
     shape_of = getattr(reader, "shape", None)
     missing, wrong = [], []
@@ -334,6 +346,27 @@ def _check_checkpoint(model: nn.Module, reader: Any, aliases: Mapping[str, str])
                          f"{' ...' if len(missing) > 5 else ''}")
     if wrong:
         raise ValueError(f"checkpoint tensor {wrong[0]}" + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""))
+
+
+def _check_view_checkpoint(model: nn.Module, reader: "_ViewReader") -> None:
+    """:func:`_check_checkpoint` for a checkpoint saved in another layout (MoE: one tensor per expert): every
+    tensor the model is assembled from is present with its shape."""
+    inner = reader.reader
+    available = _key_set(inner)
+    shape_of = getattr(inner, "shape", None)
+    expected = reader.view.expected_shapes(model)
+    where = str(getattr(inner, "path", "the checkpoint"))
+    missing = [k for k in expected if k not in available]
+    if missing:
+        raise ValueError(f"the checkpoint {where!r} lacks tensors this config needs: {', '.join(missing[:5])}"
+                         f"{' ...' if len(missing) > 5 else ''}")
+    if callable(shape_of):
+        for k, shape in expected.items():
+            got = tuple(shape_of(k))
+            if got != tuple(shape):
+                file = getattr(inner, "file_of", lambda n: "?")(k)
+                raise ValueError(f"checkpoint tensor {k!r} in {str(file)!r} has shape {got}, the config makes it "
+                                 f"{tuple(shape)}")
 
 
 def _free_module(module: nn.Module) -> None:
@@ -458,6 +491,44 @@ def estimate_importance_streaming(
     return run.scores()
 
 
+class _ViewReader:
+    """A checkpoint reader presenting the model's state-dict names where the checkpoint saves tensors otherwise
+    (:class:`minitron.compress.moe_layout.CheckpointView`: a MoE layer's per-expert tensors are read and fused)."""
+
+    def __init__(self, reader: Any, view: Any, dtype: Optional[torch.dtype] = None) -> None:
+        self.reader, self.view, self.dtype = reader, view, dtype
+        self.path = getattr(reader, "path", None)
+        self.config = reader.config
+        hidden = {src for name in list(view.stacked) + list(view.alias) for src in view.sources(name)}
+        self._keys = [k for k in reader.keys() if k not in hidden] + list(view.stacked) + list(view.alias)
+
+    @classmethod
+    def wrap(cls, reader: Any, model: nn.Module, dtype: Optional[torch.dtype] = None) -> Any:
+        """``reader`` itself when the checkpoint holds the model's names, else a view of it whose fused tensors are
+        assembled directly in ``dtype`` (one copy)."""
+        from minitron.compress.moe_layout import CheckpointView
+
+        view = CheckpointView(model, reader.keys())
+        return cls(reader, view, dtype) if (view.stacked or view.alias) else reader
+
+    def keys(self) -> list:
+        return list(self._keys)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.view.read(self.reader, name, self.dtype if name in self.view.stacked else None)
+
+    def shape(self, name: str) -> tuple:
+        srcs = self.view.sources(name)
+        if name not in self.view.stacked:
+            return tuple(self.reader.shape(srcs[0]))
+        parts = self.view.stacked[name]
+        R, C = self.reader.shape(parts[0][0])
+        return (len(parts), R * len(parts[0]), C)
+
+    def file_of(self, name: str) -> Any:
+        return getattr(self.reader, "file_of", lambda n: "?")(self.view.sources(name)[0])
+
+
 class _StreamedEstimation:
     """One streamed estimation run, phase by phase: the checkpoint and its skeleton (:meth:`__init__`), the
     calibration batches of this rank (:meth:`read_batches`), embedding / norm / rotary and the hooks
@@ -488,6 +559,8 @@ class _StreamedEstimation:
         self.n_layers = self.dims.num_hidden_layers
         self.signature = shape_signature(model)
         self.prefix_of = {id(m): n + "." for n, m in model.named_modules() if n}
+        # MoE: per-expert tensors on disk, fused in the model (assembled in the compute dtype)
+        self.reader = _ViewReader.wrap(self.reader, model, self.dtype)
         self.head = self.adapter.lm_head(model)
         self.embed = self.adapter.embedding(model)
         tied = bool(getattr(self.config, "tie_word_embeddings", False))
@@ -682,11 +755,11 @@ class _StreamedEstimation:
                     continue
                 if i >= self.n_depth:
                     continue
-                s, c = _lm_loss_sums(head(hn), ids, mask)
+                s, c = _lm_loss_sums(_final_logits(self.config, head(hn)), ids, mask)
                 main_sum, main_cnt = main_sum + s, main_cnt + c
                 collector.active = False
                 for d in range(n_layers):
-                    s, c = _lm_loss_sums(head(norm(store.get(d, i))), ids, mask)
+                    s, c = _lm_loss_sums(_final_logits(self.config, head(norm(store.get(d, i)))), ids, mask)
                     skip_sums[d], skip_cnts[d] = skip_sums[d] + s, skip_cnts[d] + c
                 collector.active = True
         if head is not None:

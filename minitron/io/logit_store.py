@@ -454,25 +454,34 @@ class TeacherLogitStore:
         return indices, logprobs
 
     def check_compatible(self, data: PackedDataset, *, vocab_size: Optional[int] = None,
-                         tokenizer_hash: Optional[str] = None) -> None:
+                         tokenizer_hash: Optional[str] = None, real_vocab_size: Optional[int] = None) -> None:
         """Refuse data / a student this store does not describe.
 
         Args:
             data: the student's packed data (must be the very sequences the store was made from).
             vocab_size: the student's vocabulary size (its LM-head rows).
             tokenizer_hash: the student's tokenizer hash (:func:`tokenizer_hash`), checked when both it and the
-                store's are known.
+                store's are known and ``real_vocab_size`` is not given.
+            real_vocab_size: the real vocabulary (padded heads, appended special tokens: see
+                :func:`minitron.train.distill.resolve_vocab_size`); lets ``vocab_size`` differ from the store's
+                when both hold it.
         Raises:
             StoreError naming the mismatch (tokenizer, vocabulary, seq_len, number of sequences, token-id hash).
         """
         m, d = self.manifest, self.manifest["data"]
         where = f"teacher-logit store {str(self.path)!r}"
-        if tokenizer_hash is not None and self.tokenizer_hash is not None and tokenizer_hash != self.tokenizer_hash:
+        if (tokenizer_hash is not None and self.tokenizer_hash is not None and tokenizer_hash != self.tokenizer_hash
+                and real_vocab_size is None):
             raise StoreError(f"{where} was made with another tokenizer (tokenizer hash {self.tokenizer_hash[:12]}... "
                              f"vs the student's {tokenizer_hash[:12]}...)")
-        if vocab_size is not None and int(vocab_size) != self.vocab_size:
+        if real_vocab_size is not None:
+            top = min(self.vocab_size, int(vocab_size) if vocab_size is not None else self.vocab_size)
+            if int(real_vocab_size) > top:
+                raise StoreError(f"{where}: the real vocabulary size {real_vocab_size} exceeds the store's vocabulary "
+                                 f"({self.vocab_size}) or the student's head ({vocab_size})")
+        elif vocab_size is not None and int(vocab_size) != self.vocab_size:
             raise StoreError(f"{where} has vocabulary size {self.vocab_size}, the student has {vocab_size}: they must "
-                             "share the teacher's vocabulary")
+                             "share the teacher's vocabulary (a padded head: give the tokenizer or --vocab-size)")
         if not isinstance(data, PackedDataset):
             raise TypeError(f"data must be a PackedDataset, got {type(data).__name__}")
         if data.seq_len != self.seq_len:
@@ -486,6 +495,31 @@ class TeacherLogitStore:
             if got[key] != d.get(key):
                 raise StoreError(f"{where} was made from other data: the {what} hash differs "
                                  f"({str(d.get(key))[:12]}... stored vs {got[key][:12]}...)")
+
+    def token_ids(self, sequence_indices: Sequence[int]) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """``(input_ids, attention_mask)`` int64 ``[B, S]`` of the given sequences when the store keeps its token ids
+        (an imported store: :func:`minitron.io.served.import_teacher_logits`), else ``(None, None)``."""
+        if not (self.manifest.get("data") or {}).get("stored_token_ids"):
+            return None, None
+        ids, mask = [], []
+        for i in sequence_indices:
+            si = bisect.bisect_right(self._starts, int(i)) - 1
+            sh = self._shards[si]
+            h = self._handle(si)
+            try:
+                ids.append(h.get_slice("input_ids")[int(i) - sh.start: int(i) - sh.start + 1])
+                mask.append(h.get_slice("attention_mask")[int(i) - sh.start: int(i) - sh.start + 1])
+            except Exception as e:
+                raise StoreError(f"cannot read the token ids of store shard {str(sh.path)!r} ({type(e).__name__}: "
+                                 f"{e})") from None
+        return torch.cat(ids).long(), torch.cat(mask).long()
+
+    def stored_data(self) -> Optional[PackedDataset]:
+        """The packed sequences the store describes, when it keeps its token ids (else None): distil with them."""
+        ids, mask = self.token_ids(range(len(self)))
+        if ids is None or mask is None:
+            return None
+        return PackedDataset(ids, mask, str(self.manifest["data"].get("description") or "stored token ids"))
 
     def dataset(self, data: PackedDataset) -> "TeacherLogitDataset":
         """A torch ``Dataset`` over ``data`` with this store's entries (checks compatibility first)."""

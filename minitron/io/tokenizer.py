@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import Dict, Iterable, Optional, Sequence, Union
 
 log = logging.getLogger(__name__)
 
-__all__ = ["train_bpe_tokenizer", "load_tokenizer", "has_tokenizer_files", "ensure_pad_token", "EOS_TOKEN",
-           "PAD_TOKEN", "TOKENIZER_FILES"]
+__all__ = ["train_bpe_tokenizer", "load_tokenizer", "has_tokenizer_files", "ensure_pad_token", "shared_vocab_size",
+           "id_to_token", "EOS_TOKEN", "PAD_TOKEN", "TOKENIZER_FILES"]
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -113,3 +113,46 @@ def ensure_pad_token(tokenizer) -> int:
         if tid is not None:
             return int(tid)
     return 0
+
+
+def id_to_token(tokenizer) -> Dict[int, str]:
+    """``{id: token string}`` of every token of ``tokenizer`` (its base vocabulary and its added tokens)."""
+    table = {int(i): str(t) for t, i in tokenizer.get_vocab().items()}
+    for i, tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        table[int(i)] = str(getattr(tok, "content", tok))
+    return table
+
+
+def _added_ids(tokenizer) -> set:
+    return {int(i) for i in (getattr(tokenizer, "added_tokens_decoder", None) or {})}
+
+
+def shared_vocab_size(a, b, *, names: Sequence[str] = ("student", "teacher")) -> int:
+    """The number of leading token ids two tokenizers share: ``min(len(a), len(b))`` when every id below it
+    is the same token in both and the longer one's extra ids are appended *added* (special) tokens.
+
+    A tokenizer padded for its model (the model's head larger than the tokenizer) is not a difference here: pass the
+    tokenizers, not the heads. Args ``names`` label the two sides in the error.
+
+    Raises:
+        ValueError naming the first differing token ids (and how many of the shared ids differ), or the first extra
+        id of the longer tokenizer that is an ordinary (not added) token.
+    """
+    ta, tb = id_to_token(a), id_to_token(b)
+    na, nb = len(a), len(b)
+    n = min(na, nb)
+    diff = [i for i in range(n) if ta.get(i) != tb.get(i)]
+    if diff:
+        first = diff[:3]
+        shown = ", ".join(f"id {i}: {ta.get(i)!r} ({names[0]}) vs {tb.get(i)!r} ({names[1]})" for i in first)
+        raise ValueError(f"the {names[0]} and {names[1]} tokenizers differ beyond padding or appended special tokens: "
+                         f"{len(diff)} of their {n} shared ids map to different tokens, first {shown}")
+    longer, table, name = (a, ta, names[0]) if na > nb else (b, tb, names[1])
+    added = _added_ids(longer)
+    extra = [i for i in range(n, max(na, nb)) if i not in added]
+    if extra:
+        i = extra[0]
+        raise ValueError(f"the {name} tokenizer has {max(na, nb) - n} tokens beyond the other's {n}, and id {i} "
+                         f"({table.get(i)!r}) is an ordinary token, not an appended special token: the tokenizers "
+                         "differ beyond padding or appended special tokens")
+    return n

@@ -31,3 +31,25 @@ def layout(shape: Sequence[int], strides: Sequence[int], is_col_major: bool) -> 
     if outer <= 1:
         so = inner * si
     return outer, inner, so, si, od, idim
+
+
+def dim_order(shape: Sequence[int], strides: Sequence[int]) -> list[int]:
+    """The dims of a tensor in memory order, outermost first (``csrc/common/slicing_math.h``: ``dim_order``).
+
+    Dims of extent > 1 are ordered by decreasing stride (ties keep the logical order); dims of extent <= 1
+    (whose strides mean nothing) stay at their logical positions. For a 2-D tensor this is ``[1, 0]`` exactly
+    when :func:`col_major` holds, else ``[0, 1]``; for a permuted contiguous tensor it is the permutation.
+    """
+    big = sorted((d for d in range(len(shape)) if shape[d] > 1), key=lambda d: (-strides[d], d))
+    it = iter(big)
+    return [d if shape[d] <= 1 else next(it) for d in range(len(shape))]
+
+
+def dense_strides(shape: Sequence[int], order: Sequence[int]) -> tuple[int, ...]:
+    """Strides of a dense tensor of ``shape`` whose dims are laid out in ``order`` (outermost first)."""
+    strides = [0] * len(shape)
+    step = 1
+    for d in reversed(order):
+        strides[d] = step
+        step *= max(shape[d], 1)
+    return tuple(strides)

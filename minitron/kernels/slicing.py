@@ -2,7 +2,8 @@
 
 One launch per element size gathers the kept rows/columns of *all* tensors of a call (a transformer
 layer's matrices share one dtype: one launch). Every tensor gets a row of a descriptor table (int64:
-source/destination/index addresses, canonical extents and strides, see ``csrc/common/slicing_math.h``)
+source/destination/index addresses, canonical extents and strides, see ``csrc/common/slicing_math.h``:
+tensors of up to 3 dims as groups x lines x elements in memory order, any one or two of the three axes cut)
 uploaded asynchronously; program ``p`` finds its descriptor with one vector compare against the table's
 program starts and copies a tile of ``BLOCK_L`` output lines x ``BLOCK_C`` output positions:
 
@@ -32,13 +33,14 @@ import triton.language as tl
 from torch import Tensor
 
 from minitron.kernels._layout import col_major as _col_major
+from minitron.kernels._layout import dim_order as _dim_order
 from minitron.kernels._layout import layout as _layout
 
 log = logging.getLogger(__name__)
 
 __all__ = ["gather_slices_triton", "compact_triton"]
 
-_NF = 16  # descriptor fields (int64), see _describe
+_NF = 24  # descriptor fields (int64), see _describe
 _TILE = 4096  # elements per program: BLOCK_L lines x BLOCK_C positions
 _MAX_BLOCK_C = 1024
 
@@ -62,10 +64,11 @@ def _gather_slices_kernel(desc_ptr, n_desc, NF: tl.constexpr, NDESC: tl.constexp
     """Program -> (descriptor, tile of BLOCK_L output lines x BLOCK_C output positions).
 
     The descriptor is found from the programs' start table in one vector compare (no per-program map on the
-    host). Outer selection: BLOCK_L source lines looked up once, then a [BLOCK_L, BLOCK_C] tile of contiguous
-    runs. Inner selection: the BLOCK_C source positions are computed once (one index load and division per
-    position, not per element), then the same tile. UNIT_STRIDE: every descriptor of the launch has unit
-    element strides (addresses contiguous along a line: vectorisable loads/stores on GPUs).
+    host). Output line o is group o // nl, line o % nl (3-D tensors; one group otherwise); the source line of
+    each of the BLOCK_L lines is looked up once (group and line selections, either optional), then a
+    [BLOCK_L, BLOCK_C] tile is copied. Inner selection: the BLOCK_C source positions are computed once (one
+    index load and division per position, not per element). UNIT_STRIDE: every descriptor of the launch has
+    unit element strides (addresses contiguous along a line: vectorisable loads/stores on GPUs).
     """
     pid = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, NDESC)
@@ -74,18 +77,27 @@ def _gather_slices_kernel(desc_ptr, n_desc, NF: tl.constexpr, NDESC: tl.constexp
     d = desc_ptr + t * NF
     src = _as_ptr(tl.load(d + 0), ELEM_BYTES)
     dst = _as_ptr(tl.load(d + 1), ELEM_BYTES)
-    idx_ptr = tl.load(d + 2).to(tl.pointer_type(tl.int64))
+    iidx_ptr = tl.load(d + 2).to(tl.pointer_type(tl.int64))
+    lidx_ptr = tl.load(d + 3).to(tl.pointer_type(tl.int64))
     out_lines = tl.load(d + 4)
     out_inner = tl.load(d + 5)
     so = tl.load(d + 6)
     si = tl.load(d + 7)
     dso = tl.load(d + 8)
     dsi = tl.load(d + 9)
-    mode = tl.load(d + 10)  # 0: select lines, 1: select positions inside lines
-    block = tl.load(d + 11)
+    mode = tl.load(d + 10)  # 0: whole lines, 1: select positions inside lines
+    iblock = tl.load(d + 11)
     line0 = tl.load(d + 12)
     col_tiles = tl.load(d + 13)
     pstart = tl.load(d + 14)
+    lblock = tl.load(d + 15)
+    has_l = tl.load(d + 16)
+    gidx_ptr = tl.load(d + 17).to(tl.pointer_type(tl.int64))
+    gblock = tl.load(d + 18)
+    has_g = tl.load(d + 19)
+    nl = tl.load(d + 20)
+    sg = tl.load(d + 21)
+    dsg = tl.load(d + 22)
 
     local = pid - pstart
     a = local // col_tiles
@@ -94,20 +106,26 @@ def _gather_slices_kernel(desc_ptr, n_desc, NF: tl.constexpr, NDESC: tl.constexp
     j = c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)  # output positions
     lm = o < out_lines
     jm = j < out_inner
-    g = line0 + o
+    go = line0 + o  # global output lines
+    grp = go // nl
+    ln = go - grp * nl
+    gsrc = tl.load(gidx_ptr + grp // gblock, mask=o < out_lines * has_g, other=0) * gblock + grp % gblock
+    gsrc = tl.where(has_g != 0, gsrc, grp)
+    lsrc = tl.load(lidx_ptr + ln // lblock, mask=o < out_lines * has_l, other=0) * lblock + ln % lblock
+    lsrc = tl.where(has_l != 0, lsrc, ln)
+    soff = gsrc * sg + lsrc * so
+    doff = grp * dsg + ln * dso - line0 * dso
     if mode == 0:
-        sline = tl.load(idx_ptr + g // block, mask=lm, other=0) * block + g % block
         sj = j
     else:
-        sline = g
-        sj = tl.load(idx_ptr + j // block, mask=jm, other=0) * block + j % block
+        sj = tl.load(iidx_ptr + j // iblock, mask=jm, other=0) * iblock + j % iblock
     m = lm[:, None] & jm[None, :]
     if UNIT_STRIDE:
-        v = tl.load(src + (sline * so)[:, None] + sj[None, :], mask=m)
-        tl.store(dst + (o * dso)[:, None] + j[None, :], v, mask=m)
+        v = tl.load(src + soff[:, None] + sj[None, :], mask=m)
+        tl.store(dst + doff[:, None] + j[None, :], v, mask=m)
     else:
-        v = tl.load(src + (sline * so)[:, None] + sj[None, :] * si, mask=m)
-        tl.store(dst + (o * dso)[:, None] + j[None, :] * dsi, v, mask=m)
+        v = tl.load(src + soff[:, None] + sj[None, :] * si, mask=m)
+        tl.store(dst + doff[:, None] + j[None, :] * dsi, v, mask=m)
 
 
 def _tile(out_inner: int) -> tuple[int, int]:
@@ -116,33 +134,69 @@ def _tile(out_inner: int) -> tuple[int, int]:
     return _TILE // block_c, block_c
 
 
-def _describe(src: Tensor, idx: Tensor, dim: int, block: int, dst: Tensor, dso: int, dsi: int,
-              line0: int, n_lines: int, pstart: int, tile: tuple[int, int]) -> tuple[list[int], int, bool]:
-    """Descriptor row for copying output lines ``[line0, line0 + n_lines)`` of ``src`` (lines in the
-    canonical orientation of ``src``) to ``dst``, whose line ``l - line0`` (line stride ``dso``,
-    element stride ``dsi``, in elements) receives output line ``l``. Returns the row, the number
-    of programs it needs (tiles of ``tile = (BLOCK_L, BLOCK_C)``) and whether its element strides are 1."""
-    cm = _col_major(src)
-    outer, inner, so, si, od, idim = _layout(src.shape, src.stride(), cm)
-    k = idx.numel()
-    select_inner = dim == idim
-    out_inner = k * block if select_inner else inner
+class _Canon:
+    """A tensor of up to 3 dims in memory order (``csrc/common/slicing_math.h``): groups G, lines L, inner I.
+
+    ``cuts`` maps a logical dim to its (sorted int64 index, block); ``out`` (optional) is the destination with
+    the output's shape (any strides). Extents/strides of a missing axis are 1/0.
+    """
+
+    def __init__(self, t: Tensor, cuts: dict[int, tuple[Tensor, int]], out: Tensor | None = None) -> None:
+        order = _dim_order(t.shape, t.stride())
+        nd = t.dim()
+        self.axes = ([order[0], order[1], order[2]] if nd == 3 else [-1, order[0], order[1]] if nd == 2
+                     else [-1, -1, 0])
+        gd, ld, idim = self.axes
+        shape = list(t.shape)
+        for dim, (idx, block) in cuts.items():
+            shape[dim] = idx.numel() * block
+        ext = lambda sizes, dd: 1 if dd < 0 else sizes[dd]  # noqa: E731
+        std = lambda strides, dd: 0 if dd < 0 else strides[dd]  # noqa: E731
+        self.ng, self.nl, self.ni = ext(shape, gd), ext(shape, ld), shape[idim]
+        self.sg, self.so = std(t.stride(), gd), std(t.stride(), ld)
+        self.si = 1 if t.shape[idim] <= 1 else t.stride(idim)
+        self.cuts = cuts
+        if out is not None:
+            self.dsg, self.dso = std(out.stride(), gd), std(out.stride(), ld)
+            self.dsi = 1 if shape[idim] <= 1 else out.stride(idim)
+
+    def sel(self, axis: int) -> tuple[Tensor, int] | None:
+        return self.cuts.get(self.axes[axis]) if self.axes[axis] >= 0 else None
+
+
+def _describe(src: Tensor, cn: _Canon, dst: Tensor, dso: int, dsi: int, dsg: int, line0: int, n_lines: int,
+              pstart: int, tile: tuple[int, int], dummy: Tensor) -> tuple[list[int], int, bool]:
+    """Descriptor row for copying output lines ``[line0, line0 + n_lines)`` of ``src`` (canonical form ``cn``)
+    to ``dst``, whose line ``l - line0`` of group 0 (line stride ``dso``, element stride ``dsi``, group stride
+    ``dsg``, in elements) receives output line ``l``. Returns the row, the number of programs it needs (tiles
+    of ``tile = (BLOCK_L, BLOCK_C)``) and whether its element strides are 1. ``dummy``: a valid int64 address
+    for the index pointers of uncut axes (their loads are masked off)."""
+    gsel, lsel, isel = cn.sel(0), cn.sel(1), cn.sel(2)
+    out_inner = cn.ni
     block_l, block_c = tile
     col_tiles = max(1, triton.cdiv(out_inner, block_c))
     n_prog = triton.cdiv(n_lines, block_l) * col_tiles if out_inner > 0 else 0
     row = [0] * _NF
     row[0] = src.data_ptr()
     row[1] = dst.data_ptr()
-    row[2] = idx.data_ptr()
+    row[2] = (isel[0] if isel is not None and isel[0].numel() else dummy).data_ptr()
+    row[3] = (lsel[0] if lsel is not None and lsel[0].numel() else dummy).data_ptr()
     row[4] = n_lines
     row[5] = out_inner
-    row[6], row[7], row[8], row[9] = so, si, dso, dsi
-    row[10] = 1 if select_inner else 0
-    row[11] = block
+    row[6], row[7], row[8], row[9] = cn.so, cn.si, dso, dsi
+    row[10] = 1 if isel is not None else 0
+    row[11] = isel[1] if isel is not None else 1
     row[12] = line0
     row[13] = col_tiles
     row[14] = pstart
-    return row, n_prog, si == 1 and dsi == 1
+    row[15] = lsel[1] if lsel is not None else 1
+    row[16] = 1 if lsel is not None else 0
+    row[17] = (gsel[0] if gsel is not None and gsel[0].numel() else dummy).data_ptr()
+    row[18] = gsel[1] if gsel is not None else 1
+    row[19] = 1 if gsel is not None else 0
+    row[20] = max(cn.nl, 1)
+    row[21], row[22] = cn.sg, dsg
+    return row, n_prog, cn.si == 1 and dsi == 1
 
 
 def _to_device(host: Tensor, device: torch.device) -> Tensor:
@@ -163,30 +217,35 @@ def _launch(rows: list[list[int]], total: int, elem_bytes: int, unit_stride: boo
 
 
 def gather_slices_triton(tensors: Sequence[Tensor], indices: Sequence[Tensor], dims: Sequence[int],
-                         blocks: Sequence[int], outs: Sequence[Tensor]) -> None:
+                         blocks: Sequence[int], outs: Sequence[Tensor], indices2: Sequence[Tensor] | None = None,
+                         dims2: Sequence[int] | None = None, blocks2: Sequence[int] | None = None) -> None:
     """Fills ``outs[i]`` with the kept units of ``tensors[i]``: one launch per element size present (one
     launch for a transformer layer's matrices), tiles sized for the widest output line of the group.
 
-    ``indices[i]``: sorted, distinct, in-range int64 on the tensors' device (checked by the caller).
-    ``outs[i]``: allocated by the caller with the output shape (any strides).
+    ``indices[i]``: sorted, distinct, in-range int64 on the tensors' device (checked by the caller); the
+    optional second cuts ``indices2[i]`` / ``dims2[i]`` (-1: none) / ``blocks2[i]`` likewise.
+    ``outs[i]``: allocated by the caller with the output shape (any strides). Tensors of up to 3 dims.
     """
-    groups: dict[int, list[tuple[Tensor, Tensor, int, int, Tensor, int, int]]] = {}
-    for t, i, d, b, o in zip(tensors, indices, dims, blocks, outs):
+    n = len(tensors)
+    dims2 = list(dims2) if dims2 is not None else [-1] * n
+    groups: dict[int, list[tuple[Tensor, _Canon, Tensor]]] = {}
+    for k, (t, i, d, b, o) in enumerate(zip(tensors, indices, dims, blocks, outs)):
         if o.numel() == 0:
             continue
-        cm = _col_major(t)
-        outer, inner, _, _, _, idim = _layout(t.shape, t.stride(), cm)
-        n_lines = outer if d == idim else i.numel() * b
-        out_inner = i.numel() * b if d == idim else inner
-        groups.setdefault(t.element_size(), []).append((t, i, d, b, o, n_lines, out_inner))
+        cuts = {d: (i, b)}
+        if dims2[k] >= 0:
+            cuts[dims2[k]] = (indices2[k], blocks2[k])
+        groups.setdefault(t.element_size(), []).append((t, _Canon(t, cuts, o), o))
+    if not groups:
+        return
+    dummy = torch.zeros(1, dtype=torch.int64, device=tensors[0].device)
     for es, items in groups.items():
-        tile = _tile(max(item[6] for item in items))
+        tile = _tile(max(cn.ni for _, cn, _ in items))
         rows, pstart, unit_stride = [], 0, True
-        for t, i, d, b, o, n_lines, _ in items:
-            _, _, dso, dsi, _, _ = _layout(o.shape, o.stride(), _col_major(t))
-            row, n, unit = _describe(t, i, d, b, o, dso, dsi, 0, n_lines, pstart, tile)
+        for t, cn, o in items:
+            row, n_prog, unit = _describe(t, cn, o, cn.dso, cn.dsi, cn.dsg, 0, cn.ng * cn.nl, pstart, tile, dummy)
             rows.append(row)
-            pstart += n
+            pstart += n_prog
             unit_stride = unit_stride and unit
         _launch(rows, pstart, es, unit_stride, tile, tensors[0].device)
 
@@ -198,22 +257,21 @@ def compact_triton(tensor: Tensor, idx: Tensor, dim: int, block: int, shape: Seq
     Extra memory: one scratch slab of at most ``scratch_bytes`` (at least one output line).
     """
     cm = _col_major(tensor)
-    outer, inner, _, _, od, idim = _layout(tensor.shape, tensor.stride(), cm)
-    k = idx.numel()
-    select_inner = dim == idim
-    out_lines = outer if select_inner else k * block
-    out_inner = k * block if select_inner else inner
+    _, _, _, _, od, _ = _layout(tensor.shape, tensor.stride(), cm)
+    cn = _Canon(tensor, {dim: (idx, block)})
+    out_lines, out_inner = cn.nl, cn.ni
     if out_lines == 0 or out_inner == 0:
         return
     es = tensor.element_size()
     view = tensor.as_strided(shape, strides)
     per_slab = max(1, scratch_bytes // (out_inner * es))
+    dummy = torch.zeros(1, dtype=torch.int64, device=tensor.device)
     log.debug("compact_triton: %d output lines in slabs of %d lines", out_lines, per_slab)
     for l0 in range(0, out_lines, per_slab):
         n = min(per_slab, out_lines - l0)
         scratch = torch.empty((n, out_inner), dtype=tensor.dtype, device=tensor.device)
         tile = _tile(out_inner)
-        row, count, unit = _describe(tensor, idx, dim, block, scratch, out_inner, 1, l0, n, 0, tile)
+        row, count, unit = _describe(tensor, cn, scratch, out_inner, 1, 0, l0, n, 0, tile, dummy)
         _launch([row], count, es, unit, tile, tensor.device)
         if od < 0:  # 1-D: a single line
             view.copy_(scratch.reshape(-1))

@@ -41,6 +41,11 @@ _ADAPTERS: dict[str, type[ModelAdapter]] = _discover()
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_ADAPTERS)
 
+#: model types an adapter refuses with an explanation (``refused_model_types`` of its class), e.g. the image+text
+#: ``gemma3`` pointing to the text model ``gemma3_text``
+_REFUSED: dict[str, str] = {t: why for cls in _ADAPTERS.values()
+                            for t, why in (getattr(cls, "refused_model_types", None) or {}).items()}
+
 
 def get_adapter(model_or_config: Any) -> ModelAdapter:
     """The adapter for a model (anything with ``.config``), a config, or a ``model_type`` string.
@@ -60,6 +65,8 @@ def get_adapter(model_or_config: Any) -> ModelAdapter:
                 f"{type(model_or_config).__name__}"
             )
     cls = _ADAPTERS.get(model_type)
+    if cls is None and model_type in _REFUSED:
+        raise ValueError(f"unsupported model type {model_type!r}: {_REFUSED[model_type]}")
     if cls is None:
         raise ValueError(
             f"unsupported model type {model_type!r}; supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
-from torch import nn
+from torch import Tensor, nn
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,31 @@ class RowSpan:
     start: int
     units: int
     unit_size: int
+
+
+@dataclass(frozen=True)
+class MoeDims:
+    """The mixture-of-experts sizes of a model, read from its config (canonical names, whatever the family calls
+    them).
+
+    Attributes:
+        num_experts: routed experts per MoE layer (router rows).
+        num_experts_per_tok: experts each token is routed to (top-k).
+        moe_intermediate_size: MLP width of every routed expert (the fused format holds one width for all).
+        shared_expert_intermediate_size: MLP width of the shared expert (Qwen2-MoE), None without one.
+        moe_layers: per decoder layer, True where the layer's MLP is the sparse MoE block (False: a dense MLP of
+            ``intermediate_size``).
+    """
+
+    num_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    shared_expert_intermediate_size: Optional[int]
+    moe_layers: tuple[bool, ...]
+
+
+#: The MoE width targets (canonical names; :attr:`MoeAdapter.config_fields` maps them to a family's fields).
+MOE_WIDTH_FIELDS = ("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size")
 
 
 class ModelAdapter:
@@ -144,6 +169,35 @@ class ModelAdapter:
                 raise ValueError(
                     f"the pruned {self.model_type} config would be rejected by transformers: {exc}"
                 ) from exc
+
+    def moe_dims(self, config: Any) -> Optional[MoeDims]:
+        """The mixture-of-experts sizes of ``config``; None for a dense family (the default)."""
+        return None
+
+    def is_moe_layer(self, layer: nn.Module) -> bool:
+        """Whether this decoder layer's MLP is a sparse mixture-of-experts block (never, for a dense family)."""
+        return False
+
+    def sync_modules(self, model: nn.Module) -> None:
+        """Make family-specific module bookkeeping match the (pruned) config and weights; default: nothing."""
+
+    def width_transforms(self, config_before: Any, config_after: Any) -> dict[str, Callable[[Tensor], Tensor]]:
+        """Functions applied to tensors after width pruning has cut them (default: none).
+
+        Width pruning (in memory, :func:`minitron.compress.prune.prune_width`, and shard-streamed,
+        :func:`minitron.compress.stream_prune.prune_checkpoint_streaming`) calls this once with the config before
+        and after the width cut, then replaces each named tensor ``t`` (after its cuts, in the width-pruned shape,
+        before any depth renaming) by ``fn(t)``. A family whose forward depends on a size in a way slicing alone
+        does not keep (Gemma-3 scales the embedding by ``sqrt(hidden_size)``) compensates here.
+
+        Args:
+            config_before: the config before width pruning (not modified).
+            config_after: the config after width pruning (not modified).
+        Returns:
+            ``{state-dict name: fn}``; ``fn`` takes and returns a tensor of the same shape and dtype and must not
+            modify its input. A tied LM head is not a separate tensor: name the embedding.
+        """
+        return {}
 
     # ------------------------------------------------------------------ model-level modules
     def check_model(self, model: nn.Module) -> None:
@@ -260,4 +314,171 @@ class ModelAdapter:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model_type={self.model_type!r})"
+
+
+class MoeAdapter(ModelAdapter):
+    """A decoder family whose MLPs are (some or all) sparse mixture-of-experts blocks in transformers' fused format.
+
+    A MoE layer's ``mlp`` holds ``experts`` (``gate_up_proj`` [E, 2*I, H], gate rows first then up rows, and
+    ``down_proj`` [E, H, I]), the router ``gate`` (``weight`` [E, H]) and, in some families, a ``shared_expert``
+    (a dense gated MLP) with its ``shared_expert_gate`` (Linear H -> 1). Other layers (``mlp_only_layers``,
+    ``decoder_sparse_step``) hold a dense MLP of ``intermediate_size``. Subclasses set :attr:`config_fields`.
+    """
+
+    #: canonical MoE size -> the family's config field (None: the family has no such axis).
+    config_fields: ClassVar[dict[str, Optional[str]]] = {
+        "num_experts": "num_experts",
+        "moe_intermediate_size": "moe_intermediate_size",
+        "shared_expert_intermediate_size": None,
+    }
+    #: whether the family can hold dense-MLP layers (``mlp_only_layers`` / ``decoder_sparse_step``).
+    dense_layers_possible: ClassVar[bool] = True
+
+    # ------------------------------------------------------------------ config
+    def moe_layer_flags(self, config: Any) -> tuple[bool, ...]:
+        """Per layer, whether it is a MoE layer: transformers' rule ``i not in mlp_only_layers and num_experts > 0
+        and (i + 1) % decoder_sparse_step == 0`` (every layer when the family has neither field)."""
+        L = int(config.num_hidden_layers)
+        if not self.dense_layers_possible:
+            return (True,) * L
+        only = set(getattr(config, "mlp_only_layers", None) or [])
+        step = int(getattr(config, "decoder_sparse_step", 1) or 1)
+        e = int(getattr(config, self.config_fields["num_experts"]))
+        return tuple(i not in only and e > 0 and (i + 1) % step == 0 for i in range(L))
+
+    def moe_dims(self, config: Any) -> MoeDims:
+        f = self.config_fields
+        shared = f.get("shared_expert_intermediate_size")
+        return MoeDims(
+            num_experts=int(getattr(config, f["num_experts"])),
+            num_experts_per_tok=int(config.num_experts_per_tok),
+            moe_intermediate_size=int(getattr(config, f["moe_intermediate_size"])),
+            shared_expert_intermediate_size=None if shared is None else int(getattr(config, shared)),
+            moe_layers=self.moe_layer_flags(config),
+        )
+
+    def fingerprint(self, config: Any) -> dict[str, Any]:
+        fp = super().fingerprint(config)
+        m = self.moe_dims(config)
+        fp.update(num_experts=m.num_experts, num_experts_per_tok=m.num_experts_per_tok,
+                  moe_intermediate_size=m.moe_intermediate_size,
+                  shared_expert_intermediate_size=m.shared_expert_intermediate_size,
+                  moe_layers=[i for i, f in enumerate(m.moe_layers) if f])
+        return fp
+
+    def set_moe_sizes(self, config: Any, **sizes: int) -> None:
+        """Write canonical MoE sizes (any of :data:`MOE_WIDTH_FIELDS`) into ``config``'s own fields, in place."""
+        for name, value in sizes.items():
+            field = self.config_fields.get(name)
+            if field is None:
+                raise ValueError(f"{name}: a {self.model_type} model has no such axis")
+            setattr(config, field, int(value))
+
+    def pruned_config(self, config: Any, **sizes: int) -> Any:
+        moe = {k: sizes.pop(k) for k in list(sizes) if k in MOE_WIDTH_FIELDS}
+        new = super().pruned_config(config, **sizes)
+        self.set_moe_sizes(new, **moe)
+        return new
+
+    def check_config(self, config: Any) -> None:
+        m = self.moe_dims(config)
+        if m.num_experts < m.num_experts_per_tok:
+            raise ValueError(f"num_experts={m.num_experts} is below num_experts_per_tok={m.num_experts_per_tok}: "
+                             "every token is routed to num_experts_per_tok distinct experts")
+        super().check_config(config)
+
+    def cut_per_layer_config(self, config: Any, kept: list[int]) -> None:
+        """Also keep each kept layer's kind (MoE or dense): ``decoder_sparse_step`` becomes 1 and
+        ``mlp_only_layers`` the new indices of the kept dense layers (transformers decides a layer's kind from its
+        index at construction)."""
+        flags = self.moe_layer_flags(config)
+        super().cut_per_layer_config(config, kept)
+        if self.dense_layers_possible:
+            config.decoder_sparse_step = 1
+            config.mlp_only_layers = [new for new, old in enumerate(kept) if not flags[old]]
+
+    # ------------------------------------------------------------------ checkpoint names
+    def checkpoint_name(self, name: str) -> str:
+        """The name a (non-expert) state-dict tensor has in the family's saved checkpoints (default: the same)."""
+        return name
+
+    def expert_checkpoint_names(self, experts_name: str, e: int) -> tuple[str, str, str]:
+        """The saved names of expert ``e``'s gate, up and down weights ([I, H], [I, H], [H, I]).
+
+        transformers 5 fuses the experts in memory (``experts.gate_up_proj`` / ``experts.down_proj``) but reads and
+        writes checkpoints (Hub files and ``save_pretrained``) with one 2-D tensor per expert and projection.
+
+        Args:
+            experts_name: the state-dict prefix of the fused experts module (``model.layers.3.mlp.experts``).
+            e: the expert index.
+        """
+        p = self.checkpoint_name(experts_name)
+        return f"{p}.{e}.gate_proj.weight", f"{p}.{e}.up_proj.weight", f"{p}.{e}.down_proj.weight"
+
+    # ------------------------------------------------------------------ per-layer modules
+    def is_moe_layer(self, layer: nn.Module) -> bool:
+        return hasattr(self.mlp(layer), "experts")
+
+    def experts(self, layer: nn.Module) -> nn.Module:
+        """The fused experts of a MoE layer: ``gate_up_proj`` [E, 2*I, H] (gate rows, then up rows),
+        ``down_proj`` [E, H, I]."""
+        return self.mlp(layer).experts
+
+    def router(self, layer: nn.Module) -> nn.Module:
+        """The router of a MoE layer: ``weight`` [E, H] (and a per-expert ``bias`` / ``e_score_correction_bias``
+        in families that have one)."""
+        return self.mlp(layer).gate
+
+    def shared_expert(self, layer: nn.Module) -> Optional[nn.Module]:
+        """The shared expert (a dense gated MLP) of a MoE layer, or None."""
+        return getattr(self.mlp(layer), "shared_expert", None)
+
+    def shared_expert_gate(self, layer: nn.Module) -> Optional[nn.Linear]:
+        """The shared expert's sigmoid gate (Linear H -> 1), or None."""
+        return getattr(self.mlp(layer), "shared_expert_gate", None)
+
+    def mlp_inputs(self, layer: nn.Module) -> list[nn.Module]:
+        """Dense layers: gate/up; MoE layers: the router, and the shared expert's gate/up and gate (columns =
+        hidden channels; the fused experts are cut separately)."""
+        if not self.is_moe_layer(layer):
+            return super().mlp_inputs(layer)
+        out: list[nn.Module] = [self.router(layer)]
+        shared = self.shared_expert(layer)
+        if shared is not None:
+            out += [shared.gate_proj, shared.up_proj]
+        gate = self.shared_expert_gate(layer)
+        if gate is not None:
+            out.append(gate)
+        return out
+
+    def residual_writers(self, layer: nn.Module) -> list[nn.Linear]:
+        """Dense layers: o_proj and down_proj; MoE layers: o_proj and the shared expert's down_proj (the fused
+        experts' down_proj is cut separately)."""
+        if not self.is_moe_layer(layer):
+            return super().residual_writers(layer)
+        shared = self.shared_expert(layer)
+        return [self.o_proj(layer)] + ([shared.down_proj] if shared is not None else [])
+
+    def sync_modules(self, model: nn.Module) -> None:
+        """Experts / router / shared-expert / causal-LM bookkeeping (``num_experts``, ``intermediate_dim``,
+        ``hidden_dim``, ``intermediate_size``) from the config."""
+        config = model.config
+        m = self.moe_dims(config)
+        hidden = int(config.hidden_size)
+        if isinstance(getattr(model, "num_experts", None), int):
+            model.num_experts = m.num_experts
+        for layer in self.layers(model):
+            if not self.is_moe_layer(layer):
+                mlp = self.mlp(layer)
+                if isinstance(getattr(mlp, "intermediate_size", None), int):
+                    mlp.intermediate_size = int(mlp.down_proj.weight.shape[1])
+                continue
+            experts, router = self.experts(layer), self.router(layer)
+            experts.num_experts, experts.hidden_dim = m.num_experts, hidden
+            experts.intermediate_dim = m.moe_intermediate_size
+            router.num_experts, router.hidden_dim = m.num_experts, hidden
+            shared = self.shared_expert(layer)
+            if shared is not None:
+                shared.intermediate_size = int(shared.down_proj.weight.shape[1])
+                shared.hidden_size = hidden
 

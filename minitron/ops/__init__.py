@@ -15,9 +15,14 @@ KL options' declared bounds (``minitron.ops.kl``), for a driver that validates w
     check_kl_options(mode, temperature, beta, reduction)  raises the TypeError/ValueError the KL ops would raise
 Importance reduction (``minitron.ops.importance``):
     ImportanceAccumulator, BlockInfluence, importance_reference, block_influence_reference
+Grouped (per-expert) importance reduction (``minitron.ops.grouped_importance``):
+    GroupedImportanceAccumulator, grouped_importance_reference, grouped_segments
 Sparse top-k KL (``minitron.ops.topk_kl``):
     topk_kl_div, fused_linear_topk_kl_div, TopKKLDivLoss, FusedLinearTopKKLDivLoss, topk_kl_div_reference,
     fused_linear_topk_kl_div_reference
+Hidden-state distillation losses (``minitron.ops.hidden_loss``; docs/hidden_loss.md):
+    hidden_state_loss, HiddenStateLoss, hidden_state_loss_reference, HIDDEN_LOSSES, HIDDEN_REDUCTIONS,
+    check_hidden_loss_options
 Structured slicing (``minitron.ops.slicing``):
     gather_slices, compact_, gather_slices_reference
 
@@ -49,9 +54,14 @@ _EXPORTS = {
     "BlockInfluence": "importance",
     "importance_reference": "importance",
     "block_influence_reference": "importance",
+    "GroupedImportanceAccumulator": "grouped_importance",
+    "grouped_importance_reference": "grouped_importance",
+    "grouped_segments": "grouped_importance",
     "gather_slices": "slicing",
     "compact_": "slicing",
     "gather_slices_reference": "slicing",
+    **{name: "hidden_loss" for name in ("hidden_state_loss", "HiddenStateLoss", "hidden_state_loss_reference",
+                                        "HIDDEN_LOSSES", "HIDDEN_REDUCTIONS", "check_hidden_loss_options")},
     **{name: "topk_kl" for name in ("topk_kl_div", "fused_linear_topk_kl_div", "TopKKLDivLoss",
                                     "FusedLinearTopKKLDivLoss", "topk_kl_div_reference",
                                     "fused_linear_topk_kl_div_reference")},
@@ -60,7 +70,8 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["BackendUnavailableError", "load_all"]
 
 # Every op module, imported by load_all() so all torch.ops.minitron.* schemas are registered.
-OP_MODULES = ("kl", "kl_vocab_parallel", "fused_linear_kl", "importance", "slicing", "topk_kl")
+OP_MODULES = ("kl", "kl_vocab_parallel", "fused_linear_kl", "importance", "grouped_importance", "slicing", "topk_kl",
+              "hidden_loss")
 
 
 def __getattr__(name: str) -> Any:

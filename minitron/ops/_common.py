@@ -251,6 +251,29 @@ def check_temperature(temperature: object) -> None:
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
 
 
+def check_vocab_size(vocab_size: object, widths: Mapping[str, int]) -> None:
+    """Raise ``TypeError``/``ValueError`` naming ``vocab_size`` unless it is None or an int in ``[1, min(widths)]``;
+    ``widths`` maps each vocabulary-axis input's name to its width (every column ``>= vocab_size`` is padding)."""
+    if vocab_size is None:
+        return
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+        raise TypeError(f"vocab_size must be an int or None, got {type(vocab_size).__name__}")
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    for name, width in widths.items():
+        if width < vocab_size:
+            raise ValueError(f"vocab_size ({vocab_size}) exceeds {name}'s vocabulary width ({width}): both sides "
+                             "must hold at least the real vocabulary (columns >= vocab_size are padding)")
+
+
+def vocab_view(x: Optional[Tensor], vocab_size: Optional[int], dim: int = -1) -> Optional[Tensor]:
+    """``x`` narrowed to its first ``vocab_size`` entries along ``dim`` (a view; unchanged when ``vocab_size`` is
+    None or ``x`` is None). The dropped (padding) entries get no probability mass and a zero gradient."""
+    if x is None or vocab_size is None or x.shape[dim] == vocab_size:
+        return x
+    return x.narrow(dim, 0, vocab_size)
+
+
 def check_chunk_size(chunk_size: object) -> None:
     """Raise ``ValueError`` naming ``chunk_size`` unless it is None or a positive int."""
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from minitron.ops._common import FusedLinearSpec, check_chunk_size, check_lm_head
+from minitron.ops._common import FusedLinearSpec, check_chunk_size, check_lm_head, check_vocab_size, vocab_view
 from minitron.ops._common import default_chunk_size, fused_linear_chunks, fused_linear_op, needs_grad
 from minitron.ops._common import reduce_token_loss, token_weights
 from minitron.ops.kl import _KERNEL_DTYPES, MODES, _has_transform, _mask_from_labels, _validate_mask
@@ -74,12 +74,15 @@ def fused_linear_kl_div_fwd(student_hidden: Tensor, student_weight: Tensor, teac
                                chunk_loss)
 
 
-def _validate_fused_args(sh, sw, th, tw, sb, tb, mode, temperature, beta, reduction, mask, chunk_size) -> None:
+def _validate_fused_args(sh, sw, th, tw, sb, tb, mode, temperature, beta, reduction, mask, chunk_size,
+                         vocab_size=None) -> None:
     check_lm_head("student", sh, sw, sb, _KERNEL_DTYPES, hidden_name="H_student")
     check_lm_head("teacher", th, tw, tb, _KERNEL_DTYPES, hidden_name="H_teacher")
-    if sw.shape[0] != tw.shape[0]:
+    if vocab_size is not None:
+        check_vocab_size(vocab_size, {"student_weight": sw.shape[0], "teacher_weight": tw.shape[0]})
+    elif sw.shape[0] != tw.shape[0]:
         raise ValueError(f"vocabulary size mismatch: student_weight has {sw.shape[0]} rows, teacher_weight has "
-                         f"{tw.shape[0]}")
+                         f"{tw.shape[0]} (pass vocab_size=<the real vocabulary> when one head is padded)")
     if sh.shape[:-1] != th.shape[:-1]:
         raise ValueError(f"student_hidden tokens {tuple(sh.shape[:-1])} != teacher_hidden tokens "
                          f"{tuple(th.shape[:-1])}")
@@ -102,7 +105,8 @@ def fused_linear_kl_div(student_hidden: Tensor, student_weight: Tensor, teacher_
                         chunk_size: Optional[int] = None, scale_by_t2: bool = True, backend: str = "auto",
                         student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
                         student_softcap: Optional[float] = None, teacher_softcap: Optional[float] = None,
-                        labels: Optional[Tensor] = None, ignore_index: int = -100) -> Tensor:
+                        labels: Optional[Tensor] = None, ignore_index: int = -100,
+                        vocab_size: Optional[int] = None) -> Tensor:
     """:func:`kl_div` of ``hidden @ weight.T (+ bias)`` logits without materialising them.
 
     Args:
@@ -116,6 +120,10 @@ def fused_linear_kl_div(student_hidden: Tensor, student_weight: Tensor, teacher_
             :func:`kl_div` (as TRL's ``_chunked_divergence_loss``: scale, then soft cap, then temperature),
             applied per chunk (fp32 chunk temporaries only when used).
         labels, ignore_index: as :func:`kl_div` (``labels`` ``[...]`` like ``student_hidden`` without ``Hs``).
+        vocab_size: the real vocabulary when an LM head is padded: rows ``>= vocab_size`` of either weight (and
+            bias) are padding, their logits count as ``-inf`` (they are never computed) and the student's get a
+            zero gradient; the two heads may then have different row counts (both ``>= vocab_size``). None
+            (default): equal row counts required. See :func:`kl_div`.
         Other arguments as :func:`kl_div`.
 
     Returns:
@@ -125,8 +133,12 @@ def fused_linear_kl_div(student_hidden: Tensor, student_weight: Tensor, teacher_
         ``.mean()`` of the result); a non-uniform one raises in backward.
     """
     _validate_fused_args(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
-                         mode, temperature, beta, reduction, mask, chunk_size)
+                         mode, temperature, beta, reduction, mask, chunk_size, vocab_size)
     _validate_transforms(student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap)
+    # padded head rows (>= vocab_size) dropped: contiguous row views; autograd gives them a zero gradient
+    student_weight = vocab_view(student_weight, vocab_size, 0)
+    teacher_weight = vocab_view(teacher_weight, vocab_size, 0)
+    student_bias, teacher_bias = vocab_view(student_bias, vocab_size, 0), vocab_view(teacher_bias, vocab_size, 0)
     lead = student_hidden.shape[:-1]
     mask = _mask_from_labels(mask, labels, ignore_index, lead, student_hidden.device,
                              "student_hidden's shape without the hidden axis")
@@ -154,8 +166,15 @@ def fused_linear_kl_div_reference(student_hidden: Tensor, student_weight: Tensor
                                   mask: Optional[Tensor] = None, scale_by_t2: bool = True,
                                   student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
                                   student_softcap: Optional[float] = None, teacher_softcap: Optional[float] = None,
-                                  labels: Optional[Tensor] = None, ignore_index: int = -100) -> Tensor:
+                                  labels: Optional[Tensor] = None, ignore_index: int = -100,
+                                  vocab_size: Optional[int] = None) -> Tensor:
     """Unfused plain-torch version of :func:`fused_linear_kl_div` (materialises both logits)."""
+    if vocab_size is not None:
+        check_vocab_size(vocab_size, {"student_weight": student_weight.shape[0],
+                                      "teacher_weight": teacher_weight.shape[0]})
+    student_weight = vocab_view(student_weight, vocab_size, 0)
+    teacher_weight = vocab_view(teacher_weight, vocab_size, 0)
+    student_bias, teacher_bias = vocab_view(student_bias, vocab_size, 0), vocab_view(teacher_bias, vocab_size, 0)
     s_logits = torch.nn.functional.linear(student_hidden, student_weight, student_bias)
     with torch.no_grad():
         t_logits = torch.nn.functional.linear(teacher_hidden, teacher_weight, teacher_bias)
@@ -176,9 +195,11 @@ class FusedLinearKLDivLoss(nn.Module):
                  reduction: str = "mean", chunk_size: Optional[int] = None, scale_by_t2: bool = True,
                  backend: str = "auto", student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
                  student_softcap: Optional[float] = None, teacher_softcap: Optional[float] = None,
-                 ignore_index: int = -100) -> None:
+                 ignore_index: int = -100, vocab_size: Optional[int] = None) -> None:
         super().__init__()
         check_kl_options(mode, temperature, beta, reduction)
+        check_vocab_size(vocab_size, {})
+        self.vocab_size = vocab_size
         _validate_transforms(student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap)
         self.mode, self.temperature, self.beta, self.reduction = mode, float(temperature), float(beta), reduction
         self.chunk_size, self.scale_by_t2, self.backend = chunk_size, scale_by_t2, backend
@@ -193,4 +214,5 @@ class FusedLinearKLDivLoss(nn.Module):
                                    student_bias=student_bias, teacher_bias=teacher_bias, mode=self.mode,
                                    temperature=self.temperature, beta=self.beta, reduction=self.reduction, mask=mask,
                                    chunk_size=self.chunk_size, scale_by_t2=self.scale_by_t2, backend=self.backend,
-                                   labels=labels, ignore_index=self.ignore_index, **self.transforms)
+                                   labels=labels, ignore_index=self.ignore_index, vocab_size=self.vocab_size,
+                                   **self.transforms)

@@ -35,6 +35,10 @@ row writes the gradient). Backward only rescales that gradient by the incoming g
 so the extra memory beyond the gradient is O(tokens). A second backward through the same graph is
 therefore refused (the saved gradient has been consumed).
 
+Padded vocabularies: ``vocab_size=V`` (every KL op, both families) makes columns ``>= V`` of either input count
+as ``-inf`` (no mass, zero gradient), so the two widths may differ (see ``docs/kl.md``; Liger-Kernel instead pads
+the student with logit 0, which leaves mass on the padding).
+
 Vocab-parallel logits (tensor-parallel LM heads): ``kl_div(..., process_group=g)`` with each rank holding a
 contiguous slice of the vocabulary; the ranks exchange the per-row online-softmax statistics (20 bytes per row,
 JSD 40), never a row (:mod:`minitron.ops.kl_vocab_parallel`; docs/kl.md). The fused-linear form, which never
@@ -54,7 +58,8 @@ from torch import Tensor, nn
 
 from minitron.ops._common import as_rows as _as_rows
 from minitron.ops._common import check_float_tensor as _check_float_tensor
-from minitron.ops._common import check_reduction, check_temperature, needs_grad, reduce_reference
+from minitron.ops._common import check_reduction, check_temperature, check_vocab_size, needs_grad
+from minitron.ops._common import reduce_reference, vocab_view
 from minitron.ops._common import reduce_token_loss
 from minitron.ops._common import register_row_loss_autograd, token_weights
 from minitron.ops._dispatch import native_unavailable, op_backends, triton_unavailable
@@ -166,13 +171,15 @@ def kl_div_reference(student_logits: Tensor, teacher_logits: Tensor, *, mode: st
                      mask: Optional[Tensor] = None, scale_by_t2: bool = True,
                      student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
                      student_softcap: Optional[float] = None, teacher_softcap: Optional[float] = None,
-                     labels: Optional[Tensor] = None, ignore_index: int = -100) -> Tensor:
+                     labels: Optional[Tensor] = None, ignore_index: int = -100,
+                     vocab_size: Optional[int] = None) -> Tensor:
     """Plain-torch :func:`kl_div` (same arguments and result); the oracle of the tests.
 
     Differentiable w.r.t. ``student_logits`` through autograd. Materialises ``[..., V]`` temporaries.
     """
     _validate_kl_args(student_logits, teacher_logits, mode, temperature, beta, reduction, mask,
-                      allowed_dtypes=_KERNEL_DTYPES + (torch.float64,))
+                      allowed_dtypes=_KERNEL_DTYPES + (torch.float64,), vocab_size=vocab_size)
+    student_logits, teacher_logits = vocab_view(student_logits, vocab_size), vocab_view(teacher_logits, vocab_size)
     _validate_transforms(student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap)
     mask = _mask_from_labels(mask, labels, ignore_index, student_logits.shape[:-1], student_logits.device,
                              "the logits' shape without the vocabulary axis")
@@ -264,7 +271,8 @@ def _mask_from_labels(mask: Optional[Tensor], labels: Optional[Tensor], ignore_i
 
 def _validate_kl_args(student: Tensor, teacher: Tensor, mode: str, temperature: float, beta: float,
                       reduction: str, mask: Optional[Tensor],
-                      allowed_dtypes: tuple[torch.dtype, ...] = _KERNEL_DTYPES) -> None:
+                      allowed_dtypes: tuple[torch.dtype, ...] = _KERNEL_DTYPES,
+                      vocab_size: Optional[int] = None) -> None:
     _check_float_tensor("student_logits", student, allowed_dtypes)
     _check_float_tensor("teacher_logits", teacher, allowed_dtypes)
     if student.dtype != teacher.dtype:
@@ -274,10 +282,17 @@ def _validate_kl_args(student: Tensor, teacher: Tensor, mode: str, temperature: 
         raise ValueError(f"student_logits is on {student.device} but teacher_logits is on {teacher.device}")
     if student.dim() < 1:
         raise ValueError("student_logits must have at least one dimension (the vocabulary)")
-    if student.shape[-1] != teacher.shape[-1]:
+    if vocab_size is not None:
+        if teacher.dim() < 1:
+            raise ValueError("teacher_logits must have at least one dimension (the vocabulary)")
+        check_vocab_size(vocab_size, {"student_logits": student.shape[-1], "teacher_logits": teacher.shape[-1]})
+        if student.shape[:-1] != teacher.shape[:-1]:
+            raise ValueError(f"student_logits shape {tuple(student.shape)} and teacher_logits shape "
+                             f"{tuple(teacher.shape)} differ before the vocabulary axis")
+    elif student.shape[-1] != teacher.shape[-1]:
         raise ValueError(f"vocabulary size mismatch: student_logits has {student.shape[-1]}, teacher_logits has "
-                         f"{teacher.shape[-1]}")
-    if student.shape != teacher.shape:
+                         f"{teacher.shape[-1]} (pass vocab_size=<the real vocabulary> when one side is padded)")
+    if vocab_size is None and student.shape != teacher.shape:
         raise ValueError(f"student_logits shape {tuple(student.shape)} != teacher_logits shape {tuple(teacher.shape)}")
     if student.shape[-1] == 0:
         raise ValueError("student_logits has an empty vocabulary dimension (V = 0)")
@@ -403,7 +418,8 @@ def kl_div(student_logits: Tensor, teacher_logits: Tensor, *, mode: str = "forwa
            beta: float = 0.5, reduction: str = "mean", mask: Optional[Tensor] = None, scale_by_t2: bool = True,
            backend: str = "auto", student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
            student_softcap: Optional[float] = None, teacher_softcap: Optional[float] = None,
-           labels: Optional[Tensor] = None, ignore_index: int = -100, process_group=None) -> Tensor:
+           labels: Optional[Tensor] = None, ignore_index: int = -100, process_group=None,
+           vocab_size: Optional[int] = None) -> Tensor:
     """Fused KL/JSD distillation loss between student and teacher logits.
 
     Args:
@@ -436,14 +452,25 @@ def kl_div(student_logits: Tensor, teacher_logits: Tensor, *, mode: str = "forwa
             rank returns the loss of the whole vocabulary and the gradient reaches its own slice. A small
             all-reduce first checks that the rows, mask and arguments agree across the group (``ValueError``
             naming what differs). None (default): the logits hold the whole vocabulary.
+        vocab_size: the real vocabulary when a model's logits are padded (e.g. to a multiple of 64 or 128):
+            columns ``>= vocab_size`` of EITHER input count as ``-inf`` (no probability mass, zero gradient), so
+            ``student_logits`` and ``teacher_logits`` may then differ in width (both ``>= vocab_size``; the
+            leading shapes must match). Unlike Liger-Kernel, which pads the narrower student with logit 0 (leaving
+            probability mass on the padding), the padding is dropped here. None (default): the widths must be
+            equal and every column counts. Not supported with ``process_group`` (``NotImplementedError``).
 
     Returns:
         fp32 scalar (``mean``/``sum``) or fp32 ``[...]`` (``none``). The gradient has the input dtype.
     """
+    if process_group is not None and vocab_size is not None:
+        raise NotImplementedError("kl_div: vocab_size is not supported with process_group (vocab-parallel logits); "
+                                  "narrow each rank's slice to the real vocabulary instead (the rank holding columns "
+                                  "[v0, v1) with v1 > vocab_size passes logits[..., :vocab_size - v0])")
     if process_group is not None:
         _vp.check_process_group(process_group)
     try:
-        _validate_kl_args(student_logits, teacher_logits, mode, temperature, beta, reduction, mask)
+        _validate_kl_args(student_logits, teacher_logits, mode, temperature, beta, reduction, mask,
+                          vocab_size=vocab_size)
         _validate_transforms(student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap)
         lead = student_logits.shape[:-1]
         mask = _mask_from_labels(mask, labels, ignore_index, lead, student_logits.device,
@@ -452,7 +479,9 @@ def kl_div(student_logits: Tensor, teacher_logits: Tensor, *, mode: str = "forwa
         if process_group is not None:
             _vp.signal_local_error(process_group, student_logits)
         raise
-    student, teacher = student_logits, teacher_logits.detach()
+    # padded columns (>= vocab_size) dropped: views with the row stride of the full width (every backend honours
+    # row strides), so nothing is copied; autograd gives the dropped student columns a zero gradient
+    student, teacher = vocab_view(student_logits, vocab_size), vocab_view(teacher_logits.detach(), vocab_size)
     if _has_transform(student_logit_scale, student_softcap) or _has_transform(teacher_logit_scale, teacher_softcap):
         student = _kernel_transform(student, student_logit_scale, student_softcap)
         teacher = _kernel_transform(teacher, teacher_logit_scale, teacher_softcap)
@@ -479,15 +508,19 @@ class KLDivLoss(nn.Module):
     """``nn.Module`` form of :func:`kl_div`; ``forward(student_logits, teacher_logits, mask=None, labels=None)``.
 
     ``process_group``: vocab-parallel logits (each rank its slice of the vocabulary), see :func:`kl_div`.
+    ``vocab_size``: the real vocabulary of padded logits, see :func:`kl_div`.
     """
 
     def __init__(self, *, mode: str = "forward", temperature: float = 1.0, beta: float = 0.5,
                  reduction: str = "mean", scale_by_t2: bool = True, backend: str = "auto",
                  student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
                  student_softcap: Optional[float] = None, teacher_softcap: Optional[float] = None,
-                 ignore_index: int = -100, process_group=None) -> None:
+                 ignore_index: int = -100, process_group=None, vocab_size: Optional[int] = None) -> None:
         super().__init__()
-        self.process_group = process_group
+        check_vocab_size(vocab_size, {})
+        if process_group is not None and vocab_size is not None:
+            raise NotImplementedError("KLDivLoss: vocab_size is not supported with process_group")
+        self.process_group, self.vocab_size = process_group, vocab_size
         check_kl_options(mode, temperature, beta, reduction)
         _validate_transforms(student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap)
         self.mode, self.temperature, self.beta = mode, float(temperature), float(beta)
@@ -501,11 +534,11 @@ class KLDivLoss(nn.Module):
         return kl_div(student_logits, teacher_logits, mode=self.mode, temperature=self.temperature, beta=self.beta,
                       reduction=self.reduction, mask=mask, scale_by_t2=self.scale_by_t2, backend=self.backend,
                       labels=labels, ignore_index=self.ignore_index, process_group=self.process_group,
-                      **self.transforms)
+                      vocab_size=self.vocab_size, **self.transforms)
 
     def extra_repr(self) -> str:
         return (f"mode={self.mode!r}, temperature={self.temperature}, beta={self.beta}, "
-                f"reduction={self.reduction!r}, backend={self.backend!r}")
+                f"reduction={self.reduction!r}, backend={self.backend!r}, vocab_size={self.vocab_size}")
 
 
 # ----------------------------------------------------------------------------------------------

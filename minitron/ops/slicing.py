@@ -9,21 +9,39 @@ Two public ops, both ``torch.library`` custom ops (``torch.ops.minitron.gather_s
   so pruning a model whose weights fill memory never needs a second copy of a matrix.
 
 Index semantics (both ops). An index is a 1-D int32/int64 tensor of *unit* numbers; unit ``u``
-stands for the ``block`` consecutive rows (``dim=0``) or columns (``dim=1``)
-``[u * block, (u + 1) * block)`` -- attention heads are kept with ``block = head_dim``. The index is
-a *set*: it is sorted before use, so the kept rows/columns keep their original relative order
-(which is what keeps e.g. ``q_proj`` rows and ``o_proj`` columns consistent). Duplicate entries,
-entries outside ``[0, size // block)``, a ``block`` that does not divide the size, a ``dim`` other
-than 0/1, ``dim=1`` on a 1-D tensor and tensors that are not 1-D/2-D raise :class:`ValueError`
-naming the argument; wrong types raise :class:`TypeError`. An empty index is allowed (the result
-has size 0 along ``dim``).
+stands for the ``block`` consecutive positions ``[u * block, (u + 1) * block)`` along the cut dim
+(rows for ``dim=0``, columns for ``dim=1`` of a matrix) -- attention heads are kept with
+``block = head_dim``. The index is a *set*: it is sorted before use, so the kept positions keep their
+original relative order (which is what keeps e.g. ``q_proj`` rows and ``o_proj`` columns consistent).
+Duplicate entries, entries outside ``[0, size // block)``, a ``block`` that does not divide the size,
+a ``dim`` outside ``range(t.dim())`` and tensors that are not 1-D/2-D/3-D raise :class:`ValueError`
+naming the argument; wrong types raise :class:`TypeError`. An empty index is allowed (the result has
+size 0 along ``dim``).
+
+3-D tensors and two cut dims (:func:`gather_slices`). Tensors may be 1-D, 2-D or 3-D. A tensor may be
+cut along two distinct dims in the same call: ``indices[i] = (idx_a, idx_b)``, ``dims[i] = (da, db)``
+and ``block[i]`` an int (both cuts) or a pair; the result is the selection along both dims (e.g. the
+fused experts of a mixture-of-experts layer, ``gate_up_proj`` ``[E, 2*I, H]``, cut to kept experts
+along dim 0 and kept neurons along dim 1 at once), one kernel launch on every backend. The custom
+op carries the second cut in two optional trailing lists ``dims2``/``blocks2`` (``dims2[i] = -1``: no
+second cut of tensor ``i``), and their indices follow the first cuts' in ``indices``
+(``len(tensors)`` first-cut indices, then one per tensor with a second cut, in tensor order); a call
+without second cuts is the op's original form.
 
 Dtypes: any dtype with 1/2/4/8-byte elements in :data:`SLICE_DTYPES` (the copy is bitwise);
 fp32/bf16/fp16 are the ones the weights use. Inputs may be non-contiguous: a tensor is read in its
 memory order (a transposed matrix's columns are rows of its storage), and results of
-:func:`gather_slices` have the memory order of their input: row-major (contiguous), or
+:func:`gather_slices` are dense in the memory order of their input: row-major (contiguous), or
 column-major when the input is column-major (``t.stride(0) < t.stride(1)``, e.g. a transposed
-matrix).
+matrix). In general (3-D) the output's dims are laid out in the input's order of decreasing stride
+(:func:`minitron.kernels._layout.dim_order`; dims of extent 1 keep their place): a permuted
+contiguous tensor gives an output with the same permutation, a contiguous or sliced (non-dense)
+tensor gives a contiguous output. Zero strides (``expand``) are fine for :func:`gather_slices` (a
+broadcast dim sorts innermost, as for 2-D).
+
+:func:`compact_` on a 3-D tensor (one cut dim) works on a 2-D view of the same memory; tensors whose
+dims on either side of the cut dim cannot be merged raise ``ValueError`` (see :func:`compact_`).
+Overview and examples: ``docs/slicing.md``.
 
 Not differentiable: weights are cut under ``torch.no_grad()``; the wrappers run the ops under
 ``no_grad`` and the results never require grad (no autograd formula is registered).
@@ -44,8 +62,10 @@ import torch
 from torch import Tensor
 
 from minitron.kernels._layout import col_major as _col_major
+from minitron.kernels._layout import dense_strides as _dense_strides
+from minitron.kernels._layout import dim_order as _dim_order
 from minitron.kernels._layout import layout as _layout
-from minitron.ops._dispatch import native_unavailable, op_backends, triton_unavailable
+from minitron.ops._dispatch import BackendUnavailableError, native_unavailable, op_backends, triton_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +82,13 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 DEFAULT_COMPACT_SCRATCH_BYTES = 64 << 20
 
 IntOrInts = Union[int, Sequence[int]]
+#: Per tensor: one index, or a pair of them (two cut dims).
+IndexSpec = Union[Tensor, Sequence[Union[Tensor, Sequence[Tensor]]]]
+#: Per tensor: one int, or a pair of them (two cut dims).
+IntSpec = Union[int, Sequence[Union[int, Sequence[int]]]]
+
+#: Largest tensor rank the slicing ops accept.
+MAX_DIM = 3
 
 # ----------------------------------------------------------------------------------------------
 # canonical memory layout (csrc/common/slicing_math.h; one copy in minitron.kernels._layout)
@@ -76,10 +103,13 @@ def _packed_strides(shape: Sequence[int], col_major: bool) -> tuple[int, ...]:
     return (1, max(n0, 1)) if col_major else (max(n1, 1), 1)
 
 
-def _gather_out_layout(t: Tensor, dim: int, new_size: int) -> tuple[list[int], tuple[int, ...]]:
+def _gather_out_layout(t: Tensor, cuts: Sequence[tuple[int, int]]) -> tuple[list[int], tuple[int, ...]]:
+    """Shape and strides of the output of cutting ``t`` to ``new_size`` along ``dim`` for each ``(dim, new_size)``
+    of ``cuts``: dense, its dims laid out in ``t``'s memory order (row-/column-major for a matrix)."""
     shape = list(t.shape)
-    shape[dim] = new_size
-    return shape, _packed_strides(shape, _col_major(t))
+    for dim, new_size in cuts:
+        shape[dim] = new_size
+    return shape, _dense_strides(shape, _dim_order(t.shape, t.stride()))
 
 
 def _compact_geometry(t: Tensor, dim: int, new_size: int) -> tuple[list[int], tuple[int, ...]]:
@@ -97,6 +127,53 @@ def _compact_geometry(t: Tensor, dim: int, new_size: int) -> tuple[list[int], tu
     if dim == inner_dim and si == 1 and so == inner:
         return shape, _packed_strides(shape, cm)
     return shape, tuple(t.stride())
+
+
+class _Compact2d:
+    """How :func:`compact_` runs on a 3-D tensor: on a 2-D view of the same memory.
+
+    The tensor is seen in memory order (``p = t.permute(order)``); the dims on each side of the cut dim
+    are merged (a cut of the middle dim keeps blocks of ``block * inner`` columns of ``[outer, mid * inner]``).
+    That needs the merged dims to be mergeable in memory (``view`` succeeds: e.g. any permutation of a
+    contiguous tensor, or slices along the outermost dim); otherwise :func:`compact_` refuses the tensor.
+    For 1-D/2-D tensors the view is the tensor itself.
+    """
+
+    def __init__(self, t: Tensor, dim: int, block: int, tname: str = "tensor") -> None:
+        self.order: Optional[list[int]] = None
+        self.unit = block  # positions per index entry along the tensor's own cut dim
+        if t.dim() < 3:
+            self.view, self.dim, self.block = t, dim, block
+            return
+        order = _dim_order(t.shape, t.stride())
+        p = t.permute(order)
+        c = order.index(dim)
+        n0, n1, n2 = p.shape
+        try:
+            if c == 2:
+                v, vdim, vblock = p.view(n0 * n1, n2), 1, block
+            else:
+                v, vdim, vblock = p.view(n0, n1 * n2), c, block * (n2 if c == 1 else 1)
+        except RuntimeError:
+            merged = "the outer two" if c == 2 else "the inner two"
+            raise ValueError(
+                f"compact_ of the 3-D {tname} (shape {tuple(t.shape)}, strides {tuple(t.stride())}) along dim "
+                f"{dim} needs {merged} dims in memory order to be mergeable (a view of a dense block); use "
+                "gather_slices for this tensor") from None
+        self.order, self.canon, self.c = order, list(p.shape), c
+        self.view, self.dim, self.block = v, vdim, vblock
+
+    def result(self, k: int) -> Tensor:
+        """The compacted view of the tensor (``k`` units kept along the cut dim)."""
+        v = self.view.detach()
+        shape, strides = _compact_geometry(v, self.dim, k * self.block)
+        r = v.as_strided(shape, strides)
+        if self.order is None:
+            return r
+        canon = list(self.canon)
+        canon[self.c] = k * self.unit
+        inverse = [self.order.index(d) for d in range(3)]
+        return r.view(canon).permute(inverse)
 
 
 def _non_overlapping(t: Tensor) -> bool:
@@ -127,13 +204,14 @@ def _check_one(t: object, index: object, dim: object, block: object, names: tupl
     if t.dtype not in SLICE_DTYPES:
         names_ = ", ".join(str(d).replace("torch.", "") for d in SLICE_DTYPES)
         raise TypeError(f"{tname} has dtype {t.dtype}, expected one of ({names_})")
-    if t.dim() not in (1, 2):
-        raise ValueError(f"{tname} must be 1-D or 2-D, got shape {tuple(t.shape)}")
+    if t.dim() not in range(1, MAX_DIM + 1):
+        raise ValueError(f"{tname} must be 1-D, 2-D or 3-D, got shape {tuple(t.shape)}")
     dim = _check_int(dname, dim)
-    if dim not in (0, 1):
-        raise ValueError(f"{dname} must be 0 (rows) or 1 (columns), got {dim}")
-    if dim >= t.dim():
+    if t.dim() == 1 and dim != 0:
         raise ValueError(f"{dname}={dim} is invalid for the 1-D {tname} (only dim=0)")
+    if dim not in range(t.dim()):
+        what = "0 (rows) or 1 (columns)" if t.dim() == 2 else f"in range({t.dim()})"
+        raise ValueError(f"{dname} must be {what} for the {t.dim()}-D {tname}, got {dim}")
     block = _check_int(bname, block)
     if block < 1:
         raise ValueError(f"{bname} must be >= 1, got {block}")
@@ -237,7 +315,8 @@ def _check_compactable(t: Tensor, tname: str) -> None:
 
 
 def _normalize_gather_args(tensors: object, indices: object, dims: object, block: object
-                           ) -> tuple[list[Tensor], list[Tensor], list[int], list[int]]:
+                           ) -> tuple[list[Tensor], list[object], list[object], list[object]]:
+    """Per-tensor lists of the public arguments (entries may still be pairs: two cut dims)."""
     if isinstance(tensors, Tensor) or not isinstance(tensors, (list, tuple)):
         raise TypeError(f"tensors must be a list or tuple of tensors, got {type(tensors).__name__}")
     n = len(tensors)
@@ -247,7 +326,9 @@ def _normalize_gather_args(tensors: object, indices: object, dims: object, block
             return [value] * n
         if isinstance(value, (list, tuple)):
             if len(value) != n:
-                raise ValueError(f"{name} has {len(value)} entries but tensors has {n}")
+                hint = (f" (two cut dims of one tensor are one entry: {name}=[({value[0]!r}, {value[1]!r})])"
+                        if n == 1 and len(value) == 2 and name == "dims" else "")
+                raise ValueError(f"{name} has {len(value)} entries but tensors has {n}{hint}")
             return list(value)
         raise TypeError(f"{name} must be a {scalar_type.__name__} or a list of them, got {type(value).__name__}")
 
@@ -257,22 +338,95 @@ def _normalize_gather_args(tensors: object, indices: object, dims: object, block
     return list(tensors), idx_list, dim_list, block_list
 
 
+_NO_INDEX = torch.empty(0, dtype=torch.int64)
+
+
+def _empty_index(like: object) -> Tensor:
+    """The placeholder index of "no second cut" (empty int64, on ``like``'s device when it is a tensor)."""
+    return torch.empty(0, dtype=torch.int64, device=like.device if isinstance(like, Tensor) else "cpu")
+
+
+def _flatten_cuts(idx_list: Sequence[object], dim_list: Sequence[object], block_list: Sequence[object]
+                  ) -> tuple[list, list, list, Optional[list], Optional[list], Optional[list]]:
+    """Per-tensor entries (one cut, or pairs for two cut dims) -> the op's lists: first cuts, and second cuts
+    (``None`` when no tensor has one; else ``dims2[i] = -1`` and an empty index where tensor i has none)."""
+    idx1, dims1, blocks1, idx2, dims2, blocks2 = [], [], [], [], [], []
+    for i, (ix, d, b) in enumerate(zip(idx_list, dim_list, block_list)):
+        pair_d = isinstance(d, (list, tuple))
+        if pair_d:
+            if len(d) not in (1, 2):
+                raise ValueError(f"dims[{i}] must be an int or a pair of ints (two cut dims), got {len(d)} entries")
+            d = list(d)
+            if isinstance(ix, Tensor):
+                raise ValueError(f"indices[{i}] must be a tuple of {len(d)} index tensors (one per dim of dims[{i}]), "
+                                 "got a single tensor")
+            if not isinstance(ix, (list, tuple)):
+                raise TypeError(f"indices[{i}] must be a tuple of 1-D int32/int64 tensors, got {type(ix).__name__}")
+            if len(ix) != len(d):
+                raise ValueError(f"indices[{i}] has {len(ix)} index tensors but dims[{i}] has {len(d)} dims")
+            if isinstance(b, (list, tuple)):
+                if len(b) != len(d):
+                    raise ValueError(f"block[{i}] has {len(b)} entries but dims[{i}] has {len(d)} dims")
+                b = list(b)
+            else:
+                b = [b] * len(d)
+            ix = list(ix)
+        else:
+            if isinstance(ix, (list, tuple)) and ix and all(isinstance(x, Tensor) for x in ix):
+                raise ValueError(f"indices[{i}] is a tuple of {len(ix)} index tensors but dims[{i}] is one dim; "
+                                 f"give dims[{i}] as a pair for two cut dims")
+            if isinstance(b, (list, tuple)):
+                raise ValueError(f"block[{i}] is a pair but dims[{i}] is one dim")
+            ix, d, b = [ix], [d], [b]
+        idx1.append(ix[0])
+        dims1.append(d[0])
+        blocks1.append(b[0])
+        idx2.append(ix[1] if len(d) == 2 else _empty_index(ix[0]))
+        dims2.append(d[1] if len(d) == 2 else -1)
+        blocks2.append(b[1] if len(d) == 2 else 1)
+    if all(d == -1 for d in dims2):
+        return idx1, dims1, blocks1, None, None, None
+    return idx1, dims1, blocks1, idx2, dims2, blocks2
+
+
+def _cut_names(i: int, two: bool, which: int) -> tuple[str, str, str, str]:
+    if not two:
+        return f"tensors[{i}]", f"indices[{i}]", f"dims[{i}]", f"block[{i}]"
+    return f"tensors[{i}]", f"indices[{i}][{which}]", f"dims[{i}][{which}]", f"block[{i}][{which}]"
+
+
 def _check_gather(tensors: Sequence[Tensor], indices: Sequence[Tensor], dims: Sequence[int],
-                  blocks: Sequence[int]) -> list[int]:
+                  blocks: Sequence[int], indices2: Optional[Sequence[Tensor]] = None,
+                  dims2: Optional[Sequence[int]] = None, blocks2: Optional[Sequence[int]] = None
+                  ) -> tuple[list[int], list[int]]:
+    """Checks every argument; returns the number of units of each tensor's first and second cut (0: none)."""
     n = len(tensors)
     if not (len(indices) == len(dims) == len(blocks) == n):
         raise ValueError(f"tensors ({n}), indices ({len(indices)}), dims ({len(dims)}) and block ({len(blocks)}) "
                          "must have the same length")
-    units = [
-        _check_one(tensors[i], indices[i], dims[i], blocks[i], (f"tensors[{i}]", f"indices[{i}]", f"dims[{i}]",
-                                                               f"block[{i}]"))
-        for i in range(n)
-    ]
+    if dims2 is not None or blocks2 is not None:
+        if dims2 is None or blocks2 is None:
+            raise ValueError("dims2 and blocks2 (the second cuts) must be given together")
+        if not (len(indices2) == len(dims2) == len(blocks2) == n):
+            raise ValueError(f"dims2 ({len(dims2)}) and blocks2 ({len(blocks2)}) must have one entry per tensor ({n})")
+        has2 = [_check_int(f"dims2[{i}]", dims2[i]) != -1 for i in range(n)]
+    else:
+        has2 = [False] * n
+    units, units2 = [], []
+    for i in range(n):
+        units.append(_check_one(tensors[i], indices[i], dims[i], blocks[i], _cut_names(i, has2[i], 0)))
+        if has2[i]:
+            names = _cut_names(i, True, 1)
+            units2.append(_check_one(tensors[i], indices2[i], dims2[i], blocks2[i], names))
+            if dims2[i] == dims[i]:
+                raise ValueError(f"dims[{i}] cuts dim {dims[i]} twice; the two cut dims must differ")
+        else:
+            units2.append(0)
     for i in range(1, n):
         if tensors[i].device != tensors[0].device:
             raise ValueError(f"tensors[{i}] is on {tensors[i].device} but tensors[0] is on {tensors[0].device}; "
                              "one call handles tensors of one device")
-    return units
+    return units, units2
 
 
 def _expand_units(idx: Tensor, block: int) -> Tensor:
@@ -290,33 +444,55 @@ _gather_backends = op_backends("gather_slices")
 _compact_backends = op_backends("compact_")
 
 
+# Gather backends: fn(tensors, idx, dims, blocks, outs, idx2, dims2, blocks2). ``idx`` are prepared (sorted,
+# int64, on the device); ``idx2``/``dims2``/``blocks2`` hold the second cuts (``dims2[i] == -1``: none, with
+# an empty ``idx2[i]``); ``outs`` are allocated with the output layout.
+
+
+def _native_gather(tensors: list[Tensor], idx: list[Tensor], dims: list[int], blocks: list[int], outs: list[Tensor],
+                   idx2: list[Tensor], dims2: list[int], blocks2: list[int]) -> None:
+    """``_gather_slices_native`` (CPU and CUDA): the original 5-argument form when no tensor has a second cut
+    and none is 3-D (so an extension built before 3-D slicing still serves those calls)."""
+    op = torch.ops.minitron._gather_slices_native
+    if all(d == -1 for d in dims2) and all(t.dim() <= 2 for t in tensors):
+        op(tensors, idx, dims, blocks, outs)
+        return
+    if len(op.default._schema.arguments) < 7:
+        raise BackendUnavailableError("the built extension predates 3-D / two-dim gather_slices: rebuild it "
+                                      "(`make build`)")
+    op(tensors, _pack_indices(idx, idx2, dims2), dims, blocks, outs, dims2, blocks2)
+
+
 @_gather_backends.register("cpp", ("cpu",), dtypes=SLICE_DTYPES,
                            unavailable=lambda d: native_unavailable("_gather_slices_native", d))
-def _gather_cpp(tensors: list[Tensor], idx: list[Tensor], dims: list[int], blocks: list[int],
-                outs: list[Tensor]) -> None:
-    torch.ops.minitron._gather_slices_native(tensors, idx, dims, blocks, outs)
+def _gather_cpp(tensors: list[Tensor], idx: list[Tensor], dims: list[int], blocks: list[int], outs: list[Tensor],
+                idx2: list[Tensor], dims2: list[int], blocks2: list[int]) -> None:
+    _native_gather(tensors, idx, dims, blocks, outs, idx2, dims2, blocks2)
 
 
 @_gather_backends.register("cuda", ("cuda",), dtypes=SLICE_DTYPES,
                            unavailable=lambda d: native_unavailable("_gather_slices_native", d))
-def _gather_cuda(tensors: list[Tensor], idx: list[Tensor], dims: list[int], blocks: list[int],
-                 outs: list[Tensor]) -> None:
-    torch.ops.minitron._gather_slices_native(tensors, idx, dims, blocks, outs)
+def _gather_cuda(tensors: list[Tensor], idx: list[Tensor], dims: list[int], blocks: list[int], outs: list[Tensor],
+                 idx2: list[Tensor], dims2: list[int], blocks2: list[int]) -> None:
+    _native_gather(tensors, idx, dims, blocks, outs, idx2, dims2, blocks2)
 
 
 @_gather_backends.register("triton", ("cuda", "cpu"), dtypes=SLICE_DTYPES, unavailable=triton_unavailable)
-def _gather_triton(tensors: list[Tensor], idx: list[Tensor], dims: list[int], blocks: list[int],
-                   outs: list[Tensor]) -> None:
+def _gather_triton(tensors: list[Tensor], idx: list[Tensor], dims: list[int], blocks: list[int], outs: list[Tensor],
+                   idx2: list[Tensor], dims2: list[int], blocks2: list[int]) -> None:
     from minitron.kernels.slicing import gather_slices_triton
 
-    gather_slices_triton(tensors, idx, dims, blocks, outs)
+    gather_slices_triton(tensors, idx, dims, blocks, outs, idx2, dims2, blocks2)
 
 
 @_gather_backends.register("reference", ("cpu", "cuda"), dtypes=SLICE_DTYPES)
 def _gather_reference(tensors: list[Tensor], idx: list[Tensor], dims: list[int], blocks: list[int],
-                      outs: list[Tensor]) -> None:
-    for t, i, d, b, o in zip(tensors, idx, dims, blocks, outs):
-        o.copy_(t.index_select(d, _expand_units(i, b)))
+                      outs: list[Tensor], idx2: list[Tensor], dims2: list[int], blocks2: list[int]) -> None:
+    for t, i, d, b, o, i2, d2, b2 in zip(tensors, idx, dims, blocks, outs, idx2, dims2, blocks2):
+        x = t.index_select(d, _expand_units(i, b))
+        if d2 >= 0:
+            x = x.index_select(d2, _expand_units(i2, b2))
+        o.copy_(x)
 
 
 @_compact_backends.register("cpp", ("cpu",), dtypes=SLICE_DTYPES,
@@ -374,39 +550,85 @@ def _eager(tensors: Sequence[Tensor]) -> bool:
     return all(torch._C._get_dispatch_mode(k) is None for k in (modes.PROXY, modes.FAKE, modes.FUNCTIONAL))
 
 
+def _pack_indices(indices: Sequence[Tensor], indices2: Optional[Sequence[Tensor]], dims2: Optional[Sequence[int]]
+                  ) -> list[Tensor]:
+    """The op's ``indices``: the first cuts', then the second cuts' of the tensors that have one."""
+    if dims2 is None:
+        return list(indices)
+    return list(indices) + [i for i, d in zip(indices2, dims2) if d != -1]
+
+
+def _unpack_indices(n: int, indices: Sequence[Tensor], dims2: Optional[Sequence[int]]
+                    ) -> tuple[list[Tensor], Optional[list[Tensor]]]:
+    """Inverse of :func:`_pack_indices` (placeholders where a tensor has no second cut)."""
+    if dims2 is None:
+        return list(indices), None
+    if len(dims2) != n:
+        raise ValueError(f"dims2 has {len(dims2)} entries but tensors has {n}")
+    m = sum(1 for d in dims2 if d != -1)
+    if len(indices) != n + m:
+        raise ValueError(f"indices has {len(indices)} entries; with {m} second cuts (dims2 != -1) on {n} tensors "
+                         f"it needs {n + m} (first cuts, then second cuts in tensor order)")
+    rest = iter(indices[n:])
+    return list(indices[:n]), [next(rest) if d != -1 else _empty_index(indices[0] if n else None) for d in dims2]
+
+
 @torch.library.custom_op("minitron::gather_slices", mutates_args=())
 def _gather_slices_op(tensors: list[Tensor], indices: list[Tensor], dims: list[int], blocks: list[int],
-                      backend: str) -> list[Tensor]:
-    """Kept units of every tensor, in one launch. See :func:`gather_slices` (sorted-index semantics)."""
-    units = _check_gather(tensors, indices, dims, blocks)
-    return _gather_slices_impl(tensors, indices, dims, blocks, backend, units)
+                      backend: str, dims2: Optional[list[int]] = None,
+                      blocks2: Optional[list[int]] = None) -> list[Tensor]:
+    """Kept units of every tensor, in one launch. See :func:`gather_slices` (sorted-index semantics).
+
+    ``dims2``/``blocks2`` (both or neither): a second cut per tensor, ``dims2[i] == -1`` for none; the second
+    cuts' indices follow the ``len(tensors)`` first ones in ``indices``, in tensor order.
+    """
+    i1, i2 = _unpack_indices(len(tensors), indices, dims2)
+    units, units2 = _check_gather(tensors, i1, dims, blocks, i2, dims2, blocks2)
+    return _gather_slices_impl(tensors, i1, dims, blocks, backend, units, i2, dims2, blocks2, units2)
+
+
+def _out_cuts(d: int, n1: int, d2: int, n2: int) -> list[tuple[int, int]]:
+    return [(d, n1)] + ([(d2, n2)] if d2 >= 0 else [])
 
 
 def _gather_slices_impl(tensors: Sequence[Tensor], indices: Sequence[Tensor], dims: Sequence[int],
-                        blocks: Sequence[int], backend: str, units: list[int]) -> list[Tensor]:
-    """The op's work once the arguments passed :func:`_check_gather` (which returned ``units``)."""
+                        blocks: Sequence[int], backend: str, units: list[int],
+                        indices2: Optional[Sequence[Tensor]] = None, dims2: Optional[Sequence[int]] = None,
+                        blocks2: Optional[Sequence[int]] = None, units2: Optional[list[int]] = None) -> list[Tensor]:
+    """The op's work once the arguments passed :func:`_check_gather` (which returned ``units``, ``units2``)."""
     if not tensors:
         return []
+    n = len(tensors)
     device = tensors[0].device
     impl = _gather_backends.select(backend, device, tensors[0].dtype)
-    idx = [_prepare_index(indices[i], units[i], blocks[i], f"indices[{i}]", device) for i in range(len(tensors))]
+    idx = [_prepare_index(indices[i], units[i], blocks[i], _cut_names(i, dims2 is not None and dims2[i] >= 0, 0)[1],
+                          device) for i in range(n)]
+    if dims2 is None:
+        dims2, blocks2 = [-1] * n, [1] * n
+        idx2 = [_NO_INDEX.to(device)] * n
+    else:
+        idx2 = [_prepare_index(indices2[i], units2[i], blocks2[i], _cut_names(i, True, 1)[1], device)
+                if dims2[i] >= 0 else _NO_INDEX.to(device) for i in range(n)]
     outs = []
-    for t, i, d, b in zip(tensors, idx, dims, blocks):
-        shape, strides = _gather_out_layout(t, d, i.numel() * b)
+    for t, i, d, b, i2, d2, b2 in zip(tensors, idx, dims, blocks, idx2, dims2, blocks2):
+        shape, strides = _gather_out_layout(t, _out_cuts(d, i.numel() * b, d2, i2.numel() * b2))
         outs.append(torch.empty_strided(shape, strides, dtype=t.dtype, device=device))
     if any(o.numel() for o in outs):
-        log.debug("gather_slices: %d tensors on %s via %s (%d output bytes)", len(tensors), device, impl.name,
+        log.debug("gather_slices: %d tensors on %s via %s (%d output bytes)", n, device, impl.name,
                   sum(o.numel() * o.element_size() for o in outs))
-        impl.fn(list(tensors), idx, list(dims), list(blocks), outs)
+        impl.fn(list(tensors), idx, list(dims), list(blocks), outs, idx2, list(dims2), list(blocks2))
     return outs
 
 
 @_gather_slices_op.register_fake
-def _(tensors, indices, dims, blocks, backend):
-    _check_gather(tensors, indices, dims, blocks)
+def _(tensors, indices, dims, blocks, backend, dims2=None, blocks2=None):
+    indices, indices2 = _unpack_indices(len(tensors), indices, dims2)
+    _check_gather(tensors, indices, dims, blocks, indices2, dims2, blocks2)
     outs = []
-    for t, i, d, b in zip(tensors, indices, dims, blocks):
-        shape, strides = _gather_out_layout(t, d, i.shape[0] * b)
+    for j, (t, i, d, b) in enumerate(zip(tensors, indices, dims, blocks)):
+        d2 = dims2[j] if dims2 is not None else -1
+        n2 = indices2[j].shape[0] * blocks2[j] if d2 >= 0 else 0
+        shape, strides = _gather_out_layout(t, _out_cuts(d, i.shape[0] * b, d2, n2))
         outs.append(torch.empty_strided(shape, strides, dtype=t.dtype, device=t.device))
     return outs
 
@@ -414,15 +636,24 @@ def _(tensors, indices, dims, blocks, backend):
 @torch.library.custom_op("minitron::compact_", mutates_args=("tensor",))
 def _compact_op(tensor: Tensor, index: Tensor, dim: int, block: int, backend: str) -> None:
     """In-place compaction of ``tensor``'s storage. See :func:`compact_` for the resulting view."""
+    units, c2 = _check_compact(tensor, index, dim, block)
+    _compact_impl(c2.view, index, c2.dim, c2.block, backend, units, c2.unit)
+
+
+def _check_compact(tensor: object, index: object, dim: object, block: object) -> tuple[int, _Compact2d]:
+    """Checks of :func:`compact_`; returns the number of units and the 2-D view the kernels work on."""
     units = _check_one(tensor, index, dim, block, ("tensor", "index", "dim", "block"))
-    _check_compactable(tensor, "tensor")
-    _compact_impl(tensor, index, dim, block, backend, units)
+    c2 = _Compact2d(tensor, dim, block)
+    _check_compactable(c2.view, "tensor")
+    return units, c2
 
 
-def _compact_impl(tensor: Tensor, index: Tensor, dim: int, block: int, backend: str, units: int) -> None:
-    """The op's work once the arguments passed :func:`_check_one` and :func:`_check_compactable`."""
+def _compact_impl(tensor: Tensor, index: Tensor, dim: int, block: int, backend: str, units: int,
+                  unit_block: Optional[int] = None) -> None:
+    """The op's work on a 1-D/2-D ``tensor`` (or the 2-D view of a 3-D one) once the arguments passed
+    :func:`_check_compact`."""
     impl = _compact_backends.select(backend, tensor.device, tensor.dtype)
-    idx = _prepare_index(index, units, block, "index", tensor.device)
+    idx = _prepare_index(index, units, block if unit_block is None else unit_block, "index", tensor.device)
     new_size = idx.numel() * block
     if new_size == tensor.shape[dim]:  # everything kept (the index is then exactly 0..units-1)
         return
@@ -436,7 +667,7 @@ def _compact_impl(tensor: Tensor, index: Tensor, dim: int, block: int, backend: 
 
 @_compact_op.register_fake
 def _(tensor, index, dim, block, backend):
-    _check_one(tensor, index, dim, block, ("tensor", "index", "dim", "block"))
+    _check_compact(tensor, index, dim, block)
     return None
 
 
@@ -445,35 +676,49 @@ def _(tensor, index, dim, block, backend):
 # ----------------------------------------------------------------------------------------------
 
 
-def gather_slices(tensors: Sequence[Tensor], indices: Union[Tensor, Sequence[Tensor]], dims: IntOrInts, *,
-                  block: IntOrInts = 1, backend: str = "auto") -> list[Tensor]:
+def gather_slices(tensors: Sequence[Tensor], indices: IndexSpec, dims: IntSpec, *,
+                  block: IntSpec = 1, backend: str = "auto") -> list[Tensor]:
     """Keep the listed rows/columns (or blocks of them) of many tensors in one call.
 
     Args:
-        tensors: list/tuple of 1-D or 2-D tensors on one device (dtypes may differ; any of
+        tensors: list/tuple of 1-D, 2-D or 3-D tensors on one device (dtypes may differ; any of
             :data:`SLICE_DTYPES`; any strides).
-        indices: one 1-D int32/int64 tensor per tensor, or a single one shared by all. Entries are
-            unit numbers in ``[0, tensors[i].shape[dims[i]] // block)``; sorted before use
+        indices: per tensor, one 1-D int32/int64 tensor -- or, to cut two dims of that tensor at once,
+            a tuple of two (one per dim of ``dims[i]``); or a single tensor shared by all (one cut each).
+            Entries are unit numbers in ``[0, tensors[i].shape[dim] // block)``; sorted before use
             (duplicates and out-of-range entries raise ``ValueError``). May be empty.
-        dims: 0 (keep rows) or 1 (keep columns; 2-D tensors only), per tensor or one for all.
-        block: rows/columns per index entry (e.g. ``head_dim`` to keep attention heads), per tensor
-            or one for all; must divide the size along the dim.
+        dims: per tensor, the cut dim (``0 <= dim < tensors[i].dim()``; for a matrix 0 keeps rows and
+            1 keeps columns) or a tuple of two distinct dims; or one int for all.
+        block: positions per index entry (e.g. ``head_dim`` to keep attention heads), per tensor (an
+            int for both cuts, or a pair for two cut dims) or one int for all; must divide the size
+            along the dim.
         backend: ``"auto"``, ``"cpp"``, ``"cuda"``, ``"triton"`` or ``"reference"``.
 
     Returns:
-        ``out[i]`` of ``tensors[i]``'s dtype and device with ``out[i].shape[dims[i]] ==
-        indices[i].numel() * block[i]``, equal to ``tensors[i].index_select(dims[i], rows)`` for the
-        sorted rows/columns; row-major, or column-major when ``tensors[i]`` is column-major. New
+        ``out[i]`` of ``tensors[i]``'s dtype and device with ``out[i].shape[d] == k * b`` for each cut
+        (``d``, ``k`` index entries, block ``b``), equal to ``tensors[i].index_select(d, rows)`` for the
+        sorted rows/columns (chained over both cuts); dense in ``tensors[i]``'s memory order (row-major,
+        column-major for a column-major matrix; for 3-D the input's dim order by decreasing stride). New
         memory (never aliases the inputs); never requires grad.
+
+    Example (mixture-of-experts layer, ``E`` experts of ``I`` neurons, hidden ``H``)::
+
+        gate_up, down = gather_slices(
+            [experts.gate_up_proj, experts.down_proj],          # [E, 2*I, H], [E, H, I]
+            [(kept_experts, torch.cat([kept, I + kept])), (kept_experts, kept)],
+            [(0, 1), (0, 2)])
     """
     ts, idx, ds, bs = _normalize_gather_args(tensors, indices, dims, block)
-    units = _check_gather(ts, idx, ds, bs)
+    i1, d1, b1, i2, d2, b2 = _flatten_cuts(idx, ds, bs)
+    units, units2 = _check_gather(ts, i1, d1, b1, i2, d2, b2)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     with torch.no_grad():
-        if _eager(ts) and _eager(idx):
-            return _gather_slices_impl(ts, idx, ds, bs, backend, units)
-        return list(torch.ops.minitron.gather_slices(ts, idx, ds, bs, backend))
+        if _eager(ts) and _eager(i1) and (i2 is None or _eager(i2)):
+            return _gather_slices_impl(ts, i1, d1, b1, backend, units, i2, d2, b2, units2)
+        if i2 is None:  # the schema of one cut per tensor (as before two cut dims existed)
+            return list(torch.ops.minitron.gather_slices(ts, i1, d1, b1, backend))
+        return list(torch.ops.minitron.gather_slices(ts, _pack_indices(i1, i2, d2), d1, b1, backend, d2, b2))
 
 
 def compact_(tensor: Tensor, index: Tensor, dim: int, *, block: int = 1, backend: str = "auto") -> Tensor:
@@ -501,38 +746,49 @@ def compact_(tensor: Tensor, index: Tensor, dim: int, *, block: int = 1, backend
     slabs of the result (``MINITRON_COMPACT_SCRATCH_BYTES``, default 64 MiB) and write them back in
     order.
 
+    3-D tensors: one cut dim (``compact_`` has no two-dim form; cut twice, or use :func:`gather_slices`).
+    The tensor is compacted as a 2-D view of the same memory (the dims before and after the cut dim,
+    in memory order, merged); that needs them to be mergeable -- true for a contiguous tensor, any
+    permutation of one, and slices of one along its outermost dim; other 3-D layouts raise
+    ``ValueError``. The returned view has the tensor's dim order.
+
     Args:
-        tensor: 1-D or 2-D tensor (any of :data:`SLICE_DTYPES`) whose rows/columns occupy disjoint
+        tensor: 1-D, 2-D or 3-D tensor (any of :data:`SLICE_DTYPES`) whose rows/columns occupy disjoint
             memory (no ``expand``-ed tensors).
         index: 1-D int32/int64 unit numbers (see :func:`gather_slices`); sorted before use.
-        dim: 0 (rows) or 1 (columns).
+        dim: the cut dim: 0 (rows) or 1 (columns) of a matrix; ``range(tensor.dim())``.
         block: rows/columns per index entry.
         backend: as for :func:`gather_slices`.
 
     Returns:
         the compacted view, ``shape[dim] == index.numel() * block``; never requires grad.
     """
-    units = _check_one(tensor, index, dim, block, ("tensor", "index", "dim", "block"))
-    _check_compactable(tensor, "tensor")
+    units, c2 = _check_compact(tensor, index, dim, block)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     with torch.no_grad():
         if _eager([tensor, index]):
-            _compact_impl(tensor, index, dim, block, backend, units)
+            _compact_impl(c2.view, index, c2.dim, c2.block, backend, units, c2.unit)
             torch.autograd.graph.increment_version(tensor)  # what the custom op's mutation would record
         else:
             torch.ops.minitron.compact_(tensor, index, dim, block, backend)
-        shape, strides = _compact_geometry(tensor, dim, index.shape[0] * block)
-        return tensor.detach().as_strided(shape, strides)
+        return c2.result(index.shape[0])
 
 
-def gather_slices_reference(tensors: Sequence[Tensor], indices: Union[Tensor, Sequence[Tensor]], dims: IntOrInts,
-                            *, block: IntOrInts = 1) -> list[Tensor]:
-    """Plain-torch :func:`gather_slices` (``index_select`` of the sorted, block-expanded index); the oracle."""
+def gather_slices_reference(tensors: Sequence[Tensor], indices: IndexSpec, dims: IntSpec, *,
+                            block: IntSpec = 1) -> list[Tensor]:
+    """Plain-torch :func:`gather_slices` (chained ``index_select`` of the sorted, block-expanded indices); the
+    oracle. Results have the layout ``index_select`` gives them (not necessarily :func:`gather_slices`')."""
     ts, idx, ds, bs = _normalize_gather_args(tensors, indices, dims, block)
-    units = _check_gather(ts, idx, ds, bs)
+    i1, d1, b1, i2, d2, b2 = _flatten_cuts(idx, ds, bs)
+    units, units2 = _check_gather(ts, i1, d1, b1, i2, d2, b2)
     out = []
-    for i, (t, d, b) in enumerate(zip(ts, ds, bs)):
-        rows = _prepare_index(idx[i], units[i], b, f"indices[{i}]", t.device)
-        out.append(t.index_select(d, _expand_units(rows, b)))
+    for i, (t, d, b) in enumerate(zip(ts, d1, b1)):
+        two = i2 is not None and d2[i] >= 0
+        rows = _prepare_index(i1[i], units[i], b, _cut_names(i, two, 0)[1], t.device)
+        x = t.index_select(d, _expand_units(rows, b))
+        if two:
+            rows2 = _prepare_index(i2[i], units2[i], b2[i], _cut_names(i, True, 1)[1], t.device)
+            x = x.index_select(d2[i], _expand_units(rows2, b2[i]))
+        out.append(x)
     return out

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from minitron.ops._common import FusedLinearSpec, check_chunk_size, check_lm_head, check_reduction
 from minitron.ops._common import check_temperature, default_chunk_size, fused_linear_chunks, fused_linear_op
 from minitron.ops._common import needs_grad, reduce_reference, reduce_token_loss, register_row_loss_autograd
-from minitron.ops._common import token_weights
+from minitron.ops._common import check_vocab_size, token_weights, vocab_view
 from minitron.ops._common import as_rows as _as_rows
 from minitron.ops._common import check_float_tensor as _check_float_tensor
 from minitron.ops._common import eager as _eager
@@ -108,13 +108,14 @@ def _divergence_reference(student: Tensor, indices: Tensor, logprobs: Tensor, te
 def topk_kl_div_reference(student_logits: Tensor, teacher_indices: Tensor, teacher_logprobs: Tensor, *,
                           temperature: float = 1.0, mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
                           ignore_index: int = -100, reduction: str = "mean", tail: bool = True,
-                          scale_by_t2: bool = True) -> Tensor:
+                          scale_by_t2: bool = True, vocab_size: Optional[int] = None) -> Tensor:
     """Plain-torch :func:`topk_kl_div` (same arguments and result, computed densely); the tests' oracle.
 
     Differentiable w.r.t. ``student_logits`` through autograd; materialises ``[..., V]`` temporaries.
     """
     _validate_topk_args(student_logits, teacher_indices, teacher_logprobs, temperature, reduction, mask, labels,
-                        allowed_dtypes=_KERNEL_DTYPES + (torch.float64,))
+                        allowed_dtypes=_KERNEL_DTYPES + (torch.float64,), vocab_size=vocab_size)
+    student_logits = vocab_view(student_logits, vocab_size)
     per_token = _divergence_reference(student_logits, teacher_indices, teacher_logprobs.detach(), temperature, tail)
     if scale_by_t2:
         per_token = per_token * (temperature * temperature)
@@ -133,7 +134,7 @@ def _validate_common(temperature: float, reduction: str) -> None:
 
 
 def _validate_teacher(indices: Tensor, logprobs: Tensor, lead: torch.Size, vocab: int, device: torch.device,
-                      lead_what: str) -> None:
+                      lead_what: str, vocab_what: str = "the vocabulary") -> None:
     if not isinstance(indices, Tensor):
         raise TypeError(f"teacher_indices must be a torch.Tensor, got {type(indices).__name__}")
     if indices.dtype not in _INDEX_DTYPES:
@@ -149,7 +150,7 @@ def _validate_teacher(indices: Tensor, logprobs: Tensor, lead: torch.Size, vocab
     if k < 1:
         raise ValueError("teacher_indices has k = 0 entries per token (need k >= 1)")
     if k > vocab:
-        raise ValueError(f"teacher_indices has k = {k} entries per token, larger than the vocabulary ({vocab})")
+        raise ValueError(f"teacher_indices has k = {k} entries per token, larger than {vocab_what} ({vocab})")
     for name, t in (("teacher_indices", indices), ("teacher_logprobs", logprobs)):
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but the student is on {device}")
@@ -158,7 +159,7 @@ def _validate_teacher(indices: Tensor, logprobs: Tensor, lead: torch.Size, vocab
     # value checks on the small [N, k] tensors
     lo, hi = int(indices.min()), int(indices.max())
     if lo < 0 or hi >= vocab:
-        raise ValueError(f"teacher_indices must be in [0, {vocab}) (the vocabulary), got values in [{lo}, {hi}]")
+        raise ValueError(f"teacher_indices must be in [0, {vocab}) ({vocab_what}), got values in [{lo}, {hi}]")
     if k > 1:
         srt = indices.reshape(-1, k).sort(-1).values
         if bool((srt[:, 1:] == srt[:, :-1]).any()):
@@ -198,17 +199,27 @@ def _validate_tokens(mask: Optional[Tensor], labels: Optional[Tensor], lead: tor
 
 def _validate_topk_args(student: Tensor, indices: Tensor, logprobs: Tensor, temperature: float, reduction: str,
                         mask: Optional[Tensor], labels: Optional[Tensor],
-                        allowed_dtypes: tuple[torch.dtype, ...] = _KERNEL_DTYPES) -> None:
+                        allowed_dtypes: tuple[torch.dtype, ...] = _KERNEL_DTYPES,
+                        vocab_size: Optional[int] = None) -> None:
     _check_float_tensor("student_logits", student, allowed_dtypes)
     if student.dim() < 1:
         raise ValueError("student_logits must have at least one dimension (the vocabulary)")
     if student.shape[-1] == 0:
         raise ValueError("student_logits has an empty vocabulary dimension (V = 0)")
+    check_vocab_size(vocab_size, {"student_logits": student.shape[-1]})
     _validate_common(temperature, reduction)
     lead = student.shape[:-1]
     what = "student_logits' shape without the vocabulary axis"
-    _validate_teacher(indices, logprobs, lead, student.shape[-1], student.device, what)
+    vocab, vocab_what = _vocab_limit(student.shape[-1], vocab_size)
+    _validate_teacher(indices, logprobs, lead, vocab, student.device, what, vocab_what)
     _validate_tokens(mask, labels, lead, student.device, what)
+
+
+def _vocab_limit(width: int, vocab_size: Optional[int]) -> tuple[int, str]:
+    """The exclusive upper bound of valid teacher indices / labels and how errors name it."""
+    if vocab_size is None:
+        return width, "the vocabulary"
+    return vocab_size, "vocab_size, the real vocabulary: columns >= vocab_size are padding"
 
 
 def _counted(mask: Optional[Tensor], labels: Optional[Tensor], ignore_index: int) -> Optional[Tensor]:
@@ -347,7 +358,7 @@ register_row_loss_autograd(topk_kl_div_fwd)
 def topk_kl_div(student_logits: Tensor, teacher_indices: Tensor, teacher_logprobs: Tensor, *,
                 temperature: float = 1.0, mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
                 ignore_index: int = -100, reduction: str = "mean", tail: bool = True, scale_by_t2: bool = True,
-                backend: str = "auto") -> Tensor:
+                backend: str = "auto", vocab_size: Optional[int] = None) -> Tensor:
     """Forward KL from a sparse (top-k) teacher to the full-vocabulary student.
 
     Args:
@@ -365,6 +376,9 @@ def topk_kl_div(student_logits: Tensor, teacher_indices: Tensor, teacher_logprob
         scale_by_t2: multiply the loss by ``temperature**2``.
         backend: ``"auto"`` (CPU -> C++, CUDA -> CUDA C++ or Triton), ``"cpp"``, ``"cuda"``, ``"triton"``,
             ``"reference"``.
+        vocab_size: the real vocabulary when the student's logits are padded: columns ``>= vocab_size`` count as
+            ``-inf`` (no probability mass, zero gradient) and ``teacher_indices`` must lie in ``[0, vocab_size)``
+            (``ValueError`` otherwise). None (default): every column counts.
 
     Returns:
         fp32 scalar (``mean``/``sum``) or fp32 ``[...]`` (``none``). The gradient has the input dtype.
@@ -373,10 +387,11 @@ def topk_kl_div(student_logits: Tensor, teacher_indices: Tensor, teacher_logprob
         TypeError / ValueError naming the argument for bad dtypes, shapes, out-of-range or repeated indices,
         values that are not log-probabilities (checked in eager mode only).
     """
-    _validate_topk_args(student_logits, teacher_indices, teacher_logprobs, temperature, reduction, mask, labels)
+    _validate_topk_args(student_logits, teacher_indices, teacher_logprobs, temperature, reduction, mask, labels,
+                        vocab_size=vocab_size)
     lead = student_logits.shape[:-1]
     k = teacher_indices.shape[-1]
-    s2 = _as_rows(student_logits)
+    s2 = _as_rows(vocab_view(student_logits, vocab_size))  # a row-strided view without the padding
     n = s2.shape[0]
     weight = token_weights(_counted(mask, labels, ignore_index), n, s2.device, reduction)
     if scale_by_t2:
@@ -395,17 +410,21 @@ class TopKKLDivLoss(nn.Module):
     ``forward(student_logits, teacher_indices, teacher_logprobs, mask=None, labels=None)``."""
 
     def __init__(self, *, temperature: float = 1.0, reduction: str = "mean", tail: bool = True,
-                 ignore_index: int = -100, scale_by_t2: bool = True, backend: str = "auto") -> None:
+                 ignore_index: int = -100, scale_by_t2: bool = True, backend: str = "auto",
+                 vocab_size: Optional[int] = None) -> None:
         super().__init__()
         _validate_common(temperature, reduction)
+        check_vocab_size(vocab_size, {})
         self.temperature, self.reduction, self.tail = float(temperature), reduction, bool(tail)
         self.ignore_index, self.scale_by_t2, self.backend = ignore_index, scale_by_t2, backend
+        self.vocab_size = vocab_size
 
     def forward(self, student_logits: Tensor, teacher_indices: Tensor, teacher_logprobs: Tensor,
                 mask: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> Tensor:
         return topk_kl_div(student_logits, teacher_indices, teacher_logprobs, temperature=self.temperature,
                            mask=mask, labels=labels, ignore_index=self.ignore_index, reduction=self.reduction,
-                           tail=self.tail, scale_by_t2=self.scale_by_t2, backend=self.backend)
+                           tail=self.tail, scale_by_t2=self.scale_by_t2, backend=self.backend,
+                           vocab_size=self.vocab_size)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, reduction={self.reduction!r}, tail={self.tail}, "
@@ -447,8 +466,9 @@ def fused_linear_topk_kl_div_fwd(student_hidden: Tensor, student_weight: Tensor,
 
 
 def _validate_fused_args(sh, sw, sb, indices, logprobs, temperature, reduction, mask, labels, chunk_size,
-                         ce_weight, kl_weight, ignore_index=-100) -> None:
+                         ce_weight, kl_weight, ignore_index=-100, vocab_size=None) -> None:
     check_lm_head("student", sh, sw, sb, _KERNEL_DTYPES)
+    check_vocab_size(vocab_size, {"student_weight": sw.shape[0]})
     devices = {t.device for t in (sh, sw, sb) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"student_hidden, student_weight and student_bias must be on one device, got "
@@ -464,12 +484,13 @@ def _validate_fused_args(sh, sw, sb, indices, logprobs, temperature, reduction, 
     _validate_common(temperature, reduction)
     lead = sh.shape[:-1]
     what = "student_hidden's shape without the hidden axis"
-    _validate_teacher(indices, logprobs, lead, sw.shape[0], sh.device, what)
+    vocab, vocab_what = _vocab_limit(sw.shape[0], vocab_size)
+    _validate_teacher(indices, logprobs, lead, vocab, sh.device, what, vocab_what)
     _validate_tokens(mask, labels, lead, sh.device, what, allow_both=True)
     if labels is not None and _eager(labels) and labels.numel() > 0:
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= sw.shape[0]))
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
         if bool(bad.any()):
-            raise ValueError(f"labels must be in [0, {sw.shape[0]}) or the ignore_index")
+            raise ValueError(f"labels must be in [0, {vocab}) ({vocab_what}) or the ignore_index")
 
 
 def fused_linear_topk_kl_div(student_hidden: Tensor, student_weight: Tensor, teacher_indices: Tensor,
@@ -477,7 +498,8 @@ def fused_linear_topk_kl_div(student_hidden: Tensor, student_weight: Tensor, tea
                              labels: Optional[Tensor] = None, ignore_index: int = -100, ce_weight: float = 0.0,
                              kl_weight: float = 1.0, temperature: float = 1.0, mask: Optional[Tensor] = None,
                              reduction: str = "mean", tail: bool = True, chunk_size: Optional[int] = None,
-                             scale_by_t2: bool = True, backend: str = "auto") -> Tensor:
+                             scale_by_t2: bool = True, backend: str = "auto",
+                             vocab_size: Optional[int] = None) -> Tensor:
     """``ce_weight * CE + kl_weight * topk_kl_div`` of the logits ``hidden @ weight.T (+ bias)``, without
     materialising them.
 
@@ -493,6 +515,9 @@ def fused_linear_topk_kl_div(student_hidden: Tensor, student_weight: Tensor, tea
         ce_weight, kl_weight: the mix; ``scale_by_t2`` multiplies only the KL term by ``temperature**2``.
         chunk_size: tokens per chunk (default: about ``N / ceil(V / H)`` or what fits a 384 MiB (CPU) /
             1.5 GiB (CUDA) budget of chunk logits + gradient, at most N).
+        vocab_size: the real vocabulary when the LM head is padded: rows ``>= vocab_size`` of ``student_weight`` /
+            ``student_bias`` are padding (their logits count as ``-inf``, are never computed, and get a zero
+            gradient); teacher indices and labels must lie in ``[0, vocab_size)``.
         Other arguments as :func:`topk_kl_div`.
 
     Returns:
@@ -501,7 +526,9 @@ def fused_linear_topk_kl_div(student_hidden: Tensor, student_weight: Tensor, tea
         must be uniform across tokens. Extra memory: the fp32 weight gradient, O(N k) and one chunk of logits.
     """
     _validate_fused_args(student_hidden, student_weight, student_bias, teacher_indices, teacher_logprobs,
-                         temperature, reduction, mask, labels, chunk_size, ce_weight, kl_weight, ignore_index)
+                         temperature, reduction, mask, labels, chunk_size, ce_weight, kl_weight, ignore_index,
+                         vocab_size)
+    student_weight, student_bias = vocab_view(student_weight, vocab_size, 0), vocab_view(student_bias, vocab_size, 0)
     lead = student_hidden.shape[:-1]
     k = teacher_indices.shape[-1]
     sh = student_hidden.reshape(-1, student_hidden.shape[-1])
@@ -530,8 +557,10 @@ def fused_linear_topk_kl_div_reference(student_hidden: Tensor, student_weight: T
                                        labels: Optional[Tensor] = None, ignore_index: int = -100,
                                        ce_weight: float = 0.0, kl_weight: float = 1.0, temperature: float = 1.0,
                                        mask: Optional[Tensor] = None, reduction: str = "mean", tail: bool = True,
-                                       scale_by_t2: bool = True) -> Tensor:
+                                       scale_by_t2: bool = True, vocab_size: Optional[int] = None) -> Tensor:
     """Unfused plain-torch :func:`fused_linear_topk_kl_div` (materialises the logits; differentiable)."""
+    check_vocab_size(vocab_size, {"student_weight": student_weight.shape[0]})
+    student_weight, student_bias = vocab_view(student_weight, vocab_size, 0), vocab_view(student_bias, vocab_size, 0)
     logits = torch.nn.functional.linear(student_hidden, student_weight, student_bias)
     counted = _counted(mask, labels, ignore_index)
     d = _divergence_reference(logits, teacher_indices, teacher_logprobs.detach(), temperature, tail)
@@ -551,9 +580,12 @@ class FusedLinearTopKKLDivLoss(nn.Module):
 
     def __init__(self, *, temperature: float = 1.0, reduction: str = "mean", tail: bool = True,
                  ce_weight: float = 0.0, kl_weight: float = 1.0, ignore_index: int = -100,
-                 chunk_size: Optional[int] = None, scale_by_t2: bool = True, backend: str = "auto") -> None:
+                 chunk_size: Optional[int] = None, scale_by_t2: bool = True, backend: str = "auto",
+                 vocab_size: Optional[int] = None) -> None:
         super().__init__()
         _validate_common(temperature, reduction)
+        check_vocab_size(vocab_size, {})
+        self.vocab_size = vocab_size
         self.temperature, self.reduction, self.tail = float(temperature), reduction, bool(tail)
         self.ce_weight, self.kl_weight, self.ignore_index = float(ce_weight), float(kl_weight), ignore_index
         self.chunk_size, self.scale_by_t2, self.backend = chunk_size, scale_by_t2, backend
@@ -566,7 +598,7 @@ class FusedLinearTopKKLDivLoss(nn.Module):
                                         ce_weight=self.ce_weight, kl_weight=self.kl_weight,
                                         temperature=self.temperature, mask=mask, reduction=self.reduction,
                                         tail=self.tail, chunk_size=self.chunk_size, scale_by_t2=self.scale_by_t2,
-                                        backend=self.backend)
+                                        backend=self.backend, vocab_size=self.vocab_size)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, reduction={self.reduction!r}, tail={self.tail}, "

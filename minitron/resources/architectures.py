@@ -2,7 +2,9 @@
 
 ``architectures/<name>.json`` holds ``{"name", "description", "source", "config": <config.json dict>}``;
 ``architectures/presets.json`` holds the Minitron targets ``{preset: {"base", "source", "width": {sizes} or
-null, "num_hidden_layers"}}``. Shapes are facts of the published checkpoints; use them to write
+null, "num_hidden_layers"}}``. Shapes are facts of the published checkpoints (each file's ``source`` names the
+published config.json it reproduces: Llama-3.1-8B, Mistral-NeMo-12B, Qwen3-8B, and the mixtures of experts
+Qwen3-30B-A3B and Mixtral-8x7B-v0.1); use them to write
 random-weight checkpoints of the real sizes (``benchmarks/write_checkpoint.py``) or to check a plan.
 
 Example::
@@ -68,7 +70,8 @@ def preset_names() -> list[str]:
 
 def pruning_preset(name: str) -> dict[str, Any]:
     """Preset ``name``: ``{"base": architecture, "width": {hidden_size, intermediate_size,
-    num_attention_heads, num_key_value_heads} or None, "num_hidden_layers": int, "source": str}`` (a copy)."""
+    num_attention_heads, num_key_value_heads, or for mixtures of experts num_experts, moe_intermediate_size,
+    shared_expert_intermediate_size; any subset} or None, "num_hidden_layers": int, "source": str}`` (a copy)."""
     presets = _presets()
     if name not in presets:
         raise KeyError(f"unknown pruning preset {name!r}; available: {', '.join(sorted(presets))}")

@@ -14,8 +14,10 @@ import warnings
 from typing import Any
 
 from minitron.train.correction import correct_model
-from minitron.train.distill import (KL_MODES, DistillConfig, DistillationLoss, check_distillable, distill_model,
-                                    final_hidden_and_head, make_distillation_loss)
+from minitron.train.distill import (HIDDEN_BALANCES, HIDDEN_LOSSES, KL_MODES, PROJECTIONS_NAME, DistillConfig,
+                                    DistillationLoss, HiddenPlan, HiddenProjections, capture_layer_outputs,
+                                    check_distillable, distill_model, final_hidden_and_head, make_distillation_loss,
+                                    parse_layer_map, plan_hidden_distillation, pruning_record, resolve_vocab_size)
 from minitron.train.distributed import DistributedError, distributed_session
 from minitron.train.loop import (CKPT_DIR, LOG_NAME, PLOT_NAME, RESUMABLE_CHANGES, TrainConfig, TrainResult,
                                  default_eval_fn, latest_checkpoint, lm_loss, make_optimizer, read_log, train)
@@ -23,7 +25,9 @@ from minitron.train.loop import (CKPT_DIR, LOG_NAME, PLOT_NAME, RESUMABLE_CHANGE
 __all__ = ["TrainConfig", "TrainResult", "train", "lm_loss", "make_optimizer", "latest_checkpoint", "read_log",
            "default_eval_fn", "LOG_NAME", "PLOT_NAME", "CKPT_DIR", "RESUMABLE_CHANGES", "DistillConfig",
            "KL_MODES", "distill_model", "make_distillation_loss", "check_distillable", "final_hidden_and_head",
-           "correct_model", "DistillationLoss", "DistributedError", "distributed_session"]
+           "correct_model", "DistillationLoss", "DistributedError", "distributed_session", "HIDDEN_LOSSES",
+           "HIDDEN_BALANCES", "PROJECTIONS_NAME", "HiddenPlan", "HiddenProjections", "capture_layer_outputs",
+           "parse_layer_map", "plan_hidden_distillation", "pruning_record", "resolve_vocab_size"]
 
 _MOVED = {"atomic_write_json": "minitron.io.files", "atomic_write_text": "minitron.io.files",
           "resolve_device": "minitron.runtime", "resolve_bf16": "minitron.runtime",

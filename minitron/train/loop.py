@@ -13,7 +13,13 @@ Output directory layout::
     log.jsonl          one record per logged step: {"type": "train"|"eval", "step": ..., ...}
     loss.png           training (and evaluation) loss curves
     checkpoints/       step-00000100/ {model.pt, optimizer.pt, scheduler.pt, rng.pt, state.json}
+                                      (+ extra.pt: modules trained with the model, e.g. hidden-state projections)
                        latest          (text: name of the newest complete checkpoint)
+
+Modules trained with the model: a loss object with ``trainable_modules() -> {name: module}`` (the distillation
+loss's hidden-state projections) gets them registered under the loss module (``extra.<name>``), so DDP
+synchronises their gradients, the optimizer updates them (after the model's parameters) and every checkpoint
+carries their state in ``extra.pt``; ``resume`` restores them.
 """
 from __future__ import annotations
 
@@ -290,6 +296,7 @@ def _save_checkpoint(
     state: Dict[str, Any],
     keep: int,
     ds: Optional[DistState] = None,
+    extra: Optional[torch.nn.Module] = None,
 ) -> Path:
     """Write ``checkpoints/step-N`` atomically (temporary directory, then rename), update ``latest``, prune.
 
@@ -324,6 +331,8 @@ def _save_checkpoint(
         elif ds.is_main:
             torch.save(model.state_dict(), tmp / "model.pt")
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            if extra is not None:
+                torch.save(extra.state_dict(), tmp / "extra.pt")
         if ds.is_main:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(_rng_state(), tmp / "rng.pt")
@@ -451,6 +460,12 @@ class _Engine:
     work: torch.nn.Module
     root: torch.nn.Module
     engine: torch.nn.Module
+    extra: Optional[torch.nn.Module] = None
+
+    @property
+    def trained(self) -> torch.nn.Module:
+        """What the optimizer updates: the model, plus the extra modules when there are some."""
+        return self.root if self.extra is not None else self.work
 
 
 @dataclass
@@ -532,6 +547,11 @@ def _setup(data: PackedDataset, config: TrainConfig, output_dir: PathLike, eval_
 def _build_engine(model: torch.nn.Module, loss_fn: LossFn, s: _Setup) -> _Engine:
     """Place the model and wrap it for the strategy (FSDP2 shards a copy, and the loss's frozen models)."""
     config = s.config
+    extras = dict(loss_fn.trainable_modules()) if hasattr(loss_fn, "trainable_modules") else {}  # type: ignore[attr-defined]
+    extra = torch.nn.ModuleDict(extras).to(s.device) if extras else None
+    if extra is not None and s.strategy == "fsdp2":
+        raise ValueError(f"modules trained with the model ({sorted(extras)}) are not supported under strategy fsdp2 "
+                         "yet; use ddp")
     if s.strategy == "fsdp2":
         work = copy.deepcopy(model)  # sharded in place; the trained weights go back into ``model`` at the end
         work.to(s.device)
@@ -556,6 +576,8 @@ def _build_engine(model: torch.nn.Module, loss_fn: LossFn, s: _Setup) -> _Engine
         work.to(s.device)
         work.train()
         root = LossModule(work, loss_fn)
+        if extra is not None:
+            root.extra = extra  # registered: DDP syncs its gradients, the optimizer and checkpoints include it
         if config.compile:
             root.compile(**_compile_kwargs(config.compile))
         if s.strategy == "ddp":
@@ -567,7 +589,7 @@ def _build_engine(model: torch.nn.Module, loss_fn: LossFn, s: _Setup) -> _Engine
     if s.strategy:
         log.info("rank %d of %d: %s on %s (per-rank batch %d, global batch %d)", s.ds.rank, s.ds.world_size,
                  s.strategy, s.device, config.batch_size, config.batch_size * s.ds.world_size)
-    return _Engine(work, root, engine)
+    return _Engine(work, root, engine, extra)
 
 
 def _load_checkpoint_file(ckpt: Path, name: str, **kw: Any) -> Any:
@@ -598,6 +620,12 @@ def _restore(s: _Setup, e: _Engine, optimizer: torch.optim.Optimizer, scheduler:
             set_state_dict(e.root, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
         else:
             e.work.load_state_dict(_load_checkpoint_file(ckpt, "model.pt", map_location=s.device, weights_only=True))
+            if e.extra is not None:
+                if not (ckpt / "extra.pt").is_file():
+                    raise ValueError(f"cannot resume {ckpt}: it holds no extra.pt, but this run trains extra modules "
+                                     "with the model (e.g. hidden-state projections)")
+                e.extra.load_state_dict(_load_checkpoint_file(ckpt, "extra.pt", map_location=s.device,
+                                                              weights_only=True))
             optimizer.load_state_dict(_load_checkpoint_file(ckpt, "optimizer.pt", map_location=s.device,
                                                             weights_only=True))
         scheduler.load_state_dict(_load_checkpoint_file(ckpt, "scheduler.pt", weights_only=True))
@@ -718,7 +746,7 @@ def _after_step(s: _Setup, e: _Engine, optimizer: torch.optim.Optimizer, schedul
             s.out, step, e.root if s.strategy == "fsdp2" else e.work, optimizer, scheduler, s.stream,
             {"config": config.to_dict(), "run_info": s.run_info, "elapsed_s": p.elapsed(),
              "global_batch_size": config.batch_size * s.ds.world_size},
-            config.keep_checkpoints, s.ds,
+            config.keep_checkpoints, s.ds, e.extra,
         )
         if s.ds.is_main:
             p.plot_path = _plot(p.history, s.out, s.plot_title)
@@ -838,7 +866,7 @@ def train(
             shutil.rmtree(stale, ignore_errors=True)
     seed_everything(config.seed)
     e = _build_engine(model, loss_fn, s)
-    optimizer = make_optimizer(e.work, config)
+    optimizer = make_optimizer(e.trained, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda_factory(config))
     p = _restore(s, e, optimizer, scheduler, resume)
     barrier()

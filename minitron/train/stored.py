@@ -8,7 +8,8 @@ store's temperature, optionally mixed with the student's next-token cross-entrop
 
 ``tail=True`` (default) matches the teacher's unstored mass against the student's mass outside the k entries;
 ``tail=False`` renormalises the teacher over its k entries (DistillKit's sparse KL); see ``docs/topk_kl.md``.
-Counted tokens: the real (unpadded) positions; with an LM term, the last position of each sequence (whose next
+Counted tokens: the real (unpadded) positions that hold a teacher distribution (a position whose stored entries
+are all ``-inf`` has none: imported served records end so); with an LM term, the last position of each sequence (whose next
 token is unknown) counts for neither term, since both come from one fused kernel call.
 
 The training batches carry the stored entries: :func:`distill_from_store` wraps the data so that every batch the
@@ -51,6 +52,9 @@ class StoredDistillConfig:
             log-probabilities were computed at the store's temperature).
         chunk_size: tokens per chunk in the fused op (None: the op's default).
         backend: op backend ("auto", "cpp", "cuda", "triton", "reference").
+        vocab_size: the real vocabulary for the KL (stored or student columns at or above it count as -inf);
+            None: detected (:func:`minitron.train.distill.resolve_vocab_size`: the tokenizer, the store's and the
+            student's head sizes).
     """
 
     kl_weight: float = option(1.0, help="weight of the top-k KL term")
@@ -60,6 +64,8 @@ class StoredDistillConfig:
     temperature: Optional[float] = option(None, help="must equal the store's", default_text="the store's")
     chunk_size: Optional[int] = option(None, help="tokens per chunk in the fused op", default_text="the op's")
     backend: str = option("auto", help="op backend", aliases=("kl_backend",))
+    vocab_size: Optional[int] = option(None, help="real vocabulary size for the KL", cli=False,
+                                       default_text="detected from the tokenizer and heads")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -80,6 +86,9 @@ class StoredDistillConfig:
             raise ValueError(f"StoredDistillConfig.chunk_size must be a positive int or None, got {self.chunk_size!r}")
         if not isinstance(self.backend, str):
             raise TypeError(f"StoredDistillConfig.backend must be a string, got {self.backend!r}")
+        if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or isinstance(self.vocab_size, bool)
+                                            or self.vocab_size < 1):
+            raise ValueError(f"StoredDistillConfig.vocab_size must be a positive int or None, got {self.vocab_size!r}")
 
     @classmethod
     def from_dict(cls, d: Optional[Dict[str, Any]]) -> "StoredDistillConfig":
@@ -92,7 +101,11 @@ class StoredDistillConfig:
         return cls(**d)
 
     def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
+        """The settings as a dict (``vocab_size`` only when set, so that older runs resume unchanged)."""
+        d = asdict(self)
+        if d["vocab_size"] is None:
+            del d["vocab_size"]
+        return d
 
 
 class StoreBackedData(PackedDataset):
@@ -123,8 +136,11 @@ def _store_temperature(store: TeacherLogitStore, config: StoredDistillConfig) ->
     return t
 
 
-def make_stored_distillation_loss(store: TeacherLogitStore, config: StoredDistillConfig):
+def make_stored_distillation_loss(store: TeacherLogitStore, config: StoredDistillConfig,
+                                  vocab_size: Optional[int] = None):
     """The loss function ``loss_fn(student, batch) -> (loss, metrics)`` for :func:`minitron.train.loop.train`.
+
+    ``vocab_size``: the real vocabulary passed to the op (None: ``config.vocab_size``; both None: the heads are it).
 
     ``batch`` holds ``input_ids``/``attention_mask`` ``[B, S]`` and either ``teacher_indices``/``teacher_logprobs``
     ``[B, S, k]`` (as :class:`StoreBackedData` batches do) or ``sequence_index`` ``[B]`` (looked up in ``store``).
@@ -139,6 +155,8 @@ def make_stored_distillation_loss(store: TeacherLogitStore, config: StoredDistil
         raise TypeError(f"config must be a StoredDistillConfig, got {type(config).__name__}")
     config.validate()
     temperature = _store_temperature(store, config)
+    real_vocab = vocab_size if vocab_size is not None else config.vocab_size
+    vocab_kw = {"vocab_size": int(real_vocab)} if real_vocab is not None else {}
 
     def loss_fn(student: torch.nn.Module, batch: Batch) -> Tuple[torch.Tensor, Dict[str, float]]:
         mask = batch["attention_mask"] != 0
@@ -154,6 +172,9 @@ def make_stored_distillation_loss(store: TeacherLogitStore, config: StoredDistil
             s_hidden = s_hidden.to(s_weight.dtype)
         t_idx = t_idx.to(s_hidden.device, non_blocking=True)
         t_lp = t_lp.to(s_hidden.device, non_blocking=True)
+        # a position without a teacher distribution (all entries -inf: e.g. the last prompt position of imported
+        # served records) counts for nothing
+        mask = mask & torch.isfinite(t_lp[..., 0])
         labels = None
         if config.lm_loss_weight > 0:
             ids = batch["input_ids"]
@@ -163,7 +184,7 @@ def make_stored_distillation_loss(store: TeacherLogitStore, config: StoredDistil
         loss = fused_linear_topk_kl_div(
             s_hidden, s_weight, t_idx, t_lp, student_bias=s_bias, labels=labels, ce_weight=config.lm_loss_weight,
             kl_weight=config.kl_weight, temperature=temperature, mask=mask, reduction="mean", tail=config.tail,
-            chunk_size=config.chunk_size, backend=config.backend,
+            chunk_size=config.chunk_size, backend=config.backend, **vocab_kw,
         )
         value = float(loss.detach())
         return loss, ({"kl": value} if config.lm_loss_weight == 0 else {"kl_lm": value})
@@ -181,6 +202,7 @@ def distill_from_store(
     *,
     run_info: Optional[Dict[str, Any]] = None,
     tokenizer_hash: Optional[str] = None,
+    tokenizer: Any = None,
     **run: Any,
 ) -> TrainResult:
     """Distil ``student`` (trained in place) from a teacher-logit store; no teacher is loaded.
@@ -194,7 +216,9 @@ def distill_from_store(
         output_dir: the run directory (log, plot, checkpoints); not inside the store.
         run_info: extra JSON-able run description (the store's identity is added and checked on resume).
         tokenizer_hash: the student's tokenizer hash (:func:`minitron.io.logit_store.tokenizer_hash`), compared
-            with the store's when both are known.
+            with the store's when both are known (and the heads are the same size).
+        tokenizer: the student's tokenizer, to detect a padded head on either side (the store's vocabulary is
+            the teacher's head): the real vocabulary is then ``len(tokenizer)``, logged.
         **run: the run's other keywords, as :func:`minitron.train.loop.train` takes them: ``eval_data``
             (the student's LM loss / perplexity), ``resume``, ``callbacks``.
 
@@ -221,9 +245,15 @@ def distill_from_store(
     if same_or_inside(output_dir, store.path) or same_or_inside(store.path, output_dir):
         raise ValueError(f"output_dir {str(output_dir)!r} overlaps the teacher-logit store {str(store.path)!r}; "
                          "choose another output directory")
+    from minitron.train.distill import resolve_vocab_size
+
     vocab = int(adapter.lm_head(student).weight.shape[0])
-    store.check_compatible(data, vocab_size=vocab, tokenizer_hash=tokenizer_hash)
-    loss_fn = make_stored_distillation_loss(store, config)
+    real = None  # without a tokenizer or --vocab-size, check_compatible refuses heads of another size
+    if tokenizer is not None or config.vocab_size is not None:
+        real = resolve_vocab_size(student, None, tokenizers=(tokenizer,), requested=config.vocab_size,
+                                  teacher_vocab=store.vocab_size)
+    store.check_compatible(data, vocab_size=vocab, tokenizer_hash=tokenizer_hash, real_vocab_size=real)
+    loss_fn = make_stored_distillation_loss(store, config, vocab_size=real)
     m = store.manifest
     info = dict(run_info or {})
     info.setdefault("distill_from_store", {
@@ -232,6 +262,7 @@ def distill_from_store(
         "k": store.k, "temperature": store.temperature, "value_encoding": store.value_encoding,
         "teacher_config_sha256": (m.get("teacher") or {}).get("config_sha256"),
         "data_sha256": m["data"].get("input_ids_sha256"),
+        **({"real_vocab_size": real} if real is not None else {}),
     })
     tail = "tail" if config.tail else "renormalised"
     return train(

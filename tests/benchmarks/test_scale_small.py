@@ -14,6 +14,9 @@ from minitron.resources.architectures import (architecture_dict, architecture_na
 
 TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
             head_dim=16, vocab_size=300, bos_token_id=1, eos_token_id=2)
+TINY_MOE = dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=4,
+                num_attention_heads=8, num_key_value_heads=2, head_dim=16, vocab_size=300, num_experts=4,
+                num_experts_per_tok=2, bos_token_id=1, eos_token_id=2)
 TINY_PRESETS = {
     "llama-3.1-minitron-4b-width": {"width": {"hidden_size": 96, "intermediate_size": 192, "num_attention_heads": 8,
                                               "num_key_value_heads": 2}},
@@ -35,13 +38,32 @@ def test_published_architectures(name, params):
     assert cfg.head_dim == 128 and cfg.num_key_value_heads == 8 and not cfg.tie_word_embeddings
 
 
+@pytest.mark.parametrize("name,params,experts,top_k,width,kv", [
+    ("qwen3-30b-a3b", 30_532_122_624, 128, 8, 768, 4),   # 30.5B total, published
+    ("mixtral-8x7b", 46_702_792_704, 8, 2, 14336, 8),    # 46.7B total, published
+])
+def test_published_moe_architectures(name, params, experts, top_k, width, kv):
+    from transformers import AutoModelForCausalLM
+
+    from minitron.models import get_adapter
+
+    cfg = load_architecture(name)
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(cfg)
+    assert sum(p.numel() for p in m.parameters()) == params
+    md = get_adapter(cfg).moe_dims(cfg)
+    assert (md.num_experts, md.num_experts_per_tok, md.moe_intermediate_size) == (experts, top_k, width)
+    assert all(md.moe_layers) and cfg.num_key_value_heads == kv and get_adapter(cfg).head_dim(cfg) == 128
+
+
 def test_llama31_rope_and_presets():
     from minitron.compress.prune import validate_width_targets
 
     d = architecture_dict("llama-3.1-8b")
     assert d["rope_scaling"] == {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                  "original_max_position_embeddings": 8192, "rope_type": "llama3"}
-    assert set(preset_names()) == {"llama-3.1-minitron-4b-width", "llama-3.1-minitron-4b-depth", "mistral-nemo-minitron-8b"}
+    assert set(preset_names()) == {"llama-3.1-minitron-4b-width", "llama-3.1-minitron-4b-depth", "mistral-nemo-minitron-8b",
+                                   "qwen3-30b-a3b-half-experts", "mixtral-8x7b-6-experts"}
     for name in preset_names():
         p = pruning_preset(name)
         if p["width"]:
@@ -76,6 +98,24 @@ def test_write_random_checkpoint(tmp_path, init):
     assert (out / "tokenizer.json").is_file()
 
 
+def test_write_random_moe_checkpoint_in_transformers_layout(tmp_path):
+    """MoE experts are written one 2-D tensor per expert, as transformers saves them; the checkpoint loads."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from minitron.compress.moe_layout import validate_checkpoint
+
+    d = architecture_dict("mixtral-8x7b")
+    d.update(hidden_size=128, intermediate_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+             vocab_size=300, num_local_experts=4)
+    cfg = AutoConfig.for_model(d.pop("model_type"), **d)
+    out = write_random_checkpoint(cfg, tmp_path / "ck", init="pool", shard_bytes=200_000, progress=False)
+    ck = validate_checkpoint(ShardedCheckpoint(out))
+    assert ck.shape("model.layers.0.block_sparse_moe.experts.3.w2.weight") == (128, 64)
+    m, info = AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert tuple(m.model.layers[0].mlp.experts.gate_up_proj.shape) == (4, 128, 128)
+
+
 # ---------------------------------------------------------------------------------------------- stages
 def test_stages_end_to_end(tmp_path):
     """write -> random importance -> streamed prune (width, depth) -> plain-transformers generate, in process."""
@@ -95,6 +135,26 @@ def test_stages_end_to_end(tmp_path):
             assert r["dropped_layers"][1] == r["dropped_layers"][0] + 1  # one contiguous block
         g = bs.stage_generate({"ckpt": str(out), "threads": 1})
         assert g["new_tokens"] == 8 and g["minitron_imported"] is False
+
+
+def test_moe_stages_end_to_end(tmp_path):
+    """Qwen3-MoE shapes, scaled down: write -> streamed importance (expert scores) -> streamed prune of experts and
+    expert width -> plain-transformers generate."""
+    ck = tmp_path / "ck"
+    bs.stage_write({"arch": "qwen3-30b-a3b", "out": str(ck), "shard_bytes": 300_000, "overrides": TINY_MOE})
+    imp = bs.stage_importance({"ckpt": str(ck), "out": str(tmp_path / "imp"), "method": "streaming", "tokens": 64,
+                               "seq": 16, "backend": "reference"})
+    assert imp["has_expert_scores"] and imp["tokens"] == 64
+    r = bs.stage_prune({"ckpt": str(ck), "scores": str(tmp_path / "imp"), "out": str(tmp_path / "p"),
+                        "width": {"num_experts": 2, "moe_intermediate_size": 48}, "num_hidden_layers": None,
+                        "shard_bytes": 300_000})
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(tmp_path / "p"))  # config.json spells num_experts "num_local_experts"
+    assert (cfg.num_experts, cfg.moe_intermediate_size, cfg.num_hidden_layers) == (2, 48, 4)
+    assert r["output_bytes"] > 0
+    g = bs.stage_generate({"ckpt": str(tmp_path / "p"), "threads": 1})
+    assert g["new_tokens"] == 8 and g["minitron_imported"] is False
 
 
 def test_run_stage_measures_a_subprocess(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text")
 
 # hidden 48, 6 query heads in 2 KV groups (3 heads per group), head_dim 8 (qwen3: 12, not hidden/heads)
 _COMMON = dict(
@@ -47,6 +47,13 @@ def tiny_config(family: str, *, tie: bool = False, **overrides: Any):
     elif family == "phi3":
         cls = Phi3Config
         kw.update(original_max_position_embeddings=128)
+    elif family == "gemma3_text":
+        from transformers import Gemma3TextConfig
+
+        cls = Gemma3TextConfig
+        # head_dim 12 (not hidden/heads); layers [sliding, full, sliding, full] with a window of 6 tokens
+        kw.update(head_dim=12, sliding_window=6, layer_types=["sliding_attention", "full_attention"] * 2,
+                  query_pre_attn_scalar=12)
     else:
         raise KeyError(family)
     kw.update(overrides)

@@ -67,7 +67,7 @@ def test_pruned_checkpoints_reload_without_minitron(tmp_path):
         save_model(model, dirs[name], tokenizer=tiny_tokenizer() if fam == "llama" else None)
         cfg = json.loads((tmp_path / name / "config.json").read_text())
         assert cfg["hidden_size"] == 24 and cfg["num_hidden_layers"] == 3
-        assert cfg["head_dim"] == (12 if fam == "qwen3" else 8)
+        assert cfg["head_dim"] == (12 if fam in ("qwen3", "gemma3_text") else 8)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MINITRON_EXT")}
     env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run([sys.executable, "-c", RELOAD, json.dumps(dirs), str(tmp_path / "ids.pt"),

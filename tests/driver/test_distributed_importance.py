@@ -20,6 +20,24 @@ from minitron.compress.streaming import estimate_importance_streaming
 from tests.driver.conftest import BACKEND, make_batches, make_model
 
 FIELDS = ("heads", "kv_groups", "neurons", "channels", "block_influence", "lm_loss_drop")
+MOE_FIELDS = ("experts", "expert_frequency", "expert_neurons", "shared_neurons")
+
+
+def _model(family: str):
+    """A tiny model of a dense family (conftest) or of a mixture-of-experts family (test_moe)."""
+    if family in ("qwen3_moe", "qwen2_moe", "mixtral"):
+        from tests.driver.test_moe import make_moe_model
+
+        return make_moe_model(family)
+    return make_model(family)
+
+
+def _backend(family: str) -> str:
+    if family in ("qwen3_moe", "qwen2_moe", "mixtral"):
+        from tests.driver.test_moe import IMP_BACKEND
+
+        return IMP_BACKEND
+    return BACKEND
 PG_TIMEOUT_S = 20
 JOIN_TIMEOUT_S = 90
 
@@ -34,7 +52,8 @@ def _run(rank: int, world: int, tmp: str, scenario: str, family: str, n_batches:
         dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=PG_TIMEOUT_S))
         try:
-            model = make_model(family)
+            model = _model(family)
+            backend = _backend(family)
             batches = make_batches(n=n_batches)
             if scenario.endswith("-cpu-group"):
                 # as under NCCL: CPU tensors go through a separate gloo group (created by group_for)
@@ -51,12 +70,13 @@ def _run(rank: int, world: int, tmp: str, scenario: str, family: str, n_batches:
 
                 ImportanceScores._save_local = spy
                 if scenario == "memory":
-                    scores = estimate_importance(model, batches, progress=False, backend=BACKEND)
+                    scores = estimate_importance(model, batches, progress=False, backend=backend)
                 else:
-                    scores = estimate_importance_streaming(out / "ckpt", batches, progress=False, backend=BACKEND,
+                    scores = estimate_importance_streaming(out / "ckpt", batches, progress=False, backend=backend,
                                                            max_hidden_bytes=0 if rank == 1 else None)
                 scores.save(out / "scores")
-                torch.save({n: getattr(scores, n) for n in FIELDS} | {"meta": scores.meta}, out / f"rank{rank}.pt")
+                torch.save({n: getattr(scores, n) for n in FIELDS + MOE_FIELDS} | {"meta": scores.meta},
+                           out / f"rank{rank}.pt")
                 import minitron.compress.distributed as mdist
 
                 if mdist._CPU_GROUP:
@@ -119,15 +139,20 @@ def errors(tmp_path: Path, world: int) -> str:
     ("streamed", 2, 5, "llama"),    # rank 1 also spills its hidden states
     ("streamed", 3, 2, "qwen3"),    # rank 2 gets no batch at all
     ("streamed-cpu-group", 2, 3, "mistral"),  # CPU reductions through a gloo subgroup, as under NCCL
+    ("memory", 2, 3, "qwen2_moe"),  # expert, expert-neuron and shared-expert accumulators all-reduced
+    ("streamed", 2, 3, "mixtral"),
 ])
 def test_equals_single_process(scenario, world, n_batches, family, tmp_path):
-    model = make_model(family)
+    model = _model(family)
     model.save_pretrained(str(tmp_path / "ckpt"), max_shard_size="20KB")
-    ref = estimate_importance(model, make_batches(n=n_batches), progress=False, backend=BACKEND)
+    ref = estimate_importance(model, make_batches(n=n_batches), progress=False, backend=_backend(family))
     codes = spawn(world, tmp_path, scenario, family, n_batches)
     assert codes == [0] * world, errors(tmp_path, world)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
-    for name in FIELDS:
+    for name in FIELDS + MOE_FIELDS:
+        if getattr(ref, name) is None:
+            assert all(results[r][name] is None for r in range(world)), name
+            continue
         for r in range(world):
             got = results[r][name]
             torch.testing.assert_close(got, getattr(ref, name), rtol=1e-5, atol=1e-6, msg=f"{name} rank {r}")

@@ -109,7 +109,8 @@ def check_against_reference(model, batches, seq_agg="mean", batch_agg="l2"):
         assert got.block_influence[l].item() == pytest.approx(ref_block_influence(st["io"][l], masks), rel=1e-5)
     channels = sum(ref_importance(acts, masks, 1, seq_agg, batch_agg) for acts in st["norms"])
     torch.testing.assert_close(got.channels, channels, **tol)
-    assert len(st["norms"]) == 2 * d.num_hidden_layers + 1
+    per_layer = 4 if model.config.model_type == "gemma3_text" else 2  # Gemma-3: input, post-attention, pre/post-ffw
+    assert len(st["norms"]) == per_layer * d.num_hidden_layers + 1
     torch.testing.assert_close(got.kv_groups, got.heads.view(d.num_hidden_layers, d.num_key_value_heads, -1).sum(-1))
     return got
 

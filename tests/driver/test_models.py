@@ -9,7 +9,15 @@ from tests.driver.conftest import FAMILIES, make_model, tiny_config
 
 
 def test_supported_types():
-    assert SUPPORTED_MODEL_TYPES == ("llama", "mistral", "qwen2", "qwen3", "phi3")
+    """The first five families first, then the others in alphabetical order of their module names."""
+    from pathlib import Path
+
+    import minitron.models
+
+    later = ("mixtral", "qwen2_moe", "qwen3_moe")
+    if (Path(minitron.models.__file__).parent / "gemma3.py").is_file():  # gemma3.py sorts before mixtral.py
+        later = ("gemma3_text",) + later
+    assert SUPPORTED_MODEL_TYPES == ("llama", "mistral", "qwen2", "qwen3", "phi3") + later
 
 
 def test_get_adapter_accepts_model_config_and_string(family):
@@ -42,7 +50,7 @@ def test_dims_and_head_dim(family):
     model = make_model(family)
     d = get_adapter(model).dims(model.config)
     assert (d.hidden_size, d.intermediate_size, d.num_attention_heads, d.num_key_value_heads) == (48, 64, 6, 2)
-    assert d.head_dim == (12 if family == "qwen3" else 8)
+    assert d.head_dim == (12 if family in ("qwen3", "gemma3_text") else 8)
     assert d.heads_per_group == 3
 
 
@@ -122,3 +130,57 @@ def test_pruned_config_is_a_copy(fam):
     new = ad.pruned_config(cfg, hidden_size=24)
     assert new.hidden_size == 24 and cfg.hidden_size == 48
     assert new.head_dim == ad.head_dim(cfg)
+
+
+# ---------------------------------------------------------------------------------------------- mixture of experts
+@pytest.mark.parametrize("fam", ("qwen3_moe", "qwen2_moe", "mixtral"))
+def test_moe_adapters(fam):
+    """MoE families: lookup, attention spans as the dense families, MLP inputs / residual writers of MoE and dense
+    layers, expert checkpoint names, the MoE sizes written into the family's own config fields."""
+    from minitron.models.base import MoeAdapter
+    from tests.driver.test_moe import make_moe_model
+
+    model = make_moe_model(fam)
+    ad = get_adapter(model)
+    assert isinstance(ad, MoeAdapter) and get_adapter(fam).model_type == fam
+    ad.check_model(model)
+    d = ad.dims(model.config)
+    names = {id(m): n for n, m in model.named_modules()}
+    for l, layer in enumerate(ad.layers(model)):
+        spans = [ad.query_rows(layer, d), ad.key_rows(layer, d), ad.value_rows(layer, d)]
+        assert [s.units for s in spans] == [6, 2, 2]
+        ins, outs = ad.mlp_inputs(layer), ad.residual_writers(layer)
+        assert all(m.weight.shape[-1] == 48 for m in ins) and all(m.weight.shape[0] == 48 for m in outs)
+        if ad.is_moe_layer(layer):
+            assert ins[0] is ad.router(layer)
+            shared = ad.shared_expert(layer)
+            assert (shared is not None) == (fam == "qwen2_moe")
+            assert len(outs) == (2 if shared is not None else 1)
+            p = names[id(ad.experts(layer))]
+            g, u, dn = ad.expert_checkpoint_names(p, 3)
+            if fam == "mixtral":
+                assert (g, u, dn) == tuple(f"model.layers.{l}.block_sparse_moe.experts.3.{w}.weight"
+                                           for w in ("w1", "w3", "w2"))
+            else:
+                assert g == f"model.layers.{l}.mlp.experts.3.gate_proj.weight" and dn.endswith("3.down_proj.weight")
+        else:
+            assert [m is x for m, x in zip(ins, (layer.mlp.gate_proj, layer.mlp.up_proj))] == [True, True]
+    new = ad.pruned_config(model.config, num_experts=4, moe_intermediate_size=8)
+    m = ad.moe_dims(new)
+    assert (m.num_experts, m.moe_intermediate_size) == (4, 8) and ad.moe_dims(model.config).num_experts == 6
+    if fam == "mixtral":
+        assert (new.num_local_experts, new.intermediate_size) == (4, 8)
+    assert get_adapter("llama").moe_dims(tiny_config("llama")) is None
+
+
+def test_moe_cut_per_layer_config_keeps_layer_kinds():
+    from tests.driver.test_moe import moe_config
+
+    cfg = moe_config("qwen2_moe", decoder_sparse_step=2, mlp_only_layers=[3])
+    ad = get_adapter(cfg)
+    assert ad.moe_layer_flags(cfg) == (False, True, False, False)
+    ad.cut_per_layer_config(cfg, [1, 2])
+    cfg.num_hidden_layers = 2
+    assert (cfg.decoder_sparse_step, cfg.mlp_only_layers) == (1, [1])
+    assert ad.moe_layer_flags(cfg) == (True, False)
+    cfg.validate()

@@ -73,7 +73,10 @@ def zero_hooks(model, *, heads=None, neurons=None, channels=None):
 
         def norm_hook(m, args, out):
             x = args[0].float()[..., channels]
-            y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon) * m.weight[channels]
+            if hasattr(m, "variance_epsilon"):  # Llama-style RMSNorm: normed * w
+                y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon) * m.weight[channels]
+            else:  # Gemma RMSNorm: normed * (1 + w), in fp32
+                y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.eps) * (1.0 + m.weight[channels].float())
             full = torch.zeros_like(out)
             full[..., channels] = y.to(out.dtype)
             return full
@@ -117,7 +120,7 @@ def test_prune_neurons_equals_zeroing(family):
 def test_prune_heads_within_groups_equals_zeroing(family):
     m = check_width(family, num_attention_heads=4)
     assert m.config.num_attention_heads == 4 and m.config.num_key_value_heads == 2
-    assert m.config.head_dim == (12 if family == "qwen3" else 8)
+    assert m.config.head_dim == (12 if family in ("qwen3", "gemma3_text") else 8)
 
 
 def test_prune_kv_groups_equals_zeroing(family):
@@ -397,3 +400,65 @@ def test_unusable_slicing_backend_refused_before_work(bad, exc):
     with pytest.raises(exc):
         prune_width(model, random_scores(model), intermediate_size=32, backend=bad)
     assert_unchanged(model, snap)
+
+
+# ----------------------------------------------------------------------------- pruning record and width transforms
+def test_pruning_record_composes_width_then_depth_and_twice(tmp_path):
+    """config.minitron_pruning maps student layers/channels to the teacher's, composed over successive prunes and
+    kept through save_pretrained / from_pretrained (transformers keeps unknown config attributes)."""
+    from transformers import AutoModelForCausalLM
+
+    from minitron.compress.prune import PRUNING_RECORD
+
+    model = make_model("qwen3")
+    scores = random_scores(model, seed=5)
+    ch1 = kept_channels(scores, 32).tolist()
+    prune_width(model, scores, hidden_size=32, backend=BACKEND)
+    rec = getattr(model.config, PRUNING_RECORD)
+    assert rec == {"source_num_hidden_layers": 4, "kept_layers": [0, 1, 2, 3], "source_hidden_size": 48,
+                   "kept_channels": ch1}
+    prune_depth(model, num_hidden_layers=3, layers_to_drop=[1])
+    assert getattr(model.config, PRUNING_RECORD)["kept_layers"] == [0, 2, 3]
+    # a second round on the pruned model composes with the first
+    scores2 = random_scores(model, seed=6)
+    ch2 = kept_channels(scores2, 24).tolist()
+    prune_width(model, scores2, hidden_size=24, num_attention_heads=4, num_key_value_heads=2, backend=BACKEND)
+    prune_depth(model, num_hidden_layers=2, layers_to_drop=[0])
+    rec = getattr(model.config, PRUNING_RECORD)
+    assert rec["kept_layers"] == [2, 3] and rec["source_num_hidden_layers"] == 4
+    assert rec["kept_channels"] == [ch1[c] for c in ch2] and rec["source_hidden_size"] == 48
+    model.save_pretrained(str(tmp_path))
+    again = AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    assert getattr(again.config, PRUNING_RECORD) == rec
+
+
+def test_pruning_record_without_hidden_cut():
+    from minitron.compress.prune import PRUNING_RECORD
+
+    model = make_model("llama")
+    prune_width(model, random_scores(model), intermediate_size=32, backend=BACKEND)
+    rec = getattr(model.config, PRUNING_RECORD)
+    assert rec["kept_channels"] is None and rec["source_hidden_size"] == 48 and rec["kept_layers"] == [0, 1, 2, 3]
+
+
+def test_width_transforms_hook_applied_after_cuts(monkeypatch):
+    """ModelAdapter.width_transforms: each named tensor goes through its function after its cuts, once."""
+    from minitron.models.base import ModelAdapter
+
+    calls = []
+
+    def transforms(self, before, after):
+        calls.append((before.hidden_size, after.hidden_size))
+        return {"model.embed_tokens.weight": lambda t: t * 2.0, "model.norm.weight": lambda t: t + 1.0}
+
+    model = make_model("mistral")
+    ref = copy.deepcopy(model)
+    scores = random_scores(model)
+    monkeypatch.setattr(ModelAdapter, "width_transforms", transforms)
+    prune_width(model, scores, hidden_size=32, backend=BACKEND)
+    keep = kept_channels(scores, 32)
+    assert calls == [(48, 32)]
+    torch.testing.assert_close(model.model.embed_tokens.weight, ref.model.embed_tokens.weight[:, keep] * 2.0,
+                               rtol=0, atol=0)
+    torch.testing.assert_close(model.model.norm.weight, ref.model.norm.weight[keep] + 1.0, rtol=0, atol=0)
+    torch.testing.assert_close(model.lm_head.weight, ref.lm_head.weight[:, keep], rtol=0, atol=0)

@@ -171,3 +171,28 @@ def test_refusals(tmp_path, store_fp32, data, teacher):
     with pytest.raises(ValueError, match="unknown stored-distillation option"):
         StoredDistillConfig.from_dict({"mode": "forward"})
     assert not any((tmp_path / x).exists() for x in "abcdef")
+
+
+def test_padded_student_head_with_the_real_vocabulary(tmp_path, store_fp32, data):
+    """A student whose head is padded beyond the store's vocabulary (96 -> 128 rows): with the real vocabulary
+    (--vocab-size, or the tokenizer) the padded rows count as -inf, i.e. the loss of the head cut to 96 rows."""
+    import copy
+
+    padded = make_model("llama", vocab_size=128, num_hidden_layers=1, seed=4)
+    with torch.no_grad():
+        padded.lm_head.weight[V:] *= 4  # padded rows that would take mass if they counted
+    cut = copy.deepcopy(padded)
+    cut.lm_head.weight = torch.nn.Parameter(padded.lm_head.weight[:V].detach().clone())
+    batch = StoreBackedData(data, store_fp32).select(torch.arange(4))
+    for lm in (0.0, 0.5):
+        cfg = StoredDistillConfig(vocab_size=V, lm_loss_weight=lm, backend="reference")
+        got, _ = make_stored_distillation_loss(store_fp32, cfg)(padded, batch)
+        ref, _ = make_stored_distillation_loss(store_fp32, StoredDistillConfig(lm_loss_weight=lm,
+                                                                                 backend="reference"))(cut, batch)
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6), (lm, got, ref)
+    res = distill_from_store(padded, store_fp32, data, TrainConfig(steps=2, batch_size=4, device="cpu", bf16=False),
+                             StoredDistillConfig(vocab_size=V, backend=BACKEND), tmp_path / "run")
+    assert all(math.isfinite(r["loss"]) for r in res.history)
+    assert res.history[0]["type"] == "train"
+    with pytest.raises(StoreError, match="exceeds the store's vocabulary"):
+        store_fp32.check_compatible(data, vocab_size=128, real_vocab_size=V + 1)

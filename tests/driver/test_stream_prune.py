@@ -287,3 +287,50 @@ def test_should_stream_prune(sources, monkeypatch):
     monkeypatch.setattr(sp, "_meminfo_available", lambda: 1000)
     stream, why = should_stream_prune(sources["llama"])
     assert stream is True and "streaming" in why
+
+
+def test_width_transforms_and_record_streamed_equal_in_memory(sources, tmp_path, monkeypatch):
+    """The adapter's width_transforms hook and the pruning record apply alike in memory and streamed."""
+    from transformers import AutoConfig
+
+    from minitron.compress.prune import PRUNING_RECORD
+    from minitron.models.base import ModelAdapter
+
+    def transforms(self, before, after):
+        scale = (before.hidden_size / after.hidden_size) ** 0.5
+        return {"model.embed_tokens.weight": lambda t: t * scale, "model.norm.weight": lambda t: t / scale}
+
+    monkeypatch.setattr(ModelAdapter, "width_transforms", transforms)
+    src = sources["qwen2"]
+    scores = random_importance(AutoConfig.from_pretrained(str(src)), seed=4)
+    width = dict(hidden_size=32)
+    s = prune_checkpoint_streaming(src, tmp_path / "s", scores=scores, width_targets=width, drop_layers=[0],
+                                   backend=BACKEND, progress=False)
+    m = tmp_path / "m"
+    _in_memory(src, m, scores, width, [0])
+    a, b = _state(s), _state(m)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    plain = _state(src)
+    keep = torch.topk(scores.channels, 32).indices.sort().values
+    torch.testing.assert_close(a["model.embed_tokens.weight"], plain["model.embed_tokens.weight"][:, keep] * 1.5 ** 0.5)
+    cfg = json.loads((s / "config.json").read_text())
+    assert cfg == json.loads((m / "config.json").read_text())
+    assert cfg[PRUNING_RECORD] == {"source_num_hidden_layers": 4, "kept_layers": [1, 2, 3], "source_hidden_size": 48,
+                                   "kept_channels": keep.tolist()}
+
+
+@pytest.mark.parametrize("fam", ("qwen3_moe", "qwen2_moe", "mixtral"))
+def test_moe_families_streamed_depth_equals_in_memory(fam, tmp_path):
+    """Mixture-of-experts families (width cases in tests/driver/test_moe.py): depth pruning streamed equals in memory
+    (per-expert checkpoint tensors renamed with their layers; the kept layers keep their MoE/dense kind)."""
+    from tests.driver.test_moe import make_moe_model
+
+    src = tmp_path / "src"
+    make_moe_model(fam).save_pretrained(str(src), max_shard_size="40KB")
+    (src / "tokenizer.json").write_bytes(TOKENIZER_BYTES)
+    s = prune_checkpoint_streaming(src, tmp_path / "s", drop_layers=DROP, shard_bytes=30_000, progress=False)
+    _in_memory(src, tmp_path / "m", None, None, DROP)
+    a, b = _state(s), _state(tmp_path / "m")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((s / "config.json").read_text()) == json.loads((tmp_path / "m" / "config.json").read_text())
+    assert (s / "tokenizer.json").read_bytes() == TOKENIZER_BYTES

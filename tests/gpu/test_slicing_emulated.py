@@ -44,18 +44,23 @@ DRIVER = r"""
 #include "cuda/slicing.cu"
 #include <vector>
 using namespace minitron::slicing_cuda;
-// params: n rows of 13 int64: src, dst, idx, out_lines, out_inner, so, si, dso, dsi, block, line0, es, select_inner
+// params: n rows of 19 int64: src, dst, gidx, lidx, iidx (0: axis not cut), gblock, lblock, iblock, out_lines,
+// lines_per_group, out_inner, sg, so, si, dsg, dso, dsi, line0, es
 extern "C" __attribute__((visibility("default"))) int emu_gather(const int64_t* params, int n) {
   std::vector<GatherDesc> descs;
   int64_t total = 0;
   for (int i = 0; i < n; ++i) {
-    const int64_t* p = params + 13 * i;
+    const int64_t* p = params + 19 * i;
     GatherDesc d{};
     d.src = reinterpret_cast<const char*>(p[0]);
     d.dst = reinterpret_cast<char*>(p[1]);
-    d.idx = reinterpret_cast<const int64_t*>(p[2]);
-    d.out_lines = p[3]; d.out_inner = p[4]; d.so = p[5]; d.si = p[6]; d.dso = p[7]; d.dsi = p[8];
-    d.block = p[9]; d.line0 = p[10]; d.es = static_cast<int32_t>(p[11]); d.select_inner = static_cast<int32_t>(p[12]);
+    d.gidx = reinterpret_cast<const int64_t*>(p[2]);
+    d.lidx = reinterpret_cast<const int64_t*>(p[3]);
+    d.iidx = reinterpret_cast<const int64_t*>(p[4]);
+    d.gblock = p[5]; d.lblock = p[6]; d.iblock = p[7];
+    d.out_lines = p[8]; d.lines_per_group = p[9]; d.out_inner = p[10];
+    d.sg = p[11]; d.so = p[12]; d.si = p[13]; d.dsg = p[14]; d.dso = p[15]; d.dsi = p[16];
+    d.line0 = p[17]; d.es = static_cast<int32_t>(p[18]); d.select_inner = d.iidx != nullptr ? 1 : 0;
     const int64_t c = gather_ctas(d);
     if (c == 0) continue;
     d.cta_start = total;
@@ -87,32 +92,30 @@ def emu(tmp_path_factory):
     return fn
 
 
-def _layout(t: torch.Tensor, col_major: bool):
-    from minitron.ops.slicing import _layout as layout
-
-    return layout(t.shape, t.stride(), col_major)
-
-
 def _desc(src: torch.Tensor, idx: torch.Tensor, dim: int, block: int, dst: torch.Tensor, line0: int = 0,
-          n_lines: int | None = None, dst_canon: tuple[int, int] | None = None) -> list[int]:
-    """Descriptor row as slicing_torch.cpp's describe() builds it."""
-    from minitron.ops.slicing import _col_major
+          n_lines: int | None = None, dst_canon: tuple[int, int] | None = None,
+          cut2: tuple[torch.Tensor, int, int] | None = None) -> list[int]:
+    """Descriptor row as slicing_torch.cpp's describe() builds it (canonical axes of the source's memory order;
+    ``cut2`` = (index, dim, block) of a second cut; ``dst_canon`` = (line stride, element stride) of a
+    one-group staging destination)."""
+    from minitron.kernels.slicing import _Canon
 
-    cm = _col_major(src)
-    outer, inner, so, si, _, idim = _layout(src, cm)
-    select_inner = dim == idim
-    k = idx.numel() * block
-    if dst_canon is None:
-        _, _, dso, dsi, _, _ = _layout(dst, cm)
-    else:
-        dso, dsi = dst_canon
-    lines = (outer if select_inner else k) if n_lines is None else n_lines
-    return [src.data_ptr(), dst.data_ptr(), idx.data_ptr(), lines, k if select_inner else inner, so, si, dso, dsi,
-            block, line0, src.element_size(), int(select_inner)]
+    cuts = {dim: (idx, block)}
+    if cut2 is not None:
+        cuts[cut2[1]] = (cut2[0], cut2[2])
+    cn = _Canon(src, cuts, dst if dst_canon is None else None)
+    if dst_canon is not None:
+        cn.dsg, (cn.dso, cn.dsi) = 0, dst_canon
+    sel = [cn.sel(a) for a in range(3)]
+    ptrs = [s[0].data_ptr() if s is not None else 0 for s in sel]
+    blocks = [s[1] if s is not None else 1 for s in sel]
+    lines = cn.ng * cn.nl if n_lines is None else n_lines
+    return [src.data_ptr(), dst.data_ptr(), *ptrs, *blocks, lines, max(cn.nl, 1), cn.ni, cn.sg, cn.so, cn.si,
+            cn.dsg, cn.dso, cn.dsi, line0, src.element_size()]
 
 
 def _run(emu, rows: list[list[int]]) -> None:
-    arr = (ctypes.c_int64 * (13 * len(rows)))(*[v for r in rows for v in r])
+    arr = (ctypes.c_int64 * (19 * len(rows)))(*[v for r in rows for v in r])
     assert emu(arr, len(rows)) == 0
 
 
@@ -204,3 +207,53 @@ def test_emulated_slabs_as_compact_uses_them(emu, dim):
         _run(emu, [_desc(t, idx, dim, 1, scratch, line0=l0, n_lines=n, dst_canon=(out_inner, 1))])
         got[l0:l0 + n] = scratch
     assert torch.equal(got, exp)
+
+
+def _dense_like(shape, src: torch.Tensor, dtype) -> torch.Tensor:
+    """An output of ``shape`` laid out in ``src``'s memory order (as gather_slices allocates it)."""
+    from minitron.kernels._layout import dense_strides, dim_order
+
+    return torch.zeros(shape, dtype=dtype).as_strided(shape, dense_strides(shape, dim_order(src.shape, src.stride())))
+
+
+def _expected2(t, cuts):
+    for idx, dim, block in cuts:
+        t = _expected(t, idx, dim, block)
+    return t
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.int8])
+@pytest.mark.parametrize("dims", [(0,), (1,), (2,), (0, 1), (0, 2), (1, 2)])
+@pytest.mark.parametrize("layout", ["contiguous", "permuted", "sliced"])
+def test_emulated_3d(emu, dtype, dims, layout):
+    """3-D tensors, one or two cut dims (group / line / inner axes, vector and element paths)."""
+    seed = hash((str(dtype), dims, layout)) % 1000
+    shape = (6, 24, 40)
+    if layout == "contiguous":
+        t = _rand(shape, dtype, seed)
+    elif layout == "permuted":
+        t = _rand((shape[2], shape[0], shape[1]), dtype, seed).permute(1, 2, 0)
+    else:
+        t = _rand((shape[0] + 1, shape[1], shape[2] + 8), dtype, seed)[1:, :, 3:3 + shape[2]]
+    blocks = {0: 1, 1: 4, 2: 2}
+    cuts = [(_index(shape[d] // blocks[d], max(1, shape[d] // blocks[d] * 2 // 3), seed + d), d, blocks[d])
+            for d in dims]
+    exp = _expected2(t, cuts)
+    out = _dense_like(list(exp.shape), t, dtype)
+    idx, dim, block = cuts[0]
+    _run(emu, [_desc(t, idx, dim, block, out, cut2=cuts[1] if len(cuts) > 1 else None)])
+    assert torch.equal(out, exp)
+
+
+def test_emulated_moe_pair(emu):
+    """gate_up [E, 2I, H] by experts and neurons (rows cat(keep, I + keep)) and down [E, H, I] by experts and
+    neurons, one launch."""
+    E, I, H = 8, 48, 64
+    gu, dn = _rand((E, 2 * I, H), torch.bfloat16, 1), _rand((E, H, I), torch.bfloat16, 2)
+    ke, kn = _index(E, 4, 3), _index(I, 36, 4)
+    rows = torch.cat([kn, I + kn])
+    o1 = torch.zeros(4, 72, H, dtype=torch.bfloat16)
+    o2 = torch.zeros(4, H, 36, dtype=torch.bfloat16)
+    _run(emu, [_desc(gu, ke, 0, 1, o1, cut2=(rows, 1, 1)), _desc(dn, ke, 0, 1, o2, cut2=(kn, 2, 1))])
+    assert torch.equal(o1, gu[ke][:, rows])
+    assert torch.equal(o2, dn[ke][:, :, kn])

@@ -408,9 +408,10 @@ def test_compact_parameter_data_swap():
     ("block-not-dividing", ValueError, "block"),
     ("block-zero", ValueError, "block"),
     ("dim-2", ValueError, "dim"),
+    ("dim-3-on-3d", ValueError, "dim"),
     ("dim-negative", ValueError, "dim"),
     ("dim1-on-1d", ValueError, "dim"),
-    ("3d-tensor", ValueError, "tensor"),
+    ("4d-tensor", ValueError, "tensor"),
     ("2d-index", ValueError, "ind(ex|ices)"),
     ("float-index", TypeError, "ind(ex|ices)"),
     ("list-index", TypeError, "ind(ex|ices)"),
@@ -433,12 +434,14 @@ def test_bad_arguments(op, case, exc, name):
         block = 0
     elif case == "dim-2":
         dim = 2
+    elif case == "dim-3-on-3d":
+        t, dim = t.reshape(3, 4, 8), 3
     elif case == "dim-negative":
         dim = -1
     elif case == "dim1-on-1d":
         t, dim = t[:, 0], 1
-    elif case == "3d-tensor":
-        t = t.reshape(3, 4, 8)
+    elif case == "4d-tensor":
+        t = t.reshape(3, 4, 2, 4)
     elif case == "2d-index":
         idx = idx.reshape(1, 2)
     elif case == "float-index":
