@@ -325,6 +325,18 @@ def plan_mamba(config: Any, head_scores: Any = None, channel_scores: Any = None,
     return plan
 
 
+def record_mamba_cuts(adapter: Any, layer: nn.Module, plan: Any, l: int, rec: Any) -> None:
+    """Width pruning's hook for a Mamba layer (:func:`minitron.compress.prune._layer_cuts`): record the cuts of
+    :func:`mamba_layer_cuts` for ``plan.mamba`` (a :class:`MambaPlan`, or None) and ``plan.hidden``."""
+    mp = plan.mamba
+    mixer = adapter.mamba(layer)
+    cuts = mamba_layer_cuts(mixer.config, rec.names[id(layer)],
+                            heads=None if mp is None else mp.heads[l], head_dims=None if mp is None else mp.head_dims[l],
+                            states=None if mp is None else mp.states[l], hidden=plan.hidden)
+    for name, cs in cuts.items():
+        rec.group.setdefault(name, []).extend(cs)
+
+
 def _layer_prefixes(model: nn.Module) -> list[str]:
     adapter = get_adapter(model)
     names = {id(m): n for n, m in model.named_modules()}
@@ -432,7 +444,7 @@ class MambaImportance:
     """
 
     def __init__(self, model: nn.Module, *, seq_agg: str = "mean", batch_agg: str = "l2", backend: str = "auto",
-                 device: Optional[torch.device] = None) -> None:
+                 device: Optional[torch.device] = None, owner: Any = None) -> None:
         from minitron.ops import ImportanceAccumulator
 
         adapter = get_adapter(model)
@@ -450,6 +462,8 @@ class MambaImportance:
         self.channels = {l: ImportanceAccumulator(ml.d_inner, **kw) for l in self.layer_ids}
         self.mask: Optional[torch.Tensor] = None
         self.active = True
+        #: where the hooks read ``mask`` and ``active`` (the importance collector, or this object)
+        self.owner = self if owner is None else owner
         self.handles: list[Any] = []
 
     def attach(self) -> None:
@@ -466,10 +480,10 @@ class MambaImportance:
 
     def _hook(self, l: int) -> Any:
         def hook(module: nn.Module, args: tuple) -> None:
-            if self.active:
-                x = args[0]
-                self.heads[l].update(x, self.mask)
-                self.channels[l].update(x, self.mask)
+            if self.owner.active:
+                x, mask = args[0], self.owner.mask
+                self.heads[l].update(x, mask)
+                self.channels[l].update(x, mask)
 
         return hook
 
@@ -479,17 +493,26 @@ class MambaImportance:
             self.heads[l].all_reduce(group)
             self.channels[l].all_reduce(group)
 
-    def head_scores(self) -> torch.Tensor:
-        """fp32 CPU [num_layers, H]: per-head scores of the Mamba layers, 0 on the other layers."""
+    def head_scores(self, value: Any = None) -> torch.Tensor:
+        """fp32 CPU [num_layers, H]: per-head scores of the Mamba layers, 0 on the other layers (``value(acc,
+        where)`` reads an accumulator; default ``acc.value()``)."""
         out = torch.zeros(self.num_layers, self.layout.num_heads)
         for l in self.layer_ids:
-            out[l] = self.heads[l].value().float().cpu()
+            out[l] = self._value(value, self.heads[l], f"Mamba heads of layer {l}")
         return out
 
-    def channel_scores(self) -> torch.Tensor:
+    def channel_scores(self, value: Any = None) -> torch.Tensor:
         """fp32 CPU [num_layers, H, P]: per-channel scores of the Mamba layers, 0 on the other layers."""
         ml = self.layout
         out = torch.zeros(self.num_layers, ml.num_heads, ml.head_dim)
         for l in self.layer_ids:
-            out[l] = self.channels[l].value().float().cpu().view(ml.num_heads, ml.head_dim)
+            out[l] = self._value(value, self.channels[l], f"Mamba channels of layer {l}").view(ml.num_heads, ml.head_dim)
         return out
+
+    @staticmethod
+    def _value(value: Any, acc: Any, where: str) -> torch.Tensor:
+        return (acc.value() if value is None else value(acc, where)).float().cpu()
+
+    def scores(self, value: Any = None) -> dict[str, torch.Tensor]:
+        """``{"mamba_heads": [L, H], "mamba_channels": [L, H, P]}`` (the :class:`ImportanceScores` fields)."""
+        return {"mamba_heads": self.head_scores(value), "mamba_channels": self.channel_scores(value)}

@@ -306,6 +306,22 @@ class NemotronHAdapter(ModelAdapter):
         """The layer's one residual-stream pre-norm (weight [hidden_size])."""
         return [layer.norm]
 
+    def has_attention(self, layer: nn.Module) -> bool:
+        return self.layer_kind(layer) == "attention"
+
+    def has_mlp(self, layer: nn.Module) -> bool:
+        """Dense MLP layers only (``-``); the MoE layers (``E``) are not pruned by neuron (only by hidden size)."""
+        return self.layer_kind(layer) == "mlp"
+
+    def is_mamba_layer(self, layer: nn.Module) -> bool:
+        return self.layer_kind(layer) == "mamba"
+
+    def extra_width_sizes(self, config: Any) -> dict[str, int]:
+        """``mamba_num_heads`` and ``mamba_head_dim`` when the model has Mamba layers."""
+        if "mamba" not in self.layer_kinds(config):
+            return {}
+        return {"mamba_num_heads": int(config.mamba_num_heads), "mamba_head_dim": int(config.mamba_head_dim)}
+
     def gate_rows(self, layer: nn.Module, dims: Dims) -> RowSpan:
         raise TypeError("the Nemotron-H MLP is not gated (up_proj -> relu2 -> down_proj): use mlp_row_spans()")
 
@@ -376,6 +392,10 @@ class NemotronHAdapter(ModelAdapter):
         return [mod for mod, name, _ in self.hidden_writers(layer) if isinstance(mod, nn.Linear) and name == "weight"]
 
     # ------------------------------------------------------------------ after width pruning
+    def sync_modules(self, model: nn.Module) -> None:
+        """See :meth:`sync_module_attributes` (run by width pruning after the generic bookkeeping)."""
+        self.sync_module_attributes(model)
+
     def sync_module_attributes(self, model: nn.Module) -> None:
         """Make every module's bookkeeping match ``model.config`` and the (cut) weights, per layer kind.
 

@@ -429,3 +429,143 @@ def test_published_8b_shape_and_4b_target():
         m4 = AutoModelForCausalLM.from_config(small)
     assert sum(p.numel() for p in m4.parameters()) == 4_489_223_040
     assert architecture_dict("nemotron-h-4b-target")["mamba_num_heads"] == 112
+
+
+# ---------------------------------------------------------------------------------------------- the driver paths
+def _estimate(model, bs, **kw):
+    from minitron.compress.importance import estimate_importance
+
+    return estimate_importance(model, bs, progress=False, backend=BACKEND, **kw)
+
+
+def test_estimate_importance_on_a_hybrid_model():
+    """estimate_importance scores Mamba heads/channels (equal to MambaImportance), attention heads only on the
+    attention layer, MLP neurons only on the MLP layer, every layer's norm for the channels, and depth on mixed
+    kinds (the LM-loss drop swaps each layer for a skip that keeps the layer's block_type)."""
+    model = make_model()
+    bs = batches(n=2)
+    s = _estimate(model, bs)
+    assert s.mamba_heads.shape == (4, 8) and s.mamba_channels.shape == (4, 8, 16)
+    imp = MambaImportance(model, backend=BACKEND)
+    imp.attach()
+    with torch.no_grad():
+        for b in bs:
+            imp.mask = b["attention_mask"].bool()
+            model.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
+    imp.detach()
+    torch.testing.assert_close(s.mamba_heads, imp.head_scores())
+    torch.testing.assert_close(s.mamba_channels, imp.channel_scores())
+    assert s.heads[1].min() > 0 and not s.heads[[0, 2, 3]].any()
+    assert s.neurons[3].min() > 0 and not s.neurons[:3].any()
+    assert s.channels.min() > 0 and torch.isfinite(s.block_influence).all()
+    assert s.lm_loss_drop is not None and torch.isfinite(s.lm_loss_drop).all()
+    sel = s.select_layers([0, 1, 3])
+    assert sel.mamba_heads.shape == (3, 8) and torch.equal(sel.mamba_channels[2], s.mamba_channels[3])
+
+
+def test_prune_width_hybrid_every_axis(tmp_path):
+    """prune_width on Nemotron-H: Mamba heads (group-aware) and head dim, attention heads, MLP neurons and the hidden
+    size in one call; the result reloads with plain transformers (same logits) and generates with a cache."""
+    from minitron.compress.prune import prune_width
+
+    model = make_model()
+    scores = _estimate(model, batches(), layer_metrics=("block_influence",))
+    prune_width(model, scores, hidden_size=24, num_attention_heads=2, num_key_value_heads=1, intermediate_size=32,
+                mamba_num_heads=4, mamba_head_dim=8, backend=BACKEND)
+    c = model.config
+    assert (c.hidden_size, c.num_attention_heads, c.intermediate_size, c.mamba_num_heads, c.mamba_head_dim) == \
+        (24, 2, 32, 4, 8)
+    assert model.model.layers[0].mixer.in_proj.weight.shape == (2 * 32 + 2 * 2 * 16 + 4, 24)
+    ids = batches()[0]["input_ids"]
+    logits = _logits(model, ids)
+    assert torch.isfinite(logits).all()
+    loaded = _reload(model, tmp_path)
+    torch.testing.assert_close(_logits(loaded, ids), logits, rtol=0, atol=0)
+    assert loaded.generate(ids, max_new_tokens=3, do_sample=False).shape == (2, ids.shape[1] + 3)
+
+
+def test_prune_width_mamba_heads_are_group_aware():
+    """The heads prune_width keeps in each Mamba layer are, per SSM group, that group's best by scores.mamba_heads."""
+    from minitron.compress.prune import plan_width
+    from minitron.compress.stream_prune import random_importance
+
+    cfg = tiny_config()
+    scores = random_importance(cfg, seed=3)
+    scores.mamba_heads[0] = torch.tensor([9.0, 8.0, 7.0, 6.0, 1.0, 2.0, 3.0, 0.5])
+    plan = plan_width(cfg, scores, mamba_num_heads=4)
+    assert plan.mamba.heads[0].tolist() == [0, 1, 5, 6] and plan.mamba.heads[1] is None
+    assert plan.changes and plan.hidden is None and all(h is None for h in plan.heads)
+
+
+def test_bad_hybrid_targets_refused_before_work(tmp_path):
+    from minitron.compress.prune import prune_width, validate_width_targets
+    from minitron.compress.stream_prune import random_importance
+
+    model = make_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="--mamba-num-heads"):
+        prune_width(model, random_importance(model.config), mamba_num_heads=5, backend=BACKEND)
+    with pytest.raises(ValueError, match="mamba_head_dim=17 is larger"):
+        validate_width_targets(model.config, mamba_head_dim=17)
+    with pytest.raises(ValueError, match="no Mamba layers"):
+        from transformers import LlamaConfig
+
+        validate_width_targets(LlamaConfig(hidden_size=16, num_attention_heads=2, num_hidden_layers=1), mamba_num_heads=2)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        prune_width(model, None, mamba_state=4)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def _safetensors(d):
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def test_streamed_prune_equals_in_memory(tmp_path):
+    """prune_checkpoint_streaming on a saved Nemotron-H (backbone.* names on disk) with Mamba + width targets and a
+    dropped block of mixed kinds writes tensor-for-tensor what the in-memory path saves, with the same config; the
+    output reloads and generates. A config whose pattern does not match the layers on disk is refused."""
+    from minitron.compress.prune import prune_depth, prune_width
+    from minitron.compress.stream_prune import prune_checkpoint_streaming
+    from minitron.io.checkpoint import save_model
+
+    model = make_model("M*M-M")
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    scores = _estimate(model, batches(), layer_metrics=("block_influence",))
+    targets = dict(hidden_size=24, intermediate_size=32, mamba_num_heads=6, mamba_head_dim=12)
+    streamed = prune_checkpoint_streaming(src, tmp_path / "streamed", scores=scores, width_targets=targets,
+                                          drop_layers=[2, 3], backend=BACKEND, progress=False)
+    prune_width(model, scores, backend=BACKEND, **targets)
+    prune_depth(model, num_hidden_layers=3, layers_to_drop=[2, 3])
+    save_model(model, tmp_path / "mem")
+    a, b = _safetensors(streamed), _safetensors(tmp_path / "mem")
+    assert set(a) == set(b) and all(k.startswith(("backbone.", "lm_head.")) for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    import json
+
+    ca, cb = (json.loads((d / "config.json").read_text()) for d in (streamed, tmp_path / "mem"))
+    assert ca == cb and ca["layers_block_type"] == ["linear_attention", "full_attention", "linear_attention"]
+    loaded = _reload_dir(streamed)
+    ids = batches()[0]["input_ids"]
+    assert loaded.generate(ids, max_new_tokens=3, do_sample=False).shape == (2, ids.shape[1] + 3)
+    # a config.json whose pattern does not match the layers on disk: refused before anything is written
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["layers_block_type"] = ["linear_attention", "linear_attention", "full_attention", "mlp", "linear_attention"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="hybrid_override_pattern 'MM\\*-M'"):
+        prune_checkpoint_streaming(src, tmp_path / "bad", scores=None, drop_layers=[4], backend=BACKEND, progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
+def _reload_dir(d):
+    from transformers import AutoModelForCausalLM
+
+    loaded, info = AutoModelForCausalLM.from_pretrained(d, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return loaded.float().eval()
