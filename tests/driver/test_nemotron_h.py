@@ -583,3 +583,20 @@ def test_streamed_importance_equals_in_memory(tmp_path):
     b = estimate_importance_streaming(tmp_path, bs, progress=False, backend=BACKEND)
     for f in ("heads", "neurons", "channels", "block_influence", "lm_loss_drop", "mamba_heads", "mamba_channels"):
         torch.testing.assert_close(getattr(b, f), getattr(a, f), rtol=1e-5, atol=1e-6, msg=f)
+
+
+def test_api_prune_takes_the_mamba_targets(tmp_path):
+    """minitron.api.prune (the CLI's --mamba-num-heads / --mamba-head-dim) prunes a Nemotron-H in memory and saves
+    a checkpoint that reloads; a head count that does not divide over the groups is refused naming the flag."""
+    from minitron import api
+    from minitron.specs import PruneSpec
+
+    model = make_model()
+    scores = _estimate(model, batches(), layer_metrics=("block_influence",))
+    assert PruneSpec(mamba_num_heads=4).width["mamba_num_heads"] == 4 and PruneSpec(mamba_num_heads=4).wants_width
+    with pytest.raises(ValueError, match="--mamba-num-heads"):
+        api.prune(model, importance=scores, mamba_num_heads=3)
+    out = api.prune(model, importance=scores, mamba_num_heads=4, mamba_head_dim=8, output_dir=tmp_path / "out")
+    assert out.config.mamba_num_heads == 4 and model.config.mamba_num_heads == 8  # a loaded model is copied
+    loaded = _reload_dir(tmp_path / "out")
+    assert (loaded.config.mamba_num_heads, loaded.config.mamba_head_dim) == (4, 8)
