@@ -600,3 +600,21 @@ def test_api_prune_takes_the_mamba_targets(tmp_path):
     assert out.config.mamba_num_heads == 4 and model.config.mamba_num_heads == 8  # a loaded model is copied
     loaded = _reload_dir(tmp_path / "out")
     assert (loaded.config.mamba_num_heads, loaded.config.mamba_head_dim) == (4, 8)
+
+
+def test_hidden_pruning_with_moe_layers_in_memory(tmp_path):
+    """A Nemotron-H with an MoE (E) layer: hidden-size pruning cuts the fused 3-D expert tensors too (in memory) and
+    the result reloads with the same logits; expert pruning is refused before any work."""
+    from minitron.compress.prune import prune_width
+    from minitron.compress.stream_prune import random_importance
+
+    model = make_model("M*-E", n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                       moe_shared_expert_intermediate_size=40, hidden_size=40)
+    ids = batches()[0]["input_ids"]
+    prune_width(model, random_importance(model.config), hidden_size=32, backend=BACKEND)
+    experts = model.model.layers[3].mixer.experts
+    assert experts.up_proj.shape == (4, 24, 32) and experts.down_proj.shape == (4, 32, 24)
+    logits = _logits(model, ids)
+    torch.testing.assert_close(_logits(_reload(model, tmp_path), ids), logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="num_experts=2"):
+        prune_width(model, random_importance(model.config), num_experts=2, backend=BACKEND)
