@@ -57,6 +57,8 @@ MODELS = {
     "llama-3.1-8b": ["llama-3.1-minitron-4b-width", "llama-3.1-minitron-4b-depth"],
     "mistral-nemo-12b": ["mistral-nemo-minitron-8b"],
     "qwen3-8b": [],
+    # Minitron-SSM: Nemotron-H-8B -> the Nemotron-H-4B shape (target in architectures/nemotron-h-4b-target.json)
+    "nemotron-h-8b": ["nemotron-h-4b-target"],
     "qwen3-30b-a3b": ["qwen3-30b-a3b-half-experts"],
     "mixtral-8x7b": ["mixtral-8x7b-6-experts"],
 }
@@ -369,9 +371,25 @@ def _du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
+def _preset(name: str) -> dict[str, Any]:
+    """A pruning preset of ``presets.json``, or the ``target`` block of ``architectures/<name>.json`` (hybrid
+    targets: the width dict also holds the Mamba targets, ``mamba_num_heads`` / ``mamba_head_dim``)."""
+    from minitron.resources.architectures import _read, pruning_preset
+
+    try:
+        return pruning_preset(name)
+    except KeyError:
+        t = _read(name).get("target")
+        if not t:
+            raise
+        width = dict(t["width"])
+        width.update({k: v for k, v in (t.get("mamba") or {}).items() if k in ("mamba_num_heads", "mamba_head_dim")})
+        return {"base": t["base"], "width": width, "num_hidden_layers": t["num_hidden_layers"], "source": name}
+
+
 def run_model(arch: str, scratch: Path, args: argparse.Namespace, overrides: Optional[dict[str, Any]] = None,
               preset_overrides: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    from minitron.resources.architectures import architecture_dict, pruning_preset
+    from minitron.resources.architectures import architecture_dict
 
     base = scratch / arch
     ckpt, scores_dir = base / "checkpoint", base / "importance"
@@ -392,11 +410,15 @@ def run_model(arch: str, scratch: Path, args: argparse.Namespace, overrides: Opt
         ckpt_bytes = st["write"].get("checkpoint_bytes", _du(ckpt))
         did_in_memory = False
         for preset_name in MODELS[arch]:
-            preset = pruning_preset(preset_name)
+            preset = _preset(preset_name)
             po = (preset_overrides or {}).get(preset_name, {})
             width = po.get("width", preset["width"])
             layers = po.get("num_hidden_layers", preset["num_hidden_layers"])
-            if "num_hidden_layers" not in po and layers == architecture_dict(arch)["num_hidden_layers"]:
+            arch_layers = architecture_dict(arch).get("num_hidden_layers") or len(
+                architecture_dict(arch).get("hybrid_override_pattern") or "")
+            if overrides and overrides.get("num_hidden_layers"):
+                arch_layers = overrides["num_hidden_layers"]
+            if "num_hidden_layers" not in po and layers in (arch_layers, architecture_dict(arch).get("num_hidden_layers")):
                 layers = None  # a width-only preset keeps every layer
             out = base / preset_name
             if "prune" in args.stages:

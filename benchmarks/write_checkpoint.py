@@ -73,9 +73,15 @@ def _layout(config: Any, dtype: torch.dtype) -> list[tuple[str, tuple[int, ...],
 
     from minitron.compress.moe_layout import CheckpointView
 
+    from minitron.models import get_adapter
+    from minitron.models.base import MoeAdapter
+
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     shapes = CheckpointView(skeleton, ()).expected_shapes(skeleton)
+    ad = get_adapter(config)
+    if not isinstance(ad, MoeAdapter):  # a family saving other names (Nemotron-H: backbone.*), as save_pretrained does
+        shapes = {ad.checkpoint_name(k): s for k, s in shapes.items()}
     return [(k, s, dtype) for k, s in shapes.items()]
 
 

@@ -20,11 +20,13 @@ from typing import Any, Optional, Tuple
 from minitron.options import option, parse_bf16, parse_int_list, parse_str_tuple
 
 __all__ = ["DataSpec", "ModelSpec", "ImportanceSpec", "PruneSpec", "StoreSpec", "EvalSpec", "WIDTH_KEYS",
-           "MOE_WIDTH_KEYS", "DEPTH_KEYS", "parse_size", "check_positive_int"]
+           "MOE_WIDTH_KEYS", "MAMBA_WIDTH_KEYS", "DEPTH_KEYS", "parse_size", "check_positive_int"]
 
 WIDTH_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
 #: Width targets of mixture-of-experts models (in :attr:`PruneSpec.width` only when set).
 MOE_WIDTH_KEYS = ("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size")
+#: Width targets of hybrid Mamba models (Nemotron-H; in :attr:`PruneSpec.width` only when set).
+MAMBA_WIDTH_KEYS = ("mamba_num_heads", "mamba_head_dim")
 DEPTH_KEYS = ("num_hidden_layers", "depth_metric", "contiguous", "layers_to_drop")
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -167,6 +169,12 @@ class PruneSpec:
                                                   default_text="keep the teacher's")
     shared_expert_intermediate_size: Optional[int] = option(None, help="target MLP width of the shared expert "
                                                             "(Qwen2-MoE)", default_text="keep the teacher's")
+    mamba_num_heads: Optional[int] = option(None, help="target Mamba heads per Mamba layer of a hybrid model "
+                                            "(Nemotron-H), a multiple of n_groups: every SSM group keeps the same "
+                                            "number of heads, its most important ones (group-aware, Minitron-SSM)",
+                                            default_text="keep the teacher's")
+    mamba_head_dim: Optional[int] = option(None, help="target Mamba head dimension of a hybrid model (the same "
+                                           "channels kept in every head of a layer)", default_text="keep the teacher's")
     num_hidden_layers: Optional[int] = option(None, help="target decoder layers (depth pruning)",
                                               flag=("--num-layers", "--num-hidden-layers"),
                                               default_text="keep the teacher's")
@@ -181,7 +189,7 @@ class PruneSpec:
                                         flag=("--shard-size",), default_text="5GB, as transformers")
 
     def __post_init__(self) -> None:
-        for k in WIDTH_KEYS + MOE_WIDTH_KEYS + ("num_hidden_layers",):
+        for k in WIDTH_KEYS + MOE_WIDTH_KEYS + MAMBA_WIDTH_KEYS + ("num_hidden_layers",):
             check_positive_int(f"PruneSpec.{k}", getattr(self, k), optional=True)
         if self.depth_metric not in ("lm_loss", "block_influence"):
             raise ValueError(f"PruneSpec.depth_metric must be lm_loss or block_influence, got {self.depth_metric!r}")
@@ -198,7 +206,7 @@ class PruneSpec:
         """The four dense width targets (None: keep), plus the MoE targets that are set (keyword arguments of
         :func:`~minitron.compress.prune.prune_width` / ``validate_width_targets``)."""
         out = {k: getattr(self, k) for k in WIDTH_KEYS}
-        out.update({k: getattr(self, k) for k in MOE_WIDTH_KEYS if getattr(self, k) is not None})
+        out.update({k: getattr(self, k) for k in MOE_WIDTH_KEYS + MAMBA_WIDTH_KEYS if getattr(self, k) is not None})
         return out
 
     @property

@@ -50,11 +50,14 @@ SCORES_FILE = "importance.safetensors"
 META_FILE = "importance.json"
 LAYER_METRICS = ("block_influence", "lm_loss")
 _TENSOR_FIELDS = ("heads", "kv_groups", "neurons", "channels", "block_influence", "lm_loss_drop", "experts",
-                  "expert_frequency", "expert_neurons", "shared_neurons")
-#: Tensor fields that may be absent (None): the LM-loss drop, and the expert scores (mixture-of-experts models only).
-_OPTIONAL_FIELDS = ("lm_loss_drop", "experts", "expert_frequency", "expert_neurons", "shared_neurons")
+                  "expert_frequency", "expert_neurons", "shared_neurons", "mamba_heads", "mamba_channels")
+#: Tensor fields that may be absent (None): the LM-loss drop, the expert scores (mixture-of-experts models only)
+#: and the Mamba scores (hybrid Mamba models only).
+_OPTIONAL_FIELDS = ("lm_loss_drop", "experts", "expert_frequency", "expert_neurons", "shared_neurons",
+                    "mamba_heads", "mamba_channels")
 _NDIM = {"heads": 2, "kv_groups": 2, "neurons": 2, "channels": 1, "block_influence": 1, "lm_loss_drop": 1,
-         "experts": 2, "expert_frequency": 2, "expert_neurons": 3, "shared_neurons": 2}
+         "experts": 2, "expert_frequency": 2, "expert_neurons": 3, "shared_neurons": 2, "mamba_heads": 2,
+         "mamba_channels": 3}
 _FORMAT_VERSION = 1
 
 
@@ -83,6 +86,11 @@ class ImportanceScores:
             ``act(gate) * up`` over only the tokens routed to that expert, aggregated like ``neurons``.
         shared_neurons: [num_layers, shared_expert_intermediate_size] per shared-expert neuron (input of its
             down_proj, like ``neurons``); None without shared experts.
+        mamba_heads: [num_layers, mamba_num_heads] per Mamba head of each Mamba layer (hybrid models): the input of
+            the mixer's ``out_proj`` per head (``group_size = mamba_head_dim``), 0 on other layers; None otherwise.
+        mamba_channels: [num_layers, mamba_num_heads, mamba_head_dim] per channel of that input (head-dim pruning
+            aggregates it over the kept heads). See :mod:`minitron.compress.mamba`.
+        Attention layers only have head scores and MLP layers only neuron scores in a hybrid model (0 elsewhere).
     """
 
     heads: torch.Tensor
@@ -96,6 +104,8 @@ class ImportanceScores:
     expert_frequency: Optional[torch.Tensor] = None
     expert_neurons: Optional[torch.Tensor] = None
     shared_neurons: Optional[torch.Tensor] = None
+    mamba_heads: Optional[torch.Tensor] = None
+    mamba_channels: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         for name in _TENSOR_FIELDS:
@@ -411,9 +421,11 @@ def _output_tensor(output: Any) -> torch.Tensor:
 class _Skip(nn.Module):
     """Stands in for a decoder layer: returns its hidden-states input unchanged (tensor or 1-tuple)."""
 
-    def __init__(self, as_tuple: bool) -> None:
+    def __init__(self, as_tuple: bool, block_type: Optional[str] = None) -> None:
         super().__init__()
         self.as_tuple = as_tuple
+        if block_type is not None:  # a hybrid model's forward picks the layer's mask by its block_type (Nemotron-H)
+            self.block_type = block_type
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         h = _first_tensor(args, kwargs, "hidden_states")
@@ -490,10 +502,18 @@ class _Collector:
         # and one tiny update proves the backend can run on this device and dtype
         probe = ImportanceAccumulator(1, **kw)
         probe.update(torch.zeros(1, 1, 1, device=device, dtype=dtype))
-        self.heads = [ImportanceAccumulator(d.num_attention_heads, group_size=d.head_dim, **kw) for _ in self.layers]
-        # dense-MLP neurons (None for a MoE layer: its experts are scored by self.moe)
-        self.neurons = [None if adapter.is_moe_layer(layer) else ImportanceAccumulator(d.intermediate_size, **kw)
-                        for layer in self.layers]
+        # attention heads (None for a layer without attention: a hybrid model's Mamba / MLP layers)
+        self.heads = [ImportanceAccumulator(d.num_attention_heads, group_size=d.head_dim, **kw)
+                      if adapter.has_attention(layer) else None for layer in self.layers]
+        # dense-MLP neurons (None for a MoE layer: its experts are scored by self.moe; None without an MLP)
+        self.neurons = [None if adapter.is_moe_layer(layer) or not adapter.has_mlp(layer)
+                        else ImportanceAccumulator(d.intermediate_size, **kw) for layer in self.layers]
+        self.mamba = None
+        if any(adapter.is_mamba_layer(layer) for layer in self.layers):
+            from minitron.compress.mamba import MambaImportance
+
+            self.mamba = MambaImportance(model, seq_agg=seq_agg, batch_agg=batch_agg, backend=backend, device=device,
+                                         owner=self)
         self.moe = None
         if adapter.moe_dims(model.config) is not None:
             from minitron.compress.moe_importance import MoeCapture
@@ -514,7 +534,8 @@ class _Collector:
 
     def attach(self) -> None:
         for i, layer in enumerate(self.layers):
-            self.handles.append(self.adapter.o_proj(layer).register_forward_pre_hook(self._pre(self.heads[i])))
+            if self.heads[i] is not None:
+                self.handles.append(self.adapter.o_proj(layer).register_forward_pre_hook(self._pre(self.heads[i])))
             if self.neurons[i] is not None:
                 self.handles.append(self.adapter.down_proj(layer).register_forward_pre_hook(self._pre(self.neurons[i])))
             self.handles.append(layer.register_forward_hook(self._layer_hook(i), with_kwargs=True))
@@ -522,6 +543,8 @@ class _Collector:
             self.handles.append(module.register_forward_hook(self._post(acc)))
         if self.moe is not None:
             self.moe.attach()
+        if self.mamba is not None:
+            self.mamba.attach()
 
     def detach(self) -> None:
         for h in self.handles:
@@ -529,14 +552,17 @@ class _Collector:
         self.handles.clear()
         if self.moe is not None:
             self.moe.detach()
+        if self.mamba is not None:
+            self.mamba.detach()
 
     def all_reduce(self) -> None:
         """Combine every accumulator across the ranks of the default process group (collective)."""
         from minitron.compress.distributed import collective, group_for
 
-        group = group_for(self.heads[0].device if self.heads else torch.device("cpu"))
+        group = group_for(self.channels[0].device)
         for i, (h, n) in enumerate(zip(self.heads, self.neurons)):
-            collective(f"all_reduce of the head accumulator of layer {i}", lambda: h.all_reduce(group))
+            if h is not None:
+                collective(f"all_reduce of the head accumulator of layer {i}", lambda: h.all_reduce(group))
             if n is not None:
                 collective(f"all_reduce of the neuron accumulator of layer {i}", lambda: n.all_reduce(group))
         for j, c in enumerate(self.channels):
@@ -545,6 +571,8 @@ class _Collector:
             collective("all_reduce of the block influence", lambda: self.bi.all_reduce(group))
         if self.moe is not None:
             self.moe.all_reduce(group)
+        if self.mamba is not None:
+            collective("all_reduce of the Mamba accumulators", lambda: self.mamba.all_reduce(group))
 
     def _pre(self, acc: Any) -> Any:
         def hook(module: nn.Module, args: tuple) -> None:
@@ -644,11 +672,14 @@ def _assemble_scores(collector: "_Collector", adapter: ModelAdapter, config: Any
                      extra_meta: Optional[dict] = None) -> ImportanceScores:
     """Turn the (reduced) accumulators into :class:`ImportanceScores`."""
     dims = adapter.dims(config)
-    heads = torch.stack([_scores(a, f"attention heads of layer {i}") for i, a in enumerate(collector.heads)])
+    heads = torch.stack([torch.zeros(dims.num_attention_heads) if a is None else _scores(a, f"attention heads of layer {i}")
+                         for i, a in enumerate(collector.heads)])
     kv = heads.view(dims.num_hidden_layers, dims.num_key_value_heads, dims.heads_per_group).sum(-1)
     neurons = torch.stack([torch.zeros(dims.intermediate_size) if a is None else _scores(a, f"MLP neurons of layer {i}")
                            for i, a in enumerate(collector.neurons)])
     moe_fields = {} if collector.moe is None else collector.moe.scores(dims.num_hidden_layers, num_tokens, _scores)
+    if collector.mamba is not None:
+        moe_fields.update(collector.mamba.scores(_scores))
     channels = torch.stack([_scores(a, f"embedding channels at layer {i}")
                             for i, a in enumerate(collector.channels)]).sum(0)
     if collector.bi is not None:
@@ -676,6 +707,10 @@ def _assemble_scores(collector: "_Collector", adapter: ModelAdapter, config: Any
         meta["expert_scores"] = ("experts: L2 norm over the routed tokens of the router-weighted expert output; "
                                  "expert_frequency: routed tokens / tokens; expert_neurons: act(gate)*up over the "
                                  "tokens routed to the expert, aggregated with seq_agg/batch_agg")
+    if collector.mamba is not None:
+        meta["mamba_scores"] = ("mamba_heads / mamba_channels: the input of each Mamba layer's out_proj (the grouped "
+                                "gated norm's output) per head / per channel, aggregated with seq_agg/batch_agg; "
+                                "heads and neurons are 0 on layers without attention / MLP")
     return ImportanceScores(heads=heads, kv_groups=kv, neurons=neurons, channels=channels, block_influence=bi,
                             lm_loss_drop=lm_loss_drop, meta=meta, **moe_fields)
 
@@ -933,7 +968,7 @@ def _layer_loss_sums(model: nn.Module, adapter: ModelAdapter, batches: list, as_
     with torch.no_grad():
         for l in range(n):
             original = layers[l]
-            layers[l] = _Skip(bool(as_tuple))
+            layers[l] = _Skip(bool(as_tuple), getattr(original, "block_type", None))
             try:
                 s_sum, s_cnt = 0.0, 0
                 for ids, mask in batches:

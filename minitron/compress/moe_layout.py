@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from minitron.models import get_adapter
-from minitron.models.base import MoeAdapter
+from minitron.models.base import ModelAdapter, MoeAdapter
 
 __all__ = ["CheckpointView", "expert_disk_cuts", "validate_checkpoint"]
 
@@ -44,6 +44,11 @@ class CheckpointView:
         self.experts: dict[str, tuple[int, int]] = {}
         ad = self.adapter
         if not isinstance(ad, MoeAdapter):
+            # a dense or hybrid family whose checkpoints rename tensors (Nemotron-H: ``backbone.*``)
+            for name in model.state_dict(keep_vars=True):
+                disk = ad.checkpoint_name(name)
+                if name not in keys and disk != name and disk in keys:
+                    self.alias[name] = disk
             return
         names = {id(m): n for n, m in model.named_modules()}
         L = ad.dims(model.config).num_hidden_layers
@@ -155,11 +160,18 @@ def validate_checkpoint(ckpt: Any) -> Any:
         adapter = get_adapter(config)
     except (ValueError, TypeError):
         return ckpt.validate()  # raises the family error, naming config.json
-    if not isinstance(adapter, MoeAdapter):
+    renames = type(adapter).checkpoint_name is not ModelAdapter.checkpoint_name
+    if not isinstance(adapter, MoeAdapter) and not renames:
         return ckpt.validate()
     from transformers import AutoModelForCausalLM
 
     keys = ckpt.keys()  # reads every header: missing / truncated / corrupt files are named
+    check_layout = getattr(adapter, "check_checkpoint_layout", None)
+    if check_layout is not None:  # hybrid families: the layer pattern of config.json against the tensors on disk
+        try:
+            check_layout(config, keys)
+        except ValueError as e:
+            raise CheckpointError(f"{ckpt.path}: {e}") from None
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     expected = CheckpointView(skeleton, keys).expected_shapes(skeleton)

@@ -31,10 +31,12 @@ log = logging.getLogger(__name__)
 __all__ = ["validate_width_targets", "prune_width", "prune_depth", "plan_width", "plan_depth", "WidthPlan",
            "DEPTH_METRICS", "Cut", "CutPlan", "width_cut_plan", "apply_cuts", "width_config_update",
            "depth_config_update", "layer_rename", "PRUNING_RECORD", "pruning_record", "update_pruning_record",
-           "apply_width_transforms", "ExpertCut", "MOE_WIDTH_FIELDS"]
+           "apply_width_transforms", "ExpertCut", "MOE_WIDTH_FIELDS", "MAMBA_WIDTH_FIELDS"]
 
 DEPTH_METRICS = ("lm_loss", "block_influence")
 _WIDTH_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+#: Width targets of hybrid Mamba models (:meth:`ModelAdapter.extra_width_sizes`; see :mod:`minitron.compress.mamba`).
+MAMBA_WIDTH_FIELDS = ("mamba_num_heads", "mamba_head_dim")
 
 
 # ---------------------------------------------------------------------------------------------- width targets
@@ -54,9 +56,13 @@ def _resolve_targets(config: Any, targets: dict[str, Any]) -> tuple[ModelAdapter
         current.update(num_experts=moe.num_experts, moe_intermediate_size=moe.moe_intermediate_size)
         if moe.shared_expert_intermediate_size is not None:
             current["shared_expert_intermediate_size"] = moe.shared_expert_intermediate_size
+    current.update(adapter.extra_width_sizes(config))
     for name, value in targets.items():
         if value is None:
             continue
+        if name in MAMBA_WIDTH_FIELDS and name not in current:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{name}={value!r} ({flag}): a {adapter.model_type} model has no Mamba layers to prune")
         if name in MOE_WIDTH_FIELDS and name not in current:
             what = "experts" if moe is None else "shared expert"
             raise ValueError(f"{name}={value!r}: a {adapter.model_type} model has no {what} to prune")
@@ -117,6 +123,8 @@ def validate_width_targets(
     num_experts: Optional[int] = None,
     moe_intermediate_size: Optional[int] = None,
     shared_expert_intermediate_size: Optional[int] = None,
+    mamba_num_heads: Optional[int] = None,
+    mamba_head_dim: Optional[int] = None,
 ) -> None:
     """Raise ``ValueError``/``TypeError`` if the width targets cannot be reached from ``config``.
 
@@ -127,9 +135,13 @@ def validate_width_targets(
     num_key_value_heads follows num_attention_heads. Mixture-of-experts models (:class:`MoeAdapter`) also take
     num_experts (in [num_experts_per_tok, num_experts]), moe_intermediate_size (one int: the fused format holds
     one width for all experts) and shared_expert_intermediate_size (families with a shared expert); a dense
-    family refuses them, and a model without dense MLP layers refuses intermediate_size.
+    family refuses them, and a model without dense MLP layers refuses intermediate_size. Hybrid Mamba models
+    (Nemotron-H) also take mamba_num_heads (a multiple of n_groups: every SSM group keeps the same number of heads)
+    and mamba_head_dim; other families refuse them.
     """
     _resolve_targets(config, {
+        "mamba_num_heads": mamba_num_heads,
+        "mamba_head_dim": mamba_head_dim,
         "hidden_size": hidden_size,
         "intermediate_size": intermediate_size,
         "num_attention_heads": num_attention_heads,
@@ -167,12 +179,16 @@ class WidthPlan:
     experts: list[Optional[torch.Tensor]] = dataclasses.field(default_factory=list)
     expert_neurons: list[Optional[torch.Tensor]] = dataclasses.field(default_factory=list)
     shared_neurons: list[Optional[torch.Tensor]] = dataclasses.field(default_factory=list)
+    #: hybrid Mamba models: the kept Mamba heads / head channels per layer (a
+    #: :class:`~minitron.compress.mamba.MambaPlan`), None when no Mamba axis changes
+    mamba: Optional[Any] = None
 
     @property
     def changes(self) -> bool:
         """Whether any tensor is cut."""
         lists = (self.heads, self.neurons, self.experts, self.expert_neurons, self.shared_neurons)
-        return self.hidden is not None or any(x is not None for lst in lists for x in lst)
+        return (self.hidden is not None or any(x is not None for lst in lists for x in lst)
+                or (self.mamba is not None and self.mamba.changes()))
 
     def moe_at(self, l: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
         """``(experts, expert_neurons, shared_neurons)`` of layer ``l`` (Nones for a dense model)."""
@@ -201,9 +217,10 @@ def plan_width(config: Any, scores: Optional[ImportanceScores], **targets: Optio
         **targets: hidden_size, intermediate_size, num_attention_heads, num_key_value_heads; for
             mixture-of-experts models also num_experts, moe_intermediate_size, shared_expert_intermediate_size.
     """
-    unknown = set(targets) - set(_WIDTH_FIELDS) - set(MOE_WIDTH_FIELDS)
+    known = _WIDTH_FIELDS + MOE_WIDTH_FIELDS + MAMBA_WIDTH_FIELDS
+    unknown = set(targets) - set(known)
     if unknown:
-        raise TypeError(f"unknown width target(s) {sorted(unknown)}; expected {_WIDTH_FIELDS + MOE_WIDTH_FIELDS}")
+        raise TypeError(f"unknown width target(s) {sorted(unknown)}; expected {known}")
     config = getattr(config, "config", config)
     adapter, d, new = _resolve_targets(config, targets)
     L = d.num_hidden_layers
@@ -215,7 +232,9 @@ def plan_width(config: Any, scores: Optional[ImportanceScores], **targets: Optio
     moe_change = moe is not None and any(
         new[k] != v for k, v in (("num_experts", moe.num_experts), ("moe_intermediate_size", moe.moe_intermediate_size),
                                  ("shared_expert_intermediate_size", moe.shared_expert_intermediate_size)) if k in new)
-    if not (heads_change or neurons_change or hidden_change or moe_change):
+    extra = adapter.extra_width_sizes(config)
+    mamba_change = any(new[k] != extra[k] for k in MAMBA_WIDTH_FIELDS if k in extra)
+    if not (heads_change or neurons_change or hidden_change or moe_change or mamba_change):
         return plan
     if not isinstance(scores, ImportanceScores):
         raise TypeError(f"scores must be ImportanceScores (from estimate_importance), got {type(scores).__name__}")
@@ -242,6 +261,11 @@ def plan_width(config: Any, scores: Optional[ImportanceScores], **targets: Optio
             plan.heads[l] = torch.cat(kept)
     if moe_change:
         _plan_moe(plan, moe, scores, new)
+    if mamba_change:
+        from minitron.compress.mamba import plan_mamba
+
+        plan.mamba = plan_mamba(config, getattr(scores, "mamba_heads", None), getattr(scores, "mamba_channels", None),
+                                **{k: new[k] for k in MAMBA_WIDTH_FIELDS})
     return plan
 
 
@@ -420,8 +444,14 @@ def _row_blocks(spans: list[RowSpan], kept: list[torch.Tensor], block: int) -> d
 
 def _layer_cuts(adapter: ModelAdapter, layer: nn.Module, d: Dims, plan: WidthPlan, l: int, rec: _CutRecorder) -> None:
     """Record one layer's cuts: heads/KV groups (rows of q/k/v, columns of o), MLP neurons (rows of
-    gate/up, columns of down); then the embedding channels (input columns, output rows, norm weights)."""
-    if plan.heads[l] is not None:
+    gate/up, columns of down); then the embedding channels (input columns, output rows, norm weights). A Mamba layer
+    of a hybrid model is cut by :func:`minitron.compress.mamba.record_mamba_cuts` instead."""
+    if adapter.is_mamba_layer(layer):
+        from minitron.compress.mamba import record_mamba_cuts
+
+        record_mamba_cuts(adapter, layer, plan, l, rec)
+        return
+    if plan.heads[l] is not None and adapter.has_attention(layer):
         heads, kv, hd = plan.heads[l], plan.kv[l], d.head_dim
         spans = [adapter.query_rows(layer, d), adapter.key_rows(layer, d), adapter.value_rows(layer, d)]
         for linear, rows in _row_blocks(spans, [heads, kv, kv], hd).items():
@@ -431,24 +461,22 @@ def _layer_cuts(adapter: ModelAdapter, layer: nn.Module, d: Dims, plan: WidthPla
     moe_layer = adapter.is_moe_layer(layer)
     if moe_layer:
         _moe_layer_cuts(adapter, layer, plan, l, rec)  # type: ignore[arg-type]
-    if plan.neurons[l] is not None and not moe_layer:
+    if plan.neurons[l] is not None and not moe_layer and adapter.has_mlp(layer):
         keep = plan.neurons[l]
-        spans = [adapter.gate_rows(layer, d), adapter.up_rows(layer, d)]
-        for linear, rows in _row_blocks(spans, [keep, keep], 1).items():
+        spans = adapter.mlp_row_spans(layer, d)
+        for linear, rows in _row_blocks(spans, [keep] * len(spans), 1).items():
             rec.add(linear, "weight", rows, 0)
             rec.add(linear, "bias", rows, 0)
         rec.add(adapter.down_proj(layer), "weight", keep, 1)
     hidden = plan.hidden
     if hidden is None:
         return
-    for linear in adapter.attention_inputs(layer) + adapter.mlp_inputs(layer):
-        rec.add(linear, "weight", hidden, 1)
-    for linear in adapter.residual_writers(layer):
-        rec.add(linear, "weight", hidden, 0)
-        rec.add(linear, "bias", hidden, 0)
-    for norm in adapter.layer_norms(layer):
-        rec.add(norm, "weight", hidden, 0)
-        rec.add(norm, "bias", hidden, 0)
+    for module, name, dim in adapter.hidden_axes(layer):
+        p = getattr(module, name, None)
+        if isinstance(p, torch.Tensor) and p.dim() == 3:  # a fused expert tensor of a hybrid family's MoE layer
+            rec.add_cut(module, name, ExpertCut(None, hidden, dim))
+        else:
+            rec.add(module, name, hidden, dim)
     if moe_layer:
         experts = adapter.experts(layer)  # type: ignore[attr-defined]
         rec.add_cut(experts, "gate_up_proj", ExpertCut(None, hidden, 2))
@@ -708,6 +736,7 @@ def prune_width(
     moe_intermediate_size: Optional[int] = None,
     shared_expert_intermediate_size: Optional[int] = None,
     backend: str = "auto",
+    **mamba_targets: Optional[int],
 ) -> nn.Module:
     """Width-prune ``model`` in place to the given sizes (any subset) and return it.
 
@@ -729,6 +758,10 @@ def prune_width(
             ``moe_intermediate_size`` neurons with the highest ``scores.expert_neurons`` (the same count for all:
             transformers' fused format has one width), the shared expert its ``shared_neurons``.
         backend: backend of :func:`minitron.ops.gather_slices`.
+        **mamba_targets: hybrid Mamba models (Nemotron-H): ``mamba_num_heads`` (group-aware: per SSM group the
+            heads with the highest ``scores.mamba_heads`` of that group) and ``mamba_head_dim`` (the channels with
+            the highest ``scores.mamba_channels``, aggregated over the kept heads); see
+            :mod:`minitron.compress.mamba`.
     Returns:
         ``model`` itself.
     Raises:
@@ -736,13 +769,17 @@ def prune_width(
     """
     adapter = get_adapter(model)
     adapter.check_model(model)
+    bad = set(mamba_targets) - set(MAMBA_WIDTH_FIELDS)
+    if bad:
+        raise TypeError(f"prune_width got unexpected keyword argument(s) {sorted(bad)}")
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     plan = plan_width(model.config, scores, hidden_size=hidden_size, intermediate_size=intermediate_size,
                       num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
                       **{k: v for k, v in (("num_experts", num_experts), ("moe_intermediate_size", moe_intermediate_size),
                                            ("shared_expert_intermediate_size", shared_expert_intermediate_size))
-                         if v is not None})
+                         if v is not None},
+                      **{k: v for k, v in mamba_targets.items() if v is not None})
     if not plan.changes:
         log.info("prune_width: every target equals the model's size; nothing to do")
         return model

@@ -47,6 +47,7 @@ __all__ = ["prune_checkpoint_streaming", "should_stream_prune", "random_importan
 PathLike = Union[str, os.PathLike]
 _WIDTH_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
 _MOE_KEYS = ("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size")
+_MAMBA_KEYS = ("mamba_num_heads", "mamba_head_dim")
 
 
 def random_importance(config: Any, seed: int = 0) -> ImportanceScores:
@@ -65,6 +66,10 @@ def random_importance(config: Any, seed: int = 0) -> ImportanceScores:
                "expert_neurons": torch.rand(L, m.num_experts, m.moe_intermediate_size, generator=g),
                "shared_neurons": None if m.shared_expert_intermediate_size is None else
                torch.rand(L, m.shared_expert_intermediate_size, generator=g)}
+    extra = adapter.extra_width_sizes(config)
+    if "mamba_num_heads" in extra:  # hybrid Mamba models (Nemotron-H)
+        moe["mamba_heads"] = torch.rand(L, extra["mamba_num_heads"], generator=g)
+        moe["mamba_channels"] = torch.rand(L, extra["mamba_num_heads"], extra["mamba_head_dim"], generator=g)
     return ImportanceScores(
         heads=heads, kv_groups=kv, neurons=torch.rand(L, d.intermediate_size, generator=g),
         channels=torch.rand(d.hidden_size, generator=g), block_influence=torch.rand(L, generator=g),
@@ -188,9 +193,9 @@ def prune_checkpoint_streaming(
     if width_targets is not None:
         if not isinstance(width_targets, dict):
             raise TypeError(f"width_targets must be a dict or None, got {type(width_targets).__name__}")
-        unknown = set(width_targets) - set(_WIDTH_KEYS) - set(_MOE_KEYS)
+        unknown = set(width_targets) - set(_WIDTH_KEYS) - set(_MOE_KEYS) - set(_MAMBA_KEYS)
         if unknown:
-            raise TypeError(f"unknown width target(s) {sorted(unknown)}; expected {_WIDTH_KEYS + _MOE_KEYS}")
+            raise TypeError(f"unknown width target(s) {sorted(unknown)}; expected {_WIDTH_KEYS + _MOE_KEYS + _MAMBA_KEYS}")
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     src = Path(src_dir)
@@ -259,8 +264,16 @@ def _plan_streamed_prune(ckpt: ShardedCheckpoint, scores: Optional[ImportanceSco
     if view.experts and width_changes:
         expert_cuts, exact = expert_disk_cuts(view, plan, plan.hidden)
         cut_plan.update(expert_cuts)
+    missing = sorted(n for n in cut_plan if n not in set(ckpt.keys()))
+    if missing:
+        raise ValueError(f"checkpoint {str(ckpt.path)!r}: width pruning would cut tensors it does not hold "
+                         f"({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}); streamed pruning does not "
+                         f"support this {adapter.model_type} checkpoint layout (prune it in memory)")
     names = {id(m): n for n, m in skeleton.named_modules()}
     prefix = names[id(adapter.layers(skeleton))]
+    disk_prefix = adapter.checkpoint_name(prefix)  # Nemotron-H saves the decoder as backbone.*
+    if disk_prefix != prefix and any(k.startswith(disk_prefix + ".") for k in ckpt.keys()):
+        prefix = disk_prefix
     renames = layer_rename(prefix, d.num_hidden_layers, kept) if len(kept) != d.num_hidden_layers else {}
     del skeleton
     new_config = copy.deepcopy(config)

@@ -635,6 +635,9 @@ class _StreamedEstimation:
         originals = nn.ModuleList(list(self.layers))
         sink: list = []
         recorders = nn.ModuleList([_Recorder(l, l == n_layers - 1, sink) for l in range(n_layers)])
+        for rec, layer in zip(recorders, originals):  # hybrid models pick each layer's mask by its block_type
+            if isinstance(getattr(layer, "block_type", None), str):
+                rec.block_type = layer.block_type
         adapter.set_layers(model, recorders)
         try:
             with torch.no_grad():

@@ -181,6 +181,31 @@ class ModelAdapter:
     def sync_modules(self, model: nn.Module) -> None:
         """Make family-specific module bookkeeping match the (pruned) config and weights; default: nothing."""
 
+    # ------------------------------------------------------------------ layer kinds (hybrid families)
+    def has_attention(self, layer: nn.Module) -> bool:
+        """Whether this decoder layer has attention heads to score and prune (every layer, by default; a hybrid
+        family such as Nemotron-H answers per layer kind)."""
+        return True
+
+    def has_mlp(self, layer: nn.Module) -> bool:
+        """Whether this decoder layer has a (dense or MoE) MLP block (every layer, by default)."""
+        return True
+
+    def is_mamba_layer(self, layer: nn.Module) -> bool:
+        """Whether this decoder layer is a Mamba-2 mixer (never, by default; see
+        :mod:`minitron.compress.mamba`)."""
+        return False
+
+    def extra_width_sizes(self, config: Any) -> dict[str, int]:
+        """Family-specific width axes beyond the dense and MoE ones, ``{name: current size}`` (default: none;
+        Nemotron-H: ``mamba_num_heads``, ``mamba_head_dim``). Width targets of these names are accepted, checked
+        to lie in [1, current] and written into the config under the same names."""
+        return {}
+
+    def checkpoint_name(self, name: str) -> str:
+        """The name a state-dict tensor has in the family's saved checkpoints (default: the same)."""
+        return name
+
     def width_transforms(self, config_before: Any, config_after: Any) -> dict[str, Callable[[Tensor], Tensor]]:
         """Functions applied to tensors after width pruning has cut them (default: none).
 
@@ -290,6 +315,21 @@ class ModelAdapter:
         """Linears reading the normed residual stream in the MLP (columns = hidden channels)."""
         mlp = self.mlp(layer)
         return [mlp.gate_proj, mlp.up_proj]
+
+    def mlp_row_spans(self, layer: nn.Module, dims: Dims) -> list[RowSpan]:
+        """Rows producing the MLP neurons' activations (gate and up; a non-gated MLP has up only)."""
+        return [self.gate_rows(layer, dims), self.up_rows(layer, dims)]
+
+    def hidden_axes(self, layer: nn.Module) -> list[tuple[nn.Module, str, int]]:
+        """Every ``(module, parameter name, dim)`` of a decoder layer indexed by the embedding channels (a missing
+        parameter, e.g. an absent bias, is skipped by the caller): the attention/MLP inputs (dim 1), the residual
+        writers (dim 0, weight and bias) and the layer norms (dim 0). Fused MoE experts are cut separately."""
+        readers = (self.attention_inputs(layer) if self.has_attention(layer) else []) + (
+            self.mlp_inputs(layer) if self.has_mlp(layer) else [])
+        out: list[tuple[nn.Module, str, int]] = [(m, "weight", 1) for m in readers]
+        for m in self.residual_writers(layer) + self.layer_norms(layer):
+            out += [(m, "weight", 0), (m, "bias", 0)]
+        return out
 
     def residual_writers(self, layer: nn.Module) -> list[nn.Linear]:
         """Linears writing the residual stream (rows = hidden channels)."""

@@ -14,7 +14,7 @@ def test_supported_types():
 
     import minitron.models
 
-    later = ("mixtral", "qwen2_moe", "qwen3_moe")
+    later = ("mixtral", "nemotron_h", "qwen2_moe", "qwen3_moe")
     if (Path(minitron.models.__file__).parent / "gemma3.py").is_file():  # gemma3.py sorts before mixtral.py
         later = ("gemma3_text",) + later
     assert SUPPORTED_MODEL_TYPES == ("llama", "mistral", "qwen2", "qwen3", "phi3") + later
