@@ -1,0 +1,189 @@
+"""``minitron search`` on a real model: SmolLM2-135M at the budget of the demo's depth student (about 60%).
+
+Stages (each skipped when its output exists, so ``--resume`` continues a killed run; the search itself resumes
+from its state file):
+
+1. teacher correction, exactly as the real demo (3 LM steps of 4 x 512 tokens on WikiText-2 valid, lr 1e-4);
+2. importance of the corrected teacher on WikiText-2 valid (the demo's calibration: 2 batches of 4 x 512 tokens,
+   mean/l2 aggregation) with the LM-loss layer metric added (the search drops layers by it; its 30 skip-one-layer
+   passes run over one batch, ``depth_max_tokens`` 2048);
+3. ``minitron.api.search`` at 81,413,568 total parameters (the demo's depth student: 60.5% of the teacher), pruning
+   limits 40% width and 50% depth (so that the demo's depth student, 15 of 30 layers, is itself a candidate),
+   scoring on the last 4,096 tokens of WikiText-2 valid (held out), top-3 distilled for ``--distill-tokens`` each
+   (default 20,480 = the demo's depth student's budget: 10 steps of 4 x 512) from the corrected teacher,
+   rescored; then WikiText-2 test perplexity (the demo's 8,176 tokens) of the corrected teacher and of the winner,
+   pruned and distilled, compared with the demo's hand-picked width and depth students (``docs/demo/results.json``).
+
+Usage::
+
+    nice python benchmarks/search_real.py [--out runs/search-smollm2] [--records docs/search-smollm2] [--resume]
+
+Writes ``results.json``/``results.md`` and copies ``search.json``/``search.md``/``search.png`` to ``--records``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict
+
+if __name__ == "__main__" and not __package__:  # run as a file: make `minitron` importable from the checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+log = logging.getLogger("benchmarks.search_real")
+
+ROOT = Path(__file__).resolve().parents[1]
+SEQ_LEN = 512
+BUDGET = 81_413_568  # the real demo's depth student (docs/demo/results.json)
+EVAL_TOKENS = 8192
+
+
+def _data_dir(arg: str | None) -> Path:
+    for d in ([Path(arg)] if arg else []) + [Path("/work/shared/data"), ROOT / "minitron" / "resources" / "data"]:
+        if (d / "wikitext-2" / "valid.txt").is_file():
+            return d
+    raise FileNotFoundError("WikiText-2 not found; pass --data-dir DIR holding wikitext-2/{valid,test}.txt")
+
+
+def _stage(timings: Dict[str, float], name: str, fn: Any) -> Any:
+    t0 = time.time()
+    out = fn()
+    timings[name] = round(time.time() - t0, 1)
+    log.info("stage %s: %.1fs", name, timings[name])
+    return out
+
+
+def _evaluate(model: Any, test: Path) -> Dict[str, Any]:
+    from minitron import api
+
+    r = api.evaluate_perplexity(str(model), str(test), seq_len=SEQ_LEN, max_tokens=EVAL_TOKENS, batch_size=4,
+                                device="cpu")
+    return {k: r[k] for k in ("loss", "ppl", "tokens", "sequences")}
+
+
+def _demo_rows() -> Dict[str, Any]:
+    d = json.loads((ROOT / "docs" / "demo" / "results.json").read_text())
+    return {r["label"]: r for r in d["rows"]}
+
+
+def main(argv: Any = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--out", default="runs/search-smollm2")
+    p.add_argument("--records", default="docs/search-smollm2")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--distill-tokens", type=int, default=20480)
+    p.add_argument("--max-depth-prune", type=float, default=0.5)
+    p.add_argument("--resume", action="store_true")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    from minitron import api
+    from minitron.cli import _quiet_libraries
+
+    _quiet_libraries()
+    torch.set_num_threads(a.threads)
+    data = _data_dir(a.data_dir)
+    valid, test = data / "wikitext-2" / "valid.txt", data / "wikitext-2" / "test.txt"
+    out = Path(a.out)
+    if out.exists() and not a.resume:
+        raise SystemExit(f"{out} exists; pass --resume to continue it or remove it")
+    out.mkdir(parents=True, exist_ok=True)
+    timings: Dict[str, float] = {}
+    t_all, load0 = time.time(), os.getloadavg()
+    teacher = Path(_stage(timings, "fetch", lambda: api.fetch(a.model)))
+    corrected = out / "teacher_corrected"
+    if not (corrected / "model" / "config.json").is_file():
+        _stage(timings, "correct_teacher", lambda: api.correct_teacher(
+            str(teacher), str(valid), output_dir=str(corrected), overwrite=corrected.exists(), seq_len=SEQ_LEN,
+            train=dict(steps=3, batch_size=4, lr=1e-4, warmup_steps=1, min_lr_ratio=0.1, weight_decay=0.01,
+                       log_every=1, device="cpu")))
+    imp = out / "importance"
+    if not (imp / "importance.json").is_file():
+        _stage(timings, "importance", lambda: api.estimate_importance(
+            str(corrected), str(valid), output_dir=str(imp), overwrite=imp.exists(), seq_len=SEQ_LEN, batch_size=4,
+            max_batches=2, layer_metrics=("block_influence", "lm_loss"), depth_max_tokens=2048, device="cpu"))
+    spec = api.SearchSpec(target_params=BUDGET, max_depth_prune=a.max_depth_prune, top_k=a.top_k,
+                          distill_tokens=a.distill_tokens, score_tokens=4096)
+    dry = api.search(str(corrected), dry_run=True, options=spec)
+    log.info("%d candidates:\n%s", len(dry.candidates), dry.table)
+    sdir = out / "search"
+    res = _stage(timings, "search", lambda: api.search(
+        str(corrected), api.DataSpec(data=str(valid), seq_len=SEQ_LEN), importance=str(imp), output_dir=str(sdir),
+        options=spec, resume=sdir.exists(), device="cpu"))
+    evals = {}
+    for label, path in (("teacher (corrected)", corrected), ("winner pruned", sdir / "model"),
+                        ("winner distilled", sdir / "distilled")):
+        evals[label] = _stage(timings, f"evaluate {label}", lambda path=path: _evaluate(path, test))
+    timings["total"] = round(time.time() - t_all, 1)
+    _write_records(Path(a.records), sdir, res, evals, timings, spec, a, [round(x, 2) for x in load0])
+    return 0
+
+
+def _comparison(res: Any, evals: Dict[str, Any]) -> list:
+    demo = _demo_rows()
+    win = next(r for r in res.rows if r["id"] == res.winner)
+    rows = [dict(label="teacher (corrected), this run", parameters=win and res.summary["teacher"]["parameters"],
+                 ppl=evals["teacher (corrected)"]["ppl"]),
+            dict(label="teacher (corrected), demo", parameters=demo["teacher (corrected)"]["parameters"],
+                 ppl=demo["teacher (corrected)"]["ppl"])]
+    rows += [dict(label=f"search winner `{res.winner}` pruned", parameters=win["parameters"],
+                  ppl=evals["winner pruned"]["ppl"]),
+             dict(label=f"search winner `{res.winner}` distilled", parameters=win["parameters"],
+                  ppl=evals["winner distilled"]["ppl"])]
+    for k in ("width pruned", "width distilled", "depth pruned", "depth distilled"):
+        rows.append(dict(label=f"demo {k}", parameters=demo[k]["parameters"], ppl=demo[k]["ppl"]))
+    return rows
+
+
+def _write_records(rec: Path, sdir: Path, res: Any, evals: Dict[str, Any], timings: Dict[str, float], spec: Any,
+                   a: Any, load0: list) -> None:
+    from minitron.demo import _git_commit, _versions
+
+    rec.mkdir(parents=True, exist_ok=True)
+    for f in ("search.json", "search.md", "search.png"):
+        shutil.copyfile(sdir / f, rec / f)
+    comp = _comparison(res, evals)
+    teacher_params = res.summary["teacher"]["parameters"]
+    rc = res.summary["ranking_change"]
+    summary = {
+        "command": "nice python benchmarks/search_real.py " + " ".join(sys.argv[1:]),
+        "model": a.model, "budget_parameters": BUDGET, "budget_fraction": BUDGET / teacher_params,
+        "spec": spec.to_dict(), "candidates": len(res.candidates), "winner": res.winner,
+        "ranking_change": rc, "scoring_cost": res.summary["scoring_cost"], "search_timings": res.summary["timings"],
+        "timings": timings, "evaluation": {"data": "WikiText-2 test", "seq_len": SEQ_LEN, "max_tokens": EVAL_TOKENS,
+                                           **evals},
+        "comparison": comp, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "load_average": {"start": load0, "end": [round(x, 2) for x in os.getloadavg()]},
+        "versions": _versions(), "commit": _git_commit(),
+    }
+    (rec / "results.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    lines = ["| model | parameters | % of teacher | WikiText-2 test ppl |", "|---|---:|---:|---:|"]
+    for r in comp:
+        lines.append(f"| {r['label']} | {r['parameters']:,} | {100 * r['parameters'] / teacher_params:.1f}% | "
+                     f"{r['ppl']:.1f} |")
+    md = [f"# minitron search on {a.model} (generated by benchmarks/search_real.py)", "",
+          f"Budget {BUDGET:,} parameters ({100 * BUDGET / teacher_params:.1f}% of the teacher); {len(res.candidates)} "
+          f"candidates; top {len(rc['before'])} distilled for {res.summary['distill_tokens']:,} tokens each; winner "
+          f"`{res.winner}`.", "", "\n".join(lines), "",
+          f"Ranking change among the finalists: {rc['discordant_pairs']} of {rc['pairs']} pairs swapped; winner "
+          f"{'changed' if rc['winner_changed'] else 'unchanged'}.", "",
+          "Wall time (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()), "",
+          "Search phases (s): " + ", ".join(f"{k} {v}" for k, v in res.summary["timings"].items()), "",
+          f"Load average at start {load0}, end {summary['load_average']['end']} ({os.cpu_count()} cores, "
+          f"{torch.get_num_threads()} torch threads).", ""]
+    (rec / "results.md").write_text("\n".join(md))
+    log.info("records written to %s", rec)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
