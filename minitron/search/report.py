@@ -19,13 +19,13 @@ def _m(n: int) -> str:
 
 
 def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f}" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
 def candidate_table(rows: List[Dict[str, Any]], teacher_params: int, *, scored: bool) -> str:
     """Markdown table of the candidates (with their scores and distillation results when ``scored``)."""
     head = ["#", "candidate", "kind", "hidden", "MLP", "heads/KV", "layers", "params", "% teacher", "non-emb.",
-            "memory (GiB)"]
+            "memory"]
     if scored:
         head += ["dropped layers", "loss", "KL", "ppl", "cost (x teacher pass)", "loss distilled", "ppl distilled"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]

@@ -168,7 +168,7 @@ def count_parameters(config: Any, shape: Shape) -> int:
 def weight_dtype_bytes(config: Any) -> int:
     """Bytes per weight of the checkpoint dtype (``dtype``/``torch_dtype`` of the config; fp32 when unset)."""
     config = _config(config)
-    dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    dt = getattr(config, "dtype", None) or vars(config).get("torch_dtype") or torch.float32
     if isinstance(dt, str):
         dt = getattr(torch, dt.replace("torch.", ""), torch.float32)
     return int(torch.empty((), dtype=dt).element_size()) if isinstance(dt, torch.dtype) else 4
@@ -283,7 +283,8 @@ class _Space:
     def candidate(self, s: Shape) -> Candidate:
         params = count_parameters(self.config, s)
         nonemb = params - embedding_parameters(self.config, s.hidden_size)
-        kv = kv_cache_bytes(self.config, s, seq_len=self.spec.memory_seq_len, batch=self.spec.memory_batch)
+        kv = (2 * s.num_hidden_layers * s.num_key_value_heads * self.head_dim * self.spec.memory_seq_len
+              * self.spec.memory_batch * self.dtype_bytes)  # as kv_cache_bytes
         t = self.teacher
         width = s.width() != t.width()
         depth = s.num_hidden_layers != t.num_hidden_layers

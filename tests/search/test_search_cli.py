@@ -1,0 +1,55 @@
+"""``minitron search`` on the command line: the dry run on the shipped 8B/12B configs, and bad input (exit 2, one
+line, before any work)."""
+from __future__ import annotations
+
+import pytest
+
+from minitron.cli import COMMANDS, EXIT_BAD_INPUT, main
+from minitron.resources.architectures import architectures_dir
+
+
+def test_search_is_a_command():
+    assert "search" in COMMANDS
+
+
+@pytest.mark.parametrize("model,budget,row", [
+    ("llama-3.1-8b", "4.52e9", "| `h3072-i9216-a32-kv8-l32` | width | 3072 | 9216 | 32/8 | 32 | 4,512.7M |"),
+    (str(architectures_dir() / "mistral-nemo-12b.json"), "8.42B",
+     "| `h4096-i11520-a32-kv8-l40` | width | 4096 | 11520 | 32/8 | 40 | 8,414.1M |"),
+])
+def test_dry_run_on_the_shipped_configs(model, budget, row, capsys):
+    assert main(["--log-level", "WARNING", "search", "--model", model, "--target-params", budget, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert row in out
+    assert "candidates meet" in out and "nothing loaded or written" in out
+
+
+def test_dry_run_with_a_memory_budget(capsys):
+    rc = main(["--log-level", "WARNING", "search", "--model", "llama-3.1-8b", "--target-memory", "10GB",
+               "--memory-seq-len", "8192", "--memory-batch", "2", "--dry-run"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "10,000,000,000 bytes of weights + KV cache at 8192 tokens x 2" in out
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--target-params", "1e12"], "at or above the model's own size"),
+    (["--target-params", "1e9"], "below the smallest size reachable"),
+    (["--target-params", "4.5e9", "--max-width-prune", "1"], "max_width_prune must be a number in [0, 1)"),
+    (["--target-params", "4.5e9", "--max-depth-prune", "1.5"], "max_depth_prune must be a number in [0, 1)"),
+    (["--target-params", "4.5e9", "--top-k", "0"], "top_k must be an int >= 1"),
+    ([], "give a budget"),
+])
+def test_bad_input_exits_2_with_one_line(argv, msg, capsys):
+    rc = main(["search", "--model", "llama-3.1-8b", "--dry-run", *argv])
+    assert rc == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert msg in err and len(err.splitlines()) == 1
+    if "reachable" in msg or "own size" in msg:
+        assert "to 8,030,261,248 parameters" in err  # the largest reachable size: the teacher itself
+
+
+def test_full_search_needs_importance_and_output(tmp_path, capsys):
+    rc = main(["search", "--model", "llama-3.1-8b", "--target-params", "4.52e9", "--data", str(tmp_path)])
+    assert rc == EXIT_BAD_INPUT
+    assert "needs --importance" in capsys.readouterr().err
