@@ -87,7 +87,12 @@ def main(argv: Any = None) -> int:
     p.add_argument("--depth-max-tokens", type=int, default=512)
     p.add_argument("--max-depth-prune", type=float, default=0.5)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--update-docs", action="store_true", help="only regenerate the block of docs/search.md from "
+                   "--records")
     a = p.parse_args(argv)
+    if a.update_docs:
+        update_docs(Path(a.records), ROOT / "docs" / "search.md")
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     from minitron import api
@@ -129,6 +134,7 @@ def main(argv: Any = None) -> int:
         evals[label] = _stage(timings, f"evaluate {label}", lambda path=path: _evaluate(path, test))
     timings["total"] = round(time.time() - t_all, 1)
     _write_records(Path(a.records), sdir, res, evals, timings, spec, a, [round(x, 2) for x in load0])
+    update_docs(Path(a.records), ROOT / "docs" / "search.md")
     return 0
 
 
@@ -184,6 +190,57 @@ def _write_records(rec: Path, sdir: Path, res: Any, evals: Dict[str, Any], timin
           f"{torch.get_num_threads()} torch threads).", ""]
     (rec / "results.md").write_text("\n".join(md))
     log.info("records written to %s", rec)
+
+
+NL = "\n"
+BEGIN, END = "<!-- search-smollm2 begin -->", "<!-- search-smollm2 end -->"
+
+
+def docs_block(records: Path) -> str:
+    """The real-model section of docs/search.md, from the records (``results.json``, ``search.json``)."""
+    r = json.loads((records / "results.json").read_text())
+    s = json.loads((records / "search.json").read_text())
+    rc, sc, t = r["ranking_change"], r["scoring_cost"], s["teacher"]
+    by_id = {c["id"]: c for c in s["candidates"]}
+    fin = ["| finalist | kind | rank before | loss before | rank after | loss after | ppl after (held out) |",
+           "|---|---|---:|---:|---:|---:|---:|"]
+    for cid in rc["before"]:
+        c = by_id[cid]
+        fin.append(f"| `{cid}` | {c['kind']} | {rc['before'].index(cid) + 1} | {c['score']['loss']:.3f} | "
+                   f"{rc['after'].index(cid) + 1} | {c['distilled']['loss']:.3f} | {c['distilled']['ppl']:.1f} |")
+    comp = ["| model | parameters | % of teacher | WikiText-2 test ppl |", "|---|---:|---:|---:|"]
+    for row in r["comparison"]:
+        comp.append(f"| {row['label']} | {row['parameters']:,} | {100 * row['parameters'] / t['parameters']:.1f}% | "
+                    f"{row['ppl']:.1f} |")
+    phases = ", ".join(f"{k} {v:.0f}" for k, v in r["timings"].items())
+    search_phases = ", ".join(f"{k} {v:.0f}" for k, v in r["search_timings"].items())
+    lines = [
+        f"Budget {r['budget_parameters']:,} parameters ({100 * r['budget_fraction']:.1f}% of {t['parameters']:,}); "
+        f"{r['candidates']} candidates; the teacher's held-out loss {t['loss']:.3f} on {t['tokens']:,} scoring tokens.",
+        "", "All candidates, ranked by the held-out loss right after pruning (cost: one candidate's pruning + scoring "
+        "in units of one teacher pass over the scoring data):", "", s["table"],
+        f"Finalists before and after {s['distill_tokens']:,} distillation tokens each:", "", NL.join(fin), "",
+        f"**Ranking change**: {rc['discordant_pairs']} of {rc['pairs']} finalist pairs swapped order (Kendall tau "
+        f"{rc['kendall_tau']:.2f}); the winner {'changed' if rc['winner_changed'] else 'did not change'}: "
+        f"`{r['winner']}`.", "",
+        "The winner against the demo's hand-picked students (same WikiText-2 test tokens, same corrected teacher; the "
+        "demo distilled its width student for 32,768 tokens and its depth student for 20,480):", "", NL.join(comp),
+        "",
+        f"**Scoring cost** per candidate: {sc['mean']:.2f}x one teacher pass over the scoring data on average "
+        f"(min {sc['min']:.2f}x, max {sc['max']:.2f}x; pruning excluded {sc['eval_mean']:.2f}x).", "",
+        f"**Wall time** (s): {phases}; inside the search: {search_phases}. {r['cpu_count']} cores, "
+        f"{r['torch_threads']} torch threads, load average {r['load_average']['start']} at the start and "
+        f"{r['load_average']['end']} at the end (other jobs shared the machine); commit {r['commit']}.",
+        "", "![loss before vs after distillation](search-smollm2/search.png)",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def update_docs(records: Path, doc: Path) -> None:
+    text = doc.read_text()
+    a, b = text.index(BEGIN), text.index(END)
+    doc.write_text(text[:a + len(BEGIN)] + "\n" + docs_block(records) + text[b:])
+    log.info("updated %s from %s", doc, records)
 
 
 if __name__ == "__main__":
