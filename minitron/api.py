@@ -1050,7 +1050,8 @@ def search(
             default batch 4, lr 4e-4, 2 warmup steps) and its ``DistillConfig``.
         overwrite / resume: replace an existing output / continue an interrupted search in it (nothing computed
             is recomputed).
-        dry_run: only enumerate (no model, data or importance needed; nothing written).
+        dry_run: only enumerate (no model, data or importance needed); with ``output_dir`` the table is written
+            there (``search.json``, ``search.md``), else nothing is written.
         **fields: any field of ``ModelSpec``, ``DataSpec``, ``SearchSpec`` by name (``target_params=...``).
 
     Returns:
@@ -1079,8 +1080,16 @@ def search(
 
         space = _Space(config, spec)
         summary = dry_run_summary(config, spec, candidates, space.candidate(space.teacher))
+        out = None
+        if output_dir is not None:  # the candidate table as search.json / search.md, nothing else
+            out = check_output_dir(output_dir, overwrite=overwrite, inputs={"--model": m.model})
+            work = begin_output(out, overwrite=overwrite)
+            atomic_write_json(work / "search.json", summary)
+            atomic_write_text(work / "search.md", f"# minitron search --dry-run: {m.label}\n\n{len(candidates)} "
+                              f"candidates meet {summary['budget']}.\n\n{summary['table']}")
+            finish_output(work, out)
         return SearchResult(candidates=candidates, rows=summary["candidates"], summary=summary,
-                            table=summary["table"])
+                            table=summary["table"], output_dir=out)
     scores, out = _check_search_inputs(m, d, importance, output_dir, config, spec, candidates, overwrite=overwrite,
                                        resume=resume)
     seq_len = default_seq_len(d.seq_len, config)

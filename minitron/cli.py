@@ -221,7 +221,7 @@ def _search_parser(p: argparse.ArgumentParser) -> None:
     add_options(g, DataSpec, only=["data", "text_column", "split", "dataset_config", "seq_len", "max_tokens",
                                    "tokenizer", "eval_data", "eval_split"])
     _add_output(p, required=False, help="output directory: model/ (winner, pruned), distilled/, search.json/.md/.png "
-                                        "(required unless --dry-run)")
+                                        "(required unless --dry-run; with it: the table as search.json/.md)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search in --output (default: off)")
     add_options(p.add_argument_group("search"), SearchSpec)
     g = p.add_argument_group("distillation of the finalists (steps come from --distill-tokens)")
@@ -235,9 +235,10 @@ def _search(a: argparse.Namespace) -> int:
 
     spec = SearchSpec(**values_from_args(a, SearchSpec))  # bounds and the budget checked before anything else
     if a.dry_run:
-        res = api.search(_model(a), options=spec, dry_run=True)
+        res = api.search(_model(a), options=spec, dry_run=True, output_dir=a.output, overwrite=a.overwrite)
         print(res.table, end="")
-        print(f"{len(res.candidates)} candidates meet {res.summary['budget']} (dry run: nothing loaded or written)")
+        where = f"table written to {res.output_dir}/search.md" if res.output_dir else "nothing written"
+        print(f"{len(res.candidates)} candidates meet {res.summary['budget']} (dry run: nothing loaded; {where})")
         return 0
     train = TrainConfig(**dict(values_from_args(a, TrainConfig), steps=1))
     res = api.search(_model(a), _data(a), importance=a.importance, output_dir=a.output, options=spec, train=train,

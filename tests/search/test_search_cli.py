@@ -21,7 +21,22 @@ def test_dry_run_on_the_shipped_configs(model, budget, row, capsys):
     assert main(["--log-level", "WARNING", "search", "--model", model, "--target-params", budget, "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert row in out
-    assert "candidates meet" in out and "nothing loaded or written" in out
+    assert "candidates meet" in out and "nothing loaded; nothing written" in out
+
+
+def test_dry_run_writes_the_table_when_given_an_output(tmp_path, capsys):
+    import json
+
+    argv = ["--log-level", "WARNING", "search", "--model", "llama-3.1-8b", "--target-params", "4.52e9", "--dry-run",
+            "--output", str(tmp_path / "t")]
+    assert main(argv) == 0
+    s = json.loads((tmp_path / "t" / "search.json").read_text())
+    assert s["dry_run"] and "h3072-i9216-a32-kv8-l32" in {r["id"] for r in s["candidates"]}
+    assert "h3072-i9216-a32-kv8-l32" in (tmp_path / "t" / "search.md").read_text()
+    capsys.readouterr()
+    assert main(argv) == EXIT_BAD_INPUT  # an existing output needs --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(argv + ["--overwrite"]) == 0
 
 
 def test_dry_run_with_a_memory_budget(capsys):
