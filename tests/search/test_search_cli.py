@@ -68,3 +68,42 @@ def test_full_search_needs_importance_and_output(tmp_path, capsys):
     rc = main(["search", "--model", "llama-3.1-8b", "--target-params", "4.52e9", "--data", str(tmp_path)])
     assert rc == EXIT_BAD_INPUT
     assert "needs --importance" in capsys.readouterr().err
+
+
+def test_importance_then_search_on_a_tiny_checkpoint(tmp_path, capsys):
+    """The full command: a tiny Llama checkpoint with a word-level tokenizer, `minitron importance` (with the LM-loss
+    layer metric), then `minitron search`; the winner is a checkpoint transformers loads."""
+    import json
+    import random
+
+    from transformers import AutoModelForCausalLM
+
+    from tests.driver.test_checkpoint import tiny_tokenizer
+    from tests.search.conftest import make_model
+
+    model = make_model("llama", num_hidden_layers=5)
+    model.save_pretrained(tmp_path / "teacher")
+    tiny_tokenizer().save_pretrained(tmp_path / "teacher")
+    rnd = random.Random(0)
+    (tmp_path / "train.txt").write_text("\n".join(" ".join(f"w{rnd.randrange(4, 96)}" for _ in range(40))
+                                                  for _ in range(12)) + "\n")
+    data = ["--data", str(tmp_path / "train.txt"), "--seq-len", "16"]
+    assert main(["--log-level", "WARNING", "importance", "--model", str(tmp_path / "teacher"), *data,
+                 "--output", str(tmp_path / "imp"), "--layer-metrics", "block_influence,lm_loss",
+                 "--batch-size", "4"]) == 0
+    total = sum(p.numel() for p in model.parameters())
+    argv = ["--log-level", "WARNING", "search", "--model", str(tmp_path / "teacher"), "--importance",
+            str(tmp_path / "imp"), *data, "--target-params", str(int(total * 0.8)), "--hidden-multiple", "6",
+            "--mlp-multiple", "8", "--tolerance", "0.06", "--top-k", "2", "--distill-tokens", "32",
+            "--score-tokens", "32", "--batch-size", "2", "--device", "cpu", "--output", str(tmp_path / "out")]
+    capsys.readouterr()
+    assert main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    s = json.loads((tmp_path / "out" / "search.json").read_text())
+    assert f"winner {s['winner']}" in out and s["train"]["batch_size"] == 2 and s["train"]["lr"] == 4e-4
+    win = next(r for r in s["candidates"] if r["id"] == s["winner"])
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model")
+    assert sum(p.numel() for p in m.parameters()) == win["parameters"]
+    assert (tmp_path / "out" / "model" / "tokenizer.json").is_file()
+    assert main(argv) == EXIT_BAD_INPUT  # exists: --overwrite or --resume
+    assert main(argv + ["--resume"]) == 0  # everything is in the state: nothing recomputed
