@@ -2,7 +2,8 @@
 
 Everything already computed lives in ``<output>/search_state.json`` (replaced atomically after every candidate
 scored and every finalist distilled), so an interrupted search continued with ``resume=True`` recomputes nothing
-it has (a finalist whose distillation was cut continues from its last training checkpoint). Outputs::
+it has (a finalist whose distillation was cut restarts it, or continues from its last training checkpoint when
+``save_every`` wrote one). Outputs::
 
     <output>/model/        the winner, pruned from the teacher (a plain transformers checkpoint, not distilled)
     <output>/distilled/    the winner after its short distillation (the model the final ranking measured)
