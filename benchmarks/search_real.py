@@ -5,8 +5,8 @@ from its state file):
 
 1. teacher correction, exactly as the real demo (3 LM steps of 4 x 512 tokens on WikiText-2 valid, lr 1e-4);
 2. importance of the corrected teacher on WikiText-2 valid (the demo's calibration: 2 batches of 4 x 512 tokens,
-   mean/l2 aggregation) with the LM-loss layer metric added (the search drops layers by it; its 30 skip-one-layer
-   passes run over 512 tokens, ``depth_max_tokens``, as the study's);
+   mean/l2 aggregation) with the LM-loss layer metric added (the search drops layers by it; ``depth_max_tokens``
+   512 as the study's, which rounds up to one calibration batch: its 30 skip-one-layer passes run over 2,048 tokens);
 3. ``minitron.api.search`` at 81,413,568 total parameters (the demo's depth student: 60.5% of the teacher), pruning
    limits 40% width and 50% depth (so that the demo's depth student, 15 of 30 layers, is itself a candidate),
    tolerance 2%, scoring on the last 2,048 tokens of WikiText-2 valid (held out), top-3 distilled for
