@@ -213,6 +213,16 @@ def docs_block(records: Path) -> str:
     for row in r["comparison"]:
         comp.append(f"| {row['label']} | {row['parameters']:,} | {100 * row['parameters'] / t['parameters']:.1f}% | "
                     f"{row['ppl']:.1f} |")
+    demo = json.loads((ROOT / "docs" / "demo" / "results.json").read_text())["students"]
+    ranks = {c["id"]: c["rank"] for c in s["candidates"]}
+    notes = []
+    for name, st in demo.items():
+        c = st["config"]
+        cid = (f"h{c['hidden_size']}-i{c['intermediate_size']}-a{c['num_attention_heads']}-kv{c['num_key_value_heads']}"
+               f"-l{c['num_hidden_layers']}")
+        notes.append(f"the demo's {name} student `{cid}` is " + (
+            f"candidate #{ranks[cid]} of {len(ranks)} (here its dropped block is chosen by the LM-loss drop; the demo "
+            "used block influence)" if cid in ranks else "not a candidate (another budget)"))
     phases = ", ".join(f"{k} {v:.0f}" for k, v in r["timings"].items())
     search_phases = ", ".join(f"{k} {v:.0f}" for k, v in r["search_timings"].items())
     lines = [
@@ -224,6 +234,7 @@ def docs_block(records: Path) -> str:
         f"**Ranking change**: {rc['discordant_pairs']} of {rc['pairs']} finalist pairs swapped order (Kendall tau "
         f"{rc['kendall_tau']:.2f}); the winner {'changed' if rc['winner_changed'] else 'did not change'}: "
         f"`{r['winner']}`.", "",
+        "Of the demo's hand-picked shapes, " + "; ".join(notes) + ".", "",
         "The winner against the demo's hand-picked students (same WikiText-2 test tokens, same corrected teacher; the "
         "demo distilled its width student for 32,768 tokens and its depth student for 20,480):", "", NL.join(comp),
         "",
