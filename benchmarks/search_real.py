@@ -53,10 +53,13 @@ def _data_dir(arg: str | None) -> Path:
 
 
 def _stage(timings: Dict[str, float], name: str, fn: Any) -> Any:
+    """Run one stage; its wall time is recorded the first time it runs to completion (a resumed run keeps the
+    times of the stages an earlier, interrupted process completed: ``OUT/timings.json``)."""
     t0 = time.time()
     out = fn()
-    timings[name] = round(time.time() - t0, 1)
-    log.info("stage %s: %.1fs", name, timings[name])
+    took = round(time.time() - t0, 1)
+    timings.setdefault(name, took)
+    log.info("stage %s: %.1fs", name, took)
     return out
 
 
@@ -107,7 +110,8 @@ def main(argv: Any = None) -> int:
     if out.exists() and not a.resume:
         raise SystemExit(f"{out} exists; pass --resume to continue it or remove it")
     out.mkdir(parents=True, exist_ok=True)
-    timings: Dict[str, float] = {}
+    tfile = out / "timings.json"
+    timings: Dict[str, float] = json.loads(tfile.read_text()) if tfile.is_file() else {}
     t_all, load0 = time.time(), os.getloadavg()
     teacher = Path(_stage(timings, "fetch", lambda: api.fetch(a.model)))
     corrected = out / "teacher_corrected"
@@ -133,9 +137,12 @@ def main(argv: Any = None) -> int:
         train=dict(batch_size=a.distill_batch, lr=4e-4, warmup_steps=1, min_lr_ratio=0.1, weight_decay=0.01,
                    log_every=1, save_every=0, keep_checkpoints=1, device="cpu")))
     evals = {}
-    for label, path in (("winner distilled", sdir / "distilled"),):
+    tfile.write_text(json.dumps(timings))
+    for label, path in (("winner distilled", sdir / "distilled"), ("winner pruned", sdir / "model")):
         evals[label] = _stage(timings, f"evaluate {label}", lambda path=path: _evaluate(path, test))
-    timings["total"] = round(time.time() - t_all, 1)
+        tfile.write_text(json.dumps(timings))
+    timings.pop("total", None)
+    timings["total"] = round(sum(timings.values()), 1)
     _write_records(Path(a.records), sdir, res, evals, timings, spec, a, [round(x, 2) for x in load0])
     update_docs(Path(a.records), ROOT / "docs" / "search.md")
     return 0
@@ -146,7 +153,9 @@ def _comparison(res: Any, evals: Dict[str, Any]) -> list:
     win = next(r for r in res.rows if r["id"] == res.winner)
     rows = [dict(label="teacher (corrected; the demo's figure, same correction and evaluation)",
                  parameters=demo["teacher (corrected)"]["parameters"], ppl=demo["teacher (corrected)"]["ppl"])]
-    rows += [dict(label=f"search winner `{res.winner}` distilled ({res.summary['distill_tokens']:,} tokens)",
+    rows += [dict(label=f"search winner `{res.winner}` pruned", parameters=win["parameters"],
+                  ppl=evals["winner pruned"]["ppl"]),
+             dict(label=f"search winner `{res.winner}` distilled ({res.summary['distill_tokens']:,} tokens)",
                   parameters=win["parameters"], ppl=evals["winner distilled"]["ppl"])]
     for k in ("width pruned", "width distilled", "depth pruned", "depth distilled"):
         rows.append(dict(label=f"demo {k}", parameters=demo[k]["parameters"], ppl=demo[k]["ppl"]))
@@ -199,6 +208,8 @@ BEGIN, END = "<!-- search-smollm2 begin -->", "<!-- search-smollm2 end -->"
 
 def docs_block(records: Path) -> str:
     """The real-model section of docs/search.md, from the records (``results.json``, ``search.json``)."""
+    from minitron.search.report import candidate_table
+
     r = json.loads((records / "results.json").read_text())
     s = json.loads((records / "search.json").read_text())
     rc, sc, t = r["ranking_change"], r["scoring_cost"], s["teacher"]
@@ -229,7 +240,8 @@ def docs_block(records: Path) -> str:
         f"Budget {r['budget_parameters']:,} parameters ({100 * r['budget_fraction']:.1f}% of {t['parameters']:,}); "
         f"{r['candidates']} candidates; the teacher's held-out loss {t['loss']:.3f} on {t['tokens']:,} scoring tokens.",
         "", "All candidates, ranked by the held-out loss right after pruning (cost: one candidate's pruning + scoring "
-        "in units of one teacher pass over the scoring data):", "", s["table"],
+        "in units of one teacher pass over the scoring data):", "", candidate_table(s["candidates"], t["parameters"],
+                                                                                  scored=True),
         f"Finalists before and after {s['distill_tokens']:,} distillation tokens each:", "", NL.join(fin), "",
         f"**Ranking change**: {rc['discordant_pairs']} of {rc['pairs']} finalist pairs swapped order (Kendall tau "
         f"{rc['kendall_tau']:.2f}); the winner {'changed' if rc['winner_changed'] else 'did not change'}: "

@@ -37,7 +37,7 @@ def candidate_table(rows: List[Dict[str, Any]], teacher_params: int, *, scored: 
         if scored:
             s, d = r.get("score") or {}, r.get("distilled") or {}
             dropped = s.get("dropped_layers") or []
-            cells += [f"{dropped[0]}-{dropped[-1]}" if dropped else "-",
+            cells += [(f"{dropped[0]}-{dropped[-1]}" if len(dropped) > 1 else str(dropped[0])) if dropped else "-",
                       f"{s['loss']:.4f}" if s else "", f"{s['kl']:.4f}" if s else "", f"{s['ppl']:.1f}" if s else "",
                       f"{s['cost_vs_teacher_forward']:.2f}" if s else "",
                       f"{d['loss']:.4f}" if d else "", f"{d['ppl']:.1f}" if d else ""]
