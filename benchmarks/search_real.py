@@ -91,11 +91,13 @@ def main(argv: Any = None) -> int:
     p.add_argument("--depth-max-tokens", type=int, default=512)
     p.add_argument("--max-depth-prune", type=float, default=0.5)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--docs-file", default=str(ROOT / "docs" / "search.md"), help="the doc whose generated block is "
+                   "updated from --records")
     p.add_argument("--update-docs", action="store_true", help="only regenerate the block of docs/search.md from "
                    "--records")
     a = p.parse_args(argv)
     if a.update_docs:
-        update_docs(Path(a.records), ROOT / "docs" / "search.md")
+        update_docs(Path(a.records), Path(a.docs_file))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -144,7 +146,7 @@ def main(argv: Any = None) -> int:
     timings.pop("total", None)
     timings["total"] = round(sum(timings.values()), 1)
     _write_records(Path(a.records), sdir, res, evals, timings, spec, a, [round(x, 2) for x in load0])
-    update_docs(Path(a.records), ROOT / "docs" / "search.md")
+    update_docs(Path(a.records), Path(a.docs_file))
     return 0
 
 
