@@ -26,6 +26,8 @@ Functions:
     evaluate_perplexity(model, data, ...) -> {"loss", "ppl", "tokens", "sequences"}
     convert(gguf, output_dir, dtype=...) -> Path   (a GGUF file as a plain checkpoint)
     fetch(name, output_dir=None) -> Path   (a catalogued real model: download, verify, convert, cache)
+    search(model, data, *, importance, output_dir, options=SearchSpec(...)) -> SearchResult   (choose the pruned
+        shape for a parameter/memory budget; ``dry_run=True``: the candidate table from the config alone)
 
 Every model argument may also be a ``.gguf`` file: it is checked and converted once into the cache.
 
@@ -60,6 +62,7 @@ from minitron.io.safety import abandon_output, begin_output, check_output, check
 from minitron.options import fold
 from minitron.resources import data_dir as packaged_data_dir
 from minitron.runtime import check_backends, count_parameters, resolve_device
+from minitron.search.spec import SearchSpec
 from minitron.specs import DataSpec, EvalSpec, ImportanceSpec, ModelSpec, PruneSpec, StoreSpec
 from minitron.train.distill import DistillConfig
 from minitron.train.distributed import barrier, broadcast_from_main, distributed_session, is_main_process
@@ -81,6 +84,8 @@ __all__ = [
     "train_tokenizer",
     "convert",
     "fetch",
+    "search",
+    "SearchSpec",
     # the settings of the training stages
     "TrainConfig",
     "DistillConfig",
@@ -942,3 +947,172 @@ def fetch_error() -> type:
     from minitron.io.fetch import FetchError
 
     return FetchError
+
+
+# --------------------------------------------------------------------------------------------------
+# search: choose the pruned architecture for a budget
+
+
+def _search_train(train: Any, spec: SearchSpec, seq_len: int) -> TrainConfig:
+    """The finalists' distillation settings: ``train`` (defaults sized for a short run on a pretrained model), its
+    steps set from ``spec.distill_tokens``."""
+    base = TrainConfig(batch_size=4, lr=4e-4, warmup_steps=2, save_every=0, keep_checkpoints=1, log_every=1)
+    cfg = base if train is None else _train_config(train)
+    per_step = cfg.batch_size * cfg.grad_accum * seq_len
+    return dataclasses.replace(cfg, steps=max(1, -(-spec.distill_tokens // per_step)))
+
+
+def _search_data(d: DataSpec, tok: Any, seq_len: int, config: Any, spec: SearchSpec) -> Tuple[PackedDataset,
+                                                                                             PackedDataset]:
+    """``(scoring data, distillation data)``: the head of ``d.eval_data`` when given, else the tail of ``d.data``
+    (``spec.score_tokens`` tokens, whole sequences), held out of the distillation data."""
+    train_data = _pack(d, tok, seq_len, [config])
+    seq_len = train_data.seq_len  # a PackedDataset keeps its own
+    n_score = max(1, -(-spec.score_tokens // seq_len))
+    if d.eval_data is not None:
+        ev = load_packed(d.eval_data, tok, seq_len=seq_len, drop_remainder=True, model_configs=[config],
+                         **d.pack_args(eval=True))
+        if len(ev) < n_score:
+            raise ValueError(f"--eval-data holds {len(ev)} sequences of {seq_len} tokens; --score-tokens "
+                             f"{spec.score_tokens} needs {n_score}")
+        return PackedDataset(ev.input_ids[:n_score], ev.attention_mask[:n_score], ev.description), train_data
+    if len(train_data) < n_score + 1:
+        raise ValueError(f"--data holds {len(train_data)} sequences of {seq_len} tokens: too few to hold out "
+                         f"--score-tokens {spec.score_tokens} ({n_score} sequences) and distil on the rest")
+    k = len(train_data) - n_score
+    desc = train_data.description
+    return (PackedDataset(train_data.input_ids[k:], train_data.attention_mask[k:], f"{desc} (last {n_score} seq.)"),
+            PackedDataset(train_data.input_ids[:k], train_data.attention_mask[:k], f"{desc} (first {k} seq.)"))
+
+
+def _check_search_inputs(m: ModelSpec, d: DataSpec, importance: Any, output_dir: Any, config: Any, spec: SearchSpec,
+                         candidates: List[Any], *, overwrite: bool, resume: bool) -> Tuple[Any, Path]:
+    """Everything a full search checks before it loads the model: importance of this model (with the depth metric
+    when a candidate drops layers), data, output, the number of candidates. Returns ``(scores, output)``."""
+    if importance is None:
+        raise ValueError("search needs --importance (from `minitron importance` on this model); only --dry-run "
+                         "works without it")
+    check_data_arg("--data", d.data)
+    check_data_arg("--eval-data", d.eval_data, required=False)
+    if output_dir is None:
+        raise ValueError("search needs --output (output_dir); only --dry-run works without it")
+    scores = _importance_arg(importance)
+    try:
+        scores.check_compatible(config)
+    except ValueError as e:
+        raise ValueError(f"--importance {str(importance)!r}: {e}" if is_path(importance) else str(e)) from None
+    if any(c.shape.num_hidden_layers < scores.num_layers for c in candidates):
+        scores.layer_scores(spec.depth_metric)  # refuses scores without the depth metric, naming the fix
+    if len(candidates) > spec.max_candidates:
+        raise ValueError(f"{len(candidates)} candidates meet the budget within --tolerance {spec.tolerance}, more than "
+                         f"--max-candidates {spec.max_candidates}: tighten --tolerance, coarsen --hidden-multiple / "
+                         f"--mlp-multiple, or raise --max-candidates")
+    out = check_output_dir(output_dir, overwrite=overwrite, resume=resume, resumable=True,
+                           estimated_bytes=3 * (weight_bytes(m.model) or 0) or None,
+                           inputs={"--model": m.model, "--importance": importance, "--data": d.data,
+                                   "--eval-data": d.eval_data, "--tokenizer": d.tokenizer})
+    return scores, out
+
+
+def search(
+    model: Union[ModelLike, ModelSpec],
+    data: Any = None,
+    *,
+    importance: Any = None,
+    output_dir: Optional[PathLike] = None,
+    options: Optional[SearchSpec] = None,
+    train: Union[None, TrainConfig, Dict[str, Any]] = None,
+    loss: Optional[DistillConfig] = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    dry_run: bool = False,
+    **fields: Any,
+) -> Any:
+    """Choose the pruned architecture for a parameter / memory budget (the Minitron search, automated).
+
+    Enumerates the candidate shapes meeting the budget within the pruning limits on the papers' grid
+    (:func:`minitron.search.enumerate_candidates`), scores each right after pruning in memory from the teacher with
+    ``importance`` (held-out LM loss and KL to the teacher, the teacher's pass shared), distils the best
+    ``top_k`` for ``distill_tokens`` each (the fused-KL distillation), rescores them and writes the winner
+    (:func:`minitron.search.run_search`). See ``docs/search.md``.
+
+    Args:
+        model: the teacher: checkpoint path / loaded model / :class:`ModelSpec` (``device``). With ``dry_run`` also
+            a ``config.json``, a shipped architecture file or name (``llama-3.1-8b``): nothing is loaded.
+        data: distillation data (text source or :class:`DataSpec`); the scoring data is ``eval_data`` when given,
+            else the last ``score_tokens`` of ``data`` (held out of the distillation).
+        importance: ImportanceScores of this model or their directory (``lm_loss`` layer scores needed when a
+            candidate drops layers, with the default ``depth_metric``).
+        output_dir: ``model/`` (the winner, pruned), ``distilled/`` (the winner after its distillation),
+            ``search.json``, ``search.md``, ``search.png``, ``search_state.json``.
+        options: :class:`SearchSpec` (budget, limits, grid, tolerance, top_k, distill_tokens, ...).
+        train / loss: the finalists' distillation (``TrainConfig``; its ``steps`` come from ``distill_tokens``;
+            default batch 4, lr 4e-4, 2 warmup steps) and its ``DistillConfig``.
+        overwrite / resume: replace an existing output / continue an interrupted search in it (nothing computed
+            is recomputed).
+        dry_run: only enumerate (no model, data or importance needed); with ``output_dir`` the table is written
+            there (``search.json``, ``search.md``), else nothing is written.
+        **fields: any field of ``ModelSpec``, ``DataSpec``, ``SearchSpec`` by name (``target_params=...``).
+
+    Returns:
+        :class:`minitron.search.SearchResult`.
+    Raises:
+        SearchSpaceError (a ValueError): a budget no candidate meets within the limits, or at/above the model's
+            size (the message gives the smallest and largest reachable sizes). ValueError / TypeError: other bad
+            input, before anything is loaded.
+    """
+    from minitron.search import enumerate_candidates, search_config
+    from minitron.search.run import SearchInputs, SearchResult, run_search
+
+    sp_fields = {k: fields.pop(k) for k in list(fields) if k in {f.name for f in dataclasses.fields(SearchSpec)}}
+    if options is None and sp_fields:
+        spec = SearchSpec(**sp_fields)
+    else:
+        spec = _spec(options, SearchSpec, "options")
+        spec = dataclasses.replace(spec, **sp_fields) if sp_fields else spec
+    m, d = _inputs("search", model, data, fields)
+    dcfg = _spec(loss, DistillConfig, "loss")
+    config = search_config(m.model)
+    candidates = enumerate_candidates(config, spec)
+    if dry_run:
+        from minitron.search.report import dry_run_summary
+        from minitron.search.space import _Space
+
+        space = _Space(config, spec)
+        summary = dry_run_summary(config, spec, candidates, space.candidate(space.teacher))
+        out = None
+        if output_dir is not None:  # the candidate table as search.json / search.md, nothing else
+            out = check_output_dir(output_dir, overwrite=overwrite, inputs={"--model": m.model})
+            work = begin_output(out, overwrite=overwrite)
+            atomic_write_json(work / "search.json", summary)
+            atomic_write_text(work / "search.md", f"# minitron search --dry-run: {m.label}\n\n{len(candidates)} "
+                              f"candidates meet {summary['budget']}.\n\n{summary['table']}")
+            finish_output(work, out)
+        return SearchResult(candidates=candidates, rows=summary["candidates"], summary=summary,
+                            table=summary["table"], output_dir=out)
+    scores, out = _check_search_inputs(m, d, importance, output_dir, config, spec, candidates, overwrite=overwrite,
+                                       resume=resume)
+    seq_len = default_seq_len(d.seq_len, config)
+    _search_train(train, spec, seq_len)  # the training settings are checked before anything is loaded
+    dev = resolve_device(m.device)
+    check_backends(dev, spec.prune_backend, ops=SLICING_OPS)
+    check_backends(dev, dcfg.backend, ops=KL_OPS)
+    module, tok, src = m.load(d.tokenizer)
+    scores.check_model(module, source=f"importance scores {str(importance)!r}" if is_path(importance)
+                       else "importance scores")
+    check_finite_weights(module, m.label if is_path(m.model) else "model")
+    score_data, distill_data = _search_data(d, tok, seq_len, module.config, spec)
+    cfg = _search_train(train, spec, distill_data.seq_len)
+    module.to(dev)
+    inp = SearchInputs(teacher=module, scores=scores, score_data=score_data, distill_data=distill_data, spec=spec,
+                       train=dataclasses.replace(cfg, device=str(dev)), loss=dcfg, tokenizer=tok, source=src,
+                       label=m.label)
+    work = begin_output(out, overwrite=overwrite)
+    try:
+        result = run_search(inp, candidates, work, resume=resume)
+    except BaseException:
+        abandon_output(work, out)
+        raise
+    finish_output(work, out)
+    result.output_dir = out
+    return result

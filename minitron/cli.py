@@ -1,7 +1,7 @@
 """The ``minitron`` command line (also ``python -m minitron``).
 
 Subcommands: ``info``, ``importance``, ``prune``, ``correct-teacher``, ``teacher-logits``, ``distill``,
-``evaluate``, ``pipeline --config FILE.yaml``, ``demo``. Run ``minitron COMMAND --help`` for the options.
+``evaluate``, ``search``, ``pipeline --config FILE.yaml``, ``demo``. Run ``minitron COMMAND --help`` for the options.
 
 Under ``torchrun`` (``RANK``/``WORLD_SIZE`` in the environment) the process group is created for the command
 (gloo on CPU, NCCL on GPUs; ``--dist-timeout`` seconds before a collective gives up on a dead rank):
@@ -23,7 +23,7 @@ import os
 import sys
 from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence
 
-from minitron.api import DistillConfig, StoredDistillConfig, TrainConfig
+from minitron.api import DistillConfig, SearchSpec, StoredDistillConfig, TrainConfig
 from minitron.options import add_options, values_from_args
 from minitron.specs import DataSpec, EvalSpec, ImportanceSpec, ModelSpec, PruneSpec, StoreSpec
 
@@ -210,6 +210,47 @@ def _evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _search_parser(p: argparse.ArgumentParser) -> None:
+    _add_model(p, only=("model", "device"))
+    p.add_argument("--importance", default=None, help="directory written by `minitron importance` on --model (required "
+                                                      "unless --dry-run)")
+    p.add_argument("--dry-run", action="store_true", help="only enumerate the candidates (params, memory) from the "
+                   "config: no model, data or importance needed; --model may be a config.json or a shipped "
+                   "architecture name such as llama-3.1-8b (default: off)")
+    g = p.add_argument_group("data (--data: distillation; scoring: --eval-data, else the tail of --data)")
+    add_options(g, DataSpec, only=["data", "text_column", "split", "dataset_config", "seq_len", "max_tokens",
+                                   "tokenizer", "eval_data", "eval_split"])
+    _add_output(p, required=False, help="output directory: model/ (winner, pruned), distilled/, search.json/.md/.png "
+                                        "(required unless --dry-run; with it: the table as search.json/.md)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search in --output (default: off)")
+    add_options(p.add_argument_group("search"), SearchSpec)
+    g = p.add_argument_group("distillation of the finalists (steps come from --distill-tokens)")
+    add_options(g, TrainConfig, exclude=("steps", "device"), defaults={"batch_size": 4, "lr": 4e-4, "warmup_steps": 2,
+                                                             "keep_checkpoints": 1})
+    add_options(g, DistillConfig)
+
+
+def _search(a: argparse.Namespace) -> int:
+    from minitron import api
+
+    spec = SearchSpec(**values_from_args(a, SearchSpec))  # bounds and the budget checked before anything else
+    if a.dry_run:
+        res = api.search(_model(a), options=spec, dry_run=True, output_dir=a.output, overwrite=a.overwrite)
+        print(res.table, end="")
+        where = f"table written to {res.output_dir}/search.md" if res.output_dir else "nothing written"
+        print(f"{len(res.candidates)} candidates meet {res.summary['budget']} (dry run: nothing loaded; {where})")
+        return 0
+    train = TrainConfig(**dict(values_from_args(a, TrainConfig), steps=1))
+    res = api.search(_model(a), _data(a), importance=a.importance, output_dir=a.output, options=spec, train=train,
+                     loss=DistillConfig(**values_from_args(a, DistillConfig)), overwrite=a.overwrite,
+                     resume=a.resume)
+    rc = res.summary["ranking_change"]
+    print(f"{len(res.candidates)} candidates scored; top {len(rc['before'])} distilled; winner {res.winner} "
+          f"(ranking {'changed' if rc['changed'] else 'unchanged'} by distillation); results in "
+          f"{res.output_dir}/search.md")
+    return 0
+
+
 def _pipeline_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="pipeline YAML, see examples/pipeline.yaml (required)")
     _add_output(p, required=False, help="output directory (overrides output_dir of the config)")
@@ -333,6 +374,8 @@ COMMANDS: Dict[str, Command] = {
                               "--teacher-logits)", _teacher_logits_parser, _teacher_logits),
     "distill": Command("distil a (corrected) teacher into a pruned student", _distill_parser, _distill),
     "evaluate": Command("token-weighted perplexity on a dataset split", _evaluate_parser, _evaluate),
+    "search": Command("choose the pruned architecture for a parameter/memory budget: enumerate, score after pruning, "
+                      "distil the best K briefly, keep the winner", _search_parser, _search),
     "pipeline": Command("run the whole recipe from a YAML config", _pipeline_parser, _pipeline),
     "demo": Command("end-to-end demo on a real model (SmolLM2-135M; --toy: offline, Tiny Shakespeare)", _demo_parser, _demo),
     "convert": Command("write a .gguf model as a plain safetensors checkpoint (transformers loads it without "

@@ -222,7 +222,7 @@ def test_info_subcommand(capsys):
 
 def test_help_lists_every_command():
     proc = run_cli("--help")
-    for cmd in ("info", "importance", "prune", "correct-teacher", "distill", "evaluate", "pipeline", "demo"):
+    for cmd in ("info", "importance", "prune", "correct-teacher", "distill", "evaluate", "search", "pipeline", "demo"):
         assert cmd in proc.stdout
 
 
