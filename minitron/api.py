@@ -23,6 +23,8 @@ Functions:
     correct_teacher(model, data, *, output_dir, ...) -> TrainResult   (LM fine-tuning)
     distill(student, teacher, data, *, output_dir, ...) -> TrainResult   (or teacher_logits=STORE)
     write_teacher_logits(teacher, data, *, output_dir, top_k, ...) -> Path   (a top-k teacher-logit store)
+    import_teacher_logits(records, *, format, tokenizer, output_dir, ...) -> Path   (served vLLM/SGLang/jsonl records)
+    export_teacher_logits(store, output, ...) -> Path   (a store as our JSONL)
     evaluate_perplexity(model, data, ...) -> {"loss", "ppl", "tokens", "sequences"}
     convert(gguf, output_dir, dtype=...) -> Path   (a GGUF file as a plain checkpoint)
     fetch(name, output_dir=None) -> Path   (a catalogued real model: download, verify, convert, cache)
@@ -59,6 +61,8 @@ from minitron.io.tokenizer import has_tokenizer_files
 from minitron.io.inputs import (MODEL_SUBDIR, ModelLike, check_data_arg, check_text_file, default_seq_len, is_path,
                                 load_tokenizer_arg, read_config, resolve_model_path, tokenizer_source, weight_bytes)
 from minitron.io.safety import abandon_output, begin_output, check_output, check_output_dir, finish_output
+from minitron.io.logit_store import VALUE_ENCODINGS
+from minitron.io.served import LOGPROBS_MODES, SERVED_FORMATS
 from minitron.options import fold
 from minitron.resources import data_dir as packaged_data_dir
 from minitron.runtime import check_backends, count_parameters, resolve_device
@@ -79,6 +83,11 @@ __all__ = [
     "evaluate_perplexity",
     "train_lm",
     "write_teacher_logits",
+    "import_teacher_logits",
+    "export_teacher_logits",
+    "SERVED_FORMATS",
+    "LOGPROBS_MODES",
+    "VALUE_ENCODINGS",
     "load_model",
     "pack_data",
     "train_tokenizer",
@@ -276,6 +285,8 @@ def _finish_run(
     barrier()  # the other ranks wait here until the output is published
     result.output_dir = out
     result.log_path = out / result.log_path.name
+    if result.extra.get("hidden_projections"):
+        result.extra["hidden_projections"] = str(out / Path(result.extra["hidden_projections"]).name)
     if result.plot_path is not None:
         result.plot_path = out / result.plot_path.name
     return result
@@ -437,7 +448,9 @@ def prune(
             for depth pruning without ``layers_to_drop``); must come from this model.
         output_dir: save the pruned model (and tokenizer) there.
         target: :class:`PruneSpec`: the width targets (``hidden_size``, ``intermediate_size``,
-            ``num_attention_heads``, ``num_key_value_heads``), the depth target (``num_hidden_layers``,
+            ``num_attention_heads``, ``num_key_value_heads``; mixtures of experts: ``num_experts``,
+            ``moe_intermediate_size``, ``shared_expert_intermediate_size``; hybrid Nemotron-H: ``mamba_num_heads``
+            (group-aware), ``mamba_head_dim``), the depth target (``num_hidden_layers``,
             ``depth_metric``, ``contiguous``, ``layers_to_drop``; see :func:`minitron.compress.prune.prune_depth`),
             ``backend`` and ``shard_bytes`` (output shard size when streaming, default 5 GB).
         **fields: any field of ``ModelSpec``/``PruneSpec`` by name (``num_hidden_layers=3``, ``streaming=True``).
@@ -462,6 +475,10 @@ def prune(
             scores.check_compatible(config)
         except ValueError as e:
             raise ValueError(f"--importance {str(importance)!r}: {e}" if is_path(importance) else str(e)) from None
+    if t.wants_width and scores is not None:  # e.g. expert targets with scores that have no expert scores
+        from minitron.compress.prune import plan_width
+
+        plan_width(config, scores, **{k: v for k, v in t.width.items() if v is not None})
     if t.wants_depth:
         if t.layers_to_drop is None and scores is None:
             raise ValueError("depth pruning needs importance scores or layers_to_drop")
@@ -639,8 +656,11 @@ def distill(
             if dcfg.mode != "forward" or dcfg.beta != 0.5 or dcfg.temperature != 1.0:
                 raise ValueError("a teacher-logit store fixes the loss (forward KL at the store's temperature): "
                                  "leave mode/--kl-mode, beta and temperature at their defaults")
+            if dcfg.hidden_loss != "none":
+                raise ValueError("--hidden-loss needs a live teacher (--teacher): a teacher-logit store holds no "
+                                 "hidden states")
             scfg = StoredDistillConfig(kl_weight=dcfg.kl_weight, lm_loss_weight=dcfg.lm_loss_weight, tail=tail,
-                                       chunk_size=dcfg.chunk_size, backend=dcfg.backend)
+                                       chunk_size=dcfg.chunk_size, backend=dcfg.backend, vocab_size=dcfg.vocab_size)
     if teacher_logits is not None:
         return _distill_from_store(m, teacher_logits, d, cfg, scfg, output_dir=output_dir, overwrite=overwrite,
                                    resume=resume, callbacks=callbacks)
@@ -651,24 +671,27 @@ def distill(
 def _distill_live(m: ModelSpec, t: ModelSpec, d: DataSpec, cfg: TrainConfig, dcfg: DistillConfig, *,
                   output_dir: PathLike, overwrite: bool, resume: bool, callbacks: Sequence[Any]) -> TrainResult:
     """:func:`distill` from a live teacher (see there)."""
-    from minitron.train import check_distillable, distill_model
+    from minitron.train import check_distillable, distill_model, plan_hidden_distillation, resolve_vocab_size
 
     s_cfg, t_cfg = read_config(m.model, "--student"), read_config(t.model, "--teacher")
-    if int(s_cfg.vocab_size) != int(t_cfg.vocab_size):
-        raise ValueError(
-            f"student vocab_size ({s_cfg.vocab_size}) differs from the teacher's ({t_cfg.vocab_size}); "
-            "they must share a tokenizer"
-        )
+    plan_hidden_distillation(dcfg, s_cfg, t_cfg)  # a bad --layer-map / --hidden-projection, before loading weights
     seq_len = default_seq_len(d.seq_len, s_cfg, t_cfg)
     out = _check_training(d, cfg, output_dir, {"--student": m.model, "--teacher": t.model}, m.model,
                           overwrite=overwrite, resume=resume)
     dev = resolve_device(cfg.device)
     if dcfg.kl_weight > 0:
         check_backends(dev, dcfg.backend, ops=KL_OPS)
+    if dcfg.hidden_loss != "none":
+        import minitron.ops.hidden_loss  # noqa: F401  (registers the op's backends)
+
+        check_backends(dev, dcfg.hidden_backend, ops=("hidden_state_loss",))
     s_mod, s_tok, s_src = m.load(d.tokenizer)
     t_mod, t_tok, t_src = t.load(None)
-    check_distillable(s_mod, t_mod)
     tok = s_tok if s_tok is not None else (t_tok if d.tokenizer is None else load_tokenizer_arg(d.tokenizer))
+    tokenizers = (tok, t_tok if t_tok is not None else tok)
+    # padded heads / appended special tokens: the real vocabulary (logged), or the error naming differing ids
+    check_distillable(s_mod, t_mod, vocab_size=resolve_vocab_size(s_mod, t_mod, tokenizers=tokenizers,
+                                                                  requested=dcfg.vocab_size))
     train_data, ev = _training_data(d, tok, seq_len, [s_mod.config, t_mod.config])
     info = {"student": _model_info(s_mod), "teacher": _model_info(t_mod), "data": train_data.description}
     args = dict(_run_args("distill", d, seq_len, cfg, student=m, teacher=t), distill=dcfg.to_dict())
@@ -676,7 +699,7 @@ def _distill_live(m: ModelSpec, t: ModelSpec, d: DataSpec, cfg: TrainConfig, dcf
         out, overwrite=overwrite, module=s_mod, tok=tok, src=s_src,
         tok_dir=tokenizer_source(s_src, d.tokenizer) or tokenizer_source(t_src, None), args=args,
         body=lambda work: distill_model(s_mod, t_mod, train_data, cfg, dcfg, work, eval_data=ev, resume=resume,
-                                        callbacks=callbacks, run_info=info))
+                                        callbacks=callbacks, run_info=info, tokenizers=tokenizers))
 
 
 def _distill_from_store(m: ModelSpec, store_dir: PathLike, d: DataSpec, cfg: TrainConfig, scfg: StoredDistillConfig,
@@ -685,6 +708,7 @@ def _distill_from_store(m: ModelSpec, store_dir: PathLike, d: DataSpec, cfg: Tra
     """:func:`distill` from a teacher-logit store (see there)."""
     from minitron.io.logit_store import TeacherLogitStore, tokenizer_hash
     from minitron.models import get_adapter
+    from minitron.train import resolve_vocab_size
     from minitron.train.stored import distill_from_store
 
     if not is_path(store_dir):
@@ -703,16 +727,19 @@ def _distill_from_store(m: ModelSpec, store_dir: PathLike, d: DataSpec, cfg: Tra
     tok_dir = tokenizer_source(s_src, d.tokenizer)
     train_data, ev = _training_data(d, tok, seq_len, [s_mod.config])
     t_hash = tokenizer_hash(tok_dir) if tok_dir is not None else None
-    # before anything is written: the store must describe this very data, tokenizer and vocabulary
+    # before anything is written: the store must describe this very data, tokenizer and vocabulary (a padded head
+    # on either side: the real vocabulary from the tokenizer, logged)
+    real = resolve_vocab_size(s_mod, None, tokenizers=(tok,), requested=scfg.vocab_size, teacher_vocab=store.vocab_size)
     store.check_compatible(train_data, vocab_size=int(get_adapter(s_mod).lm_head(s_mod).weight.shape[0]),
-                           tokenizer_hash=t_hash)
+                           tokenizer_hash=t_hash, real_vocab_size=real)
     info = {"student": _model_info(s_mod), "data": train_data.description}
     args = dict(_run_args("distill", d, seq_len, cfg, student=m), teacher_logits=str(store_dir),
                 distill_from_store=scfg.to_dict())
     return _run_training(
         out, overwrite=overwrite, module=s_mod, tok=tok, src=s_src, tok_dir=tok_dir, args=args,
         body=lambda work: distill_from_store(s_mod, store, train_data, cfg, scfg, work, eval_data=ev, resume=resume,
-                                             callbacks=callbacks, run_info=info, tokenizer_hash=t_hash))
+                                             callbacks=callbacks, run_info=info, tokenizer_hash=t_hash,
+                                             tokenizer=tok))
 
 
 def write_teacher_logits(
@@ -764,6 +791,69 @@ def write_teacher_logits(
                   batch_size=s.batch_size, resume=resume, overwrite=overwrite, progress=progress, teacher_path=src,
                   tokenizer_path=tokenizer_source(src, d.tokenizer), data_path=d.data if is_path(d.data) else None,
                   device=m.device)
+
+
+def import_teacher_logits(
+    records: PathLike,
+    *,
+    format: str,
+    tokenizer: Any,
+    output_dir: PathLike,
+    logprobs_mode: Optional[str] = None,
+    temperature: Optional[float] = None,
+    top_k: Optional[int] = None,
+    value_encoding: Optional[str] = None,
+    overwrite: bool = False,
+) -> Path:
+    """Turn a served teacher's per-token top-k logprob records into a teacher-logit store.
+
+    See :mod:`minitron.io.served` for the record shapes (``format``: ``"vllm"``, ``"sglang"``, ``"jsonl"``), the
+    temperature convention (``logprobs_mode`` ``"raw_logprobs"``: T = 1, or ``"processed_logprobs"`` at
+    ``temperature``; records of different conventions are refused) and the errors (naming the line, before anything
+    is written). ``tokenizer``: the teacher's tokenizer directory (its files are hashed into the manifest).
+    The store keeps the records' token ids: ``distill(student, None, store.stored_data(), teacher_logits=...)``.
+
+    Returns:
+        ``output_dir`` as a Path.
+    """
+    from minitron.io.logit_store import DEFAULT_VALUE_ENCODING
+    from minitron.io.served import import_teacher_logits as _import
+
+    if not is_path(tokenizer) and not hasattr(tokenizer, "__len__"):
+        raise TypeError(f"tokenizer must be a tokenizer directory or a loaded tokenizer, got {type(tokenizer).__name__}")
+    if is_path(tokenizer) and not has_tokenizer_files(tokenizer):
+        raise FileNotFoundError(f"--tokenizer {str(tokenizer)!r} holds no tokenizer files")
+    return _import(records, format, tokenizer, output_dir, logprobs_mode=logprobs_mode, temperature=temperature,
+                   top_k=top_k, value_encoding=value_encoding or DEFAULT_VALUE_ENCODING, overwrite=overwrite)
+
+
+def export_teacher_logits(store: PathLike, output: PathLike, *, data: Any = None, overwrite: bool = False,
+                          **fields: Any) -> Path:
+    """Write a teacher-logit store as our JSONL (:data:`minitron.io.served.JSONL_FORMAT`).
+
+    Args:
+        store: the store directory. output: the ``.jsonl`` file (refused when it exists unless ``overwrite``).
+        data: the data the store was written from (a PackedDataset, or a source packed like
+            :func:`write_teacher_logits` packs it, with ``tokenizer``/``max_tokens``/... in ``fields``), for the
+            token ids; not needed for an imported store, which keeps them.
+    """
+    from minitron.io.logit_store import TeacherLogitStore
+    from minitron.io.served import export_teacher_logits as _export
+
+    st = TeacherLogitStore(store)
+    packed = None
+    if data is not None:
+        if isinstance(data, PackedDataset):
+            packed = data
+        else:
+            d = fold("export_teacher_logits", fields, data if isinstance(data, DataSpec) else DataSpec(data=data))[0]
+            check_data_arg("--data", d.data)
+            if d.tokenizer is None:
+                raise ValueError("export_teacher_logits: packing --data needs --tokenizer (the teacher's)")
+            packed = _pack(d, load_tokenizer_arg(d.tokenizer), st.seq_len, [])
+    elif fields:
+        raise TypeError(f"export_teacher_logits: {sorted(fields)} given without data")
+    return _export(st, output, data=packed, overwrite=overwrite)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The ``minitron`` command line (also ``python -m minitron``).
 
-Subcommands: ``info``, ``importance``, ``prune``, ``correct-teacher``, ``teacher-logits``, ``distill``,
-``evaluate``, ``search``, ``pipeline --config FILE.yaml``, ``demo``. Run ``minitron COMMAND --help`` for the options.
+Subcommands: ``info``, ``importance``, ``prune``, ``correct-teacher``, ``teacher-logits`` (and ``teacher-logits
+import`` / ``teacher-logits export``), ``distill``, ``evaluate``, ``search``, ``pipeline --config FILE.yaml``,
+``demo``. Run ``minitron COMMAND --help`` for the options.
 
 Under ``torchrun`` (``RANK``/``WORLD_SIZE`` in the environment) the process group is created for the command
 (gloo on CPU, NCCL on GPUs; ``--dist-timeout`` seconds before a collective gives up on a dead rank):
@@ -23,7 +24,8 @@ import os
 import sys
 from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence
 
-from minitron.api import DistillConfig, SearchSpec, StoredDistillConfig, TrainConfig
+from minitron.api import (LOGPROBS_MODES, SERVED_FORMATS, VALUE_ENCODINGS, DistillConfig, SearchSpec,
+                          StoredDistillConfig, TrainConfig)
 from minitron.options import add_options, values_from_args
 from minitron.specs import DataSpec, EvalSpec, ImportanceSpec, ModelSpec, PruneSpec, StoreSpec
 
@@ -167,6 +169,53 @@ def _teacher_logits(a: argparse.Namespace) -> int:
     out = api.write_teacher_logits(_model(a), _data(a), output_dir=a.output, store=store, overwrite=a.overwrite,
                                    resume=a.resume, progress=True)
     print(f"teacher top-{store.top_k} store written to {out}")
+    return 0
+
+
+#: ``minitron teacher-logits ACTION ...``: run as the commands ``teacher-logits-ACTION`` (see :func:`main`), so that
+#: ``minitron teacher-logits --model ...`` keeps its flags as they were.
+TEACHER_LOGITS_ACTIONS = ("import", "export")
+
+
+def _teacher_logits_import_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="the records, JSON lines (required)")
+    p.add_argument("--format", required=True, choices=list(SERVED_FORMATS),
+                   help="vllm (RequestOutput / OpenAI-server prompt_logprobs), sglang (/generate meta_info "
+                        "input_top_logprobs) or jsonl (ours) (required)")
+    p.add_argument("--tokenizer", required=True, help="the teacher's tokenizer directory (required)")
+    _add_output(p, help="store directory (shards + manifest.json)")
+    p.add_argument("--logprobs-mode", choices=list(LOGPROBS_MODES), default=None,
+                   help="what records that do not say are: raw_logprobs (T=1) or processed_logprobs (at --temperature) "
+                        "(default: raw, T=1)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="the sampling temperature of processed_logprobs (default: none)")
+    p.add_argument("--top-k", type=int, default=None, help="k (default: inferred from the records)")
+    p.add_argument("--value-encoding", choices=sorted(VALUE_ENCODINGS), default=None,
+                   help="encoding of the stored values (default: u8)")
+
+
+def _teacher_logits_import(a: argparse.Namespace) -> int:
+    from minitron import api
+
+    out = api.import_teacher_logits(a.file, format=a.format, tokenizer=a.tokenizer, output_dir=a.output,
+                                    logprobs_mode=a.logprobs_mode, temperature=a.temperature, top_k=a.top_k,
+                                    value_encoding=a.value_encoding, overwrite=a.overwrite)
+    print(f"teacher top-k store imported from {a.file} ({a.format}) to {out}")
+    return 0
+
+
+def _teacher_logits_export_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", help="a store written by `minitron teacher-logits` or imported (required)")
+    _add_output(p, help="the .jsonl file")
+    _add_data(p, required=False)
+
+
+def _teacher_logits_export(a: argparse.Namespace) -> int:
+    from minitron import api
+
+    kw = {k: v for k, v in values_from_args(a, DataSpec).items() if k != "data" and v is not None} if a.data else {}
+    out = api.export_teacher_logits(a.store, a.output, data=a.data, overwrite=a.overwrite, **kw)
+    print(f"store {a.store} exported to {out}")
     return 0
 
 
@@ -371,7 +420,12 @@ COMMANDS: Dict[str, Command] = {
     "correct-teacher": Command("fine-tune the teacher with the LM loss on the distillation data", _correct_parser,
                                _correct),
     "teacher-logits": Command("run the teacher once and store its top-k log-probabilities per token (for distill "
-                              "--teacher-logits)", _teacher_logits_parser, _teacher_logits),
+                              "--teacher-logits); `teacher-logits import|export --help`: served records in, JSONL out",
+                              _teacher_logits_parser, _teacher_logits),
+    "teacher-logits-import": Command("import a served teacher's top-k logprob records (vLLM, SGLang, our jsonl) as a "
+                                     "store", _teacher_logits_import_parser, _teacher_logits_import),
+    "teacher-logits-export": Command("write a teacher-logit store as JSONL", _teacher_logits_export_parser,
+                                     _teacher_logits_export),
     "distill": Command("distil a (corrected) teacher into a pruned student", _distill_parser, _distill),
     "evaluate": Command("token-weighted perplexity on a dataset split", _evaluate_parser, _evaluate),
     "search": Command("choose the pruned architecture for a parameter/memory budget: enumerate, score after pruning, "
@@ -399,7 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for name, cmd in COMMANDS.items():
-        cmd.build(sub.add_parser(name, help=cmd.help, description=cmd.help, add_help=name != "info"))
+        prog = name.replace("teacher-logits-", "teacher-logits ") if name.startswith("teacher-logits-") else name
+        text = cmd.help if prog == name else f"({prog}) {cmd.help}"
+        cmd.build(sub.add_parser(name, help=text, description=cmd.help, add_help=name != "info",
+                                 prog=f"minitron {prog}"))
     return parser
 
 
@@ -420,7 +477,10 @@ def _train_summary(res: Any) -> str:
     parts = [f"{res.steps} steps in {res.elapsed_s:.0f}s", f"final train loss {res.final_loss:.4f}"]
     if "eval_ppl" in ev:
         parts.append(f"eval ppl {ev['eval_ppl']:.2f}")
-    return "; ".join(parts) + f"; model saved to {res.extra.get('model_dir')}"
+    text = "; ".join(parts) + f"; model saved to {res.extra.get('model_dir')}"
+    if res.extra.get("hidden_projections"):
+        text += f"; hidden-state projections saved to {res.extra['hidden_projections']}"
+    return text
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -430,6 +490,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from minitron.info import main as info_main
 
         return int(info_main(argv[1:]) or 0)
+    if len(argv) >= 2 and argv[0] == "teacher-logits" and argv[1] in TEACHER_LOGITS_ACTIONS:
+        argv = [f"teacher-logits-{argv[1]}"] + argv[2:]  # `teacher-logits import ...` is its own command
     parser = build_parser()
     a = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, a.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
