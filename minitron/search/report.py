@@ -11,7 +11,7 @@ from minitron.search.space import Candidate
 
 log = logging.getLogger(__name__)
 
-__all__ = ["write_report", "candidate_table", "dry_run_summary", "plot_search"]
+__all__ = ["write_report", "candidate_table", "dry_run_summary", "plot_search", "ranking_change"]
 
 
 def _m(n: int) -> str:
@@ -140,10 +140,19 @@ def _markdown(s: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def ranking_change(before: List[str], after: List[str]) -> Dict[str, Any]:
+    """How the finalists' order changed: discordant pairs, Kendall's tau, whether the winner changed."""
+    pos = {k: i for i, k in enumerate(after)}
+    pairs = [(a, b) for i, a in enumerate(before) for b in before[i + 1:]]
+    disc = sum(1 for a, b in pairs if pos[a] > pos[b])
+    return {"before": before, "after": after, "pairs": len(pairs), "discordant_pairs": disc,
+            "kendall_tau": (1 - 2 * disc / len(pairs)) if pairs else 1.0,
+            "changed": before != after, "winner_changed": bool(before) and before[0] != after[0]}
+
+
 def write_report(work: Path, inp: Any, candidates: List[Candidate], state: Dict[str, Any], finalists: List[str],
                  after: List[str]) -> Dict[str, Any]:
     """Write ``search.json``, ``search.md`` and ``search.png`` into ``work``; returns the summary."""
-    from minitron.search.run import ranking_change
     from minitron.search.space import _Space
 
     spec = inp.spec

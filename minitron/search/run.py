@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from minitron.io.files import atomic_write_json, read_json
+from minitron.search.report import ranking_change, write_report
 from minitron.search.score import TeacherReference, build_candidate, score_model
 from minitron.search.space import Candidate
 from minitron.search.spec import SearchSpec
@@ -214,16 +215,6 @@ def _distill_one(inp: SearchInputs, c: Candidate, work: Path, ref_fn: Any) -> Di
                 final_train_loss=res.final_loss)
 
 
-def ranking_change(before: List[str], after: List[str]) -> Dict[str, Any]:
-    """How the finalists' order changed: discordant pairs, Kendall's tau, whether the winner changed."""
-    pos = {k: i for i, k in enumerate(after)}
-    pairs = [(a, b) for i, a in enumerate(before) for b in before[i + 1:]]
-    disc = sum(1 for a, b in pairs if pos[a] > pos[b])
-    return {"before": before, "after": after, "pairs": len(pairs), "discordant_pairs": disc,
-            "kendall_tau": (1 - 2 * disc / len(pairs)) if pairs else 1.0,
-            "changed": before != after, "winner_changed": bool(before) and before[0] != after[0]}
-
-
 def _publish_winner(inp: SearchInputs, cands: Dict[str, Candidate], winner: str, finalists: List[str],
                     work: Path) -> None:
     from minitron.io.checkpoint import save_model
@@ -249,7 +240,6 @@ def run_search(inp: SearchInputs, candidates: List[Candidate], work: Path, *, re
         inp: the loaded inputs. candidates: from :func:`minitron.search.space.enumerate_candidates`.
         work: the output directory being written. resume: continue from ``work/search_state.json``.
     """
-    from minitron.search.report import write_report
 
     state = _State(work / STATE_FILE, _fingerprint(inp, candidates), resume=resume)
     cache: Dict[str, TeacherReference] = {}
