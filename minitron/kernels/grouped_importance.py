@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minitron.kernels.importance import _max_nan, _nonfinite, _seq_finalize
+from minitron.kernels.importance import _batch_update, _max_nan, _nonfinite, _seq_finalize
 
 log = logging.getLogger(__name__)
 
@@ -112,20 +112,7 @@ def _gi_batch_kernel(part_ptr, off_ptr, state_ptr, count_ptr, NB, U, SEQ_AGG: tl
         a1 = tl.load(base, mask=u_ok, other=0.0)
         a2 = tl.load(base + U, mask=u_ok, other=0.0)
         v = _seq_finalize(a1, a2, tl.maximum(rows, 1).to(tl.float32), SEQ_AGG)
-        # importance_math.h: batch_update
-        if BATCH_AGG == 1:
-            A_new = A + v * v
-            B_new = Bs
-        elif BATCH_AGG == 3:
-            A_new = _max_nan(A, v)
-            B_new = Bs
-        elif BATCH_AGG == 4:
-            d = v - A
-            A_new = A + d / (n + 1.0)
-            B_new = Bs + d * (v - A_new)
-        else:
-            A_new = A + v
-            B_new = Bs
+        A_new, B_new = _batch_update(A, Bs, v, n, BATCH_AGG)
         A = tl.where(w, A_new, A)
         Bs = tl.where(w, B_new, Bs)
         n += w.to(tl.float32)

@@ -67,6 +67,26 @@ def _seq_finalize(a1, a2, n, SEQ_AGG: tl.constexpr):
 
 
 @triton.jit
+def _batch_update(A, Bs, v, n, BATCH_AGG: tl.constexpr):
+    """importance_math.h: batch_update: fold one sample's value ``v`` into the running (A, Bs) after ``n`` samples;
+    returns the new (A, Bs) (callers keep the old ones where the sample does not count)."""
+    if BATCH_AGG == 1:
+        A_new = A + v * v
+        B_new = Bs
+    elif BATCH_AGG == 3:
+        A_new = _max_nan(A, v)
+        B_new = Bs
+    elif BATCH_AGG == 4:
+        d = v - A
+        A_new = A + d / (n + 1.0)
+        B_new = Bs + d * (v - A_new)
+    else:
+        A_new = A + v
+        B_new = Bs
+    return A_new, B_new
+
+
+@triton.jit
 def _imp_seq_kernel(x_ptr, mask_ptr, first_ptr, part_ptr, nf_ptr, S, U, G, sxb, sxs, smb, sms, chunk, nch,
                     HAS_MASK: tl.constexpr, AGG: tl.constexpr, GROUPED: tl.constexpr, BLOCK_S: tl.constexpr,
                     BLOCK_U: tl.constexpr, BLOCK_G: tl.constexpr):
@@ -149,20 +169,7 @@ def _imp_batch_kernel(part_ptr, counts_ptr, state_ptr, count_ptr, B, U, nch, SEQ
                 a1 += b1
                 a2 += b2
         v = _seq_finalize(a1, a2, tl.maximum(nb, 1).to(tl.float32), SEQ_AGG)
-        # importance_math.h: batch_update
-        if BATCH_AGG == 1:
-            A_new = A + v * v
-            B_new = Bs
-        elif BATCH_AGG == 3:
-            A_new = _max_nan(A, v)
-            B_new = Bs
-        elif BATCH_AGG == 4:
-            d = v - A
-            A_new = A + d / (n + 1.0)
-            B_new = Bs + d * (v - A_new)
-        else:
-            A_new = A + v
-            B_new = Bs
+        A_new, B_new = _batch_update(A, Bs, v, n, BATCH_AGG)
         A = tl.where(w, A_new, A)
         Bs = tl.where(w, B_new, Bs)
         n += w.to(tl.float32)
